@@ -1,0 +1,132 @@
+"""Connecting to Ray, and checking that a sweep can run on what the cluster has."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+# A Tune trial that only drives a TorchTrainer needs a sliver of CPU: the workers do the work.
+DRIVER_TRIAL_CPUS = 0.1
+AUTH_HINT = (
+    "Ray 2.60 clusters use token authentication: give this client the cluster's token with "
+    "RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file> (the head keeps it in "
+    "~/.ray/auth_token) and RAY_AUTH_MODE=token (nptm sets the mode when it finds a token)"
+)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    started_here: bool
+    dashboard_url: str | None
+    nodes: list[dict[str, float]]  # resources of each alive node
+
+    @property
+    def multi_node(self) -> bool:
+        return len(self.nodes) > 1
+
+
+def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:
+    """Start a local Ray (no address) or join the cluster at `address`."""
+    import ray
+
+    # Keep worker processes quiet on the terminal: nptm prints its own progress.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if address:
+            _use_token_auth()
+            ctx = ray.init(address=address, **kwargs)
+        else:
+            # "local" always starts a fresh cluster: never attach by accident to another
+            # Ray on this machine.
+            ctx = ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                **kwargs,
+            )
+    except Exception as err:  # ray raises ConnectionError, RuntimeError, auth errors...
+        # A missing or wrong token surfaces as a plain ConnectionError after Ray's retries.
+        hint = f" Check the address, and the token: {AUTH_HINT}." if address else ""
+        raise UsageError(f"cannot connect to Ray at {address or 'local'}: {err}.{hint}") from err
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    dashboard = getattr(ctx, "dashboard_url", None)
+    return Cluster(
+        address=ctx.address_info.get("address", address or "local"),
+        started_here=not address,
+        dashboard_url=f"http://{dashboard}" if dashboard else None,
+        nodes=nodes,
+    )
+
+
+def _use_token_auth() -> None:
+    """Present the cluster token when one is configured.
+
+    Ray 2.60 clusters require a token; a client whose RAY_AUTH_MODE is unset does not send
+    the one it has. Token auth stays on: this never disables it.
+    """
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if "RAY_AUTH_MODE" not in os.environ and (
+        os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()
+    ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def stage_bundles(kind: str, resources: Any) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(Tune trial actor bundle, DDP worker bundles) that a stage of `kind` asks for."""
+    worker = {"CPU": float(resources.cpus_per_worker), "GPU": float(resources.gpus_per_worker)}
+    if kind == "prune" or resources.executor == "inline":
+        return worker, []
+    trial = {"CPU": DRIVER_TRIAL_CPUS, "GPU": 0.0}
+    return trial, [dict(worker) for _ in range(resources.workers_per_trial)]
+
+
+def check_fit(cluster: Cluster, resources: Any, kinds: set[str]) -> None:
+    """Refuse, with the shortfall, any stage whose trial actor plus workers fit no node.
+
+    Without this check Ray Tune waits forever, silently, for a placement that cannot happen.
+    """
+    for kind in sorted(kinds):
+        trial, workers = stage_bundles(kind, resources)
+        need: dict[str, float] = {}
+        for bundle in [trial, *workers]:
+            for res, amount in bundle.items():
+                need[res] = need.get(res, 0.0) + amount
+        if any(
+            all(node.get(r, 0.0) + 1e-9 >= a for r, a in need.items()) for node in cluster.nodes
+        ):
+            continue
+        best = max(cluster.nodes, key=lambda n: n.get("CPU", 0.0), default={})
+        short = ", ".join(
+            f"{r} needs {a:g} but the largest node has {best.get(r, 0.0):g}"
+            for r, a in need.items()
+            if a > best.get(r, 0.0) + 1e-9
+        )
+        raise UsageError(
+            f"{kind} stages cannot be scheduled: the trial ({_fmt(trial)}) plus "
+            f"{len(workers)} worker(s) of ({_fmt(workers[0]) if workers else '-'}) fit no node "
+            f"of the cluster ({short}); lower resources.workers_per_trial / cpus_per_worker / "
+            "gpus_per_worker or add a bigger node"
+        )
+
+
+def _fmt(bundle: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in bundle.items() if v)

@@ -1,0 +1,205 @@
+"""Handlers of the `nptm` subcommands: parse-level arguments in, exit status out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from orchestrator.cli import EXIT_FAILED, EXIT_OK, print_json
+from orchestrator.errors import UsageError
+
+__all__ = ["HANDLERS", "UsageError"]
+
+
+def _load_plan(args: argparse.Namespace):
+    from orchestrator.planner import build_plan
+    from search_spaces import GridError, load_grid
+
+    try:
+        grid = load_grid(args.grid)
+        return grid, build_plan(grid, confirm_large=getattr(args, "confirm_large", False))
+    except GridError as err:
+        raise UsageError(str(err)) from err
+
+
+def validate(args: argparse.Namespace) -> int:
+    _, plan = _load_plan(args)
+    print(f"{args.grid}: ok ({plan.summary()['trials']} trials)")
+    return EXIT_OK
+
+
+def plan(args: argparse.Namespace) -> int:
+    _, the_plan = _load_plan(args)
+    if args.json:
+        print_json(the_plan.summary())
+    else:
+        print(the_plan.render_table())
+    return EXIT_OK
+
+
+def sweep(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return plan(args)
+    from orchestrator.sweep import SweepOptions, run_sweep
+
+    grid, the_plan = _load_plan(args)
+    summary = run_sweep(
+        grid,
+        the_plan,
+        SweepOptions(
+            storage=args.storage,
+            address=args.address,
+            mlflow_uri=args.mlflow_uri,
+            data_root=args.data_root,
+            log_models=args.log_models,
+            max_retries=args.max_retries,
+        ),
+    )
+    _print_summary(summary, args.storage)
+    if not args.no_report and summary.counts.get("ok"):
+        from results.report import build_report
+        from results.store import SweepStore
+
+        report = build_report(SweepStore(args.storage, grid.name), _report_dir(args, grid.name))
+        print(report.headline)
+        print(f"\nreport: {report.markdown_path}")
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _report_dir(args: argparse.Namespace, sweep_name: str) -> str:
+    out = getattr(args, "out", None)
+    if out:
+        return out
+    from trainables.artifacts import is_local_storage
+
+    if is_local_storage(args.storage):
+        return f"{args.storage.rstrip('/')}/sweeps/{sweep_name}/report"  # beside its tables
+    return f"./nptm-report-{sweep_name}"
+
+
+def _print_summary(summary, storage: str) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "nothing to do"
+    print(
+        f"sweep {summary.sweep}: {counts}; executed {summary.executed}, reused {summary.reused} "
+        f"in {summary.wall_seconds:.1f}s"
+    )
+    for sid, kind, error in summary.failures:
+        print(f"  FAILED {kind} {sid}: {error}", file=sys.stderr)
+    print(f"results: {storage.rstrip('/')}/sweeps/{summary.sweep}/{{trials,epochs}}/*.parquet")
+    if summary.dashboard_url:
+        print(f"Ray dashboard (while the sweep runs): {summary.dashboard_url}")
+    if summary.mlflow_uri:
+        if summary.mlflow_uri.startswith("sqlite"):
+            print(f"MLflow UI: mlflow ui --backend-store-uri {summary.mlflow_uri} --host 127.0.0.1")
+        else:
+            print(f"MLflow: {summary.mlflow_uri}")
+    if summary.mlflow_degraded:
+        print(
+            "warning: MLflow was unreachable; everything is in Parquet. Fill MLflow later with "
+            f"`nptm sync-mlflow {summary.sweep}`",
+            file=sys.stderr,
+        )
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from trainables.catalog import IncompatibleError
+    from trainables.inspect import inspect_model, render_inspect
+
+    if args.pruner is None and (args.ratio is not None or args.preset is not None):
+        raise UsageError("--ratio/--preset need --pruner")
+    try:
+        result = inspect_model(
+            args.dataset, args.model, pruner=args.pruner, ratio=args.ratio, preset=args.preset
+        )
+    except IncompatibleError as err:
+        raise UsageError(str(err)) from err
+    if args.json:
+        print_json(result)
+    else:
+        print(render_inspect(result))
+    return EXIT_OK
+
+
+def _sweep_store(args: argparse.Namespace):
+    from results.store import SweepStore
+
+    try:
+        store = SweepStore(args.storage, args.sweep)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if not store.trial_ids():
+        raise UsageError(f"no results for sweep {args.sweep!r} under {args.storage!r}")
+    return store
+
+
+def report(args: argparse.Namespace) -> int:
+    from results.report import build_report
+
+    result = build_report(_sweep_store(args), _report_dir(args, args.sweep))
+    print(result.headline)
+    print(f"\nreport: {result.markdown_path}")
+    return EXIT_OK
+
+
+def status(args: argparse.Namespace) -> int:
+    from results.status import render_status, sweep_status
+
+    result = sweep_status(_sweep_store(args))
+    if args.json:
+        print_json(result)
+    else:
+        print(render_status(result))
+    return EXIT_OK
+
+
+def best(args: argparse.Namespace) -> int:
+    from results.best import best_runs, render_best
+
+    by = [c.strip() for c in args.by.split(",") if c.strip()]
+    try:
+        df = best_runs(
+            _tracking_uri(args), sweep=args.sweep, metric=args.metric, by=by, top=args.top
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if args.json:
+        print(df.to_json(orient="records", indent=2))
+    else:
+        print(render_best(df))
+    return EXIT_OK
+
+
+def sync_mlflow(args: argparse.Namespace) -> int:
+    from results.tracking import sync_mlflow
+
+    uri = _tracking_uri(args)
+    result = sync_mlflow(_sweep_store(args), uri)
+    print(
+        f"sync-mlflow {args.sweep} -> {uri}: created {result.created}, updated {result.updated}, "
+        f"unchanged {result.unchanged}"
+    )
+    return EXIT_OK
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from results.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.storage, args.mlflow_uri)
+    if uri is None:
+        raise UsageError(
+            f"storage {args.storage!r} has no embedded MLflow store; give --mlflow-uri"
+        )
+    return uri
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "validate": validate,
+    "plan": plan,
+    "sweep": sweep,
+    "inspect": inspect,
+    "report": report,
+    "status": status,
+    "best": best,
+    "sync-mlflow": sync_mlflow,
+}

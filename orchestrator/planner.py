@@ -1,0 +1,318 @@
+"""Grid -> trials -> deduplicated stage DAG.
+
+Every trial is a chain of stages::
+
+    pretrain(dataset, model, seed, recipe, val_fraction)
+      -> prune(pruner, ratio | preset, seed, round 1)
+        -> retrain(schedule, budget, overrides, seed)        # the trial's result when k = 1
+          -> prune(round 2, cumulative ratio) -> retrain -> ... (k = iterative.rounds)
+
+A stage's id is a content hash of what determines its output, its parents' ids included, so
+trials that share a pre-trained model (or a pruned one) share the stage: 3 seeds x 4 pruner
+settings x 6 schedules need 3 pre-training runs, not 72. `scratch` is a retrain schedule like
+the others; its stage hangs off the prune stage because it needs the pruned architecture.
+
+Iterative pruning (k rounds, unstructured pruners only): round i prunes the previous round's
+retrained model to the cumulative sparsity 1 - (1 - r) ** (i / k), so round k reaches the
+trial's ratio r, and each round retrains with the trial's schedule and budget.
+
+Weight rewinding (`wr`) at budget t restores pre-training's weights after T - t epochs, so
+the pretrain stage lists every such epoch in `keep_epochs`, and a `wr` retrain stage names the
+pretrain stage as its second parent (`parents == (prune_id, pretrain_id)`): that is the
+checkpoint it reads, in every round. `lrw` only replays the recipe's lr and needs no extra
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from search_spaces import expand
+from search_spaces.errors import GridError
+from search_spaces.expand import TrialKey
+from search_spaces.loader import ensure_checked
+from search_spaces.schema import Grid
+from trainables.catalog import PRUNERS
+from trainables.recipe import Recipe
+from trainables.schedules import rewind_epoch
+from trainables.stage import StageSpec
+
+__all__ = ["KINDS", "Plan", "Trial", "build_plan", "cumulative_ratio"]
+
+KINDS: tuple[str, ...] = ("pretrain", "prune", "retrain")
+# Digits kept of a computed cumulative ratio, so its hash cannot depend on the platform's pow().
+_RATIO_DIGITS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Trial:
+    """One point of the grid and the stages that produce its result."""
+
+    dataset: str
+    model: str
+    pruner: str
+    ratio: float | None
+    preset: str | None
+    schedule: str
+    budget: int
+    seed: int
+    overrides: tuple[tuple[str, Any], ...]
+    stage_id: str  # the final retrain stage: the trial's result
+    chain: tuple[str, ...]  # pretrain, prune 1, retrain 1, ..., prune k, retrain k
+
+    def params(self) -> dict[str, Any]:
+        """Flat axis values, overrides by name (for results tables and run names)."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("overrides", "stage_id", "chain")
+        }
+        return out | dict(self.overrides)
+
+
+def cumulative_ratio(ratio: float, round_: int, rounds: int) -> float:
+    """Sparsity after round `round_` of `rounds` equal-fraction prunes toward `ratio`."""
+    if round_ == rounds:
+        return ratio  # exactly the trial's ratio, whatever pow() rounds to
+    return round(1.0 - (1.0 - ratio) ** (round_ / rounds), _RATIO_DIGITS)
+
+
+class Plan:
+    """The deduplicated stage DAG of a grid and the trials it serves."""
+
+    def __init__(self, grid: Grid, stages: dict[str, StageSpec], trials: list[Trial]) -> None:
+        self.grid = grid
+        self.stages = stages  # topological order: parents before children
+        self.trials = trials
+
+    @property
+    def name(self) -> str:
+        return self.grid.name
+
+    @cached_property
+    def _children(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = defaultdict(list)
+        for sid, spec in self.stages.items():
+            for parent in spec.parents:
+                out[parent].append(sid)
+        return out
+
+    def children(self, stage_id: str) -> list[str]:
+        """Ids of the stages that read `stage_id`'s output, in plan order."""
+        if stage_id not in self.stages:
+            raise KeyError(stage_id)
+        return list(self._children.get(stage_id, ()))
+
+    def count_by_kind(self) -> dict[str, int]:
+        counts = Counter(spec.kind for spec in self.stages.values())
+        return {kind: counts.get(kind, 0) for kind in KINDS}
+
+    def planned_epochs(self) -> dict[str, int]:
+        """Training epochs per kind over the unique stages (prune: 0)."""
+        out = dict.fromkeys(KINDS, 0)
+        for spec in self.stages.values():
+            out[spec.kind] += _stage_epochs(spec)
+        return out
+
+    def naive_epochs(self) -> dict[str, int]:
+        """Epochs per kind if every trial pre-trained and pruned its own model."""
+        rounds = self.grid.rounds
+        per_dataset = Counter(t.dataset for t in self.trials)
+        pretrain = sum(self.grid.recipe(ds).epochs * n for ds, n in per_dataset.items())
+        return {
+            "pretrain": pretrain,
+            "prune": 0,
+            "retrain": sum(rounds * t.budget for t in self.trials),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        planned, naive = self.planned_epochs(), self.naive_epochs()
+        return {
+            "sweep": self.name,
+            "trials": len(self.trials),
+            "stages": self.count_by_kind(),
+            "epochs": {
+                "planned": sum(planned.values()),
+                "naive": sum(naive.values()),
+                "planned_by_kind": planned,
+                "naive_by_kind": naive,
+            },
+            "rounds": self.grid.rounds,
+            "executor": self.grid.resources.executor,
+        }
+
+    def render_table(self) -> str:
+        s = self.summary()
+        planned, naive = s["epochs"]["planned_by_kind"], s["epochs"]["naive_by_kind"]
+        counts = s["stages"]
+        rows = [(kind, counts[kind], planned[kind], naive[kind]) for kind in KINDS]
+        rows.append(("total", sum(counts.values()), s["epochs"]["planned"], s["epochs"]["naive"]))
+        head = ("stage kind", "stages", "planned epochs", "naive epochs")
+        cells = [head, *((k, f"{n:,}", f"{p:,}", f"{q:,}") for k, n, p, q in rows)]
+        widths = [max(len(row[c]) for row in cells) for c in range(4)]
+
+        def fmt(row: tuple[str, ...]) -> str:
+            return "  ".join(
+                cell.ljust(w) if c == 0 else cell.rjust(w)
+                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+
+        lines = [
+            f"sweep {s['sweep']!r}: {s['trials']:,} trials, {sum(counts.values()):,} unique "
+            f"stages ({s['executor']} executor"
+            + (f", {s['rounds']} pruning rounds" if s["rounds"] > 1 else "")
+            + ")",
+            fmt(head),
+            fmt(tuple("-" * w for w in widths)),
+            *(fmt(row) for row in cells[1:-1]),
+            fmt(tuple("-" * w for w in widths)),
+            fmt(cells[-1]),
+        ]
+        total_p, total_n = s["epochs"]["planned"], s["epochs"]["naive"]
+        if total_n:
+            lines.append(
+                f"sharing stages saves {total_n - total_p:,} of {total_n:,} training "
+                f"epochs ({(total_n - total_p) / total_n:.0%})"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary, every stage and every trial, JSON-ready."""
+        return {
+            "summary": self.summary(),
+            "stages": [spec.to_dict() for spec in self.stages.values()],
+            "trials": [
+                dataclasses.asdict(t) | {"overrides": dict(t.overrides)} for t in self.trials
+            ],
+        }
+
+
+def build_plan(grid: Grid, *, confirm_large: bool = False) -> Plan:
+    """Expand `grid` into trials and their deduplicated stage DAG.
+
+    Raises GridError when the grid has more than `max_trials` trials and `confirm_large` is
+    not set (the CLI's --confirm-large).
+    """
+    ensure_checked(grid)
+    space, includes = grid._space, grid._includes
+    n = expand.count(space, includes)
+    if n > grid.max_trials and not confirm_large:
+        raise GridError(
+            grid.source,
+            [
+                (
+                    "max_trials",
+                    f"the grid expands to {n:,} trials, more than "
+                    f"max_trials = {grid.max_trials:,}; "
+                    "raise max_trials in the grid or confirm with --confirm-large "
+                    "(build_plan(grid, confirm_large=True))",
+                )
+            ],
+        )
+    return _Builder(grid).build(expand.expand(space, includes))
+
+
+class _Builder:
+    """Builds stages once per distinct key; children reuse their parents' ids."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.rounds = grid.rounds
+        self.stages: dict[str, StageSpec] = {}
+        self.memo: dict[tuple[Any, ...], StageSpec] = {}
+        self.keep: dict[str, set[int]] = defaultdict(set)
+
+    def _add(self, key: tuple[Any, ...], make: Any) -> StageSpec:
+        spec = self.memo.get(key)
+        if spec is None:
+            spec = make()
+            self.memo[key] = spec
+            self.stages.setdefault(spec.id, spec)
+        return spec
+
+    def build(self, keys: list[TrialKey]) -> Plan:
+        grid = self.grid
+        recipes = {ds: grid.recipe(ds) for ds in {k.dataset for k in keys}}
+        val_fraction = grid.data.val_fraction
+        trials = []
+        for k in keys:
+            recipe = recipes[k.dataset]
+            pre = self.memo.get(("pretrain", k.dataset, k.model, k.seed))
+            if pre is None:
+                pre = self._add(
+                    ("pretrain", k.dataset, k.model, k.seed),
+                    lambda k=k, recipe=recipe: StageSpec(
+                        "pretrain", k.dataset, k.model, k.seed, recipe, val_fraction=val_fraction
+                    ),
+                )
+            chain = [pre.id]
+            parent = pre
+            for r in range(1, self.rounds + 1):
+                parent = self._prune(k, recipe, parent, r)
+                chain.append(parent.id)
+                parent = self._retrain(k, recipe, parent, pre)
+                chain.append(parent.id)
+            if k.schedule == "wr":
+                self.keep[pre.id].add(rewind_epoch(recipe, k.budget))
+            trials.append(Trial(*k, stage_id=parent.id, chain=tuple(chain)))
+        for sid, epochs in self.keep.items():
+            self.stages[sid] = dataclasses.replace(
+                self.stages[sid], keep_epochs=tuple(sorted(epochs))
+            )
+        return Plan(grid, self.stages, trials)
+
+    def _prune(self, k: TrialKey, recipe: Recipe, parent: StageSpec, r: int) -> StageSpec:
+        ratio = k.ratio
+        if ratio is not None and not PRUNERS[k.pruner].structured:
+            ratio = cumulative_ratio(ratio, r, self.rounds)
+        return self._add(
+            ("prune", parent.id, k.pruner, ratio, k.preset, k.seed, r),
+            lambda: StageSpec(
+                "prune",
+                k.dataset,
+                k.model,
+                k.seed,
+                recipe,
+                val_fraction=parent.val_fraction,
+                parents=(parent.id,),
+                pruner=k.pruner,
+                ratio=ratio,
+                preset=k.preset,
+                round=r,
+            ),
+        )
+
+    def _retrain(self, k: TrialKey, recipe: Recipe, parent: StageSpec, pre: StageSpec) -> StageSpec:
+        # wr also reads the pretrain stage's checkpoint at epoch T - budget.
+        parents = (parent.id, pre.id) if k.schedule == "wr" else (parent.id,)
+        return self._add(
+            ("retrain", parents, k.schedule, k.budget, k.overrides, k.seed),
+            lambda: StageSpec(
+                "retrain",
+                k.dataset,
+                k.model,
+                k.seed,
+                recipe,
+                val_fraction=parent.val_fraction,
+                parents=parents,
+                pruner=k.pruner,
+                ratio=parent.ratio,
+                preset=k.preset,
+                round=parent.round,
+                schedule=k.schedule,
+                budget=k.budget,
+                overrides=k.overrides,
+            ),
+        )
+
+
+def _stage_epochs(spec: StageSpec) -> int:
+    if spec.kind == "pretrain":
+        return spec.recipe.epochs
+    if spec.kind == "retrain":
+        return spec.budget or 0
+    return 0

@@ -1,0 +1,227 @@
+"""`nptm sweep`: run a planned grid on Ray and land every stage in Parquet and MLflow."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.cluster import Cluster, check_fit, connect, disconnect, stage_bundles
+from orchestrator.dag_search import FAILED, SKIPPED, DagSearcher
+from orchestrator.errors import UsageError
+from orchestrator.progress import ProgressPrinter
+from orchestrator.rows import stage_rows
+from orchestrator.trial import ERROR_FILE, stage_trial
+from trainables.artifacts import ArtifactStore, node_local_path_warning, read_bytes
+from trainables.stage import StageSpec
+from trainables.stage_runner import rewind_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepOptions:
+    storage: str
+    address: str | None = None
+    mlflow_uri: str | None = None
+    data_root: str | None = None
+    log_models: bool = False
+    max_retries: int = 2
+    num_cpus: int | None = None  # local Ray only
+
+
+@dataclass
+class SweepSummary:
+    sweep: str
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (id, kind, error)
+    executed: int = 0
+    reused: int = 0
+    wall_seconds: float = 0.0
+    dashboard_url: str | None = None
+    mlflow_uri: str | None = None
+    mlflow_degraded: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class Ledger:
+    """The single writer of a sweep's results: Parquet first-class, MLflow best-effort."""
+
+    def __init__(
+        self, sweep: str, executor: str, store: Any, recorder: Any, artifacts: ArtifactStore
+    ) -> None:
+        self.sweep = sweep
+        self.executor = executor
+        self.store = store
+        self.recorder = recorder
+        self.artifacts = artifacts
+        self.summary = SweepSummary(sweep)
+
+    def record(
+        self,
+        spec: StageSpec,
+        status: str,
+        outcome: dict[str, Any] | None,
+        error: str | None,
+        *,
+        reused: bool = False,
+    ) -> None:
+        executor = "inline" if spec.kind == "prune" else self.executor
+        trial_row, epoch_rows = stage_rows(
+            self.sweep, spec, status, outcome, error, reused=reused, executor=executor
+        )
+        model_path = None
+        if self.recorder.log_models and status == "ok" and spec.kind == "retrain":
+            model_path = f"{self.artifacts.root}/stages/{spec.id}/model.pt"
+        trial_row["mlflow_run_id"] = self.recorder.record_stage(trial_row, epoch_rows, model_path)
+        self.store.write_stage(trial_row, epoch_rows)
+        self.summary.counts[status] = self.summary.counts.get(status, 0) + 1
+        if status in (FAILED, SKIPPED) and not (error or "").startswith("skipped"):
+            self.summary.failures.append((spec.id, spec.kind, (error or "").splitlines()[0]))
+        if not reused and status != SKIPPED:
+            self.summary.executed += 1
+
+
+def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
+    """Run every unfinished stage of `plan`; resume whatever earlier runs left."""
+    from results.store import StorageError, SweepStore, check_writable
+    from results.tracking import MlflowRecorder, resolve_tracking_uri
+
+    started = time.time()
+    try:  # refuse a bad storage root before any training or Ray start-up
+        check_writable(opts.storage)
+        store = SweepStore(opts.storage, grid.name)
+    except (OSError, ValueError, StorageError) as err:
+        raise UsageError(str(err)) from err
+    cluster = connect(opts.address, num_cpus=opts.num_cpus)
+    try:
+        _check_cluster(cluster, grid, plan, opts)
+        artifacts = ArtifactStore(opts.storage)
+        uri = resolve_tracking_uri(opts.storage, opts.mlflow_uri)
+        recorder = MlflowRecorder(uri, grid.name, log_models=opts.log_models)
+        recorder.start_sweep(_sweep_params(grid, plan))
+        ledger = Ledger(grid.name, grid.resources.executor, store, recorder, artifacts)
+        ledger.summary.dashboard_url = cluster.dashboard_url
+        ledger.summary.mlflow_uri = uri
+        done = _finished_stages(plan, artifacts)
+        recorded = set(store.trial_ids())
+        for sid in done:
+            if sid not in recorded:
+                outcome = artifacts.read_outcome(sid)
+                ledger.record(
+                    plan.stages[sid], outcome["status"], outcome, outcome.get("error"), reused=True
+                )
+        ledger.summary.reused = len(done)
+        if len(done) < len(plan.stages):
+            _tune(grid, plan, opts, cluster, artifacts, ledger, done)
+        summary = ledger.summary
+        summary.mlflow_degraded = bool(getattr(recorder, "degraded", False))
+        recorder.end_sweep("FINISHED" if summary.ok else "FAILED")
+    finally:
+        disconnect()
+    summary.wall_seconds = time.time() - started
+    return summary
+
+
+def _check_cluster(cluster: Cluster, grid: Any, plan: Any, opts: SweepOptions) -> None:
+    if cluster.multi_node:
+        reason = node_local_path_warning(opts.storage)
+        if reason:
+            raise UsageError(reason)
+    check_fit(cluster, grid.resources, {s.kind for s in plan.stages.values()})
+
+
+def _finished_stages(plan: Any, artifacts: ArtifactStore) -> set[str]:
+    """Stages with a stored outcome (and, for pre-training, every checkpoint children need)."""
+    done: set[str] = set()
+    for sid, spec in plan.stages.items():
+        if any(p not in done for p in spec.parents):
+            continue  # an unfinished parent will recompute (and overwrite) this stage's input
+        outcome = artifacts.read_outcome(sid)
+        if outcome is None or outcome.get("status") not in ("ok", "diverged"):
+            continue
+        if spec.kind == "pretrain" and not all(
+            artifacts.exists(sid, rewind_name(e)) for e in spec.keep_epochs
+        ):
+            continue
+        done.add(sid)
+    return done
+
+
+def _tune(grid, plan, opts, cluster, artifacts, ledger, done) -> None:
+    from ray import tune
+
+    res = grid.resources
+    runtime = {
+        "storage": opts.storage,
+        "ray_storage": f"{artifacts.root}/_ray"
+        if "://" not in opts.storage
+        else f"{opts.storage.rstrip('/')}/_ray",
+        "data_root": opts.data_root if opts.data_root is not None else grid.data.root,
+        "download": grid.data.download,
+        "executor": res.executor,
+        "workers_per_trial": res.workers_per_trial,
+        "cpus_per_worker": res.cpus_per_worker,
+        "gpus_per_worker": res.gpus_per_worker,
+    }
+
+    def resolve(spec, result, error):
+        outcome = None if error else artifacts.read_outcome(spec.id)
+        if outcome is None:
+            text = read_bytes(artifacts.fs, f"{artifacts.root}/stages/{spec.id}/{ERROR_FILE}")
+            detail = text.decode() if text else "the trial ended without an outcome"
+            return FAILED, None, detail
+        return outcome["status"], outcome, outcome.get("error")
+
+    searcher = DagSearcher(plan.stages, done, runtime, resolve, ledger.record)
+    progress = ProgressPrinter(searcher, stream=sys.stderr)
+
+    def trial_resources(config: dict) -> Any:
+        trial, _ = stage_bundles(config["stage"]["kind"], res)
+        return tune.PlacementGroupFactory([{k: v for k, v in trial.items() if v}])
+
+    # nptm keeps results in its own store; Tune's per-trial result files are switched off
+    # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS), so its end-of-run metrics scan has nothing to say.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    tuner = tune.Tuner(
+        tune.with_resources(stage_trial, trial_resources),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=-1,
+            reuse_actors=True,
+            max_concurrent_trials=res.max_concurrent,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=f"sweep-{grid.name}",
+            storage_path=runtime["ray_storage"],
+            verbose=0,
+            callbacks=[progress],
+            failure_config=tune.FailureConfig(max_failures=opts.max_retries),
+        ),
+    )
+    tuner.fit()
+    progress.final()
+
+
+def _trial_name(trial: Any) -> str:
+    """`retrain-<stage id>`: what the Ray dashboard and Tune's directories show."""
+    stage = trial.config["stage"]
+    return f"{stage['kind']}-{stage['id']}"
+
+
+def _sweep_params(grid: Any, plan: Any) -> dict[str, Any]:
+    summary = plan.summary()
+    return {
+        "sweep": grid.name,
+        "trials": summary["trials"],
+        "executor": grid.resources.executor,
+        "workers_per_trial": grid.resources.workers_per_trial,
+        **{f"stages_{k}": v for k, v in summary["stages"].items()},
+    }

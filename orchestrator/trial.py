@@ -1,0 +1,111 @@
+"""The Tune trainable: run one stage inline in the trial actor, or as a Ray Train DDP group.
+
+`inline` runs the train loop inside the (reused) Tune trial actor: start-up costs a fraction
+of a second, which matters for stages that train for seconds. `train` starts a `TorchTrainer`
+worker group per stage: several seconds of start-up, negligible for a GPU stage that trains for
+minutes, and the only way to use several DDP workers. Prune stages always run inline.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+from trainables.artifacts import ArtifactStore, CorruptArtifactError, atomic_write_bytes
+from trainables.stage import StageSpec
+from trainables.stage_runner import WorkerEnv, run_stage
+
+ERROR_FILE = "error.txt"
+
+
+def stage_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable. Its final report says how the stage ended; the outcome itself
+    is in the artifact store, where the driver reads it."""
+    from ray import tune
+
+    spec = StageSpec.from_dict(config["stage"])
+    runtime = config["runtime"]
+    _limit_threads(runtime["cpus_per_worker"])
+    store = ArtifactStore(runtime["storage"])
+    store.mark_execution(spec.id)
+    try:
+        if spec.kind == "prune" or runtime["executor"] == "inline":
+            env = _env(runtime, device=_inline_device(runtime))
+            run_stage(spec, env, report=lambda m: tune.report({"epoch_done": 1, **m}))
+        else:
+            _run_torch_trainer(spec, runtime)
+    except CorruptArtifactError as err:
+        # Not this stage's fault: the driver recomputes the producer, then retries this one.
+        store.invalidate(err.stage_id)
+        tune.report({"corrupt_parent": err.stage_id, "error": str(err)})
+        return
+    except BaseException as err:
+        text = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=20)}"
+        atomic_write_bytes(store.fs, f"{store.root}/stages/{spec.id}/{ERROR_FILE}", text.encode())
+        raise
+    tune.report({"finished": 1})
+
+
+def _env(runtime: dict[str, Any], **kw: Any) -> WorkerEnv:
+    return WorkerEnv(
+        storage=runtime["storage"],
+        data_root=runtime.get("data_root"),
+        download=runtime.get("download", False),
+        **kw,
+    )
+
+
+def _limit_threads(cpus: float) -> None:
+    """One intra-op thread per CPU the stage was given: oversubscribed threads stall at every
+    synchronisation point when other trials share the node."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def _inline_device(runtime: dict[str, Any]) -> str:
+    import torch
+
+    return "cuda" if runtime["gpus_per_worker"] > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    gpus = float(runtime["gpus_per_worker"])
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"stage": spec.to_dict(), "runtime": runtime},
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(runtime["workers_per_trial"]),
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": float(runtime["cpus_per_worker"]), "GPU": gpus},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"stage-{spec.id}",
+            storage_path=runtime["ray_storage"],
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Body of every DDP rank: the process group is already set up by Ray Train."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    _limit_threads(config["runtime"]["cpus_per_worker"])
+    spec = StageSpec.from_dict(config["stage"])
+    env = _env(
+        config["runtime"],
+        device=str(ray.train.torch.get_device()),
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+    )
+    # ray.train.report is a barrier: every rank reports every epoch.
+    run_stage(spec, env, report=lambda m: ray.train.report({"epoch_done": 1, **m}))

@@ -1,0 +1,61 @@
+"""Grid files: what a sweep runs, validated before anything runs.
+
+A grid is a YAML file (read with `yaml.safe_load`; tags such as ``!!python/object`` are
+refused). Every section except ``name`` and ``axes`` is optional; unknown keys are errors.
+
+.. code-block:: yaml
+
+    name: quickstart          # sweep name, ^[a-z0-9][a-z0-9_-]{0,63}$ (it names a directory)
+    max_trials: 5000          # larger grids need --confirm-large (build_plan(confirm_large=True))
+    data:
+      root: null              # dataset root; the CLI's --data-root / NPTM_DATA override it
+      val_fraction: 0.1       # in [0, 0.5]: share of the training set held out for selection
+      download: false
+    pretrain:                 # overrides of each dataset's default recipe (trainables.recipe)
+      epochs: 30              #   a Recipe field here applies to every dataset ...
+      cifar10: {lr: 0.05}     #   ... one under a dataset name to that dataset only
+    resources:
+      executor: inline        # inline (one process per trial) | train (Ray Train DDP workers)
+      workers_per_trial: 1    # DDP workers; executor inline requires 1
+      cpus_per_worker: 1      # > 0, fractions allowed
+      gpus_per_worker: 0      # >= 0; a fraction (0.25: four trials share a GPU) or a whole number
+      max_concurrent: null    # optional cap on concurrently running stages
+    iterative:
+      rounds: 1               # k > 1: k rounds of prune -> retrain (unstructured pruners only)
+    axes:                     # the grid is the cross product of these lists
+      dataset: [digits]       # a single value may be written without brackets
+      model: [resnet20]
+      pruner:                 # each entry: name + ratio (number or list) XOR preset (str or list)
+        - {name: magnitude, ratio: [0.5, 0.9]}
+        - {name: l1_filter, preset: [A, B]}
+      schedule: [ft, lrw, wr, slr, clr, scratch]
+      budget: [10, 20]        # retraining epochs, > 0 (<= pre-training epochs for lrw and wr)
+      seed: [0, 1, 2]
+      overrides:              # optional retraining-optimiser overrides swept as axes
+        lr: [0.1, 0.05]       # (trainables.schedules.KNOWN_OVERRIDES)
+    exclude:                  # drop every trial that matches ALL keys of a rule
+      - {schedule: wr, budget: 160}
+      - {pruner: l1_filter, preset: B}
+    include:                  # extra trials (full combinations), added after exclusion
+      - {dataset: digits, model: resnet20, pruner: random, ratio: 0.9,
+         schedule: clr, budget: 30, seed: 0}
+
+Rule keys (``exclude``/``include``): dataset, model, pruner, ratio, preset, schedule, budget,
+seed, and override names such as ``lr``. An exclude rule takes one value per key and must match
+at least one trial of the axes. An include entry lists a whole trial; overrides it does not
+name are left at the schedule's defaults; one that is already in the grid is not added twice.
+
+A trial is (dataset, model, pruner, ratio | preset, schedule, budget, seed, overrides).
+Combinations are checked after exclusion, so a grid may cross models with presets only some
+of them define and exclude the others (``{model: vgg16, preset: B}``).
+
+Every mistake raises `GridError` whose message reads ``FILE: FIELD.PATH: problem with VALUE``,
+e.g. ``grid.yaml: axes.pruner[1].ratio: 1.5 is outside [0, 1)`` or
+``grid.yaml: resources.exector: unknown key; did you mean 'executor'?``.
+"""
+
+from search_spaces.errors import GridError
+from search_spaces.loader import load_grid, parse_grid
+from search_spaces.schema import Grid
+
+__all__ = ["Grid", "GridError", "load_grid", "parse_grid"]

@@ -1,0 +1,475 @@
+"""Checks that need the catalog, the recipes or several fields at once.
+
+`check_grid` runs after the pydantic schema accepted the file's shape. It raises `GridIssue`
+(field path + what is wrong with which value) for the first mistake, and on success leaves on
+the grid what planning needs: the resolved pre-training recipes, the product `Space` with its
+compiled exclude rules, and the `include` trials.
+
+Compatibility is checked on the combinations that survive `exclude`, so a grid can cross
+models with presets that only some of them have and exclude the rest, e.g.
+`exclude: [{model: vgg16, preset: B}]`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from search_spaces.errors import GridIssue, did_you_mean, field_path, pydantic_issues, show
+from search_spaces.expand import (
+    BUDGET,
+    DATASET,
+    MODEL,
+    SCHEDULE,
+    TARGET,
+    TARGET_KEYS,
+    Dim,
+    Rule,
+    Space,
+    Target,
+    TrialKey,
+)
+from search_spaces.schema import SWEEP_NAME_PATTERN, TRIAL_KEYS, Grid
+from trainables import catalog
+from trainables.recipe import DEFAULT_RECIPES, Recipe
+from trainables.schedules import KNOWN_OVERRIDES, lr_schedule, rewind_epoch
+
+
+def check_grid(grid: Grid, raw: dict[str, Any]) -> None:
+    """Validate `grid` (parsed from `raw`) beyond its shape; see the module docstring."""
+    _check_name(grid.name)
+    _check_resources(grid)
+    axes = grid.axes
+    for axis, known in (
+        ("dataset", catalog.DATASETS),
+        ("model", catalog.MODELS),
+        ("schedule", catalog.SCHEDULES),
+    ):
+        values = getattr(axes, axis)
+        for i, value in enumerate(values):
+            if value not in known:
+                raise GridIssue(
+                    _at(raw, "axes", axis, i),
+                    f"{show(value)} is not a known {axis}" + did_you_mean(value, known),
+                )
+        _check_unique(raw, ("axes", axis), values)
+    _check_unique(raw, ("axes", "budget"), axes.budget)
+    _check_unique(raw, ("axes", "seed"), axes.seed)
+    targets, target_paths = _pruner_targets(grid, raw)
+    overrides = _override_dims(grid, raw)
+
+    datasets = dict.fromkeys(axes.dataset)
+    for entry in grid.include:
+        ds = entry.get("dataset") if isinstance(entry, dict) else None
+        if isinstance(ds, str) and ds in catalog.DATASETS:
+            datasets.setdefault(ds)
+    grid._recipes = _recipes(grid.pretrain, datasets)
+
+    space = Space(
+        [
+            Dim("dataset", tuple(axes.dataset), _paths(raw, "dataset", len(axes.dataset))),
+            Dim("model", tuple(axes.model), _paths(raw, "model", len(axes.model))),
+            Dim("target", tuple(targets), tuple(target_paths)),
+            Dim("schedule", tuple(axes.schedule), _paths(raw, "schedule", len(axes.schedule))),
+            Dim("budget", tuple(axes.budget), _paths(raw, "budget", len(axes.budget))),
+            Dim("seed", tuple(axes.seed), _paths(raw, "seed", len(axes.seed))),
+            *overrides,
+        ]
+    )
+    space.rules = [_compile_exclude(space, rule, i) for i, rule in enumerate(grid.exclude)]
+    includes = [_include_trial(entry, i) for i, entry in enumerate(grid.include)]
+
+    _check_product(grid, space)
+    for i, key in enumerate(includes):
+        _check_trial(grid, key, f"include[{i}]")
+    if space.count() == 0 and not includes:
+        raise GridIssue("exclude", "the exclude rules remove every trial of the axes")
+    grid._space = space
+    grid._includes = includes
+    grid._checked = True
+
+
+# --- single fields ----------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(SWEEP_NAME_PATTERN, name):
+        raise GridIssue(
+            "name",
+            f"{show(name)} is not a valid sweep name: use 1-64 lowercase "
+            "letters, digits, '_' or '-', starting with a letter or digit "
+            "(it names the sweep's directory)",
+        )
+
+
+def _check_resources(grid: Grid) -> None:
+    res = grid.resources
+    if res.executor == "inline" and res.workers_per_trial > 1:
+        raise GridIssue(
+            "resources.workers_per_trial",
+            f"{res.workers_per_trial} workers need executor 'train' (DDP); "
+            "executor 'inline' runs a trial in one process, so use 1",
+        )
+    gpus = res.gpus_per_worker
+    if gpus > 1 and gpus != int(gpus):
+        raise GridIssue(
+            "resources.gpus_per_worker",
+            f"{gpus} is neither a fraction of one GPU nor a whole number of GPUs",
+        )
+
+
+def _check_unique(raw: dict[str, Any], where: tuple[str, str], values: list[Any]) -> None:
+    first: dict[Any, int] = {}
+    for i, value in enumerate(values):
+        if value in first:
+            raise GridIssue(
+                _at(raw, *where, i),
+                f"{show(value)} is listed twice (also at {_at(raw, *where, first[value])})",
+            )
+        first[value] = i
+
+
+def _pruner_targets(grid: Grid, raw: dict[str, Any]) -> tuple[list[Target], list[str]]:
+    """Expand the pruner entries into one Target per ratio/preset, with its field path."""
+    targets: list[Target] = []
+    paths: list[str] = []
+    seen: dict[Target, str] = {}
+    for i, entry in enumerate(grid.axes.pruner):
+        base = _at(raw, "axes", "pruner", i)
+        if entry.name not in catalog.PRUNERS:
+            raise GridIssue(
+                f"{base}.name",
+                f"{show(entry.name)} is not a known pruner"
+                + did_you_mean(entry.name, catalog.PRUNERS),
+            )
+        if (entry.ratio is None) == (entry.preset is None):
+            both = "both" if entry.ratio is not None else "neither"
+            raise GridIssue(
+                base, f"pruner {entry.name!r} has {both} of 'ratio' and 'preset'; give exactly one"
+            )
+        structured = catalog.PRUNERS[entry.name].structured
+        if entry.ratio is not None:
+            items = [
+                (Target(entry.name, float(r), None), "ratio", j) for j, r in enumerate(entry.ratio)
+            ]
+        else:
+            items = [
+                (Target(entry.name, None, p), "preset", j) for j, p in enumerate(entry.preset or [])
+            ]
+        for target, key, j in items:
+            path = _at(raw, "axes", "pruner", i, key, j)
+            if key == "ratio" and not 0.0 <= target.ratio < 1.0:  # type: ignore[operator]
+                raise GridIssue(path, f"{show(target.ratio)} is outside [0, 1)")
+            if key == "preset" and not structured:
+                raise GridIssue(
+                    path,
+                    f"{show(target.preset)} is a filter-pruning preset but "
+                    f"pruner {entry.name!r} is unstructured; give a 'ratio'",
+                )
+            if target in seen:
+                raise GridIssue(
+                    path,
+                    f"{show(target.ratio if key == 'ratio' else target.preset)}"
+                    f" for pruner {entry.name!r} is listed twice (also at "
+                    f"{seen[target]})",
+                )
+            seen[target] = path
+            targets.append(target)
+            paths.append(path)
+    return targets, paths
+
+
+def _override_dims(grid: Grid, raw: dict[str, Any]) -> list[Dim]:
+    dims = []
+    where = ("axes", "overrides")
+    for name in sorted(grid.axes.overrides):
+        if name not in KNOWN_OVERRIDES:
+            raise GridIssue(
+                f"axes.overrides.{name}", "unknown override" + did_you_mean(name, KNOWN_OVERRIDES)
+            )
+        values = [
+            _override_value(name, v, _at(raw, *where, name, j))
+            for j, v in enumerate(grid.axes.overrides[name])
+        ]
+        first: dict[Any, int] = {}
+        for j, v in enumerate(values):
+            if v in first:
+                raise GridIssue(_at(raw, *where, name, j), f"{show(v)} is listed twice")
+            first[v] = j
+        paths = tuple(_at(raw, *where, name, j) for j in range(len(values)))
+        dims.append(Dim(name, tuple(values), paths))
+    return dims
+
+
+def _override_value(name: str, value: Any, path: str) -> Any:
+    """Validate one override value with the schedules' own rules; ints become floats."""
+    try:
+        lr_schedule(
+            "ft",
+            budget=1,
+            steps_per_epoch=1,
+            recipe=DEFAULT_RECIPES["digits"],
+            overrides={name: value},
+        )
+    except (ValueError, TypeError) as err:
+        raise GridIssue(path, f"{show(value)} is not a valid {name}: {err}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _recipes(pretrain: dict[str, Any], datasets: dict[str, None]) -> dict[str, Recipe]:
+    """Each dataset's default recipe with the grid's common, then per-dataset, overrides."""
+    fields = set(Recipe.model_fields)
+    common: dict[str, Any] = {}
+    specific: dict[str, dict[str, Any]] = {}
+    for key, value in pretrain.items():
+        if key in fields:
+            common[key] = value
+        elif key in catalog.DATASETS:
+            if not isinstance(value, dict):
+                raise GridIssue(
+                    f"pretrain.{key}",
+                    f"{show(value)} should be a mapping of recipe fields for dataset " + repr(key),
+                )
+            for sub in value:
+                if sub not in fields:
+                    raise GridIssue(
+                        f"pretrain.{key}.{sub}", "unknown key" + did_you_mean(sub, fields)
+                    )
+            specific[key] = value
+        else:
+            raise GridIssue(
+                f"pretrain.{key}", "unknown key" + did_you_mean(key, fields | set(catalog.DATASETS))
+            )
+    recipes: dict[str, Recipe] = {}
+    for ds in [*datasets, *(d for d in specific if d not in datasets)]:
+        given = {**common, **specific.get(ds, {})}
+        merged = {**DEFAULT_RECIPES[ds].model_dump(), **given}
+        if isinstance(merged["milestones"], list):  # strict mode wants the tuple type
+            merged["milestones"] = tuple(merged["milestones"])
+        try:
+            # strict: the YAML gives native types, so `epochs: "30"` is a mistake, not a cast
+            recipes[ds] = Recipe.model_validate(merged, strict=True)
+        except ValidationError as exc:
+            _raise_recipe_error(exc, ds, given, specific.get(ds, {}))
+    return recipes
+
+
+def _raise_recipe_error(
+    exc: ValidationError, ds: str, given: dict[str, Any], own: dict[str, Any]
+) -> None:
+    err = exc.errors()[0]
+    if err["loc"]:
+        field = str(err["loc"][0])
+        prefix = ("pretrain", ds) if field in own else ("pretrain",)
+        path, detail = pydantic_issues(exc, Recipe, None, prefix)[0]
+        raise GridIssue(path, f"{detail} (recipe of dataset {ds!r})")
+    # The recipe's cross-field check: milestones must lie inside the run.
+    recipe = {**DEFAULT_RECIPES[ds].model_dump(), **given}
+    path = "pretrain.milestones" if "milestones" in given else "pretrain.epochs"
+    value = given.get("milestones", given.get("epochs"))
+    raise GridIssue(
+        path,
+        f"{show(value)}: dataset {ds!r} would train {recipe['epochs']} epochs "
+        f"with lr milestones {list(recipe['milestones'])}, which must be increasing "
+        f"and inside (0, {recipe['epochs']}); set pretrain.milestones to match",
+    )
+
+
+# --- exclude / include ------------------------------------------------------------------------
+
+
+def _rule_keys(space: Space) -> list[str]:
+    return [*TRIAL_KEYS, *space.override_names]
+
+
+def _compile_exclude(space: Space, rule: dict[str, Any], i: int) -> Rule:
+    where = f"exclude[{i}]"
+    if not rule:
+        raise GridIssue(where, "{} is an empty rule; it would exclude every trial")
+    allowed = _rule_keys(space)
+    for key, value in rule.items():
+        if key not in allowed:
+            raise GridIssue(f"{where}.{key}", "unknown key" + did_you_mean(key, allowed))
+        if not space.matching(key, value):
+            d = space.dim_index(key)
+            assert d is not None  # every allowed key has a dimension
+            dim = space.dims[d]
+            have = (
+                sorted({t[TARGET_KEYS[key]] for t in dim.values} - {None}, key=str)
+                if dim.name == "target"
+                else list(dim.values)
+            )
+            hint = (
+                "; a rule takes one value per key, write one rule per value"
+                if isinstance(value, list)
+                else ""
+            )
+            raise GridIssue(
+                f"{where}.{key}",
+                f"{show(value)} matches no trial (the axes have {key} {have}){hint}",
+            )
+    compiled = space.compile_rule(rule)
+    for _dim, ok in compiled.matches:
+        if not ok:
+            keys = {k: v for k, v in rule.items() if k in TARGET_KEYS}
+            raise GridIssue(where, f"no pruner entry of axes.pruner has {keys}")
+    return compiled
+
+
+class _IncludeEntry(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    dataset: str
+    model: str
+    pruner: str
+    ratio: float | None = None
+    preset: str | None = None
+    schedule: str
+    budget: int = Field(gt=0)
+    seed: int = Field(ge=0)
+
+
+def _include_trial(entry: dict[str, Any], i: int) -> TrialKey:
+    where = f"include[{i}]"
+    allowed = [*TRIAL_KEYS, *sorted(KNOWN_OVERRIDES)]
+    for key in entry:
+        if key not in allowed:  # before "missing": a misspelt key is the likelier mistake
+            raise GridIssue(f"{where}.{key}", "unknown key" + did_you_mean(key, allowed))
+    try:
+        inc = _IncludeEntry.model_validate(entry)
+    except ValidationError as exc:
+        path, detail = pydantic_issues(exc, _IncludeEntry, None, ("include", i))[0]
+        raise GridIssue(path, detail) from None
+    overrides = []
+    for key, value in sorted((inc.model_extra or {}).items()):
+        overrides.append((key, _override_value(key, value, f"{where}.{key}")))
+    for key, known in (
+        ("dataset", catalog.DATASETS),
+        ("model", catalog.MODELS),
+        ("pruner", catalog.PRUNERS),
+        ("schedule", catalog.SCHEDULES),
+    ):
+        value = getattr(inc, key)
+        if value not in known:
+            raise GridIssue(
+                f"{where}.{key}", f"{show(value)} is not a known {key}" + did_you_mean(value, known)
+            )
+    if (inc.ratio is None) == (inc.preset is None):
+        raise GridIssue(
+            where, f"give exactly one of 'ratio' and 'preset' for pruner {inc.pruner!r}"
+        )
+    if inc.ratio is not None and not 0.0 <= inc.ratio < 1.0:
+        raise GridIssue(f"{where}.ratio", f"{show(inc.ratio)} is outside [0, 1)")
+    ratio = None if inc.ratio is None else float(inc.ratio)
+    return TrialKey(
+        inc.dataset,
+        inc.model,
+        inc.pruner,
+        ratio,
+        inc.preset,
+        inc.schedule,
+        inc.budget,
+        inc.seed,
+        tuple(overrides),
+    )
+
+
+# --- combinations -----------------------------------------------------------------------------
+
+
+def _check_product(grid: Grid, space: Space) -> None:
+    """Compatibility of every combination that survives exclusion, naming the axis entry."""
+    dims = space.dims
+    for di, mi in sorted(space.survivor_indices([DATASET, MODEL])):
+        ds, model = dims[DATASET].values[di], dims[MODEL].values[mi]
+        try:
+            catalog.check_model_dataset(model, ds)
+        except catalog.IncompatibleError as err:
+            raise GridIssue(
+                dims[MODEL].paths[mi],
+                f"{show(model)} cannot train on dataset "
+                f"{ds!r}: {err}; remove it or exclude {{dataset: {ds}, model: {model}}}",
+            ) from None
+    for mi, ti in sorted(space.survivor_indices([MODEL, TARGET])):
+        model, t = dims[MODEL].values[mi], dims[TARGET].values[ti]
+        try:
+            catalog.check_pruner_target(t.pruner, model, t.ratio, t.preset)
+        except catalog.IncompatibleError as err:
+            raise GridIssue(
+                dims[TARGET].paths[ti],
+                f"{show(t.preset)} cannot be used with "
+                f"model {model!r}: {err}; remove it or exclude "
+                f"{{model: {model}, preset: {t.preset}}}",
+            ) from None
+    for di, si, bi in sorted(space.survivor_indices([DATASET, SCHEDULE, BUDGET])):
+        ds, sched, budget = (
+            dims[DATASET].values[di],
+            dims[SCHEDULE].values[si],
+            dims[BUDGET].values[bi],
+        )
+        _check_rewind(grid, ds, sched, budget, dims[BUDGET].paths[bi])
+    if grid.rounds > 1:
+        for (ti,) in sorted(space.survivor_indices([TARGET])):
+            t = dims[TARGET].values[ti]
+            if catalog.PRUNERS[t.pruner].structured:
+                raise GridIssue(
+                    "iterative.rounds",
+                    _iterative_msg(grid.rounds, t.pruner, dims[TARGET].paths[ti]),
+                )
+
+
+def _check_trial(grid: Grid, key: TrialKey, where: str) -> None:
+    try:
+        catalog.check_model_dataset(key.model, key.dataset)
+    except catalog.IncompatibleError as err:
+        raise GridIssue(
+            f"{where}.model", f"{show(key.model)} cannot train on dataset {key.dataset!r}: {err}"
+        ) from None
+    try:
+        catalog.check_pruner_target(key.pruner, key.model, key.ratio, key.preset)
+    except catalog.IncompatibleError as err:
+        field = "preset" if key.preset is not None else "pruner"
+        raise GridIssue(f"{where}.{field}", f"{show(getattr(key, field))}: {err}") from None
+    _check_rewind(grid, key.dataset, key.schedule, key.budget, f"{where}.budget")
+    if grid.rounds > 1 and catalog.PRUNERS[key.pruner].structured:
+        raise GridIssue("iterative.rounds", _iterative_msg(grid.rounds, key.pruner, where))
+
+
+def _check_rewind(grid: Grid, ds: str, schedule: str, budget: int, path: str) -> None:
+    if schedule not in catalog.REWINDING_SCHEDULES:
+        return
+    recipe = grid.recipe(ds)
+    try:
+        rewind_epoch(recipe, budget)
+    except ValueError:
+        raise GridIssue(
+            path,
+            f"{budget} is more than the {recipe.epochs} pre-training epochs "
+            f"of dataset {ds!r}, which schedule {schedule!r} replays; lower it, "
+            "raise pretrain.epochs, or exclude "
+            f"{{schedule: {schedule}, budget: {budget}}}",
+        ) from None
+
+
+def _iterative_msg(rounds: int, pruner: str, where: str) -> str:
+    return (
+        f"{rounds} rounds need unstructured pruners, but {where} uses structured pruner "
+        f"{pruner!r} (a pruned filter cannot be pruned again toward a cumulative ratio); "
+        "use rounds: 1 or exclude it"
+    )
+
+
+# --- paths ------------------------------------------------------------------------------------
+
+
+def _at(raw: dict[str, Any], *loc: str | int) -> str:
+    """Field path of `loc`, dropping the index of an axis written as a single value."""
+    return field_path(loc, raw)
+
+
+def _paths(raw: dict[str, Any], axis: str, n: int) -> tuple[str, ...]:
+    return tuple(_at(raw, "axes", axis, i) for i in range(n))

@@ -1,0 +1,281 @@
+"""Grid files: the shipped grids validate, and every malformed grid is refused with its field."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from search_spaces import GridError, load_grid, parse_grid
+from search_spaces import loader as loader_module
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+MALFORMED = sorted((Path(__file__).parent / "malformed_grids").glob("*.yaml"))
+
+MINIMAL = """\
+name: ok
+axes:
+  dataset: [digits]
+  model: [resnet20]
+  pruner:
+    - {name: magnitude, ratio: [0.5, 0.9]}
+    - {name: l1_filter, ratio: 0.5}
+  schedule: [ft, lrw, wr]
+  budget: [10]
+  seed: [0]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def expectation(path: Path) -> tuple[str, str]:
+    """The `# expect-field:` / `# expect-value:` header of a corpus file."""
+    meta = {}
+    for line in path.read_text().splitlines()[:2]:
+        key, _, value = line.removeprefix("# ").partition(": ")
+        meta[key] = value
+    return meta["expect-field"], meta["expect-value"]
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(MALFORMED) >= 20
+    # every file declares what it expects
+    for path in MALFORMED:
+        field, value = expectation(path)
+        assert field and value, path
+
+
+@pytest.mark.parametrize("path", MALFORMED, ids=lambda p: p.stem)
+def test_malformed_grid_names_field_and_value(path: Path) -> None:
+    from orchestrator.planner import build_plan
+
+    field, value = expectation(path)
+    with pytest.raises(GridError) as info:
+        build_plan(load_grid(path))  # max_trials is checked when planning
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert field in message, message
+    assert value in message, message
+    # translated, never pydantic's raw report
+    assert "validation error" not in message.lower()
+    assert "errors.pydantic.dev" not in message
+    assert "Traceback" not in message
+
+
+def test_python_object_tag_is_refused_and_nothing_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(os, "system", lambda *a: calls.append(a) or 0)
+    monkeypatch.chdir(tmp_path)
+    source = Path(__file__).parent / "malformed_grids" / "python_object_tag.yaml"
+    path = write(tmp_path, source.read_text())
+    with pytest.raises(GridError, match=r"tag '!!python/object/apply:os.system'"):
+        load_grid(path)
+    assert calls == []
+    assert not (tmp_path / "nptm-pwned-marker").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "name: !!python/name:os.system\n",
+        "name: x\naxes: !custom {dataset: [digits]}\n",
+        "name: !!binary aGVsbG8=\n",
+    ],
+)
+def test_other_non_core_tags_are_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(GridError, match="is not allowed: a grid is plain YAML"):
+        load_grid(write(tmp_path, text))
+
+
+def test_alias_bomb_is_refused(tmp_path: Path) -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    with pytest.raises(GridError, match="YAML nodes"):
+        load_grid(write(tmp_path, "\n".join(lines) + "\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(GridError) as info:
+        load_grid(path)
+    assert str(info.value) == f"{path}: no such file"
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    with pytest.raises(GridError, match=r"grid.yaml: is empty"):
+        load_grid(write(tmp_path, "# nothing here\n"))
+
+
+def test_grid_error_is_a_value_error_with_field() -> None:
+    assert issubclass(GridError, ValueError)
+    assert loader_module.GridError is GridError
+    with pytest.raises(GridError) as info:
+        parse_grid({"name": "ok", "axes": {}}, "mem.yaml")
+    assert info.value.field.startswith("axes.")
+    assert str(info.value).startswith("mem.yaml: axes.")
+
+
+def test_several_shape_errors_are_all_reported(tmp_path: Path) -> None:
+    text = MINIMAL + "resources: {exector: train, cpus_per_worker: 0}\n"
+    with pytest.raises(GridError) as info:
+        load_grid(write(tmp_path, text))
+    lines = str(info.value).splitlines()
+    assert any("resources.exector: unknown key; did you mean 'executor'?" in x for x in lines)
+    assert any("resources.cpus_per_worker: 0 should be greater than 0" in x for x in lines)
+    assert all(line.startswith(f"{tmp_path / 'grid.yaml'}: ") for line in lines)
+
+
+def test_minimal_grid_defaults(tmp_path: Path) -> None:
+    grid = load_grid(write(tmp_path, MINIMAL))
+    assert grid.name == "ok"
+    assert grid.max_trials == 5000
+    assert grid.data.val_fraction == 0.1
+    assert grid.resources.executor == "inline"
+    assert grid.rounds == 1
+    assert grid.source == str(tmp_path / "grid.yaml")
+
+
+def test_scalar_axis_means_one_value(tmp_path: Path) -> None:
+    a = load_grid(write(tmp_path, MINIMAL, "a.yaml"))
+    b = load_grid(
+        write(tmp_path, MINIMAL.replace("[digits]", "digits").replace("[0]", "0"), "b.yaml")
+    )
+    assert a.axes == b.axes
+
+
+def test_pretrain_common_and_per_dataset_overrides(tmp_path: Path) -> None:
+    text = MINIMAL.replace("dataset: [digits]", "dataset: [digits, cifar10]") + textwrap.dedent(
+        """\
+        pretrain:
+          weight_decay: 0.001
+          cifar10: {lr: 0.05, epochs: 100, milestones: [50, 75]}
+        """
+    )
+    grid = load_grid(write(tmp_path, text))
+    digits, cifar = grid.recipe("digits"), grid.recipe("cifar10")
+    assert (digits.epochs, digits.lr, digits.weight_decay) == (30, 0.1, 0.001)
+    assert (cifar.epochs, cifar.lr, cifar.milestones, cifar.weight_decay) == (
+        100,
+        0.05,
+        (50, 75),
+        0.001,
+    )
+
+
+def test_pretrain_unknown_dataset_section_key(tmp_path: Path) -> None:
+    text = MINIMAL + "pretrain:\n  digits: {epoch: 10}\n"
+    with pytest.raises(
+        GridError,
+        match=r"pretrain\.digits\.epoch: unknown key; did you mean "
+        r"'epochs'\?",
+    ):
+        load_grid(write(tmp_path, text))
+
+
+def test_exclude_makes_a_partial_preset_grid_valid(tmp_path: Path) -> None:
+    text = """\
+    name: pfec
+    axes:
+      dataset: cifar10
+      model: [resnet56, vgg16]
+      pruner: [{name: l1_filter, preset: [A, B]}]
+      schedule: [ft]
+      budget: [40]
+      seed: [0]
+    """
+    with pytest.raises(GridError, match=r"axes\.pruner\[0\]\.preset\[1\]: 'B'"):
+        load_grid(write(tmp_path, text))
+    load_grid(write(tmp_path, text + "exclude: [{model: vgg16, preset: B}]\n"))
+
+
+def test_rewind_budget_can_be_excluded(tmp_path: Path) -> None:
+    text = MINIMAL.replace("budget: [10]", "budget: [10, 40]")
+    with pytest.raises(GridError, match=r"axes\.budget\[1\]: 40 is more than the 30"):
+        load_grid(write(tmp_path, text))
+    # ft may retrain longer than pre-training; only lrw/wr replay it
+    load_grid(
+        write(
+            tmp_path,
+            text + "exclude:\n  - {schedule: lrw, budget: 40}\n  - {schedule: wr, budget: 40}\n",
+        )
+    )
+
+
+def test_include_is_checked_like_the_axes(tmp_path: Path) -> None:
+    inc = (
+        "include:\n  - {dataset: digits, model: resnet20, pruner: random, ratio: 0.9, "
+        "schedule: wr, budget: 45, seed: 0}\n"
+    )
+    with pytest.raises(GridError, match=r"include\[0\]\.budget: 45 is more than the 30"):
+        load_grid(write(tmp_path, MINIMAL + inc))
+    with pytest.raises(GridError, match=r"include\[0\]\.model: 'vgg16' cannot train on dataset"):
+        load_grid(write(tmp_path, MINIMAL + inc.replace("resnet20", "vgg16")))
+
+
+def test_exclude_rule_must_not_be_empty_or_match_nothing(tmp_path: Path) -> None:
+    with pytest.raises(GridError, match=r"exclude\[0\]: \{\} is an empty rule"):
+        load_grid(write(tmp_path, MINIMAL + "exclude: [{}]\n"))
+    with pytest.raises(GridError, match=r"exclude\[0\]: no pruner entry"):
+        load_grid(write(tmp_path, MINIMAL + "exclude: [{pruner: l1_filter, ratio: 0.9}]\n"))
+    with pytest.raises(
+        GridError,
+        match=r"exclude\[0\]\.seed: \[0, 1\] matches no trial.*one "
+        r"rule per value",
+    ):
+        load_grid(write(tmp_path, MINIMAL + "exclude: [{seed: [0, 1]}]\n"))
+
+
+def test_excluding_everything_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(GridError, match=r"exclude: the exclude rules remove every trial"):
+        load_grid(write(tmp_path, MINIMAL + "exclude: [{seed: 0}]\n"))
+
+
+def test_bool_is_not_an_int(tmp_path: Path) -> None:
+    with pytest.raises(GridError, match=r"axes\.seed\[0\]: True should be a valid integer"):
+        load_grid(write(tmp_path, MINIMAL.replace("seed: [0]", "seed: [true]")))
+
+
+def test_nan_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace("ratio: 0.5}", "ratio: .nan}")
+    with pytest.raises(GridError, match=r"axes\.pruner\[1\]\.ratio: nan should be a finite"):
+        load_grid(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_grid_validates_and_plans(path: Path) -> None:
+    from orchestrator.planner import build_plan
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), "every shipped grid starts with a comment saying its study"
+    grid = load_grid(path)
+    assert grid.name == path.stem  # the sweep directory matches the file name
+    plan = build_plan(grid)
+    summary = plan.summary()
+    assert summary["trials"] == len(plan.trials) > 0
+    assert summary["epochs"]["planned"] <= summary["epochs"]["naive"]
+
+
+def test_shipped_grid_set() -> None:
+    names = {p.stem for p in SHIPPED}
+    assert {
+        "quickstart",
+        "paper_cifar_pfec",
+        "paper_cifar_unstructured",
+        "paper_cifar100",
+        "paper_hrank_taylor",
+        "paper_imagenet_resnet50",
+    } <= names
+    assert load_grid(ROOT / "search_spaces" / "quickstart.yaml").resources.executor == "inline"
+    for name in names - {"quickstart"}:
+        grid = load_grid(ROOT / "search_spaces" / f"{name}.yaml")
+        assert grid.resources.executor == "train"
+        assert grid.resources.gpus_per_worker > 0

@@ -1,0 +1,408 @@
+"""The results schema and the Parquet store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+import results.schema as schema_mod
+import results.store as store_mod
+from results.schema import (
+    EPOCHS_SCHEMA,
+    SCHEMA_VERSION,
+    TRIALS_SCHEMA,
+    SchemaError,
+    validate_row,
+)
+from results.store import StorageError, SweepStore, check_writable, list_sweeps
+
+T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def trial(trial_id: str = "a1b2c3", **kw: object) -> dict:
+    row = {
+        "trial_id": trial_id,
+        "stage_kind": "retrain",
+        "parent_ids": ["p0", "p1"],
+        "round": 1,
+        "dataset": "digits",
+        "model": "resnet20",
+        "pruner": "l1_filter",
+        "structured": True,
+        "ratio": 0.5,
+        "schedule": "clr",
+        "budget_epochs": 10,
+        "overrides": {"lr": 0.05},
+        "lr_override": 0.05,
+        "seed": 3,
+        "test_acc": 0.91,
+        "params": 123_456,
+        "status": "ok",
+        "reused": False,
+        "started_at": T0,
+        "ended_at": T0 + timedelta(seconds=42),
+    }
+    row.update(kw)
+    return row
+
+
+def epochs(n: int, acc0: float = 0.5) -> list[dict]:
+    return [{"epoch": e, "lr": 0.1 / (e + 1), "test_acc": acc0 + e / 100} for e in range(n)]
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+
+def test_validate_row_fills_nullable_and_normalises() -> None:
+    row = validate_row("trials", trial(sweep="s1"))
+    assert set(row) == set(TRIALS_SCHEMA.names)
+    assert row["schema_version"] == SCHEMA_VERSION
+    assert row["preset"] is None and row["error"] is None  # nullable and missing -> null
+    assert row["overrides"] == '{"lr":0.05}'  # dict -> canonical JSON
+    assert row["started_at"] == T0
+
+
+def test_unknown_column_is_named() -> None:
+    with pytest.raises(SchemaError, match="unknown column 'tset_acc'"):
+        validate_row("trials", trial(sweep="s1", tset_acc=0.9))
+
+
+def test_missing_required_column_is_named() -> None:
+    row = trial(sweep="s1")
+    del row["seed"]
+    with pytest.raises(SchemaError, match="'seed' is required but missing"):
+        validate_row("trials", row)
+    with pytest.raises(SchemaError, match="'status' is required but null"):
+        validate_row("trials", trial(sweep="s1", status=None))
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("seed", "3", "'seed' expects an integer, got str '3'"),
+        ("seed", True, "'seed' expects an integer"),
+        ("budget_epochs", 10.5, "'budget_epochs' expects an integer, got float 10.5"),
+        ("ratio", "0.5", "'ratio' expects a number"),
+        ("structured", 1, "'structured' expects a bool"),
+        ("parent_ids", "p0", "'parent_ids' expects a list of strings"),
+        ("status", "done", r"'status' must be one of \['ok', 'diverged', 'failed', 'skipped'\]"),
+        ("stage_kind", "train", "'stage_kind' must be one of"),
+        ("test_acc", 91.0, r"'test_acc' is a fraction in \[0, 1\], got 91.0"),
+        ("overrides", "{lr: 1}", "'overrides' expects a JSON object"),
+        ("overrides", "[1]", "'overrides' expects a JSON object"),
+        ("started_at", datetime(2025, 1, 1), "'started_at' needs a timezone"),
+        ("started_at", "yesterday", "'started_at' expects an ISO-8601 timestamp"),
+        ("workers", 2**40, "'workers' expects an integer that fits int32"),
+    ],
+)
+def test_bad_values_name_column_and_value(column: str, value: object, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        validate_row("trials", trial(sweep="s1", **{column: value}))
+
+
+def test_values_from_pandas_rows_are_accepted() -> None:
+    # A row taken from a DataFrame: NaN for a missing int, integral float, numpy scalars.
+    import numpy as np
+
+    row = validate_row(
+        "trials",
+        trial(
+            sweep="s1",
+            epochs_run=float("nan"),
+            seed=np.int64(4),
+            budget_epochs=20.0,
+            reused=np.bool_(True),
+        ),
+    )
+    assert row["epochs_run"] is None
+    assert row["seed"] == 4 and type(row["seed"]) is int
+    assert row["budget_epochs"] == 20 and type(row["budget_epochs"]) is int
+    assert row["reused"] is True
+    # NaN stays NaN in a float column (a diverged loss is a value, not a missing one).
+    assert math.isnan(
+        validate_row("trials", trial(sweep="s1", test_loss=float("nan")))["test_loss"]
+    )
+
+
+def test_timestamps_are_converted_to_utc() -> None:
+    plus2 = timezone(timedelta(hours=2))
+    row = validate_row(
+        "trials", trial(sweep="s1", started_at=datetime(2025, 1, 1, 12, tzinfo=plus2))
+    )
+    assert row["started_at"] == datetime(2025, 1, 1, 10, tzinfo=UTC)
+    assert row["started_at"].utcoffset() == timedelta(0)
+    row = validate_row("trials", trial(sweep="s1", ended_at="2025-01-01T12:00:00+02:00"))
+    assert row["ended_at"] == datetime(2025, 1, 1, 10, tzinfo=UTC)
+
+
+def test_schema_docstring_lists_every_column() -> None:
+    doc = schema_mod.__doc__ or ""
+    documented = {line.split()[0].rstrip(",") for line in doc.splitlines() if line[:1].isalpha()}
+    documented |= {"train_acc", "val_acc", "test_acc"}  # documented in pairs ("x_loss, x_acc")
+    for schema in (TRIALS_SCHEMA, EPOCHS_SCHEMA):
+        missing = [n for n in schema.names if n not in documented]
+        assert not missing, f"columns missing from the schema docstring: {missing}"
+
+
+# -- store -------------------------------------------------------------------------------------
+
+
+def test_roundtrip(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    store.write_stage(trial(), epochs(3))
+    df = store.read_trials()
+    assert len(df) == 1
+    r = df.iloc[0]
+    assert r["sweep"] == "s1" and r["trial_id"] == "a1b2c3"
+    assert list(r["parent_ids"]) == ["p0", "p1"]
+    assert r["budget_epochs"] == 10 and r["seed"] == 3 and r["params"] == 123_456
+    assert r["test_acc"] == pytest.approx(0.91)
+    assert r["started_at"] == pd.Timestamp(T0)  # microseconds survive
+    assert pd.isna(r["preset"]) and pd.isna(r["epochs_run"])
+    ep = store.read_epochs().sort_values("epoch")
+    assert ep["epoch"].tolist() == [0, 1, 2]
+    assert ep["test_acc"].tolist() == pytest.approx([0.5, 0.51, 0.52])
+    assert set(ep["trial_id"]) == {"a1b2c3"} and set(ep["stage_kind"]) == {"retrain"}
+    assert store.trial_ids() == ["a1b2c3"]
+    # Layout: one file per stage under sweeps/<sweep>/{trials,epochs}/.
+    assert (tmp_path / "sweeps/s1/trials/a1b2c3.parquet").is_file()
+    assert (tmp_path / "sweeps/s1/epochs/a1b2c3.parquet").is_file()
+    # Files carry the exact schema.
+    assert pq.read_schema(tmp_path / "sweeps/s1/trials/a1b2c3.parquet").equals(
+        TRIALS_SCHEMA, check_metadata=False
+    )
+
+
+def test_rerun_replaces_instead_of_duplicating(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    store.write_stage(trial(status="failed", test_acc=None, error="boom"), epochs(5))
+    store.write_stage(trial(test_acc=0.93), epochs(2, acc0=0.7))
+    df = store.read_trials()
+    assert len(df) == 1
+    assert df.iloc[0]["status"] == "ok" and df.iloc[0]["test_acc"] == pytest.approx(0.93)
+    ep = store.read_epochs()
+    assert sorted(ep["epoch"]) == [0, 1]  # the 5 old epochs are gone
+    assert sorted(ep["test_acc"]) == pytest.approx([0.7, 0.71])
+    # A rerun with no epochs removes the stale epoch file too.
+    store.write_stage(trial(stage_kind="prune", schedule=None, budget_epochs=None))
+    assert store.read_epochs().empty
+    assert store.read_trials().iloc[0]["stage_kind"] == "prune"
+
+
+def test_bad_row_writes_nothing(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    bad_epochs = [*epochs(2), {"epoch": 2, "test_acc": "high"}]
+    with pytest.raises(SchemaError, match="'test_acc' expects a number"):
+        store.write_stage(trial(), bad_epochs)
+    with pytest.raises(SchemaError, match="unknown column 'colour'"):
+        store.write_stage(trial(colour="red"), epochs(2))
+    with pytest.raises(SchemaError, match="duplicate epoch 1"):
+        store.write_stage(trial(), [*epochs(2), {"epoch": 1}])
+    with pytest.raises(SchemaError, match="'trial_id' is 'zzz' but the trial row has 'a1b2c3'"):
+        store.write_stage(trial(), [{"epoch": 0, "trial_id": "zzz"}])
+    with pytest.raises(SchemaError, match="'sweep' is 'other'"):
+        store.write_stage(trial(sweep="other"))
+    assert store.trial_ids() == []
+    assert not (tmp_path / "sweeps/s1/epochs").exists() or not any(
+        (tmp_path / "sweeps/s1/epochs").iterdir()
+    )
+
+
+def test_crash_mid_write_leaves_previous_file_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SweepStore(tmp_path, "s1")
+    store.write_stage(trial(test_acc=0.8), epochs(2))
+
+    def torn_write(table: object, where: object, **kw: object) -> None:
+        where.write(b"PAR1 half a file")  # type: ignore[attr-defined]
+        raise OSError("disk vanished")
+
+    monkeypatch.setattr(store_mod.pq, "write_table", torn_write)
+    with pytest.raises(OSError, match="disk vanished"):
+        store.write_stage(trial(test_acc=0.9), epochs(3))
+    monkeypatch.undo()
+    assert store.read_trials().iloc[0]["test_acc"] == pytest.approx(0.8)
+    assert len(store.read_epochs()) == 2
+    leftovers = [p.name for p in (tmp_path / "sweeps/s1").rglob("*.tmp")]
+    assert leftovers == []
+
+
+def test_readers_ignore_temporary_files(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    store.write_stage(trial(), epochs(1))
+    trials_dir = tmp_path / "sweeps/s1/trials"
+    (trials_dir / ".a1b2c3.parquet.123abc.tmp").write_bytes(b"PAR1 torn")
+    (trials_dir / ".hidden.parquet").write_bytes(b"PAR1 torn")
+    assert store.trial_ids() == ["a1b2c3"]
+    assert len(store.read_trials()) == 1
+    # DuckDB's glob matches dot-files too: the store's own temporary names end in ".tmp".
+    (trials_dir / ".hidden.parquet").unlink()
+    # The documented DuckDB glob and a plain pandas directory read skip them as well.
+    glob = f"{trials_dir}/*.parquet"
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall() == [(1,)]
+    assert len(pd.read_parquet(trials_dir)) == 1
+
+
+def test_many_stages_form_one_dataset(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    for i in range(5):
+        store.write_stage(trial(f"t{i}", seed=i, test_acc=0.8 + i / 100), epochs(i))
+    df = store.read_trials()
+    assert sorted(df["seed"]) == [0, 1, 2, 3, 4]
+    assert len(store.read_epochs()) == 0 + 1 + 2 + 3 + 4
+    glob = f"{tmp_path}/sweeps/s1/trials/*.parquet"
+    mean = duckdb.sql(f"SELECT avg(test_acc) FROM read_parquet('{glob}')").fetchall()[0][0]
+    assert mean == pytest.approx(0.82)
+
+
+def test_empty_store_reads_typed_empty_frames(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "nothing")
+    assert store.trial_ids() == []
+    assert list(store.read_trials().columns) == TRIALS_SCHEMA.names
+    assert list(store.read_epochs().columns) == EPOCHS_SCHEMA.names
+
+
+def test_file_uri_and_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    SweepStore(f"file://{tmp_path}", "s1").write_stage(trial())
+    assert SweepStore(tmp_path, "s1").trial_ids() == ["a1b2c3"]
+    monkeypatch.chdir(tmp_path)
+    store = SweepStore("rel-root", "s2")
+    assert store.root == str(tmp_path / "rel-root")  # made absolute
+    store.write_stage(trial())
+    assert (tmp_path / "rel-root/sweeps/s2/trials/a1b2c3.parquet").is_file()
+    assert list_sweeps(tmp_path / "rel-root") == ["s2"]
+
+
+def test_object_store_path_writes_directly(tmp_path: Path) -> None:
+    # A non-local filesystem takes the single-PUT path (no temporary file, no rename).
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    store = SweepStore("bucket", "s1", filesystem=fs)
+    assert not store.local
+    store.write_stage(trial(), epochs(2))
+    store.write_stage(trial(test_acc=0.95), epochs(1))
+    assert store.read_trials()["test_acc"].tolist() == [0.95]
+    assert len(store.read_epochs()) == 1
+    assert (tmp_path / "bucket/sweeps/s1/trials/a1b2c3.parquet").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("..", "must not contain '..'"),
+        ("a..b", "must not contain '..'"),
+        ("../etc", "path separator"),
+        ("a/b", "path separator"),
+        ("/abs", "absolute path"),
+        ("", "non-empty"),
+        (".hidden", "must start with a letter or digit"),
+        ("sp ace", "may only use"),
+    ],
+)
+def test_sweep_names_cannot_escape_the_root(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SweepStore(tmp_path, name)
+
+
+def test_trial_id_must_be_a_plain_file_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"trial_id name '\.\./x'"):
+        SweepStore(tmp_path, "s1").write_stage(trial("../x"))
+
+
+def test_check_writable(tmp_path: Path) -> None:
+    root = tmp_path / "new" / "root"
+    check_writable(root, min_free_gb=0)
+    assert root.is_dir() and not any(root.iterdir())  # the probe file is cleaned up
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match=f"storage root {blocker}/sub cannot be created"):
+        check_writable(blocker / "sub")
+    with pytest.raises(StorageError, match=rf"storage root {root} has .* GiB free, less than"):
+        check_writable(root, min_free_gb=1e12)
+
+
+def test_check_writable_reports_read_only_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:  # root ignores permission bits: simulate what access(2) would say
+        monkeypatch.setattr(store_mod.os, "access", lambda path, mode: False)
+    else:
+        ro.chmod(0o500)
+    try:
+        with pytest.raises(StorageError, match=f"storage root {ro} is not writable"):
+            check_writable(ro, min_free_gb=0)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_epoch_rows_keys_are_filled_from_trial(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    store.write_stage(trial(stage_kind="pretrain", pruner=None, structured=None), epochs(2))
+    ep = store.read_epochs()
+    assert set(ep["stage_kind"]) == {"pretrain"} and set(ep["sweep"]) == {"s1"}
+    assert json.loads(store.read_trials().iloc[0]["overrides"]) == {"lr": 0.05}
+
+
+def test_read_cache_follows_the_stage_files(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    for i in range(3):
+        store.write_stage(trial(f"t{i}", seed=i), epochs(2))
+    assert sorted(store.read_trials()["seed"]) == [0, 1, 2]
+    cache = tmp_path / "sweeps/s1/.nptm-cache/trials.parquet"
+    assert cache.is_file()
+    # New, rewritten and removed stage files are all picked up on the next read.
+    store.write_stage(trial("t3", seed=3), epochs(1))
+    store.write_stage(trial("t1", seed=1, test_acc=0.5), [])
+    (tmp_path / "sweeps/s1/trials/t0.parquet").unlink()
+    df = store.read_trials().set_index("trial_id")
+    assert sorted(df.index) == ["t1", "t2", "t3"]
+    assert df.loc["t1", "test_acc"] == pytest.approx(0.5)
+    ep = store.read_epochs()
+    assert sorted(ep["trial_id"]) == ["t0", "t0", "t2", "t2", "t3"]  # t1's epochs were removed
+    # A second read opens no stage file at all: it is served from the cache.
+    before = {p: p.stat().st_mtime_ns for p in cache.parent.iterdir()}
+    assert len(store.read_trials()) == 3
+    assert {p: p.stat().st_mtime_ns for p in cache.parent.iterdir()} == before
+
+
+def test_read_cache_that_is_corrupt_is_rebuilt(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    store.write_stage(trial("t0"), epochs(1))
+    store.read_trials()
+    cache = tmp_path / "sweeps/s1/.nptm-cache/trials.parquet"
+    cache.write_bytes(b"not parquet")
+    assert store.read_trials()["trial_id"].tolist() == ["t0"]
+    assert pq.read_table(cache).num_rows == 1  # rewritten
+    # A cache of another shape (another schema version) is ignored as well.
+    pq.write_table(pq.read_table(cache).drop_columns(["test_acc"]), cache)
+    assert store.read_trials()["test_acc"].tolist() == [pytest.approx(0.91)]
+
+
+def test_cached_read_equals_the_file_read(tmp_path: Path) -> None:
+    import time
+
+    store = SweepStore(tmp_path, "s1")
+    for i in range(150):
+        store.write_stage(trial(f"t{i:04d}", seed=i))
+    started = time.perf_counter()
+    first = store.read_trials()
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    second = store.read_trials()
+    warm = time.perf_counter() - started
+    print(f"\nread 150 stages: {cold * 1000:.0f} ms from files, {warm * 1000:.0f} ms from cache")
+    pd.testing.assert_frame_equal(
+        first.sort_values("trial_id", ignore_index=True),
+        second.sort_values("trial_id", ignore_index=True),
+    )

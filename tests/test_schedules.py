@@ -1,0 +1,206 @@
+"""Retraining lr curves against hand-computed values and torch.optim.lr_scheduler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainables.catalog import SCHEDULES
+from trainables.recipe import DEFAULT_RECIPES, Recipe
+from trainables.schedules import KNOWN_OVERRIDES, lr_schedule, pretrain_schedule, rewind_epoch
+
+CIFAR = DEFAULT_RECIPES["cifar10"]  # 160 epochs, lr 0.1, /10 at 80 and 120
+
+
+def sched(name: str, budget: int, spe: int = 1, recipe: Recipe = CIFAR, **kw) -> np.ndarray:
+    return lr_schedule(name, budget=budget, steps_per_epoch=spe, recipe=recipe, **kw)
+
+
+def epoch_lrs(lr: np.ndarray, spe: int) -> np.ndarray:
+    """One value per epoch, after checking the curve is constant within every epoch."""
+    per_epoch = lr.reshape(-1, spe)
+    assert (per_epoch == per_epoch[:, :1]).all()
+    return per_epoch[:, 0]
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize(("budget", "spe"), [(1, 1), (40, 7), (160, 3)])
+def test_length_and_dtype(name: str, budget: int, spe: int) -> None:
+    lr = sched(name, budget, spe)
+    assert lr.shape == (budget * spe,)
+    assert lr.dtype == np.float64
+    assert (lr > 0).all()
+
+
+def test_ft_is_last_pretraining_lr() -> None:
+    lr = sched("ft", 40, 11)
+    # 0.1 * 0.1**2 in floating point, hence a relative tolerance
+    assert np.allclose(lr, 0.001, rtol=1e-12, atol=0)
+    assert np.all(lr == lr[0])
+    assert np.all(sched("ft", 5, 2, overrides={"lr": 0.02}) == 0.02)
+
+
+def test_lrw_replays_the_tail_of_pretraining() -> None:
+    # t=40 replays epochs 120..159, all after the second drop: 0.1 * 0.1 * 0.1.
+    assert np.allclose(epoch_lrs(sched("lrw", 40, 3), 3), 0.001, rtol=1e-12, atol=0)
+    # t=60 replays epochs 100..159: 100..119 at 0.01, 120..159 at 0.001.
+    e60 = epoch_lrs(sched("lrw", 60, 3), 3)
+    assert np.allclose(e60[:20], 0.01, rtol=1e-12, atol=0)
+    assert np.allclose(e60[20:], 0.001, rtol=1e-12, atol=0)
+    # t=100 replays epochs 60..159: 60..79 at 0.1, 80..119 at 0.01, 120..159 at 0.001.
+    e100 = epoch_lrs(sched("lrw", 100, 2), 2)
+    assert np.allclose(e100[:20], 0.1, rtol=1e-12, atol=0)
+    assert np.allclose(e100[20:60], 0.01, rtol=1e-12, atol=0)
+    assert np.allclose(e100[60:], 0.001, rtol=1e-12, atol=0)
+    # t=T is the whole pre-training run.
+    assert np.array_equal(sched("lrw", 160, 4), pretrain_schedule(CIFAR, 4))
+
+
+@pytest.mark.parametrize("budget", [1, 40, 60, 100, 160])
+def test_wr_has_the_lrw_curve(budget: int) -> None:
+    assert np.array_equal(sched("wr", budget, 5), sched("lrw", budget, 5))
+
+
+def test_rewind_epoch() -> None:
+    assert rewind_epoch(CIFAR, 40) == 120
+    assert rewind_epoch(CIFAR, 160) == 0
+    with pytest.raises(ValueError, match=r"budget 161.*160"):
+        rewind_epoch(CIFAR, 161)
+    for name in ("lrw", "wr"):
+        with pytest.raises(ValueError, match=r"budget 200.*160"):
+            sched(name, 200)
+
+
+def test_lrw_override_scales_the_replayed_curve() -> None:
+    lr = sched("lrw", 60, 2, overrides={"lr": 0.05})
+    assert lr.max() == pytest.approx(0.05, rel=1e-12)
+    # shape kept: 20 epochs at the max, then a 10x drop
+    assert np.allclose(lr[:40], 0.05, rtol=1e-12, atol=0)
+    assert np.allclose(lr[40:], 0.005, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(("budget", "spe"), [(40, 10), (7, 13), (1, 37), (3, 4), (160, 2)])
+@pytest.mark.parametrize("peak", [0.1, 0.37])
+def test_clr_matches_one_cycle_lr(budget: int, spe: int, peak: float) -> None:
+    total = budget * spe
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak, momentum=0.9)
+    ref_sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=peak,
+        total_steps=total,
+        pct_start=CIFAR.warmup_fraction,
+        anneal_strategy="cos",
+        div_factor=25.0,
+        final_div_factor=1e4,
+        three_phase=False,
+    )
+    ref = []
+    for _ in range(total):
+        ref.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref_sched.step()
+    ours = sched("clr", budget, spe, overrides={"lr": peak} if peak != CIFAR.lr else None)
+    np.testing.assert_allclose(ours, np.array(ref), rtol=1e-9, atol=0)
+
+
+def test_clr_endpoints() -> None:
+    lr = sched("clr", 40, 10)
+    assert lr[0] == pytest.approx(0.1 / 25, rel=1e-12)
+    assert lr.max() == pytest.approx(0.1, rel=1e-12)
+    assert lr[-1] == pytest.approx(0.1 / 25 / 1e4, rel=1e-12)
+
+
+def test_clr_zero_length_warmup_holds_start_value() -> None:
+    # 10 steps at pct_start 0.1: OneCycleLR's warm-up phase is steps 0..0 (0/0 there);
+    # step 0 holds the start value, then the cosine decay from step 0 to step 9.
+    lr = sched("clr", 1, 10)
+    assert lr[0] == pytest.approx(0.1 / 25, rel=1e-12)
+    min_lr = 0.1 / 25 / 1e4
+    for i in range(1, 10):
+        expected = min_lr + (0.1 - min_lr) / 2 * (math.cos(math.pi * i / 9) + 1)
+        assert lr[i] == pytest.approx(expected, rel=1e-12)
+
+
+def test_slr_budget_40_at_10_steps_per_epoch() -> None:
+    lr = sched("slr", 40, 10)
+    # 400 steps, warm-up 10 % = 40 steps from 0.001 towards 0.1, slope 0.099 / 40 per step.
+    assert lr[0] == pytest.approx(0.001, rel=1e-12)
+    assert lr[39] == pytest.approx(0.001 + 0.099 * 39 / 40, rel=1e-12)
+    assert np.all(np.diff(lr[:41]) > 0)
+    # Remaining 360 steps = 36 epochs: drops at 50 % (step 40+180) and 75 % (step 40+270).
+    assert np.allclose(lr[40:220], 0.1, rtol=1e-12, atol=0)
+    assert lr.max() == pytest.approx(0.1, rel=1e-12)
+    assert np.allclose(lr[220:310], 0.01, rtol=1e-12, atol=0)
+    assert np.allclose(lr[310:], 0.001, rtol=1e-12, atol=0)
+
+
+def test_slr_rounds_milestones_to_nearest_step() -> None:
+    # budget 3 at 5 steps: 15 steps, warm-up round(1.5) = 2, remaining 13 steps,
+    # drops at 2 + round(6.5) = 9 (half up) and 2 + round(9.75) = 12.
+    lr = sched("slr", 3, 5)
+    assert lr[:2] == pytest.approx([0.001, 0.001 + 0.099 / 2], rel=1e-12)
+    assert np.allclose(lr[2:9], 0.1, rtol=1e-12, atol=0)
+    assert np.allclose(lr[9:12], 0.01, rtol=1e-12, atol=0)
+    assert np.allclose(lr[12:], 0.001, rtol=1e-12, atol=0)
+
+
+def test_slr_override_sets_peak() -> None:
+    lr = sched("slr", 40, 10, overrides={"lr": 0.05})
+    assert lr[0] == pytest.approx(0.001, rel=1e-12)
+    assert np.allclose(lr[40:220], 0.05, rtol=1e-12, atol=0)
+    assert np.allclose(lr[310:], 0.0005, rtol=1e-12, atol=0)
+
+
+def test_scratch_compresses_the_milestones() -> None:
+    # budget 40 at 10 steps: drops at 80/160*400 = 200 and 120/160*400 = 300, no warm-up.
+    lr = sched("scratch", 40, 10)
+    assert np.allclose(lr[:200], 0.1, rtol=1e-12, atol=0)
+    assert np.allclose(lr[200:300], 0.01, rtol=1e-12, atol=0)
+    assert np.allclose(lr[300:], 0.001, rtol=1e-12, atol=0)
+    # digits recipe, 30 epochs, milestones 15 and 23; budget 7 at 3 steps = 21 steps:
+    # 15/30*21 = 10.5 -> 11 (half up), 23/30*21 = 16.1 -> 16.
+    digits = DEFAULT_RECIPES["digits"]
+    lr = sched("scratch", 7, 3, recipe=digits)
+    assert np.allclose(lr[:11], 0.1, rtol=1e-12, atol=0)
+    assert np.allclose(lr[11:16], 0.01, rtol=1e-12, atol=0)
+    assert np.allclose(lr[16:], 0.001, rtol=1e-12, atol=0)
+    # full budget equals pre-training
+    assert np.allclose(sched("scratch", 160, 3), pretrain_schedule(CIFAR, 3), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("recipe", [CIFAR, DEFAULT_RECIPES["digits"], DEFAULT_RECIPES["imagenet"]])
+def test_pretrain_schedule_matches_multistep_lr(recipe: Recipe) -> None:
+    spe = 3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+    ref_sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=list(recipe.milestones), gamma=recipe.gamma
+    )
+    ref = []
+    for _ in range(recipe.epochs):
+        ref.extend([opt.param_groups[0]["lr"]] * spe)
+        opt.step()
+        ref_sched.step()
+    lr = pretrain_schedule(recipe, spe)
+    assert lr.dtype == np.float64
+    np.testing.assert_allclose(lr, ref, rtol=1e-12, atol=0)
+
+
+def test_bad_inputs_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"unknown schedule 'cosine'.*'ft'.*'scratch'"):
+        sched("cosine", 10)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"budget.*{bad!r}"):
+            sched("ft", bad)
+        with pytest.raises(ValueError, match=rf"steps_per_epoch.*{bad!r}"):
+            sched("ft", 10, bad)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        pretrain_schedule(CIFAR, 0)
+    with pytest.raises(ValueError, match="'momentum'"):
+        sched("slr", 10, overrides={"momentum": 0.5})
+    for bad_lr in (0.0, -0.1, math.inf):
+        with pytest.raises(ValueError, match="lr"):
+            sched("clr", 10, overrides={"lr": bad_lr})
+    assert "lr" in KNOWN_OVERRIDES

@@ -1,0 +1,163 @@
+"""`nptm sweep` end to end on a local Ray: both executors, resume, failures, divergence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.ray_cluster import kill_new_ray_processes, ray_processes
+from tests.sweep_helpers import (
+    NPTM,
+    ROOT,
+    executions,
+    mlflow_stage_runs,
+    nptm,
+    trials,
+    write_grid,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _plan_ids(grid: Path) -> set[str]:
+    from orchestrator.planner import build_plan
+    from search_spaces import load_grid
+
+    return set(build_plan(load_grid(grid)).stages)
+
+
+def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path / "tiny.yaml")
+    storage = tmp_path / "runs"
+    first = nptm("sweep", str(grid), "--storage", str(storage))
+    assert first.returncode == 0, first.stderr[-3000:]
+    stage_ids = _plan_ids(grid)
+    rows = trials(storage)
+    assert sorted(rows.trial_id) == sorted(stage_ids)  # every stage exactly once
+    assert set(rows.status) == {"ok"}
+    retrain = rows[rows.stage_kind == "retrain"]
+    assert retrain.test_acc.notna().all() and (retrain.epochs_run == 2).all()
+    # The retrained network keeps the sparsity that pruning gave it (masks survive retraining).
+    mag = retrain[retrain.pruner == "magnitude"]
+    assert ((mag.achieved_sparsity - 0.5).abs() < 0.01).all()
+    assert "final test accuracy" in first.stdout  # the report's headline table closes the run
+    uri = f"sqlite:///{storage}/mlflow.db"
+    runs = mlflow_stage_runs(uri)
+    assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(stage_ids)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(executions(storage, sid) == 1 for sid in stage_ids)
+
+    again = nptm("sweep", str(grid), "--storage", str(storage), "--no-report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "executed 0" in again.stdout
+    assert all(executions(storage, sid) == 1 for sid in stage_ids)  # nothing ran twice
+    assert len(trials(storage)) == len(stage_ids)
+    assert len(mlflow_stage_runs(uri)) == len(stage_ids)
+
+
+def test_driver_killed_mid_sweep_then_rerun_completes_without_repeats(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path / "tiny.yaml", seeds="[0, 1]")
+    storage = tmp_path / "runs"
+    ray_before = ray_processes()
+    proc = subprocess.Popen(
+        [*NPTM, "sweep", str(grid), "--storage", str(storage), "--no-report"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(storage.glob("stages/*/outcome.json"))) < 5:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    kill_new_ray_processes(ray_before)  # what the killed driver's local Ray left running
+    finished_before = {p.parent.name for p in storage.glob("stages/*/outcome.json")}
+    assert len(finished_before) >= 5
+
+    rerun = nptm("sweep", str(grid), "--storage", str(storage), "--no-report")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    stage_ids = _plan_ids(grid)
+    rows = trials(storage)
+    assert sorted(rows.trial_id) == sorted(stage_ids) and set(rows.status) == {"ok"}
+    assert all(executions(storage, sid) == 1 for sid in finished_before)
+    runs = mlflow_stage_runs(f"sqlite:///{storage}/mlflow.db")
+    assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(stage_ids)
+
+
+def test_train_executor_runs_stages_as_two_ddp_workers(tmp_path: Path) -> None:
+    grid = write_grid(
+        tmp_path / "ddp.yaml", name="ddp", executor="train", workers=2, cpus=0.5,
+        pruners=("{name: l1_filter, ratio: 0.5}",), schedules="[ft]",
+    )  # fmt: skip
+    storage = tmp_path / "runs"
+    result = nptm("sweep", str(grid), "--storage", str(storage), "--no-report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = trials(storage, "ddp").set_index("stage_kind")
+    assert set(rows.status) == {"ok"}
+    assert rows.loc["pretrain", "workers"] == 2 and rows.loc["retrain", "workers"] == 2
+    assert rows.loc["pretrain", "executor"] == "train"
+    assert rows.loc["prune", "executor"] == "inline"
+
+
+def test_stage_that_fits_no_node_is_refused_instead_of_hanging(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path / "big.yaml", name="big", executor="train", workers=3, cpus=1)
+    started = time.time()
+    result = nptm("sweep", str(grid), "--storage", str(tmp_path / "runs"), timeout=180)
+    assert result.returncode == 2
+    assert "cannot be scheduled" in result.stderr and "CPU needs 3.1" in result.stderr
+    assert time.time() - started < 180
+    assert not list((tmp_path / "runs").glob("stages/*"))  # nothing ran
+
+
+def test_failure_skips_descendants_divergence_is_recorded_and_the_rest_completes(
+    tmp_path: Path,
+) -> None:
+    empty_root = tmp_path / "no-data"
+    empty_root.mkdir()
+    grid = write_grid(
+        tmp_path / "faults.yaml", name="faults", datasets="[digits, cifar10]",
+        pruners=("{name: magnitude, ratio: 0.5}",), schedules="[ft]",
+        extra="""\
+        include:
+          - {dataset: digits, model: resnet20, pruner: magnitude, ratio: 0.5, schedule: clr,
+             budget: 2, seed: 0, lr: 100000.0}
+        """,
+    )  # fmt: skip
+    storage = tmp_path / "runs"
+    result = nptm(
+        "sweep", str(grid), "--storage", str(storage), "--data-root", str(empty_root),
+        "--max-retries", "0", "--no-report",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "FAILED pretrain" in result.stderr
+    rows = trials(storage, "faults")
+    cifar = rows[rows.dataset == "cifar10"].set_index("stage_kind")
+    assert cifar.loc["pretrain", "status"] == "failed"
+    assert "FileNotFoundError" in cifar.loc["pretrain", "error"]
+    assert str(empty_root) in cifar.loc["pretrain", "error"]
+    assert cifar.loc["prune", "status"] == "skipped"
+    assert "failed ancestor" in cifar.loc["prune", "error"]
+    assert cifar.loc["retrain", "status"] == "skipped"
+    digits = rows[rows.dataset == "digits"]
+    diverged = digits[digits.lr_override == 100000.0]
+    assert list(diverged.status) == ["diverged"] and "diverged" in diverged.error.iloc[0]
+    assert set(digits[digits.lr_override.isna()].status) == {"ok"}
+    uri = f"sqlite:///{storage}/mlflow.db"
+    runs = {r.data.tags["nptm.trial_id"]: r for r in mlflow_stage_runs(uri, "faults")}
+    assert runs[cifar.loc["pretrain", "trial_id"]].info.status == "FAILED"
+    assert runs[diverged.trial_id.iloc[0]].info.status == "FAILED"
+
+
+def test_unwritable_storage_is_refused_before_any_work(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    grid = write_grid(tmp_path / "tiny.yaml")
+    started = time.time()
+    result = nptm("sweep", str(grid), "--storage", str(blocker / "runs"), timeout=120)
+    assert result.returncode == 2
+    assert str(blocker / "runs") in result.stderr
+    assert time.time() - started < 60  # refused before Ray start-up and training

@@ -1,0 +1,361 @@
+"""MLflow tracking: one child run per stage, thread safety, degradation and Parquet sync."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from results.store import SweepStore
+from results.tracking import (
+    HTTP_ENV_DEFAULTS,
+    MlflowRecorder,
+    default_tracking_uri,
+    resolve_tracking_uri,
+    sync_mlflow,
+)
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised MLflow sqlite store; copying it is much faster than migrating anew."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def storage(tmp_path: Path, template_db: Path) -> Path:
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+def sqlite_uri(storage: Path) -> str:
+    return default_tracking_uri(storage)
+
+
+def stage(
+    trial_id: str, *, seed: int = 0, status: str = "ok", n_epochs: int = 4, acc: float = 0.9
+) -> tuple[dict, list[dict]]:
+    row = {
+        "trial_id": trial_id,
+        "stage_kind": "retrain",
+        "parent_ids": ["prune0"],
+        "round": 1,
+        "dataset": "digits",
+        "model": "resnet20",
+        "pruner": "l1_filter",
+        "structured": True,
+        "ratio": 0.5,
+        "schedule": "clr",
+        "budget_epochs": n_epochs,
+        "overrides": {"lr": 0.05},
+        "seed": seed,
+        "test_acc": acc,
+        "achieved_sparsity": 0.5,
+        "params": 1000,
+        "wall_seconds": 12.5,
+        "status": status,
+        "error": "Traceback...\nRuntimeError: boom" if status == "failed" else None,
+        "reused": False,
+        "started_at": T0,
+        "ended_at": T0 + timedelta(seconds=12.5),
+    }
+    eps = [
+        {
+            "epoch": e,
+            "lr": 0.1,
+            "train_loss": 1.0 / (e + 1) + seed,
+            "test_acc": max(0.0, acc - 0.01 * (n_epochs - 1 - e)),
+            "wall_s": 3.0,
+        }
+        for e in range(n_epochs)
+    ]
+    return row, eps
+
+
+def child_runs(uri: str, sweep: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(f"nptm/{sweep}")
+    return [
+        r
+        for r in client.search_runs([exp.experiment_id], max_results=1000)
+        if "nptm.trial_id" in r.data.tags
+    ]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_uri_is_sqlite_under_storage(tmp_path: Path) -> None:
+    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert default_tracking_uri(tmp_path).startswith("sqlite:////")  # absolute path
+    with pytest.raises(ValueError, match="'s3://bucket/x' is not local"):
+        default_tracking_uri("s3://bucket/x")
+    assert resolve_tracking_uri("s3://bucket/x", None) is None
+    assert resolve_tracking_uri("s3://bucket/x", "http://h:5000") == "http://h:5000"
+
+
+def test_one_child_run_per_stage_with_params_metrics_tags(storage: Path) -> None:
+    uri = sqlite_uri(storage)
+    rec = MlflowRecorder(uri, "s1")
+    parent = rec.start_sweep({"grid": {"seeds": [0, 1]}, "name": "s1"})
+    row, eps = stage("t1", n_epochs=4, acc=0.9)
+    run_id = rec.record_stage(row, eps)
+    rec.end_sweep("FINISHED")
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == parent
+    assert tags["nptm.trial_id"] == "t1" and tags["nptm.sweep"] == "s1"
+    assert tags["nptm.stage_kind"] == "retrain" and tags["nptm.pruner"] == "l1_filter"
+    assert tags["nptm.schedule"] == "clr"
+    p = run.data.params
+    assert p["dataset"] == "digits" and p["ratio"] == "0.5" and p["budget"] == "4"
+    assert p["seed"] == "0" and p["override.lr"] == "0.05" and p["overrides"] == '{"lr":0.05}'
+    m = run.data.metrics
+    assert m["test_acc"] == pytest.approx(0.9) and m["achieved_sparsity"] == 0.5
+    assert m["params"] == 1000 and m["wall_seconds"] == 12.5
+    history = client.get_metric_history(run_id, "train_loss")
+    assert [h.step for h in sorted(history, key=lambda h: h.step)] == [0, 1, 2, 3]
+    assert sorted(h.value for h in history) == pytest.approx(sorted(1 / (e + 1) for e in range(4)))
+    # test_acc: one point per epoch; the final epoch's point is the summary figure.
+    acc = sorted(client.get_metric_history(run_id, "test_acc"), key=lambda h: h.step)
+    assert [h.value for h in acc] == pytest.approx([0.87, 0.88, 0.89, 0.9])
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.params["grid.seeds"] == "[0, 1]"
+
+
+def test_concurrent_producers(storage: Path) -> None:
+    uri = sqlite_uri(storage)
+    rec = MlflowRecorder(uri, "conc")
+    rec.start_sweep({})
+    n_threads, per_thread, n_epochs = 8, 3, 5
+    barrier = threading.Barrier(n_threads)
+    returned: dict[str, str | None] = {}
+    errors: list[BaseException] = []
+
+    def produce(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                tid = f"t{t}-{i}"
+                row, eps = stage(tid, seed=t * 10 + i, n_epochs=n_epochs)
+                returned[tid] = rec.record_stage(row, eps)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and not rec.degraded
+    runs = child_runs(uri, "conc")
+    ids = [r.data.tags["nptm.trial_id"] for r in runs]
+    assert sorted(ids) == sorted(returned) and len(ids) == n_threads * per_thread
+    client = MlflowClient(tracking_uri=uri)
+    for r in runs:
+        assert returned[r.data.tags["nptm.trial_id"]] == r.info.run_id
+        seed = int(r.data.params["seed"])
+        history = client.get_metric_history(r.info.run_id, "train_loss")
+        assert sorted(h.step for h in history) == list(range(n_epochs))
+        assert sorted(h.value for h in history) == pytest.approx(
+            sorted(1 / (e + 1) + seed for e in range(n_epochs))
+        )
+    # Recording the same outcomes again (a resumed sweep) adds nothing.
+    rec2 = MlflowRecorder(uri, "conc")
+    again = {
+        tid: rec2.record_stage(*stage(tid, seed=int(tid[1]) * 10 + int(tid[-1]), n_epochs=5))
+        for tid in returned
+    }
+    assert again == returned
+    assert len(child_runs(uri, "conc")) == n_threads * per_thread
+
+
+def test_rerun_with_new_outcome_replaces_the_run(storage: Path) -> None:
+    uri = sqlite_uri(storage)
+    rec = MlflowRecorder(uri, "s1")
+    rec.start_sweep()
+    failed = rec.record_stage(*stage("t1", status="failed"))
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(failed).info.status == "FAILED"
+    assert client.get_run(failed).data.tags["nptm.error"].endswith("RuntimeError: boom")
+    # A crash of the driver, then a fresh recorder records the retried stage.
+    ok = MlflowRecorder(uri, "s1").record_stage(*stage("t1", acc=0.95))
+    assert ok != failed
+    runs = child_runs(uri, "s1")
+    assert [r.info.run_id for r in runs] == [ok]
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["test_acc"] == pytest.approx(0.95)
+    assert client.get_run(failed).info.lifecycle_stage == "deleted"
+    # A run left half-written (no fingerprint, still RUNNING) is replaced as well.
+    client.delete_tag(ok, "nptm.row_hash")
+    client.update_run(ok, status="RUNNING")
+    again = MlflowRecorder(uri, "s1").record_stage(*stage("t1", acc=0.95))
+    assert again != ok and [r.info.run_id for r in child_runs(uri, "s1")] == [again]
+
+
+def test_status_mapping(storage: Path) -> None:
+    uri = sqlite_uri(storage)
+    rec = MlflowRecorder(uri, "s1")
+    client = MlflowClient(tracking_uri=uri)
+    diverged = client.get_run(rec.record_stage(*stage("d", status="diverged")))
+    assert diverged.info.status == "FAILED" and diverged.data.tags["nptm.diverged"] == "true"
+    skipped = client.get_run(rec.record_stage(*stage("s", status="skipped", n_epochs=0)))
+    assert skipped.info.status == "KILLED" and "nptm.diverged" not in skipped.data.tags
+
+
+def test_long_runs_are_split_over_batches(storage: Path) -> None:
+    # 300 epochs x 5 series = 1500 metric points, more than one log_batch may carry.
+    uri = sqlite_uri(storage)
+    run_id = MlflowRecorder(uri, "long").record_stage(*stage("t", n_epochs=300))
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train_loss")
+    assert sorted(h.step for h in history) == list(range(300))
+
+
+def test_model_is_logged_when_asked(storage: Path) -> None:
+    uri = sqlite_uri(storage)
+    model = storage / "model.pt"
+    model.write_bytes(b"weights")
+    run_id = MlflowRecorder(uri, "m", log_models=True).record_stage(*stage("t"), model_path=model)
+    client = MlflowClient(tracking_uri=uri)
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
+    assert (storage / "mlartifacts").is_dir()  # next to the sqlite store, not in the cwd
+
+
+def test_invalid_row_raises_like_the_store(storage: Path) -> None:
+    from results.schema import SchemaError
+
+    rec = MlflowRecorder(sqlite_uri(storage), "s1")
+    row, eps = stage("t")
+    row["tset_acc"] = 0.5
+    with pytest.raises(SchemaError, match="unknown column 'tset_acc'"):
+        rec.record_stage(row, eps)
+    assert not rec.degraded
+
+
+def test_dead_server_degrades_once_and_fast(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in HTTP_ENV_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    uri = f"http://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="results.tracking"):
+        rec = MlflowRecorder(uri, "s1")
+        assert rec.start_sweep({"a": 1}) is None
+        assert rec.degraded
+        for i in range(20):
+            assert rec.record_stage(*stage(f"t{i}")) is None
+        rec.end_sweep("FINISHED")
+    elapsed = time.monotonic() - started
+    print(f"dead server: degraded in {elapsed:.2f}s")
+    assert elapsed < 5
+    warnings = [r for r in caplog.records if r.name == "results.tracking"]
+    assert len(warnings) == 1
+    assert uri in warnings[0].getMessage() and "start_sweep" in warnings[0].getMessage()
+    # Conservative HTTP settings were put in place for MLflow's client.
+    import os
+
+    assert {k: os.environ[k] for k in HTTP_ENV_DEFAULTS} == HTTP_ENV_DEFAULTS
+
+
+def test_user_http_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
+    MlflowRecorder("http://127.0.0.1:1", "s1")
+    import os
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
+
+
+def test_disabled_recorder_records_nothing() -> None:
+    rec = MlflowRecorder(None, "s1")
+    assert rec.degraded and rec.start_sweep() is None and rec.record_stage(*stage("t")) is None
+
+
+def test_sync_after_outage_restores_every_run(storage: Path) -> None:
+    uri = sqlite_uri(storage)
+    store = SweepStore(storage, "out")
+    # Two stages reach MLflow, then the server goes away; the sweep carries on in Parquet.
+    live = MlflowRecorder(uri, "out")
+    live.start_sweep()
+    for i in range(2):
+        row, eps = stage(f"t{i}", seed=i)
+        row["mlflow_run_id"] = live.record_stage(row, eps)
+        store.write_stage(row, eps)
+    dead = MlflowRecorder(f"http://127.0.0.1:{closed_port()}", "out")
+    for i in range(2, 6):
+        row, eps = stage(f"t{i}", seed=i, status="failed" if i == 5 else "ok")
+        row["mlflow_run_id"] = dead.record_stage(row, eps)
+        store.write_stage(row, eps)
+    assert dead.degraded and len(child_runs(uri, "out")) == 2
+
+    result = sync_mlflow(store, uri)
+    assert (result.created, result.updated, result.unchanged) == (4, 0, 2)
+    runs = {r.data.tags["nptm.trial_id"]: r for r in child_runs(uri, "out")}
+    assert sorted(runs) == [f"t{i}" for i in range(6)]
+    assert runs["t5"].info.status == "FAILED"
+    client = MlflowClient(tracking_uri=uri)
+    for tid, run in runs.items():
+        seed = int(tid[1:])
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted(h.value for h in history) == pytest.approx(
+            sorted(1 / (e + 1) + seed for e in range(4))
+        )
+    second = sync_mlflow(store, uri)
+    assert (second.created, second.updated, second.unchanged) == (0, 0, 6)
+
+    # A stage rerun with a new outcome while MLflow was down is updated, not duplicated.
+    row, eps = stage("t3", seed=3, acc=0.99)
+    store.write_stage(row, eps)
+    third = sync_mlflow(store, uri)
+    assert (third.created, third.updated, third.unchanged) == (0, 1, 5)
+    runs = {r.data.tags["nptm.trial_id"]: r for r in child_runs(uri, "out")}
+    assert len(runs) == 6 and runs["t3"].data.metrics["test_acc"] == pytest.approx(0.99)
+
+
+def test_sync_into_empty_store_creates_finished_parent(storage: Path) -> None:
+    uri = sqlite_uri(storage)
+    store = SweepStore(storage, "fresh")
+    store.write_stage(*stage("t0"))
+    assert sync_mlflow(store, uri).created == 1
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("nptm/fresh")
+    parents = client.search_runs([exp.experiment_id], "tags.\"nptm.role\" = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    child = child_runs(uri, "fresh")[0]
+    assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+
+
+def test_epochs_are_grouped_per_trial() -> None:
+    import pyarrow as pa
+
+    from results.schema import rows_to_table
+    from results.tracking import _epochs_by_trial
+
+    rows = [
+        {"sweep": "s", "trial_id": tid, "stage_kind": "retrain", "epoch": e, "test_acc": v}
+        for tid, e, v in [("b", 1, 0.2), ("a", 0, 0.5), ("b", 0, 0.1), ("c", 0, 0.9), ("a", 1, 0.6)]
+    ]
+    table = pa.concat_tables([rows_to_table("epochs", rows[:2]), rows_to_table("epochs", rows[2:])])
+    epochs_of = _epochs_by_trial(table)
+    assert [(e["epoch"], e["test_acc"]) for e in epochs_of("a")] == [(0, 0.5), (1, 0.6)]
+    assert [(e["epoch"], e["test_acc"]) for e in epochs_of("b")] == [(0, 0.1), (1, 0.2)]
+    assert [e["test_acc"] for e in epochs_of("c")] == [0.9]
+    assert epochs_of("zzz") == []

@@ -1,0 +1,1 @@
+"""What runs inside one trial: models, data, pruners, retraining schedules and the train loop."""

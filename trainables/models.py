@@ -1,0 +1,231 @@
+"""The networks of the study, built by name for a dataset.
+
+CIFAR ResNets and VGGs follow the code base of Liu et al. 2019 ("Rethinking the value of network
+pruning", cifar/l1-norm-pruning/models), which is the one PFEC's published configurations
+(trainables.pruners.presets) are defined against:
+
+- ResNet-20/32/56/110 (He et al. 2016, CIFAR variant): stem conv3x3(16)+BN+ReLU, three stages of
+  n = (depth-2)/6 BasicBlocks with 16/32/64 channels, option-A (parameter-free) shortcuts,
+  global average pooling and one Linear layer. The option-A shortcut subsamples with
+  x[:, :, ::2, ::2] (He et al.) and appends zero channels (the rethinking code base appends zeros
+  after an AvgPool2d(2); both are parameter- and MAC-free, so counts are identical).
+- VGG-16/19 with BatchNorm, conv bias off. The code base's cfg has four 'M' entries; VGG's fifth
+  max-pool is replaced by a final nn.AvgPool2d(2) on the 2x2 map of a 32 px input. We use
+  nn.AdaptiveAvgPool2d(1), which is the same operation at 32 px and also fits larger inputs.
+  Classifier: Linear(512, 512)+BN1d+ReLU+Linear(512, classes).
+- torchvision resnet18/34/50 and mobilenet_v2, untrained (weights=None).
+
+Every model built here carries `input_shape` (C, H, W) of its dataset, which MAC counting and
+the structured-pruning surgery use for their dummy forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from trainables.catalog import DATASETS, MODELS, check_model_dataset
+
+VGG_CFGS: dict[str, list[int | str]] = {
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    "vgg19": [
+        64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+        512, 512, 512, 512, "M", 512, 512, 512, 512,
+    ],
+}  # fmt: skip
+
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: spatial subsampling plus zero channels, no parameters."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.extra_channels = out_planes - in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra_channels:
+            # (W left, W right, H top, H bottom, C front, C back): zeros after the old channels.
+            x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        return x
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU. `conv1`'s output channels are internal to
+    the block (they feed only bn1 and conv2), so they can be pruned without touching the
+    residual channels."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut: nn.Module = ShortcutA(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got depth={depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_planes = [], 16
+        for i, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class CifarVGG(nn.Module):
+    def __init__(self, cfg: list[int | str], in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                assert isinstance(v, int)
+                layers += [
+                    nn.Conv2d(in_channels, v, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(v),
+                    nn.ReLU(inplace=True),
+                ]
+                in_channels = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Linear(in_channels, 512),
+            nn.BatchNorm1d(512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, num_classes),
+        )
+        # Initialisation of the rethinking code base (BN2d scale 0.5 is inherited from it).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 0.5)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(self.features(x)), 1)
+        return self.classifier(x)
+
+
+_TORCHVISION = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "mobilenet_v2": torchvision.models.mobilenet_v2,
+}
+
+
+def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    model = _TORCHVISION[name](weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        if name == "mobilenet_v2":
+            old = model.features[0][0]
+            model.features[0][0] = nn.Conv2d(in_channels, old.out_channels, 3, 2, 1, bias=False)
+        else:
+            model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed the CPU generator inside the block only; the caller's RNG state is restored."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_model(name: str, dataset: str, *, seed: int | None = None) -> nn.Module:
+    """Model `name` sized for `dataset` (input channels, classes), on CPU, in training mode."""
+    check_model_dataset(name, dataset)
+    info, data = MODELS[name], DATASETS[dataset]
+    with _seeded(seed):
+        if info.family == "cifar_resnet":
+            model: nn.Module = CifarResNet(info.depth, data.in_channels, data.num_classes)
+        elif info.family == "cifar_vgg":
+            model = CifarVGG(VGG_CFGS[name], data.in_channels, data.num_classes)
+        else:
+            model = _torchvision_model(name, data.in_channels, data.num_classes)
+    model.input_shape = (data.in_channels, data.image_size, data.image_size)
+    return model
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    """Names of every Conv2d, in module registration order (= forward order for our models)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def prunable_convs(model: nn.Module, model_name: str) -> list[str]:
+    """Convs whose output channels (filters) can be removed without touching residual channels.
+
+    - CIFAR ResNets: conv1 of every BasicBlock (PFEC practice; conv2 feeds the residual add).
+    - VGG: every conv.
+    - torchvision ResNets: every conv inside a block except the block's last one (conv2 of a
+      BasicBlock, conv3 of a Bottleneck) and the downsample conv, which feed the residual add.
+    - MobileNetV2: the 1x1 expansion conv of every inverted residual block that has one. Its
+      channels are shared with the block's depthwise conv, which the surgery prunes along; the
+      projection conv feeds the residual add (or the next block) and is kept.
+    Stems and the final 1x1 conv of MobileNetV2 are not pruned.
+    """
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model_name {model_name!r}; known: {sorted(MODELS)}")
+    family = MODELS[model_name].family
+    if family == "cifar_resnet":
+        return [f"{n}.conv1" for n, m in model.named_modules() if isinstance(m, BasicBlock)]
+    if family == "cifar_vgg":
+        return conv_names(model)
+    names: list[str] = []
+    tv = torchvision.models
+    for name, m in model.named_modules():
+        if isinstance(m, tv.resnet.BasicBlock):
+            names.append(f"{name}.conv1")
+        elif isinstance(m, tv.resnet.Bottleneck):
+            names += [f"{name}.conv1", f"{name}.conv2"]
+        elif isinstance(m, tv.mobilenetv2.InvertedResidual) and len(m.conv) == 4:
+            # [expand Conv-BN-ReLU6, depthwise Conv-BN-ReLU6, project conv, BN]
+            names.append(f"{name}.conv.0.0")
+    return names

@@ -1,0 +1,198 @@
+"""Learning-rate curves of the retraining schedules compared by Le & Hua (ICLR 2021).
+
+Every function here is pure: it maps a pre-training `Recipe` and a retraining budget to the
+learning rate of every optimizer step, as a float64 array. The train loop just writes
+``lr[step]`` into the optimizer before each step, so there is no scheduler state to checkpoint,
+and a curve can be plotted or tested without building an optimizer.
+
+Notation: T = ``recipe.epochs`` (pre-training epochs), t = ``budget`` (retraining epochs),
+S = ``steps_per_epoch``, N = t * S (optimizer steps of the retraining run), ``peak`` =
+``recipe.lr`` unless overridden, ``gamma`` = ``recipe.gamma``.
+
+Schedules (names from ``trainables.catalog.SCHEDULES``):
+
+``ft``
+    Fine-tuning: constant at the last pre-training lr, ``recipe.final_lr``
+    (0.001 for the CIFAR recipe 0.1, /10 at epochs 80 and 120 of 160).
+``lrw``
+    Learning-rate rewinding (Renda et al. 2020): replay the last t epochs of pre-training, so
+    retraining epoch e uses ``recipe.lr_at_epoch(T - t + e)``, constant within the epoch.
+    Requires t <= T.
+``wr``
+    Weight rewinding: the same lr curve as ``lrw``. The weights are rewound to the end of
+    pre-training epoch ``rewind_epoch(recipe, budget)`` = T - t (0 = the initial weights);
+    restoring them is the stage runner's job.
+``slr``
+    Scaled learning-rate restarting: a linear warm-up over the first
+    W = round(``recipe.warmup_fraction`` * N) steps, from ``recipe.final_lr`` at step 0 towards
+    ``peak`` (step i < W gets ``final_lr + (peak - final_lr) * i / W``, so ``peak`` itself is
+    first reached at step W), then the pre-training step schedule compressed to the remaining
+    R = N - W steps: ``peak``, multiplied by ``gamma`` at step W + round(m / T * R) for every
+    pre-training milestone m (50 % and 75 % of R for the CIFAR recipe). The warm-up always
+    starts at the recipe's final lr, also when ``peak`` is overridden.
+``clr``
+    Cyclic learning-rate restarting: the 1-cycle policy with exactly the semantics of
+    ``torch.optim.lr_scheduler.OneCycleLR(max_lr=peak, total_steps=N,
+    pct_start=recipe.warmup_fraction, anneal_strategy="cos", div_factor=25,
+    final_div_factor=1e4, three_phase=False)`` stepped once per optimizer step: cosine from
+    peak/25 up to peak until step pct_start*N - 1, then cosine down to peak/25/1e4 at step
+    N - 1. Only the lr is produced; OneCycleLR's momentum cycling is not part of this curve.
+    Where OneCycleLR divides 0 by 0 (a warm-up phase of zero length, pct_start*N == 1) the
+    phase's start value is used.
+``scratch``
+    Training the re-initialised pruned architecture (Liu et al. 2019) with the pre-training
+    schedule compressed to the budget: ``peak`` from step 0 (no warm-up), multiplied by
+    ``gamma`` at step round(m / T * N) for every milestone m.
+
+Milestone rounding: a compressed milestone lands on the nearest optimizer step, halves rounded
+up (``floor(x + 0.5)``), computed in exact integer arithmetic from m, T and the step count,
+so no floating-point error can move a drop by one step. The warm-up length W is rounded the
+same way (from the float ``warmup_fraction``).
+
+Overrides (``KNOWN_OVERRIDES``): ``{"lr": x}`` sets ``peak`` = x for ``slr``, ``clr`` and
+``scratch`` and the constant for ``ft``; for ``lrw``/``wr`` it scales the replayed curve so
+that its maximum equals x (the shape of the replayed segment is kept).
+
+``pretrain_schedule(recipe, S)`` is the pre-training run itself: ``recipe.lr_at_epoch(e)``
+for every step of epoch e, which is what ``MultiStepLR`` stepped once per epoch produces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from numbers import Integral, Real
+
+import numpy as np
+
+from trainables.catalog import SCHEDULES
+from trainables.recipe import Recipe
+
+__all__ = [
+    "KNOWN_OVERRIDES",
+    "lr_schedule",
+    "pretrain_schedule",
+    "rewind_epoch",
+]
+
+KNOWN_OVERRIDES: frozenset[str] = frozenset({"lr"})
+
+# OneCycleLR settings the `clr` schedule is defined with.
+CLR_DIV_FACTOR = 25.0
+CLR_FINAL_DIV_FACTOR = 1e4
+
+
+def lr_schedule(
+    schedule: str,
+    *,
+    budget: int,
+    steps_per_epoch: int,
+    recipe: Recipe,
+    overrides: Mapping[str, float] | None = None,
+) -> np.ndarray:
+    """The lr of every optimizer step of a retraining run: float64 array of length budget*S."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {list(SCHEDULES)}")
+    _check_positive_int("budget", budget)
+    _check_positive_int("steps_per_epoch", steps_per_epoch)
+    peak = _peak_override(overrides)
+    n_steps = budget * steps_per_epoch
+
+    if schedule == "ft":
+        return np.full(n_steps, recipe.final_lr if peak is None else peak, dtype=np.float64)
+    if schedule in ("lrw", "wr"):
+        first = rewind_epoch(recipe, budget)
+        per_epoch = np.array(
+            [recipe.lr_at_epoch(first + e) for e in range(budget)], dtype=np.float64
+        )
+        if peak is not None:
+            per_epoch *= peak / per_epoch.max()
+        return np.repeat(per_epoch, steps_per_epoch)
+
+    peak = recipe.lr if peak is None else peak
+    if schedule == "scratch":
+        return _compressed_steps(recipe, peak, n_steps)
+    if schedule == "slr":
+        warmup = _round_half_up(recipe.warmup_fraction * n_steps)
+        ramp = recipe.final_lr + (peak - recipe.final_lr) * np.arange(warmup) / max(warmup, 1)
+        return np.concatenate([ramp, _compressed_steps(recipe, peak, n_steps - warmup)])
+    return _one_cycle(peak, n_steps, recipe.warmup_fraction)  # clr
+
+
+def pretrain_schedule(recipe: Recipe, steps_per_epoch: int) -> np.ndarray:
+    """The lr of every optimizer step of the pre-training run (constant within an epoch)."""
+    _check_positive_int("steps_per_epoch", steps_per_epoch)
+    per_epoch = np.array([recipe.lr_at_epoch(e) for e in range(recipe.epochs)], dtype=np.float64)
+    return np.repeat(per_epoch, steps_per_epoch)
+
+
+def rewind_epoch(recipe: Recipe, budget: int) -> int:
+    """Pre-training epochs completed by the weights `wr` restores: T - budget (0 = initial)."""
+    _check_positive_int("budget", budget)
+    if budget > recipe.epochs:
+        raise ValueError(
+            f"budget {budget} exceeds the pre-training run (T = recipe.epochs = {recipe.epochs}): "
+            "lrw/wr can only replay epochs that pre-training had"
+        )
+    return recipe.epochs - budget
+
+
+def _compressed_steps(recipe: Recipe, peak: float, n_steps: int) -> np.ndarray:
+    """`peak` with a `gamma` drop at each milestone fraction of `n_steps` (nearest step)."""
+    lr = np.full(n_steps, peak, dtype=np.float64)
+    for m in recipe.milestones:
+        # nearest step to m / T * n_steps, halves up, in integer arithmetic
+        drop = (2 * m * n_steps + recipe.epochs) // (2 * recipe.epochs)
+        lr[drop:] *= recipe.gamma
+    return lr
+
+
+def _one_cycle(max_lr: float, total_steps: int, pct_start: float) -> np.ndarray:
+    """Closed form of OneCycleLR (cos anneal, two phases) at steps 0..total_steps-1."""
+    initial_lr = max_lr / CLR_DIV_FACTOR
+    min_lr = initial_lr / CLR_FINAL_DIV_FACTOR
+    up_end = float(pct_start * total_steps) - 1  # OneCycleLR's end_step of phase 1
+    down_end = float(total_steps - 1)
+    step = np.arange(total_steps, dtype=np.float64)
+    in_up = step <= up_end
+
+    lr = np.empty(total_steps, dtype=np.float64)
+    lr[in_up] = _cos_anneal(initial_lr, max_lr, _pct(step[in_up], 0.0, up_end))
+    lr[~in_up] = _cos_anneal(max_lr, min_lr, _pct(step[~in_up], up_end, down_end))
+    return lr
+
+
+def _pct(step: np.ndarray, start: float, end: float) -> np.ndarray:
+    # A zero-length phase holds its start value (OneCycleLR would divide 0 by 0 here).
+    if end == start:
+        return np.zeros_like(step)
+    return (step - start) / (end - start)
+
+
+def _cos_anneal(start: float, end: float, pct: np.ndarray) -> np.ndarray:
+    # Same operation order as OneCycleLR._annealing_cos, so results agree to the last bits.
+    cos_out = np.cos(math.pi * pct) + 1
+    return end + (start - end) / 2.0 * cos_out
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def _check_positive_int(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0:
+        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+
+def _peak_override(overrides: Mapping[str, float] | None) -> float | None:
+    if not overrides:
+        return None
+    for key in overrides:
+        if key not in KNOWN_OVERRIDES:
+            raise ValueError(f"unknown schedule override {key!r}; known: {sorted(KNOWN_OVERRIDES)}")
+    if "lr" not in overrides:
+        return None
+    lr = overrides["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"override lr must be a positive finite number, got {lr!r}")
+    return float(lr)

@@ -1,0 +1,99 @@
+"""The unit of work the planner hands to a worker: one pretrain, prune or retrain stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+from trainables.recipe import Recipe
+
+StageKind = Literal["pretrain", "prune", "retrain"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a worker needs to run one stage.
+
+    `id` is a content hash of exactly the settings that determine the stage's output (see
+    `identity()`), so equal stages from different grids or machines share one artifact.
+    """
+
+    kind: StageKind
+    dataset: str
+    model: str
+    seed: int
+    recipe: Recipe  # the pre-training recipe every schedule is defined against
+    val_fraction: float = 0.0  # share of the training set held out for model selection
+    parents: tuple[str, ...] = ()
+    pruner: str | None = None
+    ratio: float | None = None  # target sparsity (unstructured) or filter ratio (structured)
+    preset: str | None = None
+    schedule: str | None = None
+    budget: int | None = None  # retraining epochs
+    overrides: tuple[tuple[str, Any], ...] = ()  # e.g. (("lr", 0.05),) sorted by key
+    round: int = 1  # iterative pruning round, 1-based
+    # Pre-training epochs whose end-of-epoch weights must be kept for weight rewinding.
+    # Not part of the identity: it says what to keep, not what the stage computes.
+    keep_epochs: tuple[int, ...] = field(default=(), compare=False)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine this stage's output, and nothing else."""
+        ident: dict[str, Any] = {"kind": self.kind, "parents": list(self.parents)}
+        if self.kind == "pretrain":
+            ident |= {
+                "dataset": self.dataset,
+                "model": self.model,
+                "seed": self.seed,
+                "recipe": self.recipe.model_dump(mode="json"),
+                "val_fraction": self.val_fraction,
+            }
+        elif self.kind == "prune":
+            ident |= {
+                "pruner": self.pruner,
+                "ratio": self.ratio,
+                "preset": self.preset,
+                "seed": self.seed,
+                "round": self.round,
+            }
+        else:
+            ident |= {
+                "schedule": self.schedule,
+                "budget": self.budget,
+                "overrides": dict(self.overrides),
+                "seed": self.seed,
+            }
+        return ident
+
+    @cached_property
+    def id(self) -> str:
+        return stage_hash(self.identity())
+
+    @property
+    def override_dict(self) -> dict[str, Any]:
+        return dict(self.overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recipe"] = self.recipe.model_dump(mode="json")
+        d["overrides"] = dict(self.overrides)
+        d["id"] = self.id
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageSpec:
+        d = dict(d)
+        d.pop("id", None)
+        d["recipe"] = Recipe.model_validate(d["recipe"])
+        d["overrides"] = tuple(sorted(d.get("overrides", {}).items()))
+        for key in ("parents", "keep_epochs"):
+            d[key] = tuple(d.get(key, ()))
+        return cls(**d)
+
+
+def stage_hash(identity: dict[str, Any]) -> str:
+    """Stable content hash: canonical JSON (sorted keys, no whitespace), SHA-256, 16 hex chars."""
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

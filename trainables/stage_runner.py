@@ -1,0 +1,308 @@
+"""Run one stage (pretrain, prune or retrain) on a worker.
+
+The same code runs inline in a Tune trial actor and on every rank of a Ray Train DDP worker
+group; only rank 0 writes artifacts. Models travel between stages as
+`{"model", "dataset", "plans", "state_dict"}`: the base architecture plus the ordered pruning
+plans that turn it into the stored network, so a rebuild always re-applies masks and structure.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainables import schedules
+from trainables.artifacts import ArtifactStore
+from trainables.catalog import PRUNERS
+from trainables.data import load_dataset, make_loaders
+from trainables.macs import count_nonzero_params, count_params_macs
+from trainables.models import build_model
+from trainables.pruners import PrunePlan, apply_plan, compute_plan
+from trainables.pruners.unstructured import sparsity
+from trainables.stage import StageSpec
+from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
+
+MODEL = "model"  # final weights of a stage
+RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
+CALIBRATION_BATCHES = 4  # batches that data-driven pruners (hrank, taylor) look at
+
+
+def rewind_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    storage: str
+    data_root: str | None = None
+    download: bool = False
+    device: str = "cpu"
+    rank: int = 0
+    world_size: int = 1
+
+
+EpochReporter = Callable[[dict[str, Any]], None]
+
+
+def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = None) -> dict:
+    """Run `spec` to completion (resuming if a checkpoint exists) and return its outcome."""
+    store = ArtifactStore(env.storage)
+    started = time.time()
+    runner = {"pretrain": _pretrain, "prune": _prune, "retrain": _retrain}[spec.kind]
+    outcome: dict[str, Any] = {"status": "ok", "error": None}
+    try:
+        outcome |= runner(spec, env, store, report)
+    except Diverged as err:
+        outcome |= {"status": "diverged", "error": str(err), "epochs_run": err.epoch}
+    outcome |= {
+        "trial_id": spec.id,
+        "stage_kind": spec.kind,
+        "started_at": started,
+        "ended_at": time.time(),
+        "wall_seconds": time.time() - started,
+        "node": _node_id(),
+        "workers": env.world_size,
+    }
+    outcome["device_hours"] = outcome["wall_seconds"] * env.world_size / 3600.0
+    if env.rank == 0:
+        store.write_outcome(spec.id, outcome)
+        if outcome["status"] == "ok":
+            store.delete(spec.id, RESUME)
+    return outcome
+
+
+# -- model (de)serialisation --------------------------------------------------------------
+def model_payload(spec: StageSpec, model: nn.Module, plans: list[PrunePlan]) -> dict:
+    return {
+        "model": spec.model,
+        "dataset": spec.dataset,
+        "plans": [p.to_payload() for p in plans],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def load_model(store: ArtifactStore, stage_id: str, name: str = MODEL) -> tuple[nn.Module, list]:
+    """Rebuild a stored model: base architecture -> every pruning plan -> stored weights."""
+    payload = store.load(stage_id, name)
+    plans = [PrunePlan.from_payload(p) for p in payload["plans"]]
+    model = build_model(payload["model"], payload["dataset"])
+    for plan in plans:
+        model = apply_plan(model, plan)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model, plans
+
+
+def _architecture(spec: StageSpec, plans: list[PrunePlan], init_seed: int) -> nn.Module:
+    model = build_model(spec.model, spec.dataset, seed=init_seed)
+    for plan in plans:
+        model = apply_plan(model, plan)
+    return model
+
+
+# -- shared training driver ---------------------------------------------------------------
+def _train(
+    spec: StageSpec,
+    env: WorkerEnv,
+    store: ArtifactStore,
+    model: nn.Module,
+    lr_for: Callable[[int], Any],
+    epochs: int,
+    report: EpochReporter | None,
+    keep_epochs: tuple[int, ...] = (),
+) -> dict[str, Any]:
+    bundle = load_dataset(
+        spec.dataset,
+        env.data_root,
+        val_fraction=spec.val_fraction,
+        split_seed=spec.seed,
+        download=env.download,
+    )
+    device = torch.device(env.device)
+    loaders = make_loaders(
+        bundle,
+        batch_size=spec.recipe.batch_size,
+        device=device,
+        seed=spec.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    lr_per_step = lr_for(len(loaders.train))
+    resume = store.load(spec.id, RESUME) if store.exists(spec.id, RESUME) else None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    elif env.rank == 0 and 0 in keep_epochs:
+        store.save(spec.id, rewind_name(0), {"state_dict": model.state_dict()})
+
+    def checkpoint(epoch: int, state: dict) -> None:
+        if env.rank != 0:
+            return
+        store.save(spec.id, RESUME, state)
+        if epoch in keep_epochs:
+            store.save(spec.id, rewind_name(epoch), {"state_dict": state["model"]})
+
+    def on_epoch(m: EpochMetrics) -> None:
+        if report is not None:
+            report({k: v for k, v in vars(m).items() if v is not None})
+
+    model.to(device)
+    result = fit(
+        model,
+        loaders,
+        lr_per_step,
+        spec.recipe,
+        epochs=epochs,
+        device=device,
+        seed=spec.seed,
+        start_epoch=resume["epoch"] if resume else 0,
+        resume_state=resume,
+        on_epoch=on_epoch,
+        checkpoint=checkpoint,
+        weight_decay=spec.override_dict.get("weight_decay"),
+    )
+    return {
+        "test_acc": result.test_acc,
+        "test_loss": result.test_loss,
+        "best_val_epoch": result.best_val_epoch,
+        "test_acc_at_best_val": result.test_acc_at_best_val,
+        "best_test_acc_over_epochs": result.best_test_acc_over_epochs,
+        "epochs_run": epochs,
+        "resumed_from_epoch": resume["epoch"] if resume else 0,
+        "samples_per_second": result.samples_per_second,
+        "epoch_rows": [vars(m) for m in result.history],
+    }
+
+
+def _size_fields(model: nn.Module, spec: StageSpec) -> dict[str, Any]:
+    base_params, base_macs = count_params_macs(build_model(spec.model, spec.dataset), spec.dataset)
+    params, macs = count_params_macs(model, spec.dataset)
+    return {
+        "params": params,
+        "macs": macs,
+        "nonzero_params": count_nonzero_params(model),
+        "base_params": base_params,
+        "base_macs": base_macs,
+        "params_reduction": 1 - params / base_params,
+        "macs_reduction": 1 - macs / base_macs,
+        "achieved_sparsity": sparsity(model),
+    }
+
+
+# -- the three stage kinds ----------------------------------------------------------------
+def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
+    model = build_model(spec.model, spec.dataset, seed=spec.seed)
+    fields = _train(
+        spec,
+        env,
+        store,
+        model,
+        lambda steps: schedules.pretrain_schedule(spec.recipe, steps),
+        spec.recipe.epochs,
+        report,
+        keep_epochs=spec.keep_epochs,
+    )
+    if env.rank == 0:
+        store.save(spec.id, MODEL, model_payload(spec, model, []))
+    return fields | _size_fields(model, spec) | {"pretrain_id": spec.id}
+
+
+def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
+    parent_id = spec.parents[0]
+    parent = store.read_outcome(parent_id) or {}
+    model, plans = load_model(store, parent_id)
+    bundle = load_dataset(
+        spec.dataset,
+        env.data_root,
+        val_fraction=spec.val_fraction,
+        split_seed=spec.seed,
+        download=env.download,
+    )
+    batches = None
+    if PRUNERS[spec.pruner].needs_data:
+        batches = bundle.calibration_batches(CALIBRATION_BATCHES, spec.recipe.batch_size, spec.seed)
+    plan = compute_plan(
+        model,
+        spec.model,
+        spec.pruner,
+        ratio=spec.ratio,
+        preset=spec.preset,
+        batches=batches,
+        seed=spec.seed,
+    )
+    model = apply_plan(model, plan)
+    loaders = make_loaders(bundle, batch_size=256, device=torch.device("cpu"), seed=spec.seed)
+    acc_after = evaluate(model, loaders.test, torch.device("cpu"))[1]
+    if env.rank == 0:
+        store.save(spec.id, MODEL, model_payload(spec, model, [*plans, plan]))
+    return _size_fields(model, spec) | {
+        "acc_before_prune": parent.get("test_acc"),
+        "acc_after_prune": acc_after,
+        "test_acc": acc_after,
+        "pretrain_id": parent.get("pretrain_id"),
+        "structured": PRUNERS[spec.pruner].structured,
+        "epoch_rows": [],
+    }
+
+
+def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
+    # parents[0] is the model to start from; `wr` also names the pretrain it rewinds to.
+    parent_id = spec.parents[0]
+    parent = store.read_outcome(parent_id) or {}
+    model, plans = load_model(store, parent_id)
+    budget = spec.budget
+    assert budget is not None and spec.schedule is not None
+    if spec.schedule == "wr":
+        epoch = schedules.rewind_epoch(spec.recipe, budget)
+        rewound = store.load(spec.parents[1], rewind_name(epoch))
+        model = _architecture(spec, [], spec.seed)
+        model.load_state_dict(rewound["state_dict"], strict=True)
+        for plan in plans:
+            model = apply_plan(model, plan)
+    elif spec.schedule == "scratch":
+        # A fresh initialisation: a seed unrelated to the pre-training's, so scratch never
+        # inherits the pre-trained network's initial weights.
+        model = _architecture(spec, plans, init_seed=int(spec.id[:8], 16))
+    fields = _train(
+        spec,
+        env,
+        store,
+        model,
+        lambda steps: schedules.lr_schedule(
+            spec.schedule,
+            budget=budget,
+            steps_per_epoch=steps,
+            recipe=spec.recipe,
+            overrides={k: v for k, v in spec.overrides if k == "lr"},
+        ),
+        budget,
+        report,
+    )
+    if env.rank == 0:
+        store.save(spec.id, MODEL, model_payload(spec, model, plans))
+    return (
+        fields
+        | _size_fields(model, spec)
+        | {
+            "acc_before_prune": parent.get("acc_before_prune"),
+            "acc_after_prune": parent.get("acc_after_prune"),
+            "pretrain_id": parent.get("pretrain_id"),
+            "structured": parent.get("structured"),
+        }
+    )
+
+
+def _node_id() -> str:
+    """The Ray node this stage ran on (the host name outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return socket.gethostname()
