@@ -93,6 +93,7 @@ def stage_rows(
         "budget_epochs": spec.budget,
         "overrides": json.dumps(overrides, sort_keys=True),
         "lr_override": overrides.get("lr"),
+        "val_fraction": spec.val_fraction,
         "seed": spec.seed,
         "status": status,
         "error": error,

@@ -59,8 +59,8 @@ wall_seconds               double             yes   wall time of the stage
 device_hours               double             yes   accelerator (or CPU-worker) hours used
 status                     string             no    ok | diverged | failed | skipped
 error                      string             yes   error text of a failed stage
-node                       string             yes   host that ran the stage
-executor                   string             yes   how it ran (e.g. ray-train, ray-task, local)
+node                       string             yes   Ray node id that ran the stage (else host)
+executor                   string             yes   inline (Tune trial actor) | train (Ray Train DDP)
 workers                    int32              yes   data-parallel workers
 mlflow_run_id              string             yes   MLflow run of this stage, if recorded
 reused                     bool               no    outcome taken from an earlier run of the stage
