@@ -40,7 +40,7 @@ def _drain(searcher: DagSearcher) -> list[str]:
 
 
 def test_every_stage_runs_once_after_its_parents(tmp_path: Path) -> None:
-    plan, searcher, finished = _searcher(tmp_path, {})
+    plan, searcher, _ = _searcher(tmp_path, {})
     order = _drain(searcher)
     assert sorted(order) == sorted(plan.stages)
     position = {sid: i for i, sid in enumerate(order)}
@@ -50,7 +50,7 @@ def test_every_stage_runs_once_after_its_parents(tmp_path: Path) -> None:
 
 
 def test_no_barrier_a_retrain_may_start_before_other_pretrains(tmp_path: Path) -> None:
-    plan, searcher, _ = _searcher(tmp_path, {})
+    _, searcher, _ = _searcher(tmp_path, {})
     first = searcher.suggest("a")["stage"]  # a pretrain; the other seed's pretrain is ready too
     searcher.on_trial_complete("a", result={"finished": 1})
     kinds = []
