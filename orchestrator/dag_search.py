@@ -111,7 +111,9 @@ class DagSearcher(Searcher):
     def _requeue_producer(self, sid: str, producer: str) -> None:
         """A parent's artifact failed its checksum: recompute the parent, then this stage."""
         self.state[sid] = PENDING
-        if producer in self.state:
+        # Several children may find the same damaged artifact: the first requeues its producer,
+        # the others wait for that recomputation instead of starting a second, concurrent one.
+        if self.state.get(producer) == DONE:
             self.state[producer] = PENDING
             if self._parents_done(producer):
                 self.ready.append(producer)

@@ -26,19 +26,24 @@ class ProgressPrinter(Callback):
         now = time.time()
         if now - self._last >= self.interval:
             self._last = now
-            print(self.line(), file=self.stream, flush=True)
+            running = sum(1 for t in trials if t.status == "RUNNING")
+            print(self.line(running), file=self.stream, flush=True)
 
-    def line(self) -> str:
+    def line(self, running: int | None = None) -> str:
+        """`running`: trials Ray is executing now; the rest of those handed out wait for a slot."""
         s = self.searcher
+        handed_out = s.count(RUNNING)
+        running = handed_out if running is None else running
         elapsed = max(time.time() - s.started_at, 1e-9)
         rate = s.epochs_done / elapsed
         remaining = s.remaining_epochs()
         eta = f"{remaining / rate / 60:.1f} min" if rate > 0 and remaining else "-"
         return (
-            f"[nptm] stages done {s.count(DONE)}  running {s.count(RUNNING)}  "
-            f"pending {s.count(PENDING)}  failed {s.count(FAILED)}  skipped {s.count(SKIPPED)}"
+            f"[nptm] stages done {s.count(DONE)}  running {running}  "
+            f"pending {s.count(PENDING) + handed_out - running}  failed {s.count(FAILED)}  "
+            f"skipped {s.count(SKIPPED)}"
             f"  |  {rate:.2f} epochs/s  ETA {eta}"
         )
 
     def final(self) -> None:
-        print(self.line(), file=self.stream, flush=True)
+        print(self.line(running=0), file=self.stream, flush=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import Cluster, check_fit, connect, disconnect, stage_bundles
@@ -93,6 +95,7 @@ def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
     from results.tracking import MlflowRecorder, resolve_tracking_uri
 
     started = time.time()
+    opts = replace(opts, storage=_absolute(opts.storage))
     try:  # refuse a bad storage root before any training or Ray start-up
         check_writable(opts.storage)
         store = SweepStore(opts.storage, grid.name)
@@ -162,7 +165,7 @@ def _tune(grid, plan, opts, cluster, artifacts, ledger, done) -> None:
         "ray_storage": f"{artifacts.root}/_ray"
         if "://" not in opts.storage
         else f"{opts.storage.rstrip('/')}/_ray",
-        "data_root": opts.data_root if opts.data_root is not None else grid.data.root,
+        "data_root": _absolute(opts.data_root if opts.data_root is not None else grid.data.root),
         "download": grid.data.download,
         "executor": res.executor,
         "workers_per_trial": res.workers_per_trial,
@@ -178,6 +181,9 @@ def _tune(grid, plan, opts, cluster, artifacts, ledger, done) -> None:
             return FAILED, None, detail
         return outcome["status"], outcome, outcome.get("error")
 
+    # Tune keeps only ONE trial pending when a custom searcher drives it, which runs the
+    # stages one at a time however many CPUs are free; let it queue as many as can run.
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(_parallel_slots(cluster, res) + 2))
     searcher = DagSearcher(plan.stages, done, runtime, resolve, ledger.record)
     progress = ProgressPrinter(searcher, stream=sys.stderr)
 
@@ -208,6 +214,22 @@ def _tune(grid, plan, opts, cluster, artifacts, ledger, done) -> None:
     )
     tuner.fit()
     progress.final()
+
+
+def _parallel_slots(cluster: Cluster, resources: Any) -> int:
+    """How many retrain stages the cluster can run at once."""
+    trial, workers = stage_bundles("retrain", resources)
+    need = {r: trial.get(r, 0.0) + sum(w.get(r, 0.0) for w in workers) for r in ("CPU", "GPU")}
+    slots = 0
+    for node in cluster.nodes:
+        fits = [node.get(r, 0.0) / amount for r, amount in need.items() if amount > 0]
+        slots += int(min(fits, default=0) + 1e-9)
+    return max(slots, 1)
+
+
+def _absolute(path: str | None) -> str | None:
+    """Workers do not share the driver's working directory: relative paths are the driver's."""
+    return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
 
 
 def _trial_name(trial: Any) -> str:

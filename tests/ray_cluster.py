@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 VENV_BIN = Path(sys.executable).parent
+# <temp dir>/session_<date>_<pid>/sockets/plasma_store must stay under the 107-byte limit.
+_MAX_TEMP_DIR = 40
 
 
 def free_port() -> int:
@@ -39,39 +45,103 @@ def _descendants_of_session(temp_dir: str) -> list[psutil.Process]:
     return procs
 
 
+@dataclass(frozen=True)
+class Raylet:
+    pid: int
+    node_id: str
+    head: bool
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """A cluster started by `ray_cluster`: where to reach it and how to find its processes."""
+
+    address: str  # GCS address, for `nptm sweep --address`
+    dashboard_url: str  # for `ray job submit --address`
+    env: dict[str, str]  # environment for clients (token auth switched on)
+    temp_dir: str
+    port: int
+
+    def raylets(self) -> list[Raylet]:
+        """The raylet of every node, found by the cluster's temp dir on its command line.
+
+        (Not by the GCS address: raylets name the GCS by the host's address, not 127.0.0.1.)
+        """
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = p.info["cmdline"] or []
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if not cmd or not cmd[0].endswith("/raylet"):
+                continue
+            if f"--temp_dir={self.temp_dir}" not in cmd:
+                continue
+            node = next(a.split("=", 1)[1] for a in cmd if a.startswith("--node_id="))
+            found.append(Raylet(p.pid, node, "--head" in cmd))
+        return found
+
+
+def _client_env() -> dict[str, str]:
+    """os.environ for `ray` commands and clients: no inherited address, token auth on.
+
+    Ray 2.60 clusters require a token; without ~/.ray/auth_token (or RAY_AUTH_TOKEN[_PATH])
+    the cluster gets a fresh one through the environment.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    token_file = Path(env.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if not env.get("RAY_AUTH_TOKEN") and not token_file.is_file():
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    return env
+
+
 @contextmanager
 def two_node_cluster(tmp: Path, cpus_per_node: int = 1):
     """A head and a second raylet on 127.0.0.1. Yields (address, env for clients)."""
+    with ray_cluster(tmp, cpus=(cpus_per_node, cpus_per_node)) as cluster:
+        yield cluster.address, cluster.env
+
+
+@contextmanager
+def ray_cluster(tmp: Path, cpus: tuple[int, ...] = (1, 1)):
+    """A head node with `cpus[0]` CPUs and one more raylet per further entry, on 127.0.0.1."""
     temp_dir = str(tmp / "ray")
+    own_temp = len(temp_dir) > _MAX_TEMP_DIR
+    if own_temp:  # Ray's unix socket paths under the temp dir must fit in 107 bytes
+        temp_dir = tempfile.mkdtemp(prefix="nptm-ray-")
     port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    dashboard_port = free_port()
+    env = _client_env()
     head = _ray(
         "start",
         "--head",
         f"--port={port}",
         "--node-ip-address=127.0.0.1",
-        f"--num-cpus={cpus_per_node}",
+        f"--num-cpus={cpus[0]}",
         f"--temp-dir={temp_dir}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={free_port()}",
+        f"--dashboard-port={dashboard_port}",
         env=env,
     )
     address = f"127.0.0.1:{port}"
     try:
         assert head.returncode == 0, head.stdout + head.stderr
-        worker = _ray(
-            "start",
-            f"--address={address}",
-            "--node-ip-address=127.0.0.1",
-            f"--num-cpus={cpus_per_node}",
-            env=env,
-        )
-        assert worker.returncode == 0, worker.stdout + worker.stderr
-        yield address, env
+        for n in cpus[1:]:
+            worker = _ray(
+                "start",
+                f"--address={address}",
+                "--node-ip-address=127.0.0.1",
+                f"--num-cpus={n}",
+                env=env,
+            )
+            assert worker.returncode == 0, worker.stdout + worker.stderr
+        yield RayCluster(address, f"http://127.0.0.1:{dashboard_port}", env, temp_dir, port)
     finally:
         stop_session(temp_dir, port)
+        if own_temp:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_session(temp_dir: str, port: int) -> None:
@@ -122,3 +192,27 @@ def ray_processes() -> set[int]:
 def kill_new_ray_processes(before: set[int]) -> None:
     """Kill the Ray processes started since `before` was taken (tests run one at a time)."""
     _kill([psutil.Process(pid) for pid in ray_processes() - before if psutil.pid_exists(pid)])
+
+
+def kill_ray_session_of(driver_pid: int) -> None:
+    """Kill the local Ray that the process `driver_pid` started (after killing that driver).
+
+    Ray names a local session `session_<date>_<pid of the starting process>`, so this finds
+    exactly that cluster's processes and none that other drivers on the machine started.
+    """
+    suffix = f"_{driver_pid}"
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for part in cmd:
+            for piece in part.replace("=", "/").split("/"):
+                if piece.startswith("session_") and piece.endswith(suffix):
+                    procs.append(p)
+                    break
+            else:
+                continue
+            break
+    _kill(procs)

@@ -16,15 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_GRID = """\
 name: {name}
 data: {{val_fraction: 0.1}}
-pretrain: {{epochs: 4, milestones: [2, 3]}}
-resources: {{executor: {executor}, workers_per_trial: {workers}, cpus_per_worker: {cpus}}}
+pretrain: {{epochs: {pretrain_epochs}, milestones: {milestones}}}
+resources: {{executor: {executor}, workers_per_trial: {workers}, cpus_per_worker: {cpus}{limit}}}
 axes:
   dataset: {datasets}
   model: resnet20
   pruner:
 {pruners}
   schedule: {schedules}
-  budget: 2
+  budget: {budget}
   seed: {seeds}
 {extra}"""
 
@@ -41,6 +41,10 @@ def write_grid(
     schedules: str = "[ft, clr, wr]",
     seeds: str = "0",
     extra: str = "",
+    budget: str = "2",
+    pretrain_epochs: int = 4,
+    milestones: str = "[2, 3]",
+    max_concurrent: int | None = None,
 ) -> Path:
     text = TINY_GRID.format(
         name=name,
@@ -52,12 +56,22 @@ def write_grid(
         schedules=schedules,
         seeds=seeds,
         extra=textwrap.dedent(extra),
+        budget=budget,
+        pretrain_epochs=pretrain_epochs,
+        milestones=milestones,
+        limit="" if max_concurrent is None else f", max_concurrent: {max_concurrent}",
     )
     path.write_text(text)
     return path
 
 
-def nptm(*args: str, timeout: float = 600, env: dict[str, str] | None = None, **kw):
+def nptm(
+    *args: str,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    **kw,
+):
     """Run the CLI in a fresh process (each starts and stops its own local Ray)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     full_env.pop("RAY_ADDRESS", None)  # never attach to a Ray the environment points at
@@ -68,7 +82,7 @@ def nptm(*args: str, timeout: float = 600, env: dict[str, str] | None = None, **
         text=True,
         timeout=timeout,
         env=full_env,
-        cwd=ROOT,
+        cwd=cwd,
         **kw,
     )
 

@@ -34,7 +34,8 @@ def _plan_ids(grid: Path) -> set[str]:
 def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(tmp_path: Path) -> None:
     grid = write_grid(tmp_path / "tiny.yaml")
     storage = tmp_path / "runs"
-    first = nptm("sweep", str(grid), "--storage", str(storage))
+    # A relative storage path means the driver's directory, wherever Ray runs the workers.
+    first = nptm("sweep", str(grid), "--storage", "runs", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     stage_ids = _plan_ids(grid)
     rows = trials(storage)

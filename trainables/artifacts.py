@@ -14,6 +14,7 @@ produced it, so the orchestrator can recompute that stage instead of propagating
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -53,9 +54,15 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(data)
-    fs.move(tmp, path)
+    try:
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        # A failed write (disk full, I/O error) must not leave a stray partial file behind.
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
@@ -124,9 +131,10 @@ class ArtifactStore:
         if data is None:
             return None
         try:
-            return json.loads(data)
-        except json.JSONDecodeError:
+            outcome = json.loads(data)
+        except ValueError:  # not JSON, or not even UTF-8 (UnicodeDecodeError)
             return None  # treated as not done: the stage is recomputed
+        return outcome if isinstance(outcome, dict) else None
 
     def mark_execution(self, stage_id: str) -> None:
         """Record that a worker started executing `stage_id` (counted by `executions`)."""

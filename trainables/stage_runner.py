@@ -8,6 +8,7 @@ plans that turn it into the stored network, so a rebuild always re-applies masks
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from trainables import schedules
-from trainables.artifacts import ArtifactStore
+from trainables.artifacts import ArtifactStore, CorruptArtifactError
 from trainables.catalog import PRUNERS
 from trainables.data import load_dataset, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
@@ -31,6 +32,8 @@ from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
 MODEL = "model"  # final weights of a stage
 RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
 CALIBRATION_BATCHES = 4  # batches that data-driven pruners (hrank, taylor) look at
+
+log = logging.getLogger(__name__)
 
 
 def rewind_name(epoch: int) -> str:
@@ -133,7 +136,7 @@ def _train(
         world_size=env.world_size,
     )
     lr_per_step = lr_for(len(loaders.train))
-    resume = store.load(spec.id, RESUME) if store.exists(spec.id, RESUME) else None
+    resume = _load_resume(store, spec.id, env.rank)
     if resume is not None:
         model.load_state_dict(resume["model"])
     elif env.rank == 0 and 0 in keep_epochs:
@@ -176,6 +179,23 @@ def _train(
         "samples_per_second": result.samples_per_second,
         "epoch_rows": [vars(m) for m in result.history],
     }
+
+
+def _load_resume(store: ArtifactStore, stage_id: str, rank: int) -> dict | None:
+    """This stage's own resume checkpoint, or None to start from epoch 0.
+
+    A damaged checkpoint of the stage itself is discarded, not reported: reporting it as a
+    corrupt parent would requeue this very stage, which would find the same file again.
+    """
+    if not store.exists(stage_id, RESUME):
+        return None
+    try:
+        return store.load(stage_id, RESUME)
+    except CorruptArtifactError as err:
+        log.warning("%s; training stage %s again from epoch 0", err, stage_id)
+        if rank == 0:
+            store.delete(stage_id, RESUME)
+        return None
 
 
 def _size_fields(model: nn.Module, spec: StageSpec) -> dict[str, Any]:
