@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -157,10 +158,11 @@ def best(args: argparse.Namespace) -> int:
     from results.best import best_runs, render_best
 
     by = [c.strip() for c in args.by.split(",") if c.strip()]
+    if args.sweep is not None:
+        _check_sweep_name(args.sweep)
+    uri = _tracking_uri(args, existing=True)  # a query never creates an empty store
     try:
-        df = best_runs(
-            _tracking_uri(args), sweep=args.sweep, metric=args.metric, by=by, top=args.top
-        )
+        df = best_runs(uri, sweep=args.sweep, metric=args.metric, by=by, top=args.top)
     except ValueError as err:
         raise UsageError(str(err)) from err
     if args.json:
@@ -173,8 +175,9 @@ def best(args: argparse.Namespace) -> int:
 def sync_mlflow(args: argparse.Namespace) -> int:
     from results.tracking import sync_mlflow
 
+    store = _sweep_store(args)  # refuse a bad or unknown sweep before creating any store
     uri = _tracking_uri(args)
-    result = sync_mlflow(_sweep_store(args), uri)
+    result = sync_mlflow(store, uri)
     print(
         f"sync-mlflow {args.sweep} -> {uri}: created {result.created}, updated {result.updated}, "
         f"unchanged {result.unchanged}"
@@ -182,9 +185,25 @@ def sync_mlflow(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _tracking_uri(args: argparse.Namespace) -> str:
+def _check_sweep_name(name: str) -> None:
+    from results.store import check_name
+
+    try:
+        check_name("sweep", name)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _tracking_uri(args: argparse.Namespace, *, existing: bool = False) -> str:
+    """The tracking URI to use; `existing`: refuse an embedded store that is not there yet
+    (resolving the embedded default creates the storage root for sqlite to write into)."""
+    from results.store import resolve_storage
     from results.tracking import resolve_tracking_uri
 
+    if existing and not args.mlflow_uri and "://" not in args.storage:
+        _, root, _ = resolve_storage(args.storage)
+        if not os.path.isfile(f"{root}/mlflow.db"):
+            raise UsageError(f"no MLflow store at {root}/mlflow.db; give --mlflow-uri")
     uri = resolve_tracking_uri(args.storage, args.mlflow_uri)
     if uri is None:
         raise UsageError(

@@ -80,6 +80,12 @@ class DagSearcher(Searcher):
         else:
             self._skip_descendants(sid, f"{status} ancestor {sid} ({spec.kind})")
 
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: a rerun rebuilds the DAG's state from the artifact store."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """See `save`."""
+
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its searcher into the experiment state; the driver-side hooks (MLflow
         # client, Parquet writer) stay behind: the artifact store is what resumes a sweep.

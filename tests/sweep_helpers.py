@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -109,3 +113,74 @@ def mlflow_stage_runs(uri: str, sweep: str = "tiny") -> list:
         token = page.token
         if not token:
             return runs
+
+
+def plan_stage_ids(grid: Path) -> set[str]:
+    """Every stage id of the grid's plan: what a complete sweep must have recorded."""
+    from orchestrator.planner import build_plan
+    from search_spaces import load_grid
+
+    return set(build_plan(load_grid(grid)).stages)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over an sqlite store, in its own process group.
+
+    Entering starts it without waiting (start-up takes tens of seconds on a busy machine);
+    `wait()` blocks until /health answers. `kill()` ends the whole group with SIGKILL, as a
+    crashed server would; leaving the context kills whatever is still running.
+    """
+
+    def __init__(self, db: Path, log: Path) -> None:
+        self.db = db
+        self.log = log
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server",
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.db}",
+                 "--default-artifact-root", (self.db.parent / "mlartifacts").as_uri()],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+        return self
+
+    def wait(self, timeout: float = 240) -> str:
+        import urllib.request
+
+        assert self.proc is not None
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.uri
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"mlflow server did not come up: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its group: the server's workers too
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

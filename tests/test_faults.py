@@ -1,0 +1,583 @@
+"""Fault injection: lost nodes, lost MLflow, damaged artifacts, concurrency, hostile input.
+
+Every slow case runs the real CLI (`python -m orchestrator sweep ...`) against a real local
+Ray (or a real two-raylet cluster) and checks what the sweep left behind: the Parquet tables,
+the artifact store (outcomes, checksums, execution markers) and MLflow.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator.cli import main as cli_main
+from tests.ray_cluster import ray_cluster
+from tests.sweep_helpers import (
+    NPTM,
+    ROOT,
+    MlflowServer,
+    executions,
+    mlflow_stage_runs,
+    nptm,
+    plan_stage_ids,
+    trials,
+    write_grid,
+)
+from trainables.artifacts import ArtifactStore, CorruptArtifactError
+
+MALFORMED = sorted((ROOT / "tests" / "malformed_grids").glob("*.yaml"))
+SWEEP_TIMEOUT = 600  # "did not hang" bound for one sweep on a busy 2-core machine
+MLFLOW_HTTP_ENV = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+)
+MAGNITUDE, L1 = "{name: magnitude, ratio: 0.5}", "{name: l1_filter, ratio: 0.5}"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """In-process CLI calls: no storage/MLflow/Ray from the environment; MLflow's HTTP
+    settings (which the recorder sets process-wide) restored afterwards."""
+    for key in ("MLFLOW_TRACKING_URI", "NPTM_STORAGE", "RAY_ADDRESS", *MLFLOW_HTTP_ENV):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stage(rows: pd.DataFrame, kind: str, **match) -> pd.Series:
+    sel = rows[rows.stage_kind == kind]
+    for col, value in match.items():
+        sel = sel[sel[col] == value]
+    assert len(sel) == 1, (kind, match, sel)
+    return sel.iloc[0]
+
+
+def _sync(capsys, sweep: str, storage: Path, uri: str) -> dict[str, int]:
+    rc = cli_main(["sync-mlflow", sweep, "--storage", str(storage), "--mlflow-uri", uri])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    found = re.search(r"created (\d+), updated (\d+), unchanged (\d+)", out)
+    assert found, out
+    return dict(zip(("created", "updated", "unchanged"), map(int, found.groups()), strict=True))
+
+
+def _assert_parquet_complete(storage: Path, sweep: str, grid: Path) -> pd.DataFrame:
+    """One untorn row per planned stage, every one ok, and the epochs each stage ran."""
+    rows = trials(storage, sweep)
+    assert sorted(rows.trial_id) == sorted(plan_stage_ids(grid))
+    assert set(rows.status) == {"ok"}, rows[["trial_id", "status", "error"]]
+    for path in (storage / "sweeps" / sweep / "trials").iterdir():
+        assert not path.name.startswith("."), f"temporary file left behind: {path}"
+        table = pq.read_table(path)  # each file reads on its own: nothing torn
+        assert table.num_rows == 1 and table["trial_id"][0].as_py() == path.stem
+    epochs = pd.read_parquet(storage / "sweeps" / sweep / "epochs")
+    assert set(epochs.trial_id) <= set(rows.trial_id)
+    for row in rows.itertuples():
+        got = sorted(epochs[epochs.trial_id == row.trial_id].epoch)
+        want = {"pretrain": row.epochs_run, "prune": 0, "retrain": row.budget_epochs}
+        assert got == list(range(1, int(want[row.stage_kind]) + 1)), (row.trial_id, got)
+    return rows
+
+
+# -- 5. hostile input --------------------------------------------------------------------
+class _Exploit:
+    """Unpickling this runs a shell command (the textbook malicious checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _hostile_bytes(marker: Path) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Exploit(marker)}, buf)
+    return buf.getvalue()
+
+
+def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path: Path) -> None:
+    sid = "feedfacecafebeef"
+    marker = tmp_path / "pwned"
+    data = _hostile_bytes(marker)
+    stage = tmp_path / "runs" / "stages" / sid
+    stage.mkdir(parents=True)
+    (stage / "model.pt").write_bytes(data)
+    (stage / "model.pt.sha256").write_text(hashlib.sha256(data).hexdigest())  # it verifies
+    with pytest.raises(CorruptArtifactError, match="refused by safe loader") as err:
+        ArtifactStore(str(tmp_path / "runs")).load(sid, "model")
+    assert err.value.stage_id == sid
+    assert not marker.exists()
+    # Control: the same bytes are live, an unsafe load would have run the command.
+    control = tmp_path / "control-marker"
+    torch.load(io.BytesIO(_hostile_bytes(control)), weights_only=False)
+    assert control.exists()
+
+
+def test_every_torch_load_in_the_package_is_weights_only() -> None:
+    calls = []
+    for package in ("orchestrator", "trainables", "results", "search_spaces"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "torch"
+                ):
+                    safe = any(
+                        k.arg == "weights_only"
+                        and isinstance(k.value, ast.Constant)
+                        and k.value.value is True
+                        for k in node.keywords
+                    )
+                    calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", safe))
+    assert calls, "the artifact store loads checkpoints with torch.load"
+    assert all(safe for _, safe in calls), calls
+
+
+def test_grid_with_python_object_tag_is_refused_and_runs_nothing(tmp_path, clean_env, capsys):
+    marker = tmp_path / "pwned"
+    grid = tmp_path / "evil.yaml"
+    grid.write_text(
+        f'name: !!python/object/apply:os.system ["touch {marker}"]\n'
+        "axes: {dataset: [digits], model: [resnet20], pruner: [{name: magnitude, ratio: 0.5}],"
+        " schedule: [ft], budget: [2], seed: [0]}\n"
+    )
+    clean_env.chdir(tmp_path)
+    assert cli_main(["validate", str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert "python/object/apply" in err and str(grid) in err
+    assert cli_main(["sweep", str(grid), "--storage", str(tmp_path / "runs")]) == 2
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.yaml"]  # nothing written
+
+
+def test_sweep_name_escaping_the_storage_root_is_refused(tmp_path, clean_env, capsys) -> None:
+    storage = tmp_path / "box" / "runs"
+    grid = write_grid(tmp_path / "escape.yaml", name="../escape")
+    clean_env.chdir(tmp_path)
+    assert cli_main(["sweep", str(grid), "--storage", str(storage)]) == 2
+    err = capsys.readouterr().err
+    assert "name" in err and "'../escape'" in err
+    for argv in (
+        ["status", "../escape"],
+        ["report", "../escape"],
+        ["sync-mlflow", "../escape"],
+        ["best", "--sweep", "../escape"],
+        ["status", "../../etc"],
+    ):
+        assert cli_main([*argv, "--storage", str(storage)]) == 2, argv
+        assert "sweep name" in capsys.readouterr().err, argv
+    # Nothing inside the storage root (it was never created) nor beside it.
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["escape.yaml"]
+
+
+# -- 6. the malformed-grid corpus --------------------------------------------------------
+def test_the_corpus_has_every_file() -> None:
+    assert len(MALFORMED) == 38
+
+
+@pytest.mark.parametrize("path", MALFORMED, ids=[p.stem for p in MALFORMED])
+def test_malformed_grid_is_refused_before_anything_is_written(
+    path: Path, tmp_path: Path, clean_env, capsys
+) -> None:
+    import ray
+
+    header = dict(
+        line[2:].split(": ", 1)
+        for line in path.read_text().splitlines()
+        if line.startswith("# expect-")
+    )
+    field = header["expect-field"].strip()
+    storage = tmp_path / "runs"
+    clean_env.chdir(tmp_path)  # where an MLflow default (./mlruns, ./mlflow.db) would land
+    assert cli_main(["sweep", str(path), "--storage", str(storage)]) == 2
+    err = capsys.readouterr().err
+    assert field in err, err
+    assert str(path) in err
+    assert not storage.exists()
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns, no marker file
+    assert not ray.is_initialized()  # refused before Ray started
+
+
+# -- 3 (unit). damaged artifacts never loop or run twice -----------------------------------
+def _searcher(grid: Path):
+    from orchestrator.dag_search import DagSearcher
+    from orchestrator.planner import build_plan
+    from search_spaces import load_grid
+
+    plan = build_plan(load_grid(grid))
+    finished: list[str] = []
+    stages = plan.stages
+    prune = next(s for s, spec in stages.items() if spec.kind == "prune")
+    done = {s for s, spec in stages.items() if spec.kind != "retrain"}
+    searcher = DagSearcher(
+        stages,
+        done,
+        runtime={},
+        resolve=lambda spec, result, error: ("ok", {"status": "ok"}, None),
+        on_finish=lambda spec, status, outcome, error: finished.append(spec.id),
+    )
+    children = [s for s, spec in stages.items() if prune in spec.parents]
+    return searcher, prune, children, finished
+
+
+def test_children_finding_one_damaged_producer_requeue_it_once(tmp_path: Path) -> None:
+    grid = write_grid(tmp_path / "g.yaml", pruners=(MAGNITUDE,), schedules="[ft, clr]")
+    searcher, prune, children, finished = _searcher(grid)
+    assert len(children) == 2
+    suggested = {f"t{i}": searcher.suggest(f"t{i}")["stage"]["id"] for i in range(2)}
+    assert sorted(suggested.values()) == sorted(children)
+    first, second = suggested
+    searcher.on_trial_complete(first, {"corrupt_parent": prune})
+    assert searcher.suggest("t2")["stage"]["id"] == prune  # recompute the producer
+    # The second child reports the same damage while the producer is being recomputed.
+    searcher.on_trial_complete(second, {"corrupt_parent": prune})
+    assert searcher.suggest("t3") is None  # no second, concurrent run of the producer
+    searcher.on_trial_complete("t2", {"finished": 1})
+    again = sorted(searcher.suggest(t)["stage"]["id"] for t in ("t4", "t5"))
+    assert again == sorted(children)
+    for t in ("t4", "t5"):
+        searcher.on_trial_complete(t, {"finished": 1})
+    assert sorted(finished) == sorted([prune, *children])
+    assert searcher.suggest("t6") == "FINISHED"
+
+
+def test_damaged_own_resume_checkpoint_restarts_the_stage_from_epoch_zero(tmp_path) -> None:
+    """A stage's own resume.pt that fails its checksum is dropped, not blamed on a parent
+    (which would requeue the stage itself, forever)."""
+    from orchestrator.planner import build_plan
+    from search_spaces import load_grid
+    from trainables.stage_runner import WorkerEnv, run_stage
+
+    grid = write_grid(
+        tmp_path / "g.yaml", pruners=(MAGNITUDE,), schedules="[ft]",
+        pretrain_epochs=2, milestones="[1]",
+    )  # fmt: skip
+    spec = next(s for s in build_plan(load_grid(grid)).stages.values() if s.kind == "pretrain")
+    store = ArtifactStore(str(tmp_path / "runs"))
+    store.save(spec.id, "resume", {"epoch": 1, "model": {}})
+    resume = tmp_path / "runs" / "stages" / spec.id / "resume.pt"
+    resume.write_bytes(resume.read_bytes()[:-7])  # truncated: the checksum no longer matches
+    outcome = run_stage(spec, WorkerEnv(storage=str(tmp_path / "runs")))
+    assert outcome["status"] == "ok" and outcome["resumed_from_epoch"] == 0
+    assert [e["epoch"] for e in outcome["epoch_rows"]] == [1, 2]
+    assert not store.exists(spec.id, "resume") and store.load(spec.id, "model")
+
+
+# -- 2. MLflow down from the start; base sweep for the damaged-artifact cases ------------
+@pytest.fixture(scope="module")
+def down_sweep(tmp_path_factory) -> SimpleNamespace:
+    """A finished 7-stage sweep whose MLflow server never answered."""
+    tmp = tmp_path_factory.mktemp("down")
+    grid = write_grid(tmp / "tiny.yaml", pruners=(MAGNITUDE, L1), schedules="[ft, clr]")
+    storage = tmp / "runs"
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    result = nptm(
+        "sweep", str(grid), "--storage", str(storage), "--mlflow-uri", uri, "--no-report",
+        timeout=SWEEP_TIMEOUT,
+    )  # fmt: skip
+    return SimpleNamespace(tmp=tmp, grid=grid, storage=storage, uri=uri, result=result)
+
+
+@pytest.mark.slow
+def test_mlflow_down_from_the_start_then_sync_restores_every_run(down_sweep, clean_env, capsys):
+    result, storage, grid = down_sweep.result, down_sweep.storage, down_sweep.grid
+    assert result.returncode == 0, result.stderr[-3000:]
+    # One warning while it happened, one reminder at the end; not one per stage.
+    assert result.stderr.count(f"MLflow at {down_sweep.uri} failed") == 1, result.stderr[-3000:]
+    assert result.stderr.count("warning: MLflow was unreachable") == 1
+    rows = _assert_parquet_complete(storage, "tiny", grid)
+    assert rows.mlflow_run_id.isna().all()
+    assert not (storage / "mlflow.db").exists()  # the given URI was used, not a fallback
+
+    uri = f"sqlite:///{down_sweep.tmp / 'restored.db'}"
+    n = len(rows)
+    assert _sync(capsys, "tiny", storage, uri) == {"created": n, "updated": 0, "unchanged": 0}
+    runs = mlflow_stage_runs(uri)
+    assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(rows.trial_id)
+    by_id = rows.set_index("trial_id")
+    for run in runs:
+        row = by_id.loc[run.data.tags["nptm.trial_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["nptm.stage_kind"] == row.stage_kind
+        if row.stage_kind != "prune":
+            assert run.data.metrics["test_acc"] == pytest.approx(row.test_acc)
+    assert _sync(capsys, "tiny", storage, uri) == {"created": 0, "updated": 0, "unchanged": n}
+    assert len(mlflow_stage_runs(uri)) == n
+
+
+# -- 3. damaged artifacts after a finished sweep -----------------------------------------
+@pytest.fixture(scope="module")
+def damaged_rerun(down_sweep) -> SimpleNamespace:
+    """A copy of the finished sweep, damaged three ways, then swept again.
+
+    magnitude prune: model.pt truncated, and its `ft` child's outcome deleted (so it runs);
+    l1 `ft` retrain: outcome.json garbled (not even UTF-8);
+    l1 `clr` retrain: outcome deleted and a truncated resume.pt left behind.
+    """
+    assert down_sweep.result.returncode == 0, down_sweep.result.stderr[-3000:]
+    storage = down_sweep.tmp / "damaged"
+    shutil.copytree(down_sweep.storage, storage)
+    rows = trials(storage)
+    store = ArtifactStore(str(storage))
+    prune = _stage(rows, "prune", pruner="magnitude").trial_id
+    child = _stage(rows, "retrain", pruner="magnitude", schedule="ft").trial_id
+    sibling = _stage(rows, "retrain", pruner="magnitude", schedule="clr").trial_id
+    garbled = _stage(rows, "retrain", pruner="l1_filter", schedule="ft").trial_id
+    resumed = _stage(rows, "retrain", pruner="l1_filter", schedule="clr").trial_id
+    before = {sid: json.loads((storage / "stages" / sid / "outcome.json").read_text())
+              for sid in rows.trial_id}  # fmt: skip
+    original_prune = store.load(prune, "model")
+
+    model = storage / "stages" / prune / "model.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    (storage / "stages" / child / "outcome.json").unlink()
+    (storage / "stages" / garbled / "outcome.json").write_bytes(b"\x80\x81\xfe garbage {")
+    (storage / "stages" / resumed / "outcome.json").unlink()
+    store.save(resumed, "resume", {"epoch": 1, "model": {}})
+    resume = storage / "stages" / resumed / "resume.pt"
+    resume.write_bytes(resume.read_bytes()[:-9])
+
+    result = nptm("sweep", str(down_sweep.grid), "--storage", str(storage), "--no-report",
+                  timeout=SWEEP_TIMEOUT)  # fmt: skip
+    return SimpleNamespace(
+        storage=storage, grid=down_sweep.grid, result=result, rows=rows, before=before,
+        prune=prune, child=child, sibling=sibling, garbled=garbled, resumed=resumed,
+        original_prune=original_prune,
+    )  # fmt: skip
+
+
+def _rerun_ok(d: SimpleNamespace) -> pd.DataFrame:
+    assert d.result.returncode == 0, d.result.stderr[-3000:]
+    return _assert_parquet_complete(d.storage, "tiny", d.grid)
+
+
+@pytest.mark.slow
+def test_truncated_prune_model_is_detected_and_recomputed(damaged_rerun) -> None:
+    d = damaged_rerun
+    rows = _rerun_ok(d).set_index("trial_id")
+    store = ArtifactStore(str(d.storage))
+    # The child found the checksum mismatch, the prune ran again (once), then the child.
+    assert executions(d.storage, d.prune) == 2
+    assert executions(d.storage, d.child) == 3  # first sweep, refused attempt, real run
+    assert executions(d.storage, d.sibling) == 1  # finished before: not touched
+    # No garbage propagated: the recomputed artifact verifies and equals the original.
+    reloaded = store.load(d.prune, "model")
+    for key, tensor in d.original_prune["state_dict"].items():
+        assert torch.equal(reloaded["state_dict"][key], tensor), key
+    assert store.load(d.child, "model")["plans"] == reloaded["plans"]
+    after = store.read_outcome(d.prune)
+    assert after["ended_at"] > d.before[d.prune]["ended_at"]
+    assert rows.loc[d.child, "acc_after_prune"] == pytest.approx(after["acc_after_prune"])
+
+
+@pytest.mark.slow
+def test_garbled_outcome_reruns_only_that_stage(damaged_rerun) -> None:
+    d = damaged_rerun
+    _rerun_ok(d)
+    outcome = ArtifactStore(str(d.storage)).read_outcome(d.garbled)
+    assert outcome is not None and outcome["status"] == "ok"
+    assert outcome["ended_at"] > d.before[d.garbled]["ended_at"]
+    assert executions(d.storage, d.garbled) == 2
+    untouched = set(d.rows.trial_id) - {d.prune, d.child, d.garbled, d.resumed}
+    assert {sid: executions(d.storage, sid) for sid in untouched} == dict.fromkeys(untouched, 1)
+
+
+@pytest.mark.slow
+def test_truncated_resume_checkpoint_restarts_from_epoch_zero(damaged_rerun) -> None:
+    d = damaged_rerun
+    _rerun_ok(d)
+    outcome = ArtifactStore(str(d.storage)).read_outcome(d.resumed)
+    assert outcome["status"] == "ok" and outcome["resumed_from_epoch"] == 0
+    assert [e["epoch"] for e in outcome["epoch_rows"]] == [1, 2]
+    assert executions(d.storage, d.resumed) == 2  # no requeue loop: one more run
+    assert not (d.storage / "stages" / d.resumed / "resume.pt").exists()
+
+
+# -- 2. the MLflow server dies mid-sweep --------------------------------------------------
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(tmp_path, clean_env, capsys):
+    grid = write_grid(tmp_path / "tiny.yaml", pruners=(MAGNITUDE, L1), schedules="[ft, clr]")
+    storage = tmp_path / "runs"
+    db = tmp_path / "mlflow-server.db"
+    trials_dir = storage / "sweeps" / "tiny" / "trials"
+    with MlflowServer(db, tmp_path / "mlflow.log") as server:
+        uri = server.wait()
+        with open(tmp_path / "sweep.err", "w+") as err:
+            proc = subprocess.Popen(
+                [*NPTM, "sweep", str(grid), "--storage", str(storage), "--mlflow-uri", uri,
+                 "--no-report"],
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+            try:
+                deadline = time.time() + SWEEP_TIMEOUT
+                while time.time() < deadline and proc.poll() is None:
+                    if trials_dir.is_dir() and len(list(trials_dir.glob("*.parquet"))) >= 2:
+                        break
+                    time.sleep(0.2)
+                server.kill()
+                recorded_before_kill = len(list(trials_dir.glob("*.parquet")))
+                rc = proc.wait(timeout=SWEEP_TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            err.seek(0)
+            stderr = err.read()
+        n = len(plan_stage_ids(grid))
+        assert 2 <= recorded_before_kill < n, "the server must die while stages remain"
+        assert rc == 0, stderr[-3000:]
+        assert stderr.count(f"MLflow at {uri} failed") == 1, stderr[-3000:]
+        rows = _assert_parquet_complete(storage, "tiny", grid)
+        assert rows.mlflow_run_id.notna().sum() >= recorded_before_kill
+
+        with MlflowServer(db, tmp_path / "mlflow.log") as again:  # same store, new port
+            uri2 = again.wait()
+            counts = _sync(capsys, "tiny", storage, uri2)
+            assert counts["created"] + counts["updated"] + counts["unchanged"] == n
+            assert counts["created"] >= 1  # what the dead server missed
+            assert counts["unchanged"] >= recorded_before_kill  # what it had: not duplicated
+            runs = mlflow_stage_runs(uri2)
+            assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(rows.trial_id)
+            assert {r.info.status for r in runs} == {"FINISHED"}
+            assert _sync(capsys, "tiny", storage, uri2)["created"] == 0
+            assert len(mlflow_stage_runs(uri2)) == n
+
+
+# -- 4. many stages at once ---------------------------------------------------------------
+def _peak_overlap(windows: list[tuple[float, float]]) -> int:
+    events = sorted([(a, 1) for a, _ in windows] + [(b, -1) for _, b in windows])
+    peak = now = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.slow
+def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path) -> None:
+    grid = write_grid(
+        tmp_path / "conc.yaml", name="conc", pruners=(MAGNITUDE,),
+        schedules="[ft, slr, clr, scratch]", budget="[1, 2]", cpus=0.25, max_concurrent=8,
+    )  # fmt: skip
+    storage = tmp_path / "runs"
+    result = nptm("sweep", str(grid), "--storage", str(storage), "--no-report",
+                  timeout=SWEEP_TIMEOUT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _assert_parquet_complete(storage, "conc", grid)
+    retrain = rows[rows.stage_kind == "retrain"]
+    assert len(retrain) == 8
+    # The eight retrains ran at the same time: from each stage's first execution marker
+    # to its outcome file, the windows overlap.
+    windows = []
+    for sid in retrain.trial_id:
+        stage = storage / "stages" / sid
+        start = min(p.stat().st_mtime for p in stage.glob("exec-*"))
+        windows.append((start, (stage / "outcome.json").stat().st_mtime))
+    peak = _peak_overlap(windows)
+    assert peak >= 8, f"only {peak} retrain stages overlapped"
+
+    import mlflow
+
+    uri = f"sqlite:///{storage}/mlflow.db"
+    runs = {r.data.tags["nptm.trial_id"]: r for r in mlflow_stage_runs(uri, "conc")}
+    assert sorted(runs) == sorted(rows.trial_id)
+    epochs = pd.read_parquet(storage / "sweeps" / "conc" / "epochs")
+    client = mlflow.MlflowClient(uri)
+    for row in retrain.itertuples():
+        run = runs[row.trial_id]
+        assert run.info.status == "FINISHED" and run.info.run_id == row.mlflow_run_id
+        want = epochs[epochs.trial_id == row.trial_id].sort_values("epoch")
+        for metric in ("train_loss", "val_acc", "lr"):
+            history = sorted(client.get_metric_history(run.info.run_id, metric),
+                             key=lambda m: m.step)  # fmt: skip
+            assert [m.step for m in history] == list(want.epoch), (row.trial_id, metric)
+            assert [m.value for m in history] == pytest.approx(list(want[metric]))
+
+
+# -- 1. a worker node dies mid-trial -------------------------------------------------------
+@pytest.mark.slow
+def test_worker_raylet_killed_mid_trial_resumes_from_its_last_epoch(tmp_path: Path) -> None:
+    """Two 1-CPU nodes run the two pre-trainings side by side; the second node's raylet is
+    SIGKILLed after both stored an epoch checkpoint. Tune retries the lost trial on the head
+    (max_failures = --max-retries) and the stage continues from its checkpoint."""
+    grid = write_grid(
+        tmp_path / "node.yaml", name="nodeloss", seeds="[0, 1]", pruners=(MAGNITUDE,),
+        schedules="[ft]", pretrain_epochs=8, milestones="[4, 6]",
+    )  # fmt: skip
+    from orchestrator.planner import build_plan
+    from search_spaces import load_grid
+
+    plan = build_plan(load_grid(grid))
+    pretrains = [s for s, spec in plan.stages.items() if spec.kind == "pretrain"]
+    storage = tmp_path / "runs"
+    with ray_cluster(tmp_path, cpus=(1, 1)) as cluster:
+        raylets = cluster.raylets()
+        head = [r for r in raylets if r.head]
+        worker = [r for r in raylets if not r.head]
+        assert len(head) == 1 and len(worker) == 1, raylets
+        with open(tmp_path / "sweep.err", "w+") as err:
+            proc = subprocess.Popen(
+                [*NPTM, "sweep", str(grid), "--address", cluster.address,
+                 "--storage", str(storage), "--max-retries", "2", "--no-report"],
+                cwd=ROOT, env={**cluster.env, "NPTM_SHARED_FS": "1", "PYTHONPATH": str(ROOT)},
+                stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+            try:
+                deadline = time.time() + SWEEP_TIMEOUT
+                checkpoints = [storage / "stages" / s / "resume.pt.sha256" for s in pretrains]
+                while time.time() < deadline and proc.poll() is None:
+                    if all(c.exists() for c in checkpoints):
+                        break
+                    time.sleep(0.2)
+                assert proc.poll() is None, "the sweep ended before the node was lost"
+                outcomes = [storage / "stages" / s / "outcome.json" for s in pretrains]
+                assert not any(o.exists() for o in outcomes), "a pre-training already ended"
+                psutil.Process(worker[0].pid).kill()
+                rc = proc.wait(timeout=SWEEP_TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            err.seek(0)
+            stderr = err.read()
+    assert rc == 0, stderr[-3000:]
+    rows = _assert_parquet_complete(storage, "nodeloss", grid).set_index("trial_id")
+    store = ArtifactStore(str(storage))
+    resumed = {s: store.read_outcome(s)["resumed_from_epoch"] for s in pretrains}
+    lost = [s for s, epoch in resumed.items() if epoch > 0]
+    assert len(lost) == 1, resumed  # exactly the stage of the lost node resumed
+    (lost_id,) = lost
+    (kept_id,) = set(pretrains) - {lost_id}
+    assert executions(storage, lost_id) == 2 and executions(storage, kept_id) == 1
+    assert resumed[kept_id] == 0
+    assert rows.loc[lost_id, "node"] == head[0].node_id  # the retry ran on the survivor
+    assert rows.loc[lost_id, "epochs_run"] == 8
+    epochs = pd.read_parquet(storage / "sweeps" / "nodeloss" / "epochs")
+    assert sorted(epochs[epochs.trial_id == lost_id].epoch) == list(range(1, 9))
