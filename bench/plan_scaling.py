@@ -61,8 +61,8 @@ def measure(n_trials: int, repeats: int = 3) -> dict[str, Any]:
     """Time expansion and build_plan for one grid size in this process (median of `repeats`;
     the memory figure is the first build's)."""
     from orchestrator.planner import build_plan
-    from search_spaces import parse_grid
     from search_spaces import expand as ex
+    from search_spaces import parse_grid
 
     t0 = time.perf_counter()
     grid = parse_grid(grid_data(n_trials), f"<bench {n_trials}>")

@@ -120,17 +120,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({results[-1]['figures']} drawn), 'no figures s' with max_figures=0, 'prepare s' "
         "final_round_retrain"
     )
-    print(
-        _common.table(
-            ["trial rows", "retrain rows", "report s", "worst s", "no figures s", "prepare s",
-             "us/row"],
-            [
-                [r["rows"], r["retrain_rows"], r["report_s"], r["report_s_max"],
-                 r["no_figures_s"], r["prepare_s"], r["us_per_row"]]
-                for r in results
-            ],
-        )  # fmt: skip
-    )
+    headers = ["trial rows", "retrain rows", "report s", "worst s", "no figures s"]
+    keys = ["rows", "retrain_rows", "report_s", "report_s_max", "no_figures_s"]
+    headers += ["prepare s", "us/row"]
+    keys += ["prepare_s", "us_per_row"]
+    print(_common.table(headers, [[r[k] for k in keys] for r in results]))
     print(f"per-row cost, {big['rows']:,} vs {base['rows']:,} rows: {ratio:.2f}x (1.0 = linear)")
     verdict = None
     if big["retrain_rows"] >= 100_000:

@@ -15,8 +15,8 @@ from orchestrator.dag_search import FAILED, SKIPPED, DagSearcher
 from orchestrator.errors import UsageError
 from orchestrator.progress import ProgressPrinter
 from orchestrator.rows import stage_rows
-from orchestrator.trial import ERROR_FILE, stage_trial
-from trainables.artifacts import ArtifactStore, node_local_path_warning, read_bytes
+from orchestrator.trial import stage_trial
+from trainables.artifacts import ArtifactStore, node_local_path_warning
 from trainables.stage import StageSpec
 from trainables.stage_runner import rewind_name
 
@@ -176,8 +176,7 @@ def _tune(grid, plan, opts, cluster, artifacts, ledger, done) -> None:
     def resolve(spec, result, error):
         outcome = None if error else artifacts.read_outcome(spec.id)
         if outcome is None:
-            text = read_bytes(artifacts.fs, f"{artifacts.root}/stages/{spec.id}/{ERROR_FILE}")
-            detail = text.decode() if text else "the trial ended without an outcome"
+            detail = artifacts.read_error(spec.id) or "the trial ended without an outcome"
             return FAILED, None, detail
         return outcome["status"], outcome, outcome.get("error")
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from trainables.artifacts import ArtifactStore, CorruptArtifactError, atomic_write_bytes
+from trainables.artifacts import ArtifactStore, CorruptArtifactError
 from trainables.stage import StageSpec
 from trainables.stage_runner import WorkerEnv, run_stage
-
-ERROR_FILE = "error.txt"
 
 
 def stage_trial(config: dict[str, Any]) -> None:
@@ -41,7 +39,7 @@ def stage_trial(config: dict[str, Any]) -> None:
         return
     except BaseException as err:
         text = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=20)}"
-        atomic_write_bytes(store.fs, f"{store.root}/stages/{spec.id}/{ERROR_FILE}", text.encode())
+        store.write_error(spec.id, text)
         raise
     tune.report({"finished": 1})
 
@@ -90,7 +88,28 @@ def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:
+        corrupt = _corrupt_cause(err)
+        if corrupt is None:
+            raise
+        raise corrupt from err  # a damaged parent: recompute it, as the inline path does
+
+
+def _corrupt_cause(err: BaseException) -> CorruptArtifactError | None:
+    """The CorruptArtifactError behind a Ray Train failure (reported per rank), if any."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CorruptArtifactError):
+            return e
+        todo.extend((getattr(e, "worker_failures", None) or {}).values())
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+    return None
 
 
 def _train_worker(config: dict[str, Any]) -> None:

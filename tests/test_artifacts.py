@@ -205,3 +205,13 @@ def test_relative_storage_resolves_against_the_working_directory(tmp_path, monke
     assert json.loads((tmp_path / "runs" / "stages" / SID / "outcome.json").read_text()) == {
         "status": "ok"
     }
+
+
+def test_corrupt_artifact_error_survives_pickling() -> None:
+    """Ray ships a worker's exception to the driver pickled: it must come back whole."""
+    import pickle
+
+    err = CorruptArtifactError(SID, "model", "checksum mismatch (truncated or altered)")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is CorruptArtifactError and str(back) == str(err)
+    assert (back.stage_id, back.name, back.reason) == (SID, "model", err.reason)

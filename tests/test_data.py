@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cifar_fixture import accept_checksums, write_cifar10, write_cifar100
+from tests.cifar_fixture import accept_checksums, write_cifar10, write_cifar100
 from filelock import FileLock
 from PIL import Image
 from torch.utils.data import DistributedSampler

@@ -34,6 +34,12 @@ class CorruptArtifactError(RuntimeError):
         super().__init__(f"corrupt artifact {name!r} of stage {stage_id}: {reason}")
         self.stage_id = stage_id
         self.name = name
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:
+        # Ray ships a worker's exception to the driver by pickling it; the default reduction
+        # would call __init__ with the message alone, and unpickling would fail.
+        return (type(self), (self.stage_id, self.name, self.reason))
 
 
 def open_storage(storage: str) -> tuple[pafs.FileSystem, str]:
@@ -144,6 +150,14 @@ class ArtifactStore:
         """How many times `stage_id` was started (first attempts, retries and resumes)."""
         selector = pafs.FileSelector(f"{self.root}/stages/{stage_id}", allow_not_found=True)
         return sum(1 for f in self.fs.get_file_info(selector) if f.base_name.startswith("exec-"))
+
+    def write_error(self, stage_id: str, text: str) -> None:
+        """Keep why the last attempt at `stage_id` failed, for the driver's records."""
+        atomic_write_bytes(self.fs, self._path(stage_id, "error.txt"), text.encode())
+
+    def read_error(self, stage_id: str) -> str | None:
+        data = read_bytes(self.fs, self._path(stage_id, "error.txt"))
+        return data.decode(errors="replace") if data is not None else None
 
     def invalidate(self, stage_id: str) -> None:
         """Forget a stage's outcome so that it runs again (its artifacts get overwritten)."""

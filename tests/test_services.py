@@ -1,0 +1,126 @@
+"""Against real services: an `mlflow server` over HTTP, a two-raylet Ray cluster, Ray Jobs.
+
+Everything listens on 127.0.0.1, is started by these tests and stopped by PID (never
+`ray stop`, which would also stop clusters that are not ours).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from orchestrator.cli import main as cli_main
+from tests.ray_cluster import VENV_BIN, RayCluster, ray_cluster
+from tests.sweep_helpers import (
+    ROOT,
+    MlflowServer,
+    mlflow_stage_runs,
+    nptm,
+    plan_stage_ids,
+    trials,
+    write_grid,
+)
+
+pytestmark = pytest.mark.slow
+
+SWEEP_TIMEOUT = 600  # "did not hang" bound on a busy 2-core machine
+MAGNITUDE = "{name: magnitude, ratio: 0.5}"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow")
+    with MlflowServer(tmp / "mlflow.db", tmp / "server.log") as server:
+        yield server  # started; `wait()` before use (it comes up while the cluster does)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with ray_cluster(tmp_path_factory.mktemp("cluster"), cpus=(1, 1)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cluster_sweep(mlflow_server, cluster: RayCluster, tmp_path_factory) -> SimpleNamespace:
+    """Two seeds on two 1-CPU nodes (the pre-trainings run side by side), MLflow over HTTP."""
+    tmp = tmp_path_factory.mktemp("svc")
+    grid = write_grid(
+        tmp / "svc.yaml", name="svc", seeds="[0, 1]", pruners=(MAGNITUDE,), schedules="[ft, clr]"
+    )
+    storage = tmp / "runs"
+    uri = mlflow_server.wait()
+    result = nptm(
+        "sweep", str(grid), "--address", cluster.address, "--storage", str(storage),
+        "--mlflow-uri", uri, "--no-report",
+        env={**cluster.env, "NPTM_SHARED_FS": "1"}, timeout=SWEEP_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return SimpleNamespace(grid=grid, storage=storage, uri=uri, result=result)
+
+
+def test_sweep_submitted_to_a_two_raylet_cluster_runs_on_both_nodes(
+    cluster_sweep, cluster: RayCluster
+) -> None:
+    rows = trials(cluster_sweep.storage, "svc")
+    assert sorted(rows.trial_id) == sorted(plan_stage_ids(cluster_sweep.grid))
+    assert set(rows.status) == {"ok"}
+    nodes = {r.node_id for r in cluster.raylets()}
+    assert len(nodes) == 2
+    assert set(rows.node) <= nodes  # it joined this cluster, it did not start its own Ray
+    # Two 1-CPU nodes, two pre-trainings ready at once: one on each node.
+    assert set(rows[rows.stage_kind == "pretrain"].node) == nodes
+
+
+def test_mlflow_server_receives_the_runs_and_best_reads_them_back(
+    cluster_sweep, capsys, monkeypatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = trials(cluster_sweep.storage, "svc")
+    runs = mlflow_stage_runs(cluster_sweep.uri, "svc")
+    assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(rows.trial_id)
+    assert set(rows.mlflow_run_id) == {r.info.run_id for r in runs}
+
+    argv = ["best", "--mlflow-uri", cluster_sweep.uri, "--sweep", "svc", "--json", "--top", "50"]
+    assert cli_main(argv) == 0
+    best = pd.DataFrame(json.loads(capsys.readouterr().out))
+    # Independent expectation: the Parquet table's successful retrains, best first.
+    want = rows[(rows.stage_kind == "retrain") & (rows.status == "ok")]
+    want = want.sort_values("test_acc", ascending=False, kind="stable")
+    assert sorted(best.trial_id) == sorted(want.trial_id)
+    assert list(best.test_acc) == pytest.approx(list(want.test_acc))
+    assert list(best.test_acc) == sorted(best.test_acc, reverse=True)
+    by_id = want.set_index("trial_id")
+    for rec in best.itertuples():
+        assert rec.test_acc == pytest.approx(by_id.loc[rec.trial_id, "test_acc"])
+        assert rec.schedule == by_id.loc[rec.trial_id, "schedule"]
+        assert int(rec.seed) == by_id.loc[rec.trial_id, "seed"]
+
+
+def test_sweep_submitted_as_a_ray_job_completes(cluster: RayCluster, tmp_path: Path) -> None:
+    grid = write_grid(tmp_path / "job.yaml", name="job", pruners=(MAGNITUDE,), schedules="[ft]")
+    storage = tmp_path / "runs"
+    job_id = f"nptm-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {"NPTM_SHARED_FS": "1", "PYTHONPATH": str(ROOT)}}
+    submit = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
+         "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env), "--",
+         str(VENV_BIN / "nptm"), "sweep", str(grid), "--storage", str(storage), "--no-report"],
+        env=cluster.env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT, cwd=ROOT,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    status = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "status", "--address", cluster.dashboard_url, job_id],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr
+    assert "sweep job: ok 3" in submit.stdout  # the job's own log, streamed back
+    rows = trials(storage, "job")
+    assert sorted(rows.trial_id) == sorted(plan_stage_ids(grid))
+    assert set(rows.status) == {"ok"}
+    assert set(rows.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
