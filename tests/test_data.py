@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.cifar_fixture import accept_checksums, write_cifar10, write_cifar100
 from filelock import FileLock
 from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision import datasets as tv_datasets
 
+from tests.cifar_fixture import accept_checksums, write_cifar10, write_cifar100
 from trainables.catalog import DATASETS
 from trainables.data import (
     InMemoryLoader,
