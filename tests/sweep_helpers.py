@@ -184,3 +184,61 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PEAKS_TAG = "NPTM-PEAKS"
+
+
+def watched_main(argv: list[str]) -> int:
+    """`nptm` with the DAG searcher and Tune's trial table watched; on exit, prints
+    `NPTM-PEAKS {"handed_out": n, "tune_running": m}` on stderr: the most stages handed out
+    to Tune at once, and the most trials Tune had RUNNING at once.
+
+    Run it in a fresh process (`python -c "...watched_main(sys.argv[1:])" sweep ...`), as
+    the CLI is: Ray reads its authentication settings once per process.
+    """
+    import json
+
+    from orchestrator.cli import main
+    from orchestrator.dag_search import RUNNING, DagSearcher
+    from orchestrator.progress import ProgressPrinter
+
+    peaks = {"handed_out": 0, "tune_running": 0}
+    suggest, step_end = DagSearcher.suggest, ProgressPrinter.on_step_end
+
+    def watched_suggest(self, trial_id):
+        config = suggest(self, trial_id)
+        peaks["handed_out"] = max(peaks["handed_out"], self.count(RUNNING))
+        return config
+
+    def watched_step_end(self, iteration, trials, **info):
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        peaks["tune_running"] = max(peaks["tune_running"], running)
+        return step_end(self, iteration, trials, **info)
+
+    DagSearcher.suggest = watched_suggest
+    ProgressPrinter.on_step_end = watched_step_end
+    try:
+        return main(argv)
+    finally:
+        print(PEAKS_TAG, json.dumps(peaks), file=sys.stderr, flush=True)
+
+
+def nptm_watched(*args: str, timeout: float = 600, env: dict[str, str] | None = None):
+    """`nptm(*args)` through `watched_main`; returns (completed process, peaks)."""
+    import json
+
+    code = (
+        "import sys; from tests.sweep_helpers import watched_main; "
+        "sys.exit(watched_main(sys.argv[1:]))"
+    )
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full_env.pop("RAY_ADDRESS", None)
+    full_env.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT,
+    )  # fmt: skip
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith(PEAKS_TAG)]
+    peaks = json.loads(lines[-1].removeprefix(PEAKS_TAG)) if lines else {}
+    return result, peaks

@@ -34,6 +34,7 @@ from tests.sweep_helpers import (
     executions,
     mlflow_stage_runs,
     nptm,
+    nptm_watched,
     plan_stage_ids,
     trials,
     write_grid,
@@ -561,40 +562,19 @@ def _peak_overlap(windows: list[tuple[float, float]]) -> int:
 
 
 @pytest.mark.slow
-def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path, clean_env, capsys, ray_node):
+def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path, ray_node) -> None:
     """Eight retrains become runnable at once (one prune, four schedules, two budgets) with
-    eight slots of 0.25 CPU on 2 cores. The sweep runs in this process so that the searcher
-    and Tune's trial table can be watched: eight stages must be in flight together."""
-    from orchestrator.dag_search import RUNNING, DagSearcher
-    from orchestrator.progress import ProgressPrinter
-
-    peak = {"handed_out": 0, "tune_running": 0}
-    suggest, step_end = DagSearcher.suggest, ProgressPrinter.on_step_end
-
-    def watched_suggest(self, trial_id):
-        config = suggest(self, trial_id)
-        peak["handed_out"] = max(peak["handed_out"], self.count(RUNNING))
-        return config
-
-    def watched_step_end(self, iteration, trials, **info):
-        running = sum(1 for t in trials if t.status == "RUNNING")
-        peak["tune_running"] = max(peak["tune_running"], running)
-        return step_end(self, iteration, trials, **info)
-
-    clean_env.setattr(DagSearcher, "suggest", watched_suggest)
-    clean_env.setattr(ProgressPrinter, "on_step_end", watched_step_end)
+    eight slots of 0.25 CPU on 2 cores; the searcher and Tune's trial table are watched."""
     grid = write_grid(
         tmp_path / "conc.yaml", name="conc", pruners=(MAGNITUDE,),
         schedules="[ft, slr, clr, scratch]", budget="[1, 2]", cpus=0.25, max_concurrent=8,
     )  # fmt: skip
     storage = tmp_path / "runs"
-    clean_env.setenv("RAY_AUTH_MODE", "token")  # as the node's clients have it
-    if "RAY_AUTH_TOKEN" in ray_node.env:
-        clean_env.setenv("RAY_AUTH_TOKEN", ray_node.env["RAY_AUTH_TOKEN"])
-    argv = ["sweep", str(grid), "--storage", str(storage), "--address", ray_node.address]
-    rc = cli_main([*argv, "--no-report"])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err[-3000:]
+    result, peak = nptm_watched(
+        "sweep", str(grid), "--storage", str(storage), "--address", ray_node.address,
+        "--no-report", env=ray_node.env, timeout=SWEEP_TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     rows = _assert_parquet_complete(storage, "conc", grid)
     retrain = rows[rows.stage_kind == "retrain"]
     assert len(retrain) == 8
