@@ -192,27 +192,3 @@ def ray_processes() -> set[int]:
 def kill_new_ray_processes(before: set[int]) -> None:
     """Kill the Ray processes started since `before` was taken (tests run one at a time)."""
     _kill([psutil.Process(pid) for pid in ray_processes() - before if psutil.pid_exists(pid)])
-
-
-def kill_ray_session_of(driver_pid: int) -> None:
-    """Kill the local Ray that the process `driver_pid` started (after killing that driver).
-
-    Ray names a local session `session_<date>_<pid of the starting process>`, so this finds
-    exactly that cluster's processes and none that other drivers on the machine started.
-    """
-    suffix = f"_{driver_pid}"
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = p.info["cmdline"] or []
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for part in cmd:
-            for piece in part.replace("=", "/").split("/"):
-                if piece.startswith("session_") and piece.endswith(suffix):
-                    procs.append(p)
-                    break
-            else:
-                continue
-            break
-    _kill(procs)
