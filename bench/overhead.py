@@ -13,7 +13,7 @@ Figures per executor (training stages, i.e. pretrain/retrain):
 - outside s: time between Tune suggesting the stage and the driver having recorded it, minus
   `trials.wall_seconds` (Tune scheduling, actor / Ray Train worker-group start, process-group
   set-up, teardown, the driver's Parquet + MLflow writes), from time stamps every process
-  of the sweep writes (bench/_trace/sitecustomize.py, which wraps functions as their modules
+  of the sweep writes (bench/sitetrace/sitecustomize.py, which wraps functions as their modules
   are imported; no product file is changed);
 - overhead s = in-stage + outside; its share of a 30 s and a 5 min stage: o / (o + T).
 The baseline is the bare training work: sweep wall (minus the fixed cost) / loop time.
@@ -38,7 +38,7 @@ from typing import Any
 import _common
 import pandas as pd
 
-TRACE_DIR = Path(__file__).resolve().parent / "_trace"
+TRACE_DIR = Path(__file__).resolve().parent / "sitetrace"
 TARGET_INLINE_S = 1.0
 TARGET_TRAIN_SHARE = 0.05  # of a 5-minute stage
 SHARE_AT = (30.0, 300.0)
