@@ -42,6 +42,8 @@ TRACE_DIR = Path(__file__).resolve().parent / "sitetrace"
 TARGET_INLINE_S = 1.0
 TARGET_TRAIN_SHARE = 0.05  # of a 5-minute stage
 SHARE_AT = (30.0, 300.0)
+# What a Ray Train worker imports when its first stage arrives (torch, the train loop).
+TRACED_IMPORT = "trainables.stage_runner"
 EXECUTORS = {  # name -> (executor, workers, cpus per worker)
     "inline": ("inline", 1, 1.0),
     # 0.9: the Tune trial that drives a TorchTrainer takes 0.1 CPU, and 0.1 + 2 x 0.9 fits
@@ -87,17 +89,18 @@ def trace_phases(events: list[dict[str, Any]]) -> pd.DataFrame:
     Columns (NaN where a phase does not apply, e.g. Ray Train phases of an inline stage):
     schedule_s (suggest -> trainable entered), group_start_s (TorchTrainer.fit entered -> rank 0
     starts process-group set-up: controller, worker processes, imports), pg_s (process-group
-    set-up on rank 0), dispatch_s (process group up -> rank 0's train function entered),
-    stage_s (run_stage on rank 0), group_stop_s (rank 0's run_stage done -> fit returned),
+    set-up on rank 0), dispatch_s (process group up -> rank 0's run_stage entered, which
+    includes importing the train loop), stage_s (run_stage on rank 0), group_stop_s (rank 0's
+    run_stage done -> fit returned),
     trial_exit_s (stage or fit done -> trainable returned), driver_s (trainable returned ->
     the driver has recorded the stage), total_s (suggest -> recorded); import_s: rank 0's
-    import of orchestrator.trial (and what it pulls in) within this stage, part of
-    dispatch_s (or of group_start_s without a process group).
+    import of trainables.stage_runner (torch, the train loop) within this stage, part of
+    dispatch_s.
     """
     by_stage: dict[str, dict[str, float]] = defaultdict(dict)
     kinds: dict[str, str] = {}
     pg_by_pid: dict[int, list[tuple[str, float]]] = defaultdict(list)
-    imports: dict[int, list[tuple[float, float]]] = defaultdict(list)  # orchestrator.trial
+    imports: dict[int, list[tuple[float, float]]] = defaultdict(list)  # of TRACED_IMPORT
     opened: dict[int, float] = {}
     rank0_pid: dict[str, int] = {}
     for e in sorted(events, key=lambda e: e["t"]):
@@ -106,7 +109,7 @@ def trace_phases(events: list[dict[str, Any]]) -> pd.DataFrame:
             pg_by_pid[e["pid"]].append((ev, e["t"]))
             continue
         if ev in ("import_enter", "import_exit"):
-            if e.get("module") == "orchestrator.trial":
+            if e.get("module") == TRACED_IMPORT:
                 if ev == "import_enter":
                     opened[e["pid"]] = e["t"]
                 elif e["pid"] in opened:
@@ -140,9 +143,10 @@ def trace_phases(events: list[dict[str, Any]]) -> pd.DataFrame:
             if pg_in == pg_in:  # a process group was set up (several workers)
                 row["group_start_s"] = pg_in - t["trainer_enter"]
                 row["pg_s"] = pg_out - pg_in
-                row["dispatch_s"] = t["worker_enter"] - pg_out
+                row["dispatch_s"] = t.get("stage_enter", nan) - pg_out
             else:
                 row["group_start_s"] = t["worker_enter"] - t["trainer_enter"]
+                row["dispatch_s"] = t.get("stage_enter", nan) - t["worker_enter"]
             spans = [b - a for a, b in imports.get(rank0_pid[sid], []) if a >= t["trainer_enter"]]
             row["import_s"] = spans[0] if spans else 0.0
             row["group_stop_s"] = t["trainer_exit"] - t.get("stage_exit", nan)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import __version__
+from trainables.storage import DEFAULT_MIN_FREE_GB
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_STORAGE = "./nptm-runs"
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-large", action="store_true")
     p.add_argument("--log-models", action="store_true", help="log final models to MLflow")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a failed stage")
+    p.add_argument(
+        "--min-free-gb", type=float, default=DEFAULT_MIN_FREE_GB,
+        help="refuse to start with less free space on a local storage root (default %(default)g)",
+    )  # fmt: skip
     p.add_argument("--no-report", action="store_true", help="skip the closing headline table")
 
     p = sub.add_parser("inspect", help="params and MACs of a model, before and after pruning")

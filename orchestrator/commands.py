@@ -55,6 +55,7 @@ def sweep(args: argparse.Namespace) -> int:
             data_root=args.data_root,
             log_models=args.log_models,
             max_retries=args.max_retries,
+            min_free_gb=args.min_free_gb,
         ),
     )
     _print_summary(summary, args.storage)
@@ -72,7 +73,7 @@ def _report_dir(args: argparse.Namespace, sweep_name: str) -> str:
     out = getattr(args, "out", None)
     if out:
         return out
-    from trainables.artifacts import is_local_storage
+    from trainables.storage import is_local_storage
 
     if is_local_storage(args.storage):
         return f"{args.storage.rstrip('/')}/sweeps/{sweep_name}/report"  # beside its tables
@@ -197,8 +198,8 @@ def _check_sweep_name(name: str) -> None:
 def _tracking_uri(args: argparse.Namespace, *, existing: bool = False) -> str:
     """The tracking URI to use; `existing`: refuse an embedded store that is not there yet
     (resolving the embedded default creates the storage root for sqlite to write into)."""
-    from results.store import resolve_storage
     from results.tracking import resolve_tracking_uri
+    from trainables.storage import resolve_storage
 
     if existing and not args.mlflow_uri and "://" not in args.storage:
         _, root, _ = resolve_storage(args.storage)

@@ -16,9 +16,9 @@ from orchestrator.errors import UsageError
 from orchestrator.progress import ProgressPrinter
 from orchestrator.rows import stage_rows
 from orchestrator.trial import stage_trial
-from trainables.artifacts import ArtifactStore, node_local_path_warning
+from trainables.artifacts import ArtifactStore, node_local_path_warning, rewind_name
 from trainables.stage import StageSpec
-from trainables.stage_runner import rewind_name
+from trainables.storage import DEFAULT_MIN_FREE_GB, StorageError, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class SweepOptions:
     log_models: bool = False
     max_retries: int = 2
     num_cpus: int | None = None  # local Ray only
+    min_free_gb: float = DEFAULT_MIN_FREE_GB  # of a local storage root, checked at start
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Ledger:
         *,
         reused: bool = False,
     ) -> None:
-        executor = "inline" if spec.kind == "prune" else self.executor
+        executor = "task" if spec.kind == "prune" and self.executor == "train" else self.executor
         trial_row, epoch_rows = stage_rows(
             self.sweep, spec, status, outcome, error, reused=reused, executor=executor
         )
@@ -91,13 +92,13 @@ class Ledger:
 
 def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
     """Run every unfinished stage of `plan`; resume whatever earlier runs left."""
-    from results.store import StorageError, SweepStore, check_writable
+    from results.store import SweepStore
     from results.tracking import MlflowRecorder, resolve_tracking_uri
 
     started = time.time()
     opts = replace(opts, storage=_absolute(opts.storage))
     try:  # refuse a bad storage root before any training or Ray start-up
-        check_writable(opts.storage)
+        check_writable(opts.storage, min_free_gb=opts.min_free_gb)
         store = SweepStore(opts.storage, grid.name)
     except (OSError, ValueError, StorageError) as err:
         raise UsageError(str(err)) from err

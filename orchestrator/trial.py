@@ -3,17 +3,26 @@
 `inline` runs the train loop inside the (reused) Tune trial actor: start-up costs a fraction
 of a second, which matters for stages that train for seconds. `train` starts a `TorchTrainer`
 worker group per stage: several seconds of start-up, negligible for a GPU stage that trains for
-minutes, and the only way to use several DDP workers. Prune stages always run inline.
+minutes, and the only way to use several DDP workers; its prune stages, which need no DDP, run
+as a Ray task.
+
+This module is what a new trial actor imports before it counts as started, so it imports
+neither torch nor the train loop at module level (that costs seconds): Tune, with actor reuse,
+hands a pending trial to any actor that frees up and kills the one still starting for it, so
+an actor that starts slower than a stage runs never starts at all, and short stages would run
+one at a time however many CPUs are free.
 """
 
 from __future__ import annotations
 
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainables.artifacts import ArtifactStore, CorruptArtifactError
 from trainables.stage import StageSpec
-from trainables.stage_runner import WorkerEnv, run_stage
+
+if TYPE_CHECKING:
+    from trainables.stage_runner import WorkerEnv
 
 
 def stage_trial(config: dict[str, Any]) -> None:
@@ -23,13 +32,13 @@ def stage_trial(config: dict[str, Any]) -> None:
 
     spec = StageSpec.from_dict(config["stage"])
     runtime = config["runtime"]
-    _limit_threads(runtime["cpus_per_worker"])
     store = ArtifactStore(runtime["storage"])
     store.mark_execution(spec.id)
     try:
-        if spec.kind == "prune" or runtime["executor"] == "inline":
-            env = _env(runtime, device=_inline_device(runtime))
-            run_stage(spec, env, report=lambda m: tune.report({"epoch_done": 1, **m}))
+        if runtime["executor"] == "inline":
+            _run_inline(spec, runtime)
+        elif spec.kind == "prune":
+            _run_prune_task(spec, runtime)
         else:
             _run_torch_trainer(spec, runtime)
     except CorruptArtifactError as err:
@@ -44,7 +53,51 @@ def stage_trial(config: dict[str, Any]) -> None:
     tune.report({"finished": 1})
 
 
+def _run_inline(spec: StageSpec, runtime: dict[str, Any]) -> None:
+    """The stage in this (reused) trial actor, which holds one worker's resources."""
+    from ray import tune
+
+    from trainables.stage_runner import run_stage
+
+    _limit_threads(runtime["cpus_per_worker"])
+    env = _env(runtime, device=_inline_device(runtime))
+    run_stage(spec, env, report=lambda m: tune.report({"epoch_done": 1, **m}))
+
+
+def _run_prune_task(spec: StageSpec, runtime: dict[str, Any]) -> None:
+    """A prune stage of a `train` sweep, as a Ray task that holds one worker's resources.
+
+    Every trial of a `train` sweep then asks Tune for the same small trial actor, so Tune
+    reuses actors between prune and training stages instead of starting a new one at each
+    switch; the task runs in a pooled Ray worker that keeps its imports between prunes.
+    """
+    import ray
+
+    task = ray.remote(_prune_task).options(
+        num_cpus=float(runtime["cpus_per_worker"]),
+        num_gpus=float(runtime["gpus_per_worker"]),
+        scheduling_strategy="DEFAULT",  # not inside the trial's placement group (0.1 CPU)
+        max_retries=0,  # Tune retries the trial
+    )
+    try:
+        ray.get(task.remote(spec.to_dict(), runtime))
+    except Exception as err:
+        corrupt = _corrupt_cause(err)
+        if corrupt is None:
+            raise
+        raise corrupt from err
+
+
+def _prune_task(stage: dict[str, Any], runtime: dict[str, Any]) -> None:
+    from trainables.stage_runner import run_stage
+
+    _limit_threads(runtime["cpus_per_worker"])
+    run_stage(StageSpec.from_dict(stage), _env(runtime, device=_inline_device(runtime)))
+
+
 def _env(runtime: dict[str, Any], **kw: Any) -> WorkerEnv:
+    from trainables.stage_runner import WorkerEnv
+
     return WorkerEnv(
         storage=runtime["storage"],
         data_root=runtime.get("data_root"),
@@ -116,6 +169,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     """Body of every DDP rank: the process group is already set up by Ray Train."""
     import ray.train
     import ray.train.torch
+
+    from trainables.stage_runner import run_stage
 
     ctx = ray.train.get_context()
     _limit_threads(config["runtime"]["cpus_per_worker"])

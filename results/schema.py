@@ -60,7 +60,8 @@ device_hours               double             yes   accelerator (or CPU-worker) 
 status                     string             no    ok | diverged | failed | skipped
 error                      string             yes   error text of a failed stage
 node                       string             yes   Ray node id that ran the stage (else host)
-executor                   string             yes   inline (Tune trial actor) | train (Ray Train)
+executor                   string             yes   inline (Tune trial actor) | train (Ray Train) |
+                                                    task (a prune stage of a train sweep)
 workers                    int32              yes   data-parallel workers
 mlflow_run_id              string             yes   MLflow run of this stage, if recorded
 reused                     bool               no    outcome taken from an earlier run of the stage

@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,17 +30,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from results.schema import SCHEMAS, SchemaError, TableName, rows_to_table
+from trainables.storage import atomic_write_bytes, resolve_storage
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_FREE_GB = 1.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Filesystems whose rename is atomic; on the others (object stores) one PUT is atomic.
-_RENAME_ATOMIC = frozenset({"hdfs"})
-
-
-class StorageError(RuntimeError):
-    """The storage root cannot be used (not writable, not enough free space)."""
 
 
 def check_name(kind: str, name: str) -> str:
@@ -61,48 +53,6 @@ def check_name(kind: str, name: str) -> str:
             "and must start with a letter or digit"
         )
     return name
-
-
-def resolve_storage(storage: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str, bool]:
-    """(filesystem, root path inside it, is_local) for a local path or a URI."""
-    storage = os.fspath(storage)
-    if "://" not in storage:
-        storage = os.path.abspath(os.path.expanduser(storage))
-    fs, root = pafs.FileSystem.from_uri(storage)
-    return fs, root.rstrip("/") or root, fs.type_name == "local"
-
-
-def check_writable(
-    storage: str | os.PathLike[str], *, min_free_gb: float = DEFAULT_MIN_FREE_GB
-) -> None:
-    """Raise StorageError unless `storage` can be written (and, if local, has enough space).
-
-    Called before any training so a sweep does not discover a read-only or full disk hours in.
-    """
-    fs, root, local = resolve_storage(storage)
-    shown = root if local else os.fspath(storage)
-    if local:
-        try:
-            os.makedirs(root, exist_ok=True)
-        except OSError as err:
-            raise StorageError(f"storage root {shown} cannot be created: {err}") from err
-        if not os.access(root, os.W_OK | os.X_OK):
-            raise StorageError(f"storage root {shown} is not writable")
-        free_gb = shutil.disk_usage(root).free / 2**30
-        if free_gb < min_free_gb:
-            raise StorageError(
-                f"storage root {shown} has {free_gb:.2f} GiB free, less than the required "
-                f"{min_free_gb:g} GiB"
-            )
-    probe = f"{root}/.nptm-write-probe-{uuid.uuid4().hex}"
-    try:
-        if not local:
-            fs.create_dir(root, recursive=True)
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
-    except (OSError, pa.ArrowException) as err:
-        raise StorageError(f"storage root {shown} is not writable: {err}") from err
 
 
 def list_sweeps(storage: str | os.PathLike[str]) -> list[str]:
@@ -191,27 +141,9 @@ class SweepStore:
         return f"{self.table_dir(table)}/{trial_id}.parquet"
 
     def _write_atomic(self, table: pa.Table, path: str) -> None:
-        directory, name = path.rsplit("/", 1)
-        if self.local:
-            os.makedirs(directory, exist_ok=True)
-            tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    pq.write_table(table, f)
-                    f.flush()
-                    os.fsync(f.fileno())  # the rename must not publish unwritten blocks
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            return
-        self.fs.create_dir(directory, recursive=True)
-        if self.fs.type_name in _RENAME_ATOMIC:
-            tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
-            pq.write_table(table, tmp, filesystem=self.fs)
-            self.fs.move(tmp, path)
-        else:
-            pq.write_table(table, path, filesystem=self.fs)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        atomic_write_bytes(self.fs, path, buf.getvalue().to_pybytes())
 
     def _delete_if_exists(self, path: str) -> None:
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:

@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from results.schema import validate_row
-from results.store import SweepStore, check_name, resolve_storage
+from results.store import SweepStore, check_name
+from trainables.storage import resolve_storage
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,9 @@ class DataSection(_Section):
 
 
 class ResourcesSection(_Section):
-    executor: Literal["inline", "train"] = "inline"
+    # train: a Ray Train DDP worker group per stage (clusters, GPU stages that run minutes);
+    # inline: the train loop in the reused Tune trial actor (1 worker; stages of seconds)
+    executor: Literal["inline", "train"] = "train"
     workers_per_trial: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)

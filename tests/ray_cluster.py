@@ -34,17 +34,6 @@ def _ray(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-def _descendants_of_session(temp_dir: str) -> list[psutil.Process]:
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return procs
-
-
 @dataclass(frozen=True)
 class Raylet:
     pid: int
@@ -144,13 +133,17 @@ def ray_cluster(tmp: Path, cpus: tuple[int, ...] = (1, 1)):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def stop_session(temp_dir: str, port: int) -> None:
-    """Kill exactly the processes of this cluster: those naming its temp dir or GCS port."""
-    marker = f"127.0.0.1:{port}"
-    procs = {p.pid: p for p in _descendants_of_session(temp_dir)}
+def stop_session(temp_dir: str, port: int | None = None) -> None:
+    """Kill exactly the processes of this cluster: those naming its temp dir (or GCS port).
+
+    A driver that started its own local Ray with RAY_TMPDIR=<temp_dir> is stopped the same
+    way, by its temp dir alone.
+    """
+    markers = [temp_dir] if port is None else [temp_dir, f"127.0.0.1:{port}"]
+    procs: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(marker in part for part in (p.info["cmdline"] or [])):
+            if any(m in part for m in markers for part in (p.info["cmdline"] or [])):
                 procs[p.pid] = p
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -170,25 +163,8 @@ def _kill(procs: list[psutil.Process]) -> None:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=3)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     time.sleep(0.5)
-
-
-def ray_processes() -> set[int]:
-    """PIDs of the Ray processes running now (raylets, GCS, workers, dashboards)."""
-    pids = set()
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any("ray" in part and "site-packages" in part for part in p.info["cmdline"] or []):
-                pids.add(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return pids
-
-
-def kill_new_ray_processes(before: set[int]) -> None:
-    """Kill the Ray processes started since `before` was taken (tests run one at a time)."""
-    _kill([psutil.Process(pid) for pid in ray_processes() - before if psutil.pid_exists(pid)])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -89,6 +90,48 @@ def nptm(
         cwd=cwd,
         **kw,
     )
+
+
+def sweep_on(node, grid: Path, storage: Path, *args: str, timeout: float = 600):
+    """`nptm sweep GRID` in a fresh process, joined to the running Ray `node` (a
+    tests.ray_cluster.RayCluster) with its address and token."""
+    return nptm(
+        "sweep", str(grid), "--storage", str(storage), "--address", node.address, "--no-report",
+        *args, env=node.env, timeout=timeout,
+    )  # fmt: skip
+
+
+def sweep_with_fault(
+    args: list[str],
+    env: dict[str, str],
+    *,
+    ready: Callable[[], bool],
+    fault: Callable[[], None],
+    log: Path,
+    timeout: float = 600,
+) -> tuple[int, str]:
+    """Run `nptm sweep ...` (args after `nptm`) in a fresh process; as soon as `ready()`
+    holds, inject `fault()` (kill a server, a node) while the sweep still runs, then wait for
+    the sweep to end. Returns its exit code and its stderr (kept in `log`)."""
+    with open(log, "w+") as err:
+        proc = subprocess.Popen(
+            [*NPTM, *args], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and proc.poll() is None and not ready():
+                time.sleep(0.2)
+            assert proc.poll() is None, (
+                "the sweep ended before the fault: " + log.read_text()[-3000:]
+            )
+            fault()
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err.seek(0)
+        return rc, err.read()
 
 
 def trials(storage: Path, sweep: str = "tiny") -> pd.DataFrame:

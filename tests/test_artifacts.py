@@ -10,13 +10,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from trainables.artifacts import (
-    ArtifactStore,
-    CorruptArtifactError,
-    atomic_write_bytes,
-    is_local_storage,
-    open_storage,
-)
+from trainables.artifacts import ArtifactStore, CorruptArtifactError
+from trainables.storage import atomic_write_bytes, is_local_storage, resolve_storage
 
 SID = "0123456789abcdef"
 
@@ -184,7 +179,8 @@ def test_addresses_outside_a_stage_directory_are_refused(stage_id: str, name: st
 def test_file_uri_storage_is_the_local_directory(tmp_path: Path) -> None:
     uri = tmp_path.as_uri()
     assert uri.startswith("file:///") and is_local_storage(uri)
-    fs, root = open_storage(uri)
+    fs, root, local = resolve_storage(uri)
+    assert local
     assert isinstance(fs, pafs.LocalFileSystem) and root == str(tmp_path)
     store = ArtifactStore(uri)
     store.save(SID, "model", _payload())
@@ -198,7 +194,7 @@ def test_file_uri_storage_is_the_local_directory(tmp_path: Path) -> None:
 
 def test_relative_storage_resolves_against_the_working_directory(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    fs, root = open_storage("runs")
+    fs, root, _ = resolve_storage("runs")
     assert root == str(tmp_path / "runs") and isinstance(fs, pafs.LocalFileSystem)
     assert not is_local_storage("s3://bucket/prefix")
     ArtifactStore("runs").write_outcome(SID, {"status": "ok"})

@@ -202,7 +202,7 @@ def _events(sid: str, kind: str, t0: float, train: bool) -> list[dict]:
     e = [("suggest", 0.0, 1), ("trial_enter", 0.5, 1)]
     if train:
         e += [("trainer_enter", 0.6, 1), ("pg_enter", 3.6, 2), ("pg_exit", 4.1, 2),
-              ("import_enter", 4.15, 2), ("import_exit", 4.25, 2), ("worker_enter", 4.3, 2),
+              ("worker_enter", 4.15, 2), ("import_enter", 4.2, 2), ("import_exit", 4.3, 2),
               ("stage_enter", 4.4, 2), ("stage_exit", 9.4, 2), ("worker_exit", 9.45, 2),
               ("trainer_exit", 11.4, 1)]  # fmt: skip
     else:
@@ -214,7 +214,7 @@ def _events(sid: str, kind: str, t0: float, train: bool) -> list[dict]:
     for name, t, pid in e:
         ev = {"t": t0 + t, "pid": 100 * pid + (7 if train else 0), "event": name}
         if name.startswith("import_"):
-            ev["module"] = "orchestrator.trial"
+            ev["module"] = "trainables.stage_runner"
         elif not name.startswith("pg_"):
             ev |= {"stage": sid, "kind": kind}
         if name in ("worker_enter", "worker_exit", "stage_enter", "stage_exit"):
@@ -233,7 +233,7 @@ def test_trace_phases_by_hand() -> None:
     assert t["schedule_s"] == pytest.approx(0.5)
     assert t["group_start_s"] == pytest.approx(3.0)  # fit entered -> process-group set-up
     assert t["pg_s"] == pytest.approx(0.5)
-    assert t["dispatch_s"] == pytest.approx(0.2)
+    assert t["dispatch_s"] == pytest.approx(0.3)  # process group up -> run_stage, import included
     assert t["import_s"] == pytest.approx(0.1)
     assert t["stage_s"] == pytest.approx(5.0)
     assert t["group_stop_s"] == pytest.approx(2.0)

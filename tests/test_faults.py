@@ -1,8 +1,11 @@
-"""Fault injection: lost nodes, lost MLflow, damaged artifacts, concurrency, hostile input.
+"""Fault injection: lost MLflow, damaged artifacts, concurrency, hostile input.
 
-Every slow case runs the real CLI (`python -m orchestrator sweep ...`) against a real local
-Ray (or a real two-raylet cluster) and checks what the sweep left behind: the Parquet tables,
-the artifact store (outcomes, checksums, execution markers) and MLflow.
+Every slow case runs the real CLI (`python -m orchestrator sweep ...`) against a real Ray node
+(the session's `ray_node`) and checks what the sweep left behind: the Parquet tables, the
+artifact store (outcomes, checksums, execution markers) and MLflow. The other cases of the
+fault-injection suite live where their setting is: a killed driver, a failing or diverging
+trial and a damaged parent found by Ray Train workers in test_sweep_e2e.py; a lost node in
+test_services.py (it needs the two-raylet cluster).
 """
 
 from __future__ import annotations
@@ -14,28 +17,24 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from orchestrator.cli import main as cli_main
-from tests.ray_cluster import ray_cluster
 from tests.sweep_helpers import (
-    NPTM,
     ROOT,
     MlflowServer,
     executions,
     mlflow_stage_runs,
-    nptm,
     nptm_watched,
     plan_stage_ids,
+    sweep_on,
+    sweep_with_fault,
     trials,
     write_grid,
 )
@@ -102,23 +101,6 @@ def _assert_parquet_complete(storage: Path, sweep: str, grid: Path) -> pd.DataFr
         want = {"pretrain": row.epochs_run, "prune": 0, "retrain": row.budget_epochs}
         assert got == list(range(1, int(want[row.stage_kind]) + 1)), (row.trial_id, got)
     return rows
-
-
-@pytest.fixture(scope="module")
-def ray_node(tmp_path_factory):
-    """One 2-CPU Ray node that the sweeps of this module join (`--address`): starting a
-    local Ray per sweep would cost half a minute each on a 2-core machine. Local start-up
-    itself is covered by test_sweep_e2e."""
-    with ray_cluster(tmp_path_factory.mktemp("ray"), cpus=(2,)) as cluster:
-        yield cluster
-
-
-def _sweep(node, grid: Path, storage: Path, *args: str):
-    """`nptm sweep` in a fresh process, joined to `node`."""
-    return nptm(
-        "sweep", str(grid), "--storage", str(storage), "--address", node.address, "--no-report",
-        *args, env=node.env, timeout=SWEEP_TIMEOUT,
-    )  # fmt: skip
 
 
 # -- 5. hostile input --------------------------------------------------------------------
@@ -345,7 +327,7 @@ def down_sweep(tmp_path_factory, ray_node) -> SimpleNamespace:
     grid = write_grid(tmp / "tiny.yaml", pruners=(MAGNITUDE, L1), schedules="[ft, clr]")
     storage = tmp / "runs"
     uri = f"http://127.0.0.1:{_closed_port()}"
-    result = _sweep(ray_node, grid, storage, "--mlflow-uri", uri)
+    result = sweep_on(ray_node, grid, storage, "--mlflow-uri", uri)
     return SimpleNamespace(tmp=tmp, grid=grid, storage=storage, uri=uri, result=result)
 
 
@@ -408,7 +390,7 @@ def damaged_rerun(down_sweep, ray_node) -> SimpleNamespace:
     resume = storage / "stages" / resumed / "resume.pt"
     resume.write_bytes(resume.read_bytes()[:-9])
 
-    result = _sweep(ray_node, down_sweep.grid, storage)
+    result = sweep_on(ray_node, down_sweep.grid, storage)
     return SimpleNamespace(
         storage=storage, grid=down_sweep.grid, result=result, rows=rows, before=before,
         prune=prune, child=child, sibling=sibling, garbled=garbled, resumed=resumed,
@@ -474,31 +456,6 @@ def test_truncated_resume_checkpoint_restarts_from_epoch_zero(damaged_rerun) -> 
     assert not (d.storage / "stages" / d.resumed / "resume.pt").exists()
 
 
-@pytest.mark.slow
-def test_train_executor_recomputes_a_truncated_parent(down_sweep, ray_node) -> None:
-    """The same damage, found by a Ray Train worker: the stage ids do not depend on the
-    executor, so the finished inline sweep is swept again with executor `train`."""
-    assert down_sweep.result.returncode == 0, down_sweep.result.stderr[-3000:]
-    storage = down_sweep.tmp / "damaged-train"
-    shutil.copytree(down_sweep.storage, storage)
-    rows = trials(storage)
-    prune = _stage(rows, "prune", pruner="magnitude").trial_id
-    child = _stage(rows, "retrain", pruner="magnitude", schedule="ft").trial_id
-    model = storage / "stages" / prune / "model.pt"
-    model.write_bytes(model.read_bytes()[:100])
-    (storage / "stages" / child / "outcome.json").unlink()
-    grid = write_grid(
-        down_sweep.tmp / "tiny-train.yaml", pruners=(MAGNITUDE, L1), schedules="[ft, clr]",
-        executor="train", workers=1, cpus=0.5,
-    )  # fmt: skip
-    result = _sweep(ray_node, grid, storage)
-    assert result.returncode == 0, result.stderr[-3000:]
-    after = _assert_parquet_complete(storage, "tiny", grid).set_index("trial_id")
-    assert after.loc[child, "executor"] == "train"  # the child ran under Ray Train
-    assert executions(storage, prune) == 2 and executions(storage, child) == 3
-    ArtifactStore(str(storage)).load(prune, "model")  # verifies again
-
-
 # -- 2. the MLflow server dies mid-sweep --------------------------------------------------
 @pytest.mark.slow
 def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
@@ -510,27 +467,19 @@ def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
     trials_dir = storage / "sweeps" / "tiny" / "trials"
     with MlflowServer(db, tmp_path / "mlflow.log") as server:
         uri = server.wait()
-        with open(tmp_path / "sweep.err", "w+") as err:
-            proc = subprocess.Popen(
-                [*NPTM, "sweep", str(grid), "--storage", str(storage), "--mlflow-uri", uri,
-                 "--address", ray_node.address, "--no-report"],
-                cwd=ROOT, env={**ray_node.env, "PYTHONPATH": str(ROOT)},
-                stdout=subprocess.DEVNULL, stderr=err,
-            )  # fmt: skip
-            try:
-                deadline = time.time() + SWEEP_TIMEOUT
-                while time.time() < deadline and proc.poll() is None:
-                    if trials_dir.is_dir() and len(list(trials_dir.glob("*.parquet"))) >= 2:
-                        break
-                    time.sleep(0.2)
-                server.kill()
-                recorded_before_kill = len(list(trials_dir.glob("*.parquet")))
-                rc = proc.wait(timeout=SWEEP_TIMEOUT)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-            err.seek(0)
-            stderr = err.read()
+        args = ["sweep", str(grid), "--storage", str(storage), "--mlflow-uri", uri,
+                "--address", ray_node.address, "--no-report"]  # fmt: skip
+        recorded = []
+
+        def kill_server() -> None:
+            server.kill()
+            recorded.append(len(list(trials_dir.glob("*.parquet"))))
+
+        rc, stderr = sweep_with_fault(
+            args, ray_node.env, log=tmp_path / "sweep.err", fault=kill_server,
+            ready=lambda: len(list(trials_dir.glob("*.parquet"))) >= 2,
+        )  # fmt: skip
+        (recorded_before_kill,) = recorded
         n = len(plan_stage_ids(grid))
         assert 2 <= recorded_before_kill < n, "the server must die while stages remain"
         assert rc == 0, stderr[-3000:]
@@ -608,64 +557,3 @@ def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path, ray_node) -> None:
                              key=lambda m: m.step)  # fmt: skip
             assert [m.step for m in history] == list(want.epoch), (row.trial_id, metric)
             assert [m.value for m in history] == pytest.approx(list(want[metric]))
-
-
-# -- 1. a worker node dies mid-trial -------------------------------------------------------
-@pytest.mark.slow
-def test_worker_raylet_killed_mid_trial_resumes_from_its_last_epoch(tmp_path: Path) -> None:
-    """Two 1-CPU nodes run the two pre-trainings side by side; the second node's raylet is
-    SIGKILLed after both stored an epoch checkpoint. Tune retries the lost trial on the head
-    (max_failures = --max-retries) and the stage continues from its checkpoint."""
-    grid = write_grid(
-        tmp_path / "node.yaml", name="nodeloss", seeds="[0, 1]", pruners=(MAGNITUDE,),
-        schedules="[ft]", pretrain_epochs=8, milestones="[4, 6]",
-    )  # fmt: skip
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
-
-    plan = build_plan(load_grid(grid))
-    pretrains = [s for s, spec in plan.stages.items() if spec.kind == "pretrain"]
-    storage = tmp_path / "runs"
-    with ray_cluster(tmp_path, cpus=(1, 1)) as cluster:
-        raylets = cluster.raylets()
-        head = [r for r in raylets if r.head]
-        worker = [r for r in raylets if not r.head]
-        assert len(head) == 1 and len(worker) == 1, raylets
-        with open(tmp_path / "sweep.err", "w+") as err:
-            proc = subprocess.Popen(
-                [*NPTM, "sweep", str(grid), "--address", cluster.address,
-                 "--storage", str(storage), "--max-retries", "2", "--no-report"],
-                cwd=ROOT, env={**cluster.env, "NPTM_SHARED_FS": "1", "PYTHONPATH": str(ROOT)},
-                stdout=subprocess.DEVNULL, stderr=err,
-            )  # fmt: skip
-            try:
-                deadline = time.time() + SWEEP_TIMEOUT
-                checkpoints = [storage / "stages" / s / "resume.pt.sha256" for s in pretrains]
-                while time.time() < deadline and proc.poll() is None:
-                    if all(c.exists() for c in checkpoints):
-                        break
-                    time.sleep(0.2)
-                assert proc.poll() is None, "the sweep ended before the node was lost"
-                outcomes = [storage / "stages" / s / "outcome.json" for s in pretrains]
-                assert not any(o.exists() for o in outcomes), "a pre-training already ended"
-                psutil.Process(worker[0].pid).kill()
-                rc = proc.wait(timeout=SWEEP_TIMEOUT)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-            err.seek(0)
-            stderr = err.read()
-    assert rc == 0, stderr[-3000:]
-    rows = _assert_parquet_complete(storage, "nodeloss", grid).set_index("trial_id")
-    store = ArtifactStore(str(storage))
-    resumed = {s: store.read_outcome(s)["resumed_from_epoch"] for s in pretrains}
-    lost = [s for s, epoch in resumed.items() if epoch > 0]
-    assert len(lost) == 1, resumed  # exactly the stage of the lost node resumed
-    (lost_id,) = lost
-    (kept_id,) = set(pretrains) - {lost_id}
-    assert executions(storage, lost_id) == 2 and executions(storage, kept_id) == 1
-    assert resumed[kept_id] == 0
-    assert rows.loc[lost_id, "node"] == head[0].node_id  # the retry ran on the survivor
-    assert rows.loc[lost_id, "epochs_run"] == 8
-    epochs = pd.read_parquet(storage / "sweeps" / "nodeloss" / "epochs")
-    assert sorted(epochs[epochs.trial_id == lost_id].epoch) == list(range(1, 9))

@@ -139,7 +139,7 @@ def test_minimal_grid_defaults(tmp_path: Path) -> None:
     assert grid.name == "ok"
     assert grid.max_trials == 5000
     assert grid.data.val_fraction == 0.1
-    assert grid.resources.executor == "inline"
+    assert grid.resources.executor == "train"  # Ray Train unless a grid says otherwise
     assert grid.rounds == 1
     assert grid.source == str(tmp_path / "grid.yaml")
 

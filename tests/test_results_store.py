@@ -23,7 +23,8 @@ from results.schema import (
     SchemaError,
     validate_row,
 )
-from results.store import StorageError, SweepStore, check_writable, list_sweeps
+from results.store import SweepStore, list_sweeps
+from trainables.storage import StorageError, check_writable
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 

@@ -1,4 +1,5 @@
-"""Against real services: an `mlflow server` over HTTP, a two-raylet Ray cluster, Ray Jobs.
+"""Against real services: an `mlflow server` over HTTP, a two-raylet Ray cluster, Ray Jobs,
+and the loss of one of the cluster's nodes mid-trial.
 
 Everything listens on 127.0.0.1, is started by these tests and stopped by PID (never
 `ray stop`, which would also stop clusters that are not ours).
@@ -8,24 +9,31 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import psutil
 import pytest
 
 from orchestrator.cli import main as cli_main
+from orchestrator.planner import build_plan
+from search_spaces import load_grid
 from tests.ray_cluster import VENV_BIN, RayCluster, ray_cluster
 from tests.sweep_helpers import (
     ROOT,
     MlflowServer,
+    executions,
     mlflow_stage_runs,
     nptm,
     plan_stage_ids,
+    sweep_with_fault,
     trials,
     write_grid,
 )
+from trainables.artifacts import ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -107,12 +115,33 @@ def test_sweep_submitted_as_a_ray_job_completes(cluster: RayCluster, tmp_path: P
     storage = tmp_path / "runs"
     job_id = f"nptm-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"NPTM_SHARED_FS": "1", "PYTHONPATH": str(ROOT)}}
-    submit = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
-         "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env), "--",
-         str(VENV_BIN / "nptm"), "sweep", str(grid), "--storage", str(storage), "--no-report"],
-        env=cluster.env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT, cwd=ROOT,
-    )  # fmt: skip
+    argv = [
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        job_id,
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        str(VENV_BIN / "nptm"),
+        "sweep",
+        str(grid),
+        "--storage",
+        str(storage),
+        "--no-report",
+    ]
+    deadline = time.time() + 120
+    while True:
+        submit = subprocess.run(
+            argv, env=cluster.env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT, cwd=ROOT
+        )
+        # The head's job agent may still be starting: Ray answers 500 and asks to retry.
+        if "No available agent" not in submit.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     status = subprocess.run(
         [str(VENV_BIN / "ray"), "job", "status", "--address", cluster.dashboard_url, job_id],
@@ -124,3 +153,52 @@ def test_sweep_submitted_as_a_ray_job_completes(cluster: RayCluster, tmp_path: P
     assert sorted(rows.trial_id) == sorted(plan_stage_ids(grid))
     assert set(rows.status) == {"ok"}
     assert set(rows.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
+
+
+# Last in this module: it takes the cluster's second node away.
+def test_worker_raylet_killed_mid_trial_resumes_from_its_last_epoch(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Fault injection on the two-raylet cluster: both nodes run a pre-training side by
+    side; the second node's raylet is SIGKILLed after both stored an epoch checkpoint. Tune
+    retries the lost trial on the head (max_failures = --max-retries) and the stage continues
+    from its checkpoint."""
+    grid = write_grid(
+        tmp_path / "node.yaml", name="nodeloss", seeds="[0, 1]", pruners=(MAGNITUDE,),
+        schedules="[ft]", pretrain_epochs=8, milestones="[4, 6]",
+    )  # fmt: skip
+    plan = build_plan(load_grid(grid))
+    pretrains = [s for s, spec in plan.stages.items() if spec.kind == "pretrain"]
+    storage = tmp_path / "runs"
+    raylets = cluster.raylets()
+    head = [r for r in raylets if r.head]
+    worker = [r for r in raylets if not r.head]
+    assert len(head) == 1 and len(worker) == 1, raylets
+    checkpoints = [storage / "stages" / s / "resume.pt.sha256" for s in pretrains]
+    outcomes = [storage / "stages" / s / "outcome.json" for s in pretrains]
+
+    def kill_worker_node() -> None:
+        assert not any(o.exists() for o in outcomes), "a pre-training already ended"
+        psutil.Process(worker[0].pid).kill()
+
+    rc, stderr = sweep_with_fault(
+        ["sweep", str(grid), "--address", cluster.address, "--storage", str(storage),
+         "--max-retries", "2", "--no-report"],
+        {**cluster.env, "NPTM_SHARED_FS": "1"}, log=tmp_path / "sweep.err",
+        ready=lambda: all(c.exists() for c in checkpoints), fault=kill_worker_node,
+    )  # fmt: skip
+    assert rc == 0, stderr[-3000:]
+    rows = trials(storage, "nodeloss").set_index("trial_id")
+    assert sorted(rows.index) == sorted(plan.stages) and set(rows.status) == {"ok"}
+    store = ArtifactStore(str(storage))
+    resumed = {s: store.read_outcome(s)["resumed_from_epoch"] for s in pretrains}
+    lost = [s for s, epoch in resumed.items() if epoch > 0]
+    assert len(lost) == 1, resumed  # exactly the stage of the lost node resumed
+    (lost_id,) = lost
+    (kept_id,) = set(pretrains) - {lost_id}
+    assert executions(storage, lost_id) == 2 and executions(storage, kept_id) == 1
+    assert resumed[kept_id] == 0
+    assert rows.loc[lost_id, "node"] == head[0].node_id  # the retry ran on the survivor
+    assert rows.loc[lost_id, "epochs_run"] == 8
+    epochs = pd.read_parquet(storage / "sweeps" / "nodeloss" / "epochs")
+    assert sorted(epochs[epochs.trial_id == lost_id].epoch) == list(range(1, 9))

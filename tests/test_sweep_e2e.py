@@ -1,4 +1,9 @@
-"""`nptm sweep` end to end on a local Ray: both executors, resume, failures, divergence."""
+"""`nptm sweep` end to end: both executors, resume after a killed driver, failures, divergence.
+
+The first test runs the README's path: `nptm sweep` starts (and stops) its own local Ray. The
+others join the session's Ray node with `--address` (see conftest.ray_node): the same code
+runs in the trials, without 10-15 s of Ray start-up per sweep.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_cluster import kill_new_ray_processes, ray_processes
 from tests.sweep_helpers import (
     NPTM,
     ROOT,
     executions,
     mlflow_stage_runs,
     nptm,
+    sweep_on,
     trials,
     write_grid,
 )
+from trainables.artifacts import ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +37,7 @@ def _plan_ids(grid: Path) -> set[str]:
     return set(build_plan(load_grid(grid)).stages)
 
 
-def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(tmp_path: Path) -> None:
+def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(tmp_path: Path, ray_node) -> None:
     grid = write_grid(tmp_path / "tiny.yaml")
     storage = tmp_path / "runs"
     # A relative storage path means the driver's directory, wherever Ray runs the workers.
@@ -53,7 +59,7 @@ def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(tmp_path: Path)
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert all(executions(storage, sid) == 1 for sid in stage_ids)
 
-    again = nptm("sweep", str(grid), "--storage", str(storage), "--no-report")
+    again = sweep_on(ray_node, grid, storage)  # where it runs does not matter: nothing runs
     assert again.returncode == 0, again.stderr[-3000:]
     assert "executed 0" in again.stdout
     assert all(executions(storage, sid) == 1 for sid in stage_ids)  # nothing ran twice
@@ -61,25 +67,26 @@ def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(tmp_path: Path)
     assert len(mlflow_stage_runs(uri)) == len(stage_ids)
 
 
-def test_driver_killed_mid_sweep_then_rerun_completes_without_repeats(tmp_path: Path) -> None:
+def test_driver_killed_mid_sweep_then_rerun_completes_without_repeats(
+    tmp_path: Path, ray_node
+) -> None:
     grid = write_grid(tmp_path / "tiny.yaml", seeds="[0, 1]")
     storage = tmp_path / "runs"
-    ray_before = ray_processes()
     proc = subprocess.Popen(
-        [*NPTM, "sweep", str(grid), "--storage", str(storage), "--no-report"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [*NPTM, "sweep", str(grid), "--storage", str(storage), "--address", ray_node.address,
+         "--no-report"],
+        cwd=ROOT, env={**ray_node.env, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and len(list(storage.glob("stages/*/outcome.json"))) < 5:
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    os.killpg(proc.pid, signal.SIGKILL)  # Ray then ends the trials the driver owned
     proc.wait()
-    kill_new_ray_processes(ray_before)  # what the killed driver's local Ray left running
     finished_before = {p.parent.name for p in storage.glob("stages/*/outcome.json")}
     assert len(finished_before) >= 5
 
-    rerun = nptm("sweep", str(grid), "--storage", str(storage), "--no-report")
+    rerun = sweep_on(ray_node, grid, storage)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     stage_ids = _plan_ids(grid)
     rows = trials(storage)
@@ -89,25 +96,41 @@ def test_driver_killed_mid_sweep_then_rerun_completes_without_repeats(tmp_path: 
     assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(stage_ids)
 
 
-def test_train_executor_runs_stages_as_two_ddp_workers(tmp_path: Path) -> None:
+def test_train_executor_runs_ddp_workers_and_recomputes_a_damaged_parent(
+    tmp_path: Path, ray_node
+) -> None:
     grid = write_grid(
         tmp_path / "ddp.yaml", name="ddp", executor="train", workers=2, cpus=0.5,
         pruners=("{name: l1_filter, ratio: 0.5}",), schedules="[ft]",
     )  # fmt: skip
     storage = tmp_path / "runs"
-    result = nptm("sweep", str(grid), "--storage", str(storage), "--no-report")
+    result = sweep_on(ray_node, grid, storage)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = trials(storage, "ddp").set_index("stage_kind")
     assert set(rows.status) == {"ok"}
     assert rows.loc["pretrain", "workers"] == 2 and rows.loc["retrain", "workers"] == 2
     assert rows.loc["pretrain", "executor"] == "train"
-    assert rows.loc["prune", "executor"] == "inline"
+    assert rows.loc["prune", "executor"] == "task"
+
+    # The retrain's parent, damaged: a Ray Train worker finds it (Ray reports the rank's
+    # exception inside its own error), and the producer is recomputed before the retrain.
+    prune, retrain = rows.loc["prune", "trial_id"], rows.loc["retrain", "trial_id"]
+    model = storage / "stages" / prune / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    (storage / "stages" / retrain / "outcome.json").unlink()
+    again = sweep_on(ray_node, grid, storage)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = trials(storage, "ddp").set_index("stage_kind")
+    assert set(after.status) == {"ok"} and after.loc["retrain", "executor"] == "train"
+    # prune: first sweep + recompute; retrain: first sweep, refused parent, rerun
+    assert executions(storage, prune) == 2 and executions(storage, retrain) == 3
+    ArtifactStore(str(storage)).load(prune, "model")  # verifies the checksum again
 
 
-def test_stage_that_fits_no_node_is_refused_instead_of_hanging(tmp_path: Path) -> None:
+def test_stage_that_fits_no_node_is_refused_instead_of_hanging(tmp_path: Path, ray_node) -> None:
     grid = write_grid(tmp_path / "big.yaml", name="big", executor="train", workers=3, cpus=1)
     started = time.time()
-    result = nptm("sweep", str(grid), "--storage", str(tmp_path / "runs"), timeout=180)
+    result = sweep_on(ray_node, grid, tmp_path / "runs", timeout=180)  # a 2-CPU node
     assert result.returncode == 2
     assert "cannot be scheduled" in result.stderr and "CPU needs 3.1" in result.stderr
     assert time.time() - started < 180
@@ -115,7 +138,7 @@ def test_stage_that_fits_no_node_is_refused_instead_of_hanging(tmp_path: Path) -
 
 
 def test_failure_skips_descendants_divergence_is_recorded_and_the_rest_completes(
-    tmp_path: Path,
+    tmp_path: Path, ray_node
 ) -> None:
     empty_root = tmp_path / "no-data"
     empty_root.mkdir()
@@ -129,10 +152,7 @@ def test_failure_skips_descendants_divergence_is_recorded_and_the_rest_completes
         """,
     )  # fmt: skip
     storage = tmp_path / "runs"
-    result = nptm(
-        "sweep", str(grid), "--storage", str(storage), "--data-root", str(empty_root),
-        "--max-retries", "0", "--no-report",
-    )  # fmt: skip
+    result = sweep_on(ray_node, grid, storage, "--data-root", str(empty_root), "--max-retries", "0")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "FAILED pretrain" in result.stderr
     rows = trials(storage, "faults")
@@ -153,12 +173,18 @@ def test_failure_skips_descendants_divergence_is_recorded_and_the_rest_completes
     assert runs[diverged.trial_id.iloc[0]].info.status == "FAILED"
 
 
-def test_unwritable_storage_is_refused_before_any_work(tmp_path: Path) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a directory")
+@pytest.mark.parametrize("fault", ["not writable", "out of space"])
+def test_unusable_storage_is_refused_before_any_work(tmp_path: Path, fault: str) -> None:
     grid = write_grid(tmp_path / "tiny.yaml")
+    if fault == "not writable":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a directory")
+        storage, extra, message = blocker / "runs", [], str(blocker / "runs")
+    else:  # more free space asked for than any disk has
+        storage, extra, message = tmp_path / "runs", ["--min-free-gb", "1e9"], "GiB free"
     started = time.time()
-    result = nptm("sweep", str(grid), "--storage", str(blocker / "runs"), timeout=120)
+    result = nptm("sweep", str(grid), "--storage", str(storage), *extra, timeout=120)
     assert result.returncode == 2
-    assert str(blocker / "runs") in result.stderr
+    assert message in result.stderr and str(storage) in result.stderr
+    assert not list(storage.glob("stages/*")) and not (storage / "mlflow.db").exists()
     assert time.time() - started < 60  # refused before Ray start-up and training

@@ -14,17 +14,19 @@ produced it, so the orchestrator can recompute that stage instead of propagating
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import uuid
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
-import torch
+
+from trainables.storage import atomic_write_bytes, is_local_storage, read_bytes, resolve_storage
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CorruptArtifactError(RuntimeError):
@@ -42,51 +44,15 @@ class CorruptArtifactError(RuntimeError):
         return (type(self), (self.stage_id, self.name, self.reason))
 
 
-def open_storage(storage: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, root path inside it) for a local path or a URI such as s3://bucket/prefix."""
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-        return pafs.LocalFileSystem(), storage
-    fs, path = pafs.FileSystem.from_uri(storage)
-    return fs, path.rstrip("/")
-
-
-def is_local_storage(storage: str) -> bool:
-    return "://" not in storage or storage.startswith("file://")
-
-
-def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers never observe a partial file."""
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-    try:
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, path)
-    except BaseException:
-        # A failed write (disk full, I/O error) must not leave a stray partial file behind.
-        with contextlib.suppress(OSError):
-            fs.delete_file(tmp)
-        raise
-
-
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as err:  # pyarrow reports some missing files as generic OSErrors
-        if "not found" in str(err).lower() or "no such file" in str(err).lower():
-            return None
-        raise
+def rewind_name(epoch: int) -> str:
+    """Name of the weights a pre-training keeps at `epoch` for weight rewinding (`wr`)."""
+    return f"epoch-{epoch:04d}"
 
 
 class ArtifactStore:
     def __init__(self, storage: str) -> None:
         self.storage = storage
-        self.fs, self.root = open_storage(storage)
+        self.fs, self.root, _ = resolve_storage(storage)
 
     def _path(self, stage_id: str, name: str) -> str:
         if not stage_id.isalnum() or "/" in name or name.startswith("."):
@@ -96,6 +62,9 @@ class ArtifactStore:
     # -- tensors -------------------------------------------------------------------------
     def save(self, stage_id: str, name: str, payload: dict[str, Any]) -> str:
         """Serialise `payload` with torch.save and store it with its checksum; returns the sha."""
+        import torch  # here, not at module level: the driver and Tune's trial actors import
+        # this module and must start fast (see orchestrator.trial)
+
         buf = io.BytesIO()
         torch.save(payload, buf)
         data = buf.getvalue()
@@ -112,6 +81,8 @@ class ArtifactStore:
             raise CorruptArtifactError(stage_id, name, "missing")
         if hashlib.sha256(data).hexdigest() != expected.decode().strip():
             raise CorruptArtifactError(stage_id, name, "checksum mismatch (truncated or altered)")
+        import torch
+
         try:
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except Exception as err:  # a verified file that still fails is hostile or foreign

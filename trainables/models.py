@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from trainables.catalog import DATASETS, MODELS, check_model_dataset
@@ -149,16 +149,16 @@ class CifarVGG(nn.Module):
         return self.classifier(x)
 
 
-_TORCHVISION = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "mobilenet_v2": torchvision.models.mobilenet_v2,
-}
+def _torchvision_models() -> ModuleType:
+    """torchvision.models, imported on first use: importing it costs seconds (it pulls in
+    torch._dynamo), which every trial process would otherwise pay for the CIFAR models."""
+    import torchvision.models
+
+    return torchvision.models
 
 
 def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
-    model = _TORCHVISION[name](weights=None, num_classes=num_classes)
+    model = getattr(_torchvision_models(), name)(weights=None, num_classes=num_classes)
     if in_channels != 3:
         if name == "mobilenet_v2":
             old = model.features[0][0]
@@ -219,7 +219,7 @@ def prunable_convs(model: nn.Module, model_name: str) -> list[str]:
     if family == "cifar_vgg":
         return conv_names(model)
     names: list[str] = []
-    tv = torchvision.models
+    tv = _torchvision_models()
     for name, m in model.named_modules():
         if isinstance(m, tv.resnet.BasicBlock):
             names.append(f"{name}.conv1")

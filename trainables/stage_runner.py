@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainables import schedules
-from trainables.artifacts import ArtifactStore, CorruptArtifactError
+from trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
 from trainables.catalog import PRUNERS
 from trainables.data import load_dataset, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
@@ -34,10 +34,6 @@ RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
 CALIBRATION_BATCHES = 4  # batches that data-driven pruners (hrank, taylor) look at
 
 log = logging.getLogger(__name__)
-
-
-def rewind_name(epoch: int) -> str:
-    return f"epoch-{epoch:04d}"
 
 
 @dataclass(frozen=True)

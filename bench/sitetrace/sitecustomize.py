@@ -11,8 +11,8 @@ has named it); suggest / complete_enter / complete_exit
 (DagSearcher, driver); trial_enter / trial_exit (the Tune trainable); trainer_enter /
 trainer_exit (TorchTrainer.fit around a stage); pg_enter / pg_exit
 (torch.distributed.init_process_group); worker_enter / worker_exit (each DDP rank's function);
-stage_enter / stage_exit (run_stage); import_enter / import_exit (module) around the import of
-each patched module.
+stage_enter / stage_exit (trainables.stage_runner.run_stage); import_enter / import_exit
+(module) around the import of each patched module.
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ def _patch_trial(m: object) -> None:
         "worker_exit",
         lambda config: {**_stage(config), "rank": _rank()},
     )
+
+
+def _patch_stage_runner(m: object) -> None:
     _wrap(
         m,
         "run_stage",
@@ -125,6 +128,7 @@ def _patch_dist(m: object) -> None:
 
 _PATCHES = {
     "orchestrator.trial": _patch_trial,
+    "trainables.stage_runner": _patch_stage_runner,
     "orchestrator.dag_search": _patch_dag,
     "torch.distributed": _patch_dist,
 }
