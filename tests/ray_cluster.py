@@ -28,6 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node_ports() -> list[str]:
+    """Ports of a node's agents, free ones instead of Ray's fixed defaults: with the defaults
+    a second cluster on this machine (another test's, or a sweep's own local Ray) finds them
+    taken, and its dashboard agent, which Ray Jobs go through, never comes up."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
 def _ray(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(VENV_BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=180
@@ -112,6 +124,8 @@ def ray_cluster(tmp: Path, cpus: tuple[int, ...] = (1, 1)):
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={free_port()}",
+        *_node_ports(),
         env=env,
     )
     address = f"127.0.0.1:{port}"
@@ -123,6 +137,7 @@ def ray_cluster(tmp: Path, cpus: tuple[int, ...] = (1, 1)):
                 f"--address={address}",
                 "--node-ip-address=127.0.0.1",
                 f"--num-cpus={n}",
+                *_node_ports(),
                 env=env,
             )
             assert worker.returncode == 0, worker.stdout + worker.stderr
