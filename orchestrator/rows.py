@@ -7,21 +7,13 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
+from results.schema import PRUNE_OUTCOME_COLUMNS
 from trainables.catalog import PRUNERS
 from trainables.stage import StageSpec
 
 # Outcome fields copied into the trial row as they are.
 OUTCOME_FIELDS = (
-    "achieved_sparsity",
-    "params",
-    "macs",
-    "nonzero_params",
-    "base_params",
-    "base_macs",
-    "params_reduction",
-    "macs_reduction",
-    "acc_before_prune",
-    "acc_after_prune",
+    *PRUNE_OUTCOME_COLUMNS,
     "test_acc",
     "test_loss",
     "best_val_epoch",

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from results.schema import PRUNE_OUTCOME_COLUMNS
 from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, grouped_ci
 from results.store import SweepStore
 from trainables.catalog import PRUNERS, SCHEDULES
@@ -35,19 +36,7 @@ RANDOM_VS_METHODICAL = {
 }
 LARGE_LR_SCHEDULES = ("lrw", "slr", "clr")
 # Columns a retrain row inherits from its prune parent when it lacks them.
-FROM_PRUNE = (
-    "structured",
-    "achieved_sparsity",
-    "params",
-    "macs",
-    "nonzero_params",
-    "base_params",
-    "base_macs",
-    "params_reduction",
-    "macs_reduction",
-    "acc_before_prune",
-    "acc_after_prune",
-)
+FROM_PRUNE = ("structured", *PRUNE_OUTCOME_COLUMNS)
 STATUS_ORDER = ("ok", "diverged", "failed", "skipped")
 USED_COLUMNS = (
     "trial_id",

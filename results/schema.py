@@ -112,6 +112,19 @@ SCHEMA_VERSION = 1
 TableName = Literal["trials", "epochs"]
 STAGE_KINDS = ("pretrain", "prune", "retrain")
 STATUSES = ("ok", "diverged", "failed", "skipped")
+# What pruning did to the network, as every trial row of its lineage carries it.
+PRUNE_OUTCOME_COLUMNS = (
+    "achieved_sparsity",
+    "params",
+    "macs",
+    "nonzero_params",
+    "base_params",
+    "base_macs",
+    "params_reduction",
+    "macs_reduction",
+    "acc_before_prune",
+    "acc_after_prune",
+)
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from results.schema import validate_row
+from results.schema import PRUNE_OUTCOME_COLUMNS, validate_row
 from results.store import SweepStore, check_name
 from trainables.storage import resolve_storage
 
@@ -57,16 +57,7 @@ SUMMARY_METRICS = (
     "test_acc_at_best_val",
     "best_test_acc_over_epochs",
     "best_val_epoch",
-    "achieved_sparsity",
-    "params",
-    "macs",
-    "nonzero_params",
-    "base_params",
-    "base_macs",
-    "params_reduction",
-    "macs_reduction",
-    "acc_before_prune",
-    "acc_after_prune",
+    *PRUNE_OUTCOME_COLUMNS,
     "epochs_run",
     "wall_seconds",
     "device_hours",
