@@ -151,17 +151,19 @@ def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
 
 
 def _corrupt_cause(err: BaseException) -> CorruptArtifactError | None:
-    """The CorruptArtifactError behind a Ray Train failure (reported per rank), if any."""
+    """The CorruptArtifactError behind a Ray Train failure (reported per rank) or a Ray task's
+    error, if any: the original, not Ray's wrapper class that also subclasses it."""
     todo, seen = [err], set()
     while todo:
         e = todo.pop()
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, CorruptArtifactError):
+        if type(e) is CorruptArtifactError:
             return e
         todo.extend((getattr(e, "worker_failures", None) or {}).values())
-        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+        links = (getattr(e, "cause", None), e.__cause__, e.__context__)  # cause: RayTaskError
+        todo.extend(c for c in links if isinstance(c, BaseException))
     return None
 
 

@@ -319,6 +319,20 @@ def test_a_damaged_parent_found_by_a_ray_train_worker_is_recognised() -> None:
     assert _corrupt_cause(ray.train.WorkerGroupError("oom", {0: MemoryError()})) is None
 
 
+def test_a_damaged_parent_found_by_a_prune_task_is_recognised() -> None:
+    """A prune stage of a `train` sweep runs as a Ray task: `ray.get` raises Ray's
+    RayTaskError(CorruptArtifactError) wrapper, and the original must come out of it."""
+    from ray.exceptions import RayTaskError
+
+    from orchestrator.trial import _corrupt_cause
+
+    damaged = CorruptArtifactError("0123456789abcdef", "model", "checksum mismatch")
+    wrapped = RayTaskError("_prune_task", "traceback", damaged).as_instanceof_cause()
+    assert isinstance(wrapped, CorruptArtifactError) and wrapped is not damaged
+    assert _corrupt_cause(wrapped) is damaged
+    assert _corrupt_cause(RayTaskError("_prune_task", "tb", KeyError("x"))) is None
+
+
 # -- 2. MLflow down from the start; base sweep for the damaged-artifact cases ------------
 @pytest.fixture(scope="module")
 def down_sweep(tmp_path_factory, ray_node) -> SimpleNamespace:
