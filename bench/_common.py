@@ -94,6 +94,12 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def print_target(goal: str, measured: str, met: bool, name: str | None = None) -> None:
+    """One line: the target, what was measured against it, and whether it was met."""
+    label = "target" if name is None else f"target {name}"
+    print(f"{label}: {goal} -> {measured}, {'met' if met else 'MISSED'}")
+
+
 def emit(result: dict[str, Any], as_json: bool) -> None:
     """Print the machine-readable figures (one line, prefixed) when --json was given."""
     if as_json:

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             verdicts[name] = r["share"]["300"] <= TARGET_TRAIN_SHARE
             goal = f"<= {TARGET_TRAIN_SHARE:.0%} of a 5-minute stage"
             got = f"{r['overhead_s']:.1f} s = {r['share']['300']:.1%}"
-        print(f"target {name}: {goal} -> {got}, {'met' if verdicts[name] else 'MISSED'}")
+        _common.print_target(goal, got, verdicts[name], name)
     result = {"machine": info, "trials": k, "executors": results, "target_met": verdicts}
     _common.emit(result, args.json)
     return result

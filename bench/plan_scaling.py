@@ -10,6 +10,7 @@ trials. Target: 100k trials in under 5 s.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import resource
@@ -125,8 +126,8 @@ def run_child(n_trials: int, repeats: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = _common.parser(__doc__.splitlines()[0])
-    p.add_argument("--child", type=int, help=argparse_hidden())
-    p.add_argument("--repeats", type=int, default=3, help=argparse_hidden())
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child, args.repeats)))
@@ -179,20 +180,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     verdict = None
     if largest["trials"] == 100_000:
         verdict = largest["plan_s"] < TARGET_100K_S
-        print(
-            f"target: 100k trials < {TARGET_100K_S:g} s -> {largest['plan_s']:.2f} s "
-            f"(median of 3; worst {largest['plan_s_max']:.2f} s), "
-            f"{'met' if verdict else 'MISSED'}"
+        _common.print_target(
+            f"100k trials < {TARGET_100K_S:g} s",
+            f"{largest['plan_s']:.2f} s (median of 3; worst {largest['plan_s_max']:.2f} s)",
+            verdict,
         )
     result = {"machine": info, "sizes": results, "scaling": scaling, "target_met": verdict}
     _common.emit(result, args.json)
     return result
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     verdict = None
     if big["retrain_rows"] >= 100_000:
         verdict = big["report_s"] < TARGET_S
-        print(
-            f"target: 100k rows < {TARGET_S:g} s -> {big['report_s']:.2f} s, "
-            f"{'met' if verdict else 'MISSED'}"
-        )
+        _common.print_target(f"100k rows < {TARGET_S:g} s", f"{big['report_s']:.2f} s", verdict)
     result = {
         "machine": info,
         "max_figures": cap,

@@ -17,6 +17,7 @@ Driver CPU is the driver process's user + system time (resource.getrusage) durin
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--stages", type=int, default=1000, help=f"one of {sorted(SHAPES)}")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--child", help=_hidden())
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run_variant(args.child, args.stages, args.num_cpus)))
@@ -216,19 +217,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     verdict = None
     if base:
         verdict = base["stages_per_s"] >= TARGET
-        print(
-            f"target: >= {TARGET:g} stages/s -> {base['stages_per_s']:.2f}, "
-            f"{'met' if verdict else 'MISSED'}"
-        )
+        _common.print_target(f">= {TARGET:g} stages/s", f"{base['stages_per_s']:.2f}", verdict)
     result = {"machine": info, "stages": n, "variants": results, "target_met": verdict}
     _common.emit(result, args.json)
     return result
-
-
-def _hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

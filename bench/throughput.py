@@ -321,9 +321,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "resnet20" in ratios and paper in ratios["resnet20"] and device.type == "cpu":
         got = ratios["resnet20"][paper]
         verdict = got >= TARGET_RATIO
-        print(
-            f"target: ResNet-20 on CPU, nptm >= {TARGET_RATIO:g}x the paper's loop "
-            f"({PAPER_WORKERS} workers) -> {got:.2f}x, {'met' if verdict else 'MISSED'}"
+        _common.print_target(
+            f"ResNet-20 on CPU, nptm >= {TARGET_RATIO:g}x the paper's loop "
+            f"({PAPER_WORKERS} workers)",
+            f"{got:.2f}x",
+            verdict,
         )
     result = {
         "machine": info,
