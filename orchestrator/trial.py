@@ -22,7 +22,7 @@ from trainables.artifacts import ArtifactStore, CorruptArtifactError
 from trainables.stage import StageSpec
 
 if TYPE_CHECKING:
-    from trainables.stage_runner import WorkerEnv
+    from trainables.stage_runner import EpochReporter, WorkerEnv
 
 
 def stage_trial(config: dict[str, Any]) -> None:
@@ -41,12 +41,13 @@ def stage_trial(config: dict[str, Any]) -> None:
             _run_prune_task(spec, runtime)
         else:
             _run_torch_trainer(spec, runtime)
-    except CorruptArtifactError as err:
-        # Not this stage's fault: the driver recomputes the producer, then retries this one.
-        store.invalidate(err.stage_id)
-        tune.report({"corrupt_parent": err.stage_id, "error": str(err)})
-        return
     except BaseException as err:
+        corrupt = _corrupt_cause(err)  # raised here, by a Ray Train rank or by a Ray task
+        if corrupt is not None:
+            # Not this stage's fault: the driver recomputes the producer, then retries this one.
+            store.invalidate(corrupt.stage_id)
+            tune.report({"corrupt_parent": corrupt.stage_id, "error": str(corrupt)})
+            return
         text = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=20)}"
         store.write_error(spec.id, text)
         raise
@@ -57,11 +58,7 @@ def _run_inline(spec: StageSpec, runtime: dict[str, Any]) -> None:
     """The stage in this (reused) trial actor, which holds one worker's resources."""
     from ray import tune
 
-    from trainables.stage_runner import run_stage
-
-    _limit_threads(runtime["cpus_per_worker"])
-    env = _env(runtime, device=_inline_device(runtime))
-    run_stage(spec, env, report=lambda m: tune.report({"epoch_done": 1, **m}))
+    _run_in_this_process(spec, runtime, report=lambda m: tune.report({"epoch_done": 1, **m}))
 
 
 def _run_prune_task(spec: StageSpec, runtime: dict[str, Any]) -> None:
@@ -79,20 +76,21 @@ def _run_prune_task(spec: StageSpec, runtime: dict[str, Any]) -> None:
         scheduling_strategy="DEFAULT",  # not inside the trial's placement group (0.1 CPU)
         max_retries=0,  # Tune retries the trial
     )
-    try:
-        ray.get(task.remote(spec.to_dict(), runtime))
-    except Exception as err:
-        corrupt = _corrupt_cause(err)
-        if corrupt is None:
-            raise
-        raise corrupt from err
+    ray.get(task.remote(spec.to_dict(), runtime))
 
 
 def _prune_task(stage: dict[str, Any], runtime: dict[str, Any]) -> None:
+    _run_in_this_process(StageSpec.from_dict(stage), runtime)
+
+
+def _run_in_this_process(
+    spec: StageSpec, runtime: dict[str, Any], report: EpochReporter | None = None
+) -> None:
+    """One worker's share of the machine, on its device: an inline stage or a prune task."""
     from trainables.stage_runner import run_stage
 
     _limit_threads(runtime["cpus_per_worker"])
-    run_stage(StageSpec.from_dict(stage), _env(runtime, device=_inline_device(runtime)))
+    run_stage(spec, _env(runtime, device=_inline_device(runtime)), report=report)
 
 
 def _env(runtime: dict[str, Any], **kw: Any) -> WorkerEnv:
@@ -141,18 +139,13 @@ def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    try:
-        trainer.fit()
-    except Exception as err:
-        corrupt = _corrupt_cause(err)
-        if corrupt is None:
-            raise
-        raise corrupt from err  # a damaged parent: recompute it, as the inline path does
+    trainer.fit()
 
 
 def _corrupt_cause(err: BaseException) -> CorruptArtifactError | None:
-    """The CorruptArtifactError behind a Ray Train failure (reported per rank) or a Ray task's
-    error, if any: the original, not Ray's wrapper class that also subclasses it."""
+    """The CorruptArtifactError behind `err`, if any: `err` itself, one a Ray Train rank
+    reported (WorkerGroupError.worker_failures), or the original inside a Ray task's error
+    (not Ray's wrapper class that also subclasses it)."""
     todo, seen = [err], set()
     while todo:
         e = todo.pop()
