@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from results.schema import PRUNE_OUTCOME_COLUMNS
+from results.schema import PRUNE_OUTCOME_COLUMNS, STATUSES
 from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, grouped_ci
 from results.store import SweepStore
 from trainables.catalog import PRUNERS, SCHEDULES
@@ -37,7 +37,6 @@ RANDOM_VS_METHODICAL = {
 LARGE_LR_SCHEDULES = ("lrw", "slr", "clr")
 # Columns a retrain row inherits from its prune parent when it lacks them.
 FROM_PRUNE = ("structured", *PRUNE_OUTCOME_COLUMNS)
-STATUS_ORDER = ("ok", "diverged", "failed", "skipped")
 USED_COLUMNS = (
     "trial_id",
     "stage_kind",
@@ -182,10 +181,10 @@ def _order(values: Any, reference: tuple[str, ...]) -> list[Any]:
 def status_counts(final: pd.DataFrame) -> pd.DataFrame:
     """Final-round retrain rows per status, per (dataset, model, structure, target)."""
     counts = final.groupby([*GROUP, "status"], sort=True).size().unstack(fill_value=0)
-    for status in STATUS_ORDER:
+    for status in STATUSES:
         if status not in counts:
             counts[status] = 0
-    counts = counts[[*STATUS_ORDER, *[c for c in counts if c not in STATUS_ORDER]]]
+    counts = counts[[*STATUSES, *[c for c in counts if c not in STATUSES]]]
     return counts.reset_index()
 
 
@@ -474,7 +473,7 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def _status_line(final: pd.DataFrame) -> str:
     counts = final["status"].value_counts()
-    parts = [f"{s} {int(counts.get(s, 0))}" for s in STATUS_ORDER]
+    parts = [f"{s} {int(counts.get(s, 0))}" for s in STATUSES]
     return f"{len(final)} final-round retraining runs: " + ", ".join(parts)
 
 
