@@ -1,14 +1,18 @@
 """Start the MLflow tracking server of the nptm cluster (entrypoint of the `mlflow` service).
 
-Run metadata goes to PostgreSQL, artifacts are proxied by the server to ``s3://mlflow/`` on
-MinIO (clients never need S3 credentials for MLflow), and every request needs HTTP basic auth
-(MLflow's ``basic-auth`` app). Steps:
+Run metadata goes to PostgreSQL, artifacts are proxied by the server to
+MLFLOW_ARTIFACTS_DESTINATION (a volume by default, ``s3://mlflow/`` on MinIO with the `minio`
+profile; clients never need storage credentials for MLflow), and every request needs HTTP basic
+auth (MLflow's ``basic-auth`` app). Steps:
 
 1. refuse missing or placeholder secrets, naming the variable;
 2. create the basic-auth user database beside the tracking database if it does not exist;
-3. write the basic-auth config file (it holds a database password: mode 0600, private dir);
-4. exec ``mlflow server --app-name basic-auth``; the admin user is created on first start from
-   MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD.
+3. run ``mlflow db upgrade`` on the tracking database: it creates the schema of an empty
+   database and migrates one written by an older MLflow, which ``mlflow server`` would refuse;
+4. write the basic-auth config file (it holds a database password: mode 0600, private dir);
+5. exec ``mlflow server --app-name basic-auth``; the admin user is created on first start from
+   MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD (the basic-auth app migrates its own
+   database when it starts).
 """
 
 from __future__ import annotations
@@ -27,16 +31,29 @@ SECRETS = (
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
     "AWS_SECRET_ACCESS_KEY",
 )
-REQUIRED = ("POSTGRES_USER", "MLFLOW_AUTH_ADMIN_USERNAME", "AWS_ACCESS_KEY_ID", *SECRETS)
+REQUIRED = (
+    "POSTGRES_USER",
+    "MLFLOW_AUTH_ADMIN_USERNAME",
+    "POSTGRES_PASSWORD",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+)
+REQUIRED_FOR_S3 = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # artifacts on s3://
 DEFAULT_ALLOWED_HOSTS = "mlflow:5000,localhost:*,127.0.0.1:*"
+DEFAULT_ARTIFACTS = "/mlflow/artifacts"
 
 
 class ConfigError(ValueError):
     """A variable of the service's environment is missing or unusable."""
 
 
+def required_variables(env: Mapping[str, str]) -> tuple[str, ...]:
+    destination = env.get("MLFLOW_ARTIFACTS_DESTINATION", DEFAULT_ARTIFACTS)
+    return REQUIRED + (REQUIRED_FOR_S3 if destination.startswith("s3://") else ())
+
+
 def check_env(env: Mapping[str, str]) -> None:
-    for name in REQUIRED:
+    for name in required_variables(env):
         value = env.get(name, "")
         if not value:
             raise ConfigError(f"{name} is empty; set it in .env (see .env.example)")
@@ -80,7 +97,7 @@ def server_argv(env: Mapping[str, str]) -> list[str]:
         env.get("MLFLOW_WORKERS", "2"),
         "--serve-artifacts",
         "--artifacts-destination",
-        env.get("MLFLOW_ARTIFACTS_DESTINATION", "s3://mlflow/"),
+        env.get("MLFLOW_ARTIFACTS_DESTINATION", DEFAULT_ARTIFACTS),
         "--allowed-hosts",
         env.get("MLFLOW_SERVER_ALLOWED_HOSTS") or DEFAULT_ALLOWED_HOSTS,
     ]
@@ -116,6 +133,14 @@ def ensure_database(env: Mapping[str, str], name: str, attempts: int = 30) -> No
         conn.close()
 
 
+def upgrade_schema(database_uri: str) -> None:
+    """`mlflow db upgrade DATABASE_URI`, run in this process so that the URI (and the password
+    in it) never shows in a process list."""
+    from mlflow.db import commands
+
+    commands.main(["upgrade", database_uri], prog_name="mlflow db", standalone_mode=False)
+
+
 def main() -> int:
     env = dict(os.environ)
     try:
@@ -125,6 +150,8 @@ def main() -> int:
     except ConfigError as err:
         print(f"mlflow_server: {err}", file=sys.stderr)
         return 64
+    backend_uri = postgres_uri(env, env.get("POSTGRES_DB", "mlflow"))
+    upgrade_schema(backend_uri)
     conf_dir = tempfile.mkdtemp(prefix="mlflow-auth-")  # mode 0700
     conf_path = os.path.join(conf_dir, "basic_auth.ini")
     fd = os.open(conf_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -132,7 +159,7 @@ def main() -> int:
         f.write(auth_config_text(postgres_uri(env, auth_db)))
     env["MLFLOW_AUTH_CONFIG_PATH"] = conf_path
     # Through the environment, not argv, so the password does not show in `ps`.
-    env["MLFLOW_BACKEND_STORE_URI"] = postgres_uri(env, env.get("POSTGRES_DB", "mlflow"))
+    env["MLFLOW_BACKEND_STORE_URI"] = backend_uri
     argv = server_argv(env)
     os.execvpe(argv[0], argv, env)
     return 0  # not reached
