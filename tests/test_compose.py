@@ -572,6 +572,18 @@ def test_firewall_list_names_every_fixed_ray_port() -> None:
     assert f"{low}-{high}" in doc, "deploy/multi-host.md does not list the worker port range"
 
 
+def test_job_submission_is_the_documented_path() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    joined = re.sub(r"\s*\\\n\s*", " ", readme)  # shell line continuations
+    m = re.search(
+        r"ray job submit --submission-id \"nptm-[^\"]+\" (.*?) -- nptm sweep (\S+)", joined
+    )
+    assert m, "deploy/README.md shows no `ray job submit --submission-id nptm-... -- nptm sweep`"
+    assert "--address http://127.0.0.1:8265" in m.group(1) and "--working-dir ." in m.group(1)
+    assert (ROOT / m.group(2)).is_file(), m.group(2)
+    assert "export RAY_AUTH_MODE=token" in readme and "export RAY_AUTH_TOKEN=" in readme
+
+
 def test_secrets_stay_out_of_image_and_files() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".env" in ignored and ".git" in ignored
@@ -957,6 +969,9 @@ def test_rayjob_runs_an_nptm_sweep(rayjob: dict[str, Any]) -> None:
     assert grid.parts[:3] == ("/", "opt", "nptm"), "the grid must be one the image ships"
     assert (ROOT / grid.relative_to("/opt/nptm")).is_file(), grid
     assert spec["submissionMode"] == "K8sJobMode"
+    # No command of its own: KubeRay then gives the submitter `ray job submit ... -- entrypoint`.
+    (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
+    assert "command" not in submitter and "args" not in submitter
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["rayClusterSpec"]["rayVersion"] == read_lock(LOCK)["ray"]
 
