@@ -731,6 +731,25 @@ def test_ray_node_starts_an_authenticated_node(tmp_path: Path, role: str) -> Non
 
 
 @pytest.mark.parametrize("role", ["head", "worker"])
+def test_ray_start_accepts_every_argument_of_the_node_script(tmp_path: Path, role: str) -> None:
+    from ray.scripts.scripts import start  # the `ray start` command of this Ray (the image's)
+
+    env = fake_tool(tmp_path, "ray", RAY_FAKE)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN="0123456789abcdef" * 4,
+        RAY_NODE_IP_ADDRESS="192.0.2.10",
+        RAY_WORKER_NUM_CPUS="8",
+    )
+    assert subprocess.run(["bash", str(DEPLOY / "ray-node.sh"), role], env=env).returncode == 0
+    argv = (tmp_path / "log").read_text().splitlines()[:-1]  # less the RAY_ADDRESS line
+    assert argv[0] == "start"
+    params = start.make_context("start", argv[1:]).params  # raises on an unknown option
+    assert params["node_manager_port"] == 6380 and params["node_ip_address"] == "192.0.2.10"
+    assert params["min_worker_port"] < params["max_worker_port"]
+
+
+@pytest.mark.parametrize("role", ["head", "worker"])
 def test_ray_node_on_the_host_network_uses_the_given_addresses(tmp_path: Path, role: str) -> None:
     # The environment that deploy/docker-compose.{multi-host,worker}.yml give the node.
     files = {"head": MULTI_HOST, "worker": WORKER_HOST}
