@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python  # a dev checkout
 if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  # pip if the interpreter has it; a wheel is a zip archive, so unpacking it also works
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+    || for w in .whl/*.whl; do "$PY" -m zipfile -e "$w" /tmp/site; done
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
