@@ -26,6 +26,8 @@ from typing import Any
 
 import _common
 
+from orchestrator.gpu_hours import train_samples
+
 GRID_DIR = _common.ROOT / "search_spaces"
 # bench/throughput.py --threads 1 (nptm loop, samples/s, training phase), CIFAR-10, CPU:
 # 2-core AMD EPYC VM shared with other jobs, 2026-11-25. Replace with GPU figures for real
@@ -57,25 +59,12 @@ def parse_rates(items: list[str]) -> dict[tuple[str, str | None], float]:
 
 def epochs_by_pair(plan: Any) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
     """(planned, naive) training epochs per (model, dataset)."""
-    planned: dict[tuple[str, str], int] = defaultdict(int)
-    for spec in plan.stages.values():
-        if spec.kind == "pretrain":
-            planned[(spec.model, spec.dataset)] += spec.recipe.epochs
-        elif spec.kind == "retrain":
-            planned[(spec.model, spec.dataset)] += spec.budget or 0
+    planned = plan.planned_epochs_by_pair()
     naive: dict[tuple[str, str], int] = defaultdict(int)
     rounds = plan.grid.rounds
     for t in plan.trials:
         naive[(t.model, t.dataset)] += plan.grid.recipe(t.dataset).epochs + rounds * t.budget
     return dict(planned), dict(naive)
-
-
-def train_samples(dataset: str, val_fraction: float) -> int:
-    """Training samples per epoch after holding out the validation split."""
-    from trainables.catalog import DATASETS
-
-    n = DATASETS[dataset].train_size
-    return n - round(val_fraction * n)
 
 
 class Rates:

@@ -109,15 +109,21 @@ def nptm_epoch(
 
 
 def bare_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batches: list, device: torch.device
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list,
+    device: torch.device,
+    bf16: bool = False,
 ) -> tuple[int, float, float]:
     """Forward, loss, backward, step over batches already normalised on the device: no data
-    pipeline, no bookkeeping. The ceiling any training loop of this model can reach."""
+    pipeline, no bookkeeping. The ceiling any training loop of this model can reach.
+    `bf16`: forward and loss under bfloat16 autocast."""
     model.train()
     seen = 0
     t0 = time.perf_counter()
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

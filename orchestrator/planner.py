@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from orchestrator.gpu_hours import GpuFigures, describe, gpu_hours, shipped_figures
 from search_spaces import expand
 from search_spaces.errors import GridError
 from search_spaces.expand import TrialKey
@@ -118,6 +119,21 @@ class Plan:
             out[spec.kind] += _stage_epochs(spec)
         return out
 
+    def planned_epochs_by_pair(self) -> dict[tuple[str, str], int]:
+        """Training epochs per (model, dataset) over the unique stages."""
+        out: Counter[tuple[str, str]] = Counter()
+        for spec in self.stages.values():
+            out[(spec.model, spec.dataset)] += _stage_epochs(spec)
+        return dict(out)
+
+    def gpu_hours(self, figures: GpuFigures | None = None) -> dict[str, Any]:
+        """Planned GPU-hours from measured seconds per epoch (orchestrator/gpu_hours.py)."""
+        return gpu_hours(
+            self.planned_epochs_by_pair(),
+            self.grid.data.val_fraction,
+            shipped_figures() if figures is None else figures,
+        )
+
     def naive_epochs(self) -> dict[str, int]:
         """Epochs per kind if every trial pre-trained and pruned its own model."""
         rounds = self.grid.rounds
@@ -143,6 +159,7 @@ class Plan:
             },
             "rounds": self.grid.rounds,
             "executor": self.grid.resources.executor,
+            "gpu_hours": self.gpu_hours(),
         }
 
     def render_table(self) -> str:
@@ -178,6 +195,7 @@ class Plan:
                 f"sharing stages saves {total_n - total_p:,} of {total_n:,} training "
                 f"epochs ({(total_n - total_p) / total_n:.0%})"
             )
+        lines.append(describe(s["gpu_hours"]))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

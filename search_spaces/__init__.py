@@ -18,7 +18,8 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
       executor: inline        # inline (one process per trial) | train (Ray Train DDP workers)
       workers_per_trial: 1    # DDP workers; executor inline requires 1
       cpus_per_worker: 1      # > 0, fractions allowed
-      gpus_per_worker: 0      # >= 0; a fraction (0.25: four trials share a GPU) or a whole number
+      gpus_per_worker: 0      # >= 0; a fraction (0.25: four trials share a GPU; then
+                              # workers_per_trial 1 under train) or a whole number
       max_concurrent: null    # optional cap on concurrently running stages
     iterative:
       rounds: 1               # k > 1: k rounds of prune -> retrain (unstructured pruners only)

@@ -118,6 +118,15 @@ def _check_resources(grid: Grid) -> None:
             "resources.gpus_per_worker",
             f"{gpus} is neither a fraction of one GPU nor a whole number of GPUs",
         )
+    if res.executor == "train" and res.workers_per_trial > 1 and 0 < gpus < 1:
+        # Ray may place several ranks of one trial on the same GPU; NCCL refuses two ranks
+        # on one device when the process group starts.
+        raise GridIssue(
+            "resources.gpus_per_worker",
+            f"{gpus} (a fraction of a GPU) with workers_per_trial {res.workers_per_trial}: "
+            "the DDP ranks of one trial could share a GPU, which NCCL refuses; use a whole "
+            "GPU per worker, or workers_per_trial 1 to pack trials",
+        )
 
 
 def _check_unique(raw: dict[str, Any], where: tuple[str, str], values: list[Any]) -> None:

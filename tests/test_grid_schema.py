@@ -279,3 +279,36 @@ def test_shipped_grid_set() -> None:
         grid = load_grid(ROOT / "search_spaces" / f"{name}.yaml")
         assert grid.resources.executor == "train"
         assert grid.resources.gpus_per_worker > 0
+
+
+@pytest.mark.parametrize(
+    ("executor", "workers", "gpus", "refused"),
+    [
+        ("train", 2, 0.5, True),  # two ranks of one trial may land on one GPU: NCCL refuses
+        ("train", 4, 0.25, True),
+        ("train", 2, 1, False),
+        ("train", 2, 0, False),  # CPU: gloo ranks may share a node
+        ("train", 1, 0.25, False),  # one rank per trial: packing trials is fine
+        ("inline", 1, 0.25, False),
+    ],
+)
+def test_fractional_gpu_with_several_ddp_workers(
+    executor: str, workers: int, gpus: float, refused: bool
+) -> None:
+    raw = {
+        "name": "ok",
+        "resources": {
+            "executor": executor, "workers_per_trial": workers, "gpus_per_worker": gpus,
+        },
+        "axes": {"dataset": "digits", "model": "resnet20",
+                 "pruner": [{"name": "magnitude", "ratio": 0.5}], "schedule": "ft",
+                 "budget": 1, "seed": 0},
+    }  # fmt: skip
+    if not refused:
+        assert parse_grid(raw).resources.gpus_per_worker == gpus
+        return
+    with pytest.raises(GridError) as info:
+        parse_grid(raw)
+    message = str(info.value)
+    assert "resources.gpus_per_worker" in message
+    assert f"{gpus} (a fraction of a GPU) with workers_per_trial {workers}" in message

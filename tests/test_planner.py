@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestrator.gpu_hours import describe, read_figures, shipped_figures
 from orchestrator.planner import Plan, build_plan, cumulative_ratio
 from search_spaces import GridError, load_grid
 from trainables.catalog import PRUNERS
@@ -535,3 +536,68 @@ def test_count_without_expanding_matches_expansion(tmp_path: Path, rules: list) 
     plan = build_plan(grid)
     assert expand.count(grid._space, grid._includes) == len(plan.trials)
     assert plan_keys(plan) == reference_trials(raw)
+
+
+# -- GPU-hours ---------------------------------------------------------------------------------
+HOURS_GRID = """\
+name: hours
+data: {{val_fraction: {val}}}
+axes:
+  dataset: digits
+  model: [resnet20, resnet32]
+  pruner: [{{name: magnitude, ratio: 0.5}}]
+  schedule: [ft]
+  budget: [10, 20]
+  seed: [0]
+"""
+
+
+def _figures(tmp_path: Path, rows: list[dict[str, Any]]) -> Any:
+    path = tmp_path / "gpu_figures.json"
+    path.write_text(json.dumps({"gpu": "Test GPU", "measured_on": "2026-01-02", "torch": "2.x",
+                                "seconds_per_epoch": rows}))  # fmt: skip
+    return read_figures(path)
+
+
+def test_plan_table_says_gpu_hours_of_the_shipped_figures(tmp_path: Path) -> None:
+    plan = plan_of(tmp_path, HOURS_GRID.format(val=0))
+    assert plan.render_table().splitlines()[-1] == describe(plan.gpu_hours(shipped_figures()))
+
+
+def test_gpu_hours_are_planned_epochs_times_seconds_per_epoch(tmp_path: Path) -> None:
+    figures = _figures(
+        tmp_path,
+        [{"model": "resnet20", "dataset": "digits", "batch": 64, "seconds_per_epoch": 12.0},
+         {"model": "resnet32", "dataset": "digits", "batch": 64, "seconds_per_epoch": 18.0}],
+    )  # fmt: skip
+    # Per model: one 30-epoch digits pre-training + retrains of 10 and 20 epochs = 60 epochs.
+    plan = plan_of(tmp_path, HOURS_GRID.format(val=0))
+    assert plan.planned_epochs_by_pair() == {("resnet20", "digits"): 60, ("resnet32", "digits"): 60}
+    hours = plan.gpu_hours(figures)
+    assert hours["gpu"] == "Test GPU" and hours["measured_on"] == "2026-01-02"
+    assert hours["unknown"] == []
+    assert [p["hours"] for p in hours["pairs"]] == pytest.approx([60 * 12 / 3600, 60 * 18 / 3600])
+    assert hours["total"] == pytest.approx(0.2 + 0.3)
+    assert describe(hours) == (
+        "planned GPU-hours: 0.5 on one Test GPU (training phase, measured 2026-01-02)"
+    )
+    # A held-out validation split shortens every epoch: 1,437 digits - round(143.7) = 1,293.
+    held = plan_of(tmp_path, HOURS_GRID.format(val=0.1), name="val.yaml").gpu_hours(figures)
+    assert held["total"] == pytest.approx(0.5 * 1293 / 1437)
+
+
+def test_gpu_hours_unknown_without_a_figure(tmp_path: Path) -> None:
+    figures = _figures(
+        tmp_path, [{"model": "resnet20", "dataset": "digits", "seconds_per_epoch": 12.0}]
+    )
+    plan = plan_of(tmp_path, HOURS_GRID.format(val=0))
+    hours = plan.gpu_hours(figures)
+    assert hours["total"] is None  # one pair unmeasured: no invented total
+    assert hours["unknown"] == ["resnet32@digits"]
+    assert hours["pairs"][0]["hours"] == pytest.approx(0.2)
+    assert hours["pairs"][1]["hours"] is None
+    assert describe(hours) == (
+        "planned GPU-hours: unknown (no per-epoch figure on Test GPU for resnet32@digits)"
+    )
+    json.dumps(plan.summary())  # `nptm plan --json` carries it
+    assert "gpu_hours" in plan.summary()
