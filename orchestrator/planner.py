@@ -234,21 +234,32 @@ class _Builder:
             self.stages.setdefault(spec.id, spec)
         return spec
 
+    def _pretrain_seed(self, k: TrialKey) -> int:
+        """Seed of the pre-training and pruning a trial retrains from (see `seeds.pretrain`)."""
+        seeds = self.grid.seeds
+        return seeds.shared_seed if seeds.pretrain == "shared" else k.seed
+
     def build(self, keys: list[TrialKey]) -> Plan:
         grid = self.grid
         recipes = {ds: grid.recipe(ds) for ds in {k.dataset for k in keys}}
         val_fraction = grid.data.val_fraction
+        precision = grid.resources.precision
         trials = []
         for k in keys:
             recipe = recipes[k.dataset]
-            pre = self.memo.get(("pretrain", k.dataset, k.model, k.seed))
-            if pre is None:
-                pre = self._add(
-                    ("pretrain", k.dataset, k.model, k.seed),
-                    lambda k=k, recipe=recipe: StageSpec(
-                        "pretrain", k.dataset, k.model, k.seed, recipe, val_fraction=val_fraction
-                    ),
-                )
+            seed = self._pretrain_seed(k)
+            pre = self._add(
+                ("pretrain", k.dataset, k.model, seed),
+                lambda k=k, recipe=recipe, seed=seed: StageSpec(
+                    "pretrain",
+                    k.dataset,
+                    k.model,
+                    seed,
+                    recipe,
+                    val_fraction=val_fraction,
+                    precision=precision,
+                ),
+            )
             chain = [pre.id]
             parent = pre
             for r in range(1, self.rounds + 1):
@@ -269,13 +280,15 @@ class _Builder:
         ratio = k.ratio
         if ratio is not None and not PRUNERS[k.pruner].structured:
             ratio = cumulative_ratio(ratio, r, self.rounds)
+        # Round 1 of a shared pre-training is shared too: it prunes the one shared network.
+        seed = self._pretrain_seed(k) if r == 1 else k.seed
         return self._add(
-            ("prune", parent.id, k.pruner, ratio, k.preset, k.seed, r),
+            ("prune", parent.id, k.pruner, ratio, k.preset, seed, r),
             lambda: StageSpec(
                 "prune",
                 k.dataset,
                 k.model,
-                k.seed,
+                seed,
                 recipe,
                 val_fraction=parent.val_fraction,
                 parents=(parent.id,),
@@ -283,8 +296,15 @@ class _Builder:
                 ratio=ratio,
                 preset=k.preset,
                 round=r,
+                split_seed=self._split_seed(k, seed),
+                precision=parent.precision,
             ),
         )
+
+    def _split_seed(self, k: TrialKey, stage_seed: int) -> int | None:
+        """The pre-training's split seed where a stage's own seed differs from it."""
+        seed = self._pretrain_seed(k)
+        return None if seed == stage_seed else seed
 
     def _retrain(self, k: TrialKey, recipe: Recipe, parent: StageSpec, pre: StageSpec) -> StageSpec:
         # wr also reads the pretrain stage's checkpoint at epoch T - budget.
@@ -306,6 +326,8 @@ class _Builder:
                 schedule=k.schedule,
                 budget=k.budget,
                 overrides=k.overrides,
+                split_seed=self._split_seed(k, k.seed),
+                precision=parent.precision,
             ),
         )
 

@@ -66,6 +66,7 @@ def check_grid(grid: Grid, raw: dict[str, Any]) -> None:
         if isinstance(ds, str) and ds in catalog.DATASETS:
             datasets.setdefault(ds)
     grid._recipes = _recipes(grid.pretrain, datasets)
+    _check_batch_split(grid, grid._recipes)
 
     space = Space(
         [
@@ -118,6 +119,27 @@ def _check_resources(grid: Grid) -> None:
             "resources.gpus_per_worker",
             f"{gpus} is neither a fraction of one GPU nor a whole number of GPUs",
         )
+
+
+def _check_batch_split(grid: Grid, recipes: dict[str, Recipe]) -> None:
+    """A recipe's batch is the global batch of one step: the DDP workers must split it evenly."""
+    workers = grid.resources.workers_per_trial
+    for ds, recipe in recipes.items():
+        if recipe.batch_size % workers:
+            own = isinstance(grid.pretrain.get(ds), dict) and "batch_size" in grid.pretrain[ds]
+            given = own or "batch_size" in grid.pretrain
+            field = (
+                (f"pretrain.{ds}.batch_size" if own else "pretrain.batch_size")
+                if given
+                else "resources.workers_per_trial"
+            )
+            raise GridIssue(
+                field,
+                f"{recipe.batch_size if given else workers}: the batch_size {recipe.batch_size} "
+                f"of dataset {ds!r} is the global batch of one optimizer step and must split "
+                f"evenly over workers_per_trial = {workers} DDP workers; choose a batch_size "
+                "divisible by the number of workers",
+            )
 
 
 def _check_unique(raw: dict[str, Any], where: tuple[str, str], values: list[Any]) -> None:

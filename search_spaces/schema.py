@@ -61,6 +61,16 @@ class ResourcesSection(_Section):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
     max_concurrent: int | None = Field(default=None, ge=1)
+    # fp32: full precision (the paper's); bf16: bfloat16 autocast of forward passes, opt-in.
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class SeedsSection(_Section):
+    # per_trial: every seed of axes.seed pre-trains and prunes its own network;
+    # shared: one pre-trained and pruned network per (dataset, model, pruner target), made with
+    # `shared_seed`, that every seed of axes.seed retrains (the paper's protocol).
+    pretrain: Literal["per_trial", "shared"] = "per_trial"
+    shared_seed: int = Field(default=0, ge=0)
 
 
 class IterativeSection(_Section):
@@ -93,6 +103,7 @@ class Grid(_Section):
     # Recipe-field overrides for every dataset, or under a dataset name for that dataset only.
     pretrain: dict[str, Any] = Field(default_factory=dict)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    seeds: SeedsSection = Field(default_factory=SeedsSection)
     iterative: IterativeSection = Field(default_factory=IterativeSection)
     axes: Axes
     exclude: list[dict[str, Any]] = Field(default_factory=list)

@@ -369,6 +369,60 @@ def test_planned_and_naive_epochs(tmp_path: Path) -> None:
         assert needle in table
 
 
+SHARED = """\
+name: shared
+data: {val_fraction: 0.1}
+seeds: {pretrain: shared, shared_seed: 7}
+axes:
+  dataset: digits
+  model: [resnet20, resnet32]
+  pruner:
+    - {name: magnitude, ratio: 0.9}
+    - {name: random, ratio: [0.5, 0.9]}
+  schedule: [ft, wr]
+  budget: [10, 20]
+  seed: [0, 1, 2]
+"""
+
+
+def test_shared_pretrain_plans_one_pretraining_per_model(tmp_path: Path) -> None:
+    plan = plan_of(tmp_path, SHARED)
+    # 2 models x 3 targets x 2 schedules x 2 budgets x 3 seeds = 72 trials.
+    assert len(plan.trials) == 72
+    assert plan.count_by_kind() == {
+        "pretrain": 2,  # one per (dataset, model), whatever the seeds
+        "prune": 2 * 3,  # one per pre-trained network and target: pruning is shared too
+        "retrain": 72,  # every seed retrains
+    }
+    # planned: 2 x 30 pre-training epochs + 36 retrains x 10 + 36 x 20; naive: 72 x 30 + same
+    assert plan.planned_epochs() == {"pretrain": 60, "prune": 0, "retrain": 1080}
+    for t in plan.trials:
+        pre, prune, retrain = (plan.stages[s] for s in t.chain)
+        assert pre.seed == prune.seed == 7 and pre.split_seed is prune.split_seed is None
+        assert retrain.seed == t.seed
+        # a retraining seed keeps the shared network's train/validation split
+        assert retrain.data_split_seed == 7 and retrain.split_seed == 7
+    # per_trial (the default) pre-trains and prunes once per seed, as before
+    own = plan_of(tmp_path, SHARED.replace("pretrain: shared", "pretrain: per_trial"), "b.yaml")
+    assert own.count_by_kind() == {"pretrain": 2 * 3, "prune": 2 * 3 * 3, "retrain": 72}
+    assert all(s.split_seed is None for s in own.stages.values())
+
+
+def test_shared_seed_equal_to_a_trial_seed_is_the_same_stage(tmp_path: Path) -> None:
+    shared = plan_of(tmp_path, SHARED.replace("shared_seed: 7", "shared_seed: 0"))
+    own = plan_of(tmp_path, SHARED.replace("pretrain: shared", "pretrain: per_trial"), "b.yaml")
+    seed0 = {t.stage_id for t in own.trials if t.seed == 0}
+    assert seed0 == {t.stage_id for t in shared.trials if t.seed == 0}
+
+
+def test_precision_is_recorded_and_part_of_the_identity(tmp_path: Path) -> None:
+    fp32 = plan_of(tmp_path, SHARED)
+    bf16 = plan_of(tmp_path, SHARED + "resources: {precision: bf16}\n", "b.yaml")
+    assert {s.precision for s in fp32.stages.values()} == {"fp32"}
+    assert {s.precision for s in bf16.stages.values()} == {"bf16"}
+    assert not set(fp32.stages) & set(bf16.stages)
+
+
 def test_keep_epochs_for_weight_rewinding(tmp_path: Path) -> None:
     text = """\
     name: wr

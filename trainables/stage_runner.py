@@ -67,6 +67,7 @@ def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = No
         "wall_seconds": time.time() - started,
         "node": _node_id(),
         "workers": env.world_size,
+        "precision": spec.precision,
     }
     outcome["device_hours"] = outcome["wall_seconds"] * env.world_size / 3600.0
     if env.rank == 0:
@@ -119,7 +120,7 @@ def _train(
         spec.dataset,
         env.data_root,
         val_fraction=spec.val_fraction,
-        split_seed=spec.seed,
+        split_seed=spec.data_split_seed,
         download=env.download,
     )
     device = torch.device(env.device)
@@ -163,6 +164,7 @@ def _train(
         on_epoch=on_epoch,
         checkpoint=checkpoint,
         weight_decay=spec.override_dict.get("weight_decay"),
+        precision=spec.precision,
     )
     return {
         "test_acc": result.test_acc,
@@ -235,7 +237,7 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
         spec.dataset,
         env.data_root,
         val_fraction=spec.val_fraction,
-        split_seed=spec.seed,
+        split_seed=spec.data_split_seed,
         download=env.download,
     )
     batches = None
