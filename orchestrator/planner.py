@@ -7,6 +7,16 @@ Every trial is a chain of stages::
         -> retrain(schedule, budget, overrides, seed)        # the trial's result when k = 1
           -> prune(round 2, cumulative ratio) -> retrain -> ... (k = iterative.rounds)
 
+Seeds: by default (`seeds.pretrain: per_trial`) every seed of the axis pre-trains and prunes
+its own network. With `seeds.pretrain: shared` one network per (dataset, model) is pre-trained
+with `seeds.shared_seed` and pruned once per pruner target (random pruners included), and the
+seed axis varies the retraining only (data order, augmentation, scratch's initialisation);
+retrain stages then keep the shared network's train/validation split (`split_seed`).
+
+`scratch_e` and `scratch_b` train for a length of their own (T, and T x base MACs / pruned
+MACs), computed here at plan time, so their stages and trials carry that many epochs as their
+budget whatever the budget axis says.
+
 A stage's id is a content hash of what determines its output, its parents' ids included, so
 trials that share a pre-trained model (or a pruned one) share the stage: 3 seeds x 4 pruner
 settings x 6 schedules need 3 pre-training runs, not 72. `scratch` is a retrain schedule like
@@ -36,9 +46,9 @@ from search_spaces.errors import GridError
 from search_spaces.expand import TrialKey
 from search_spaces.loader import ensure_checked
 from search_spaces.schema import Grid
-from trainables.catalog import PRUNERS
+from trainables.catalog import FULL_LENGTH_SCHEDULES, PRUNERS
 from trainables.recipe import Recipe
-from trainables.schedules import rewind_epoch
+from trainables.schedules import rewind_epoch, run_epochs
 from trainables.stage import StageSpec
 
 __all__ = ["KINDS", "Plan", "Trial", "build_plan", "cumulative_ratio"]
@@ -225,6 +235,7 @@ class _Builder:
         self.stages: dict[str, StageSpec] = {}
         self.memo: dict[tuple[Any, ...], StageSpec] = {}
         self.keep: dict[str, set[int]] = defaultdict(set)
+        self.macs: dict[tuple[Any, ...], tuple[int, int]] = {}  # (base, pruned) per target
 
     def _add(self, key: tuple[Any, ...], make: Any) -> StageSpec:
         spec = self.memo.get(key)
@@ -245,6 +256,7 @@ class _Builder:
         val_fraction = grid.data.val_fraction
         precision = grid.resources.precision
         trials = []
+        seen: set[TrialKey] = set()
         for k in keys:
             recipe = recipes[k.dataset]
             seed = self._pretrain_seed(k)
@@ -260,6 +272,13 @@ class _Builder:
                     precision=precision,
                 ),
             )
+            if k.schedule in FULL_LENGTH_SCHEDULES:
+                # scratch_e / scratch_b train a length of their own: the trial's budget is it,
+                # and trials that differ only in the budget axis are one trial.
+                k = k._replace(budget=self._full_length(k, recipe))
+                if k in seen:
+                    continue
+            seen.add(k)
             chain = [pre.id]
             parent = pre
             for r in range(1, self.rounds + 1):
@@ -300,6 +319,25 @@ class _Builder:
                 precision=parent.precision,
             ),
         )
+
+    def _full_length(self, k: TrialKey, recipe: Recipe) -> int:
+        """Epochs of a scratch_e / scratch_b trial, known exactly at plan time.
+
+        A pruned network's MACs follow from the model and the preset or ratio alone (filter
+        counts do not depend on the weights; a masked layer keeps its dense MACs), so they are
+        counted on a freshly built model, once per (dataset, model, pruner target).
+        """
+        if k.schedule == "scratch_e" or not PRUNERS[k.pruner].structured:
+            # Unstructured pruning leaves the MACs unchanged: Scratch-B is Scratch-E.
+            return run_epochs(k.schedule, k.budget, recipe, base_macs=1, pruned_macs=1)
+        key = (k.dataset, k.model, k.pruner, k.ratio, k.preset)
+        if key not in self.macs:
+            from trainables.inspect import inspect_model  # torch: only for scratch_b grids
+
+            counts = inspect_model(k.dataset, k.model, k.pruner, k.ratio, k.preset)
+            self.macs[key] = (counts["base"]["macs"], counts["pruned"]["macs"])
+        base, pruned = self.macs[key]
+        return run_epochs(k.schedule, k.budget, recipe, base_macs=base, pruned_macs=pruned)
 
     def _split_seed(self, k: TrialKey, stage_seed: int) -> int | None:
         """The pre-training's split seed where a stage's own seed differs from it."""

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ import yaml
 from orchestrator.planner import Plan, build_plan, cumulative_ratio
 from search_spaces import GridError, load_grid
 from trainables.catalog import PRUNERS
+from trainables.inspect import inspect_model
 from trainables.recipe import DEFAULT_RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +36,13 @@ def plan_of(tmp_path: Path, text: str, name: str = "grid.yaml", **kw: Any) -> Pl
     return build_plan(load_grid(write(tmp_path, text, name)), **kw)
 
 
-def reference_trials(raw: dict[str, Any]) -> set[tuple[Any, ...]]:
-    """A deliberately naive expansion of the raw YAML: nested loops, dict matching."""
+def reference_trials(
+    raw: dict[str, Any], length: Callable[[dict[str, Any]], int] | None = None
+) -> set[tuple[Any, ...]]:
+    """A deliberately naive expansion of the raw YAML: nested loops, dict matching.
+
+    `length(trial)` gives the epochs of a scratch_e / scratch_b trial, which replace its budget.
+    """
 
     def listify(v: Any) -> list[Any]:
         return v if isinstance(v, list) else [v]
@@ -73,6 +80,9 @@ def reference_trials(raw: dict[str, Any]) -> set[tuple[Any, ...]]:
             for rule in raw.get("exclude", [])
         ):
             continue
+        if trial["schedule"] in ("scratch_e", "scratch_b"):
+            assert length is not None
+            trial["budget"] = length(trial)
         out.add(_key(trial, ov_names))
     for inc in raw.get("include", []):
         out.add(_key(inc, sorted(k for k in inc if k == "lr")))
@@ -423,6 +433,42 @@ def test_precision_is_recorded_and_part_of_the_identity(tmp_path: Path) -> None:
     assert not set(fp32.stages) & set(bf16.stages)
 
 
+def test_scratch_e_and_scratch_b_lengths_are_known_at_plan_time(tmp_path: Path) -> None:
+    text = """\
+    name: scratch
+    axes:
+      dataset: cifar10
+      model: resnet56
+      pruner:
+        - {name: l1_filter, preset: B}
+        - {name: magnitude, ratio: 0.9}
+      schedule: [ft, scratch, scratch_e, scratch_b]
+      budget: [40, 72]
+      seed: [0]
+    """
+    plan = plan_of(tmp_path, text)
+    lengths = {(t.pruner, t.schedule): set() for t in plan.trials}
+    for t in plan.trials:
+        lengths[(t.pruner, t.schedule)].add(t.budget)
+        assert plan.stages[t.stage_id].budget == t.budget
+    # ResNet-56-B keeps 90,907,264 of 125,485,696 MACs (see test_schedules):
+    # int(160 * 125,485,696 / 90,907,264) = 220. Unstructured pruning keeps the MACs: 160.
+    assert lengths == {
+        ("l1_filter", "ft"): {40, 72},
+        ("l1_filter", "scratch"): {40, 72},
+        ("l1_filter", "scratch_e"): {160},
+        ("l1_filter", "scratch_b"): {220},
+        ("magnitude", "ft"): {40, 72},
+        ("magnitude", "scratch"): {40, 72},
+        ("magnitude", "scratch_e"): {160},
+        ("magnitude", "scratch_b"): {160},
+    }
+    # 2 targets x (2 schedules x 2 budgets + scratch_e + scratch_b) = 12 trials, one stage each
+    assert len(plan.trials) == 12 and plan.count_by_kind()["retrain"] == 12
+    # planned retraining epochs: per target 40 + 72 (ft) + 40 + 72 (scratch) + E + B
+    assert plan.planned_epochs()["retrain"] == (224 + 160 + 220) + (224 + 160 + 160) == 1148
+
+
 def test_keep_epochs_for_weight_rewinding(tmp_path: Path) -> None:
     text = """\
     name: wr
@@ -524,9 +570,21 @@ def test_max_trials_counts_after_exclude_and_include(tmp_path: Path) -> None:
 def test_shipped_grid_matches_reference_expansion(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     plan = build_plan(load_grid(path))
-    assert plan_keys(plan) == reference_trials(raw)
+
+    def length(trial: dict[str, Any]) -> int:
+        # Liu et al.'s Scratch-E / Scratch-B, rounded as main_B.py: int(T * base / pruned)
+        epochs = plan.grid.recipe(trial["dataset"]).epochs
+        if trial["schedule"] == "scratch_e" or not PRUNERS[trial["pruner"]].structured:
+            return epochs
+        counts = inspect_model(trial["dataset"], trial["model"], trial["pruner"],
+                               trial.get("ratio"), trial.get("preset"))  # fmt: skip
+        return int(epochs * (counts["base"]["macs"] / counts["pruned"]["macs"]))
+
+    assert plan_keys(plan) == reference_trials(raw, length)
     s = plan.summary()
-    models_seeds = {(t.dataset, t.model, t.seed) for t in plan.trials}
+    shared = raw.get("seeds", {}).get("pretrain") == "shared"
+    shared_seed = raw.get("seeds", {}).get("shared_seed", 0)
+    models_seeds = {(t.dataset, t.model, shared_seed if shared else t.seed) for t in plan.trials}
     assert s["stages"]["pretrain"] == len(models_seeds)
     assert s["stages"]["retrain"] == len(plan.trials) * plan.grid.rounds
     naive = sum(

@@ -249,9 +249,7 @@ def _ddp_fit(model: nn.Module, rank: int, world: int) -> tuple:
     loaders = make_loaders(
         _ddp_bundle(), batch_size=2 * DDP_B, device="cpu", seed=4, rank=rank, world_size=world
     )
-    lrs = lr_schedule(
-        "slr", budget=DDP_EPOCHS, steps_per_epoch=len(loaders.train), recipe=RECIPE
-    )
+    lrs = lr_schedule("slr", budget=DDP_EPOCHS, steps_per_epoch=len(loaders.train), recipe=RECIPE)
     calls: list[int] = []
     result = fit(
         model, loaders, lrs, RECIPE, epochs=DDP_EPOCHS, device="cpu", seed=4,

@@ -20,7 +20,7 @@ from torch import nn
 
 from trainables import schedules
 from trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
-from trainables.catalog import PRUNERS
+from trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
 from trainables.data import load_dataset, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
@@ -281,7 +281,7 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
         model.load_state_dict(rewound["state_dict"], strict=True)
         for plan in plans:
             model = apply_plan(model, plan)
-    elif spec.schedule == "scratch":
+    elif spec.schedule in SCRATCH_SCHEDULES:
         # A fresh initialisation: a seed unrelated to the pre-training's, so scratch never
         # inherits the pre-trained network's initial weights.
         model = _architecture(spec, plans, init_seed=int(spec.id[:8], 16))
