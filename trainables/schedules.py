@@ -64,8 +64,8 @@ so no floating-point error can move a drop by one step. The warm-up length W is 
 same way (from the float ``warmup_fraction``).
 
 Overrides (``KNOWN_OVERRIDES``): ``{"lr": x}`` sets ``peak`` = x for ``slr``, ``clr`` and
-the three ``scratch`` schedules and the constant for ``ft``; for ``lrw``/``wr`` it scales the replayed curve so
-that its maximum equals x (the shape of the replayed segment is kept).
+the three ``scratch`` schedules and the constant for ``ft``; for ``lrw``/``wr`` it scales the
+replayed curve so that its maximum equals x (the shape of the replayed segment is kept).
 
 ``pretrain_schedule(recipe, S)`` is the pre-training run itself: ``recipe.lr_at_epoch(e)``
 for every step of epoch e, which is what ``MultiStepLR`` stepped once per epoch produces.
