@@ -42,10 +42,9 @@ from functools import cached_property
 from typing import Any
 
 from search_spaces import expand
+from search_spaces.checks import CheckedGrid
 from search_spaces.errors import GridError
 from search_spaces.expand import TrialKey
-from search_spaces.loader import ensure_checked
-from search_spaces.schema import Grid
 from trainables.catalog import FULL_LENGTH_SCHEDULES, PRUNERS
 from trainables.recipe import Recipe
 from trainables.schedules import rewind_epoch, run_epochs
@@ -94,7 +93,9 @@ def cumulative_ratio(ratio: float, round_: int, rounds: int) -> float:
 class Plan:
     """The deduplicated stage DAG of a grid and the trials it serves."""
 
-    def __init__(self, grid: Grid, stages: dict[str, StageSpec], trials: list[Trial]) -> None:
+    def __init__(
+        self, grid: CheckedGrid, stages: dict[str, StageSpec], trials: list[Trial]
+    ) -> None:
         self.grid = grid
         self.stages = stages  # topological order: parents before children
         self.trials = trials
@@ -201,14 +202,13 @@ class Plan:
         }
 
 
-def build_plan(grid: Grid, *, confirm_large: bool = False) -> Plan:
-    """Expand `grid` into trials and their deduplicated stage DAG.
+def build_plan(grid: CheckedGrid, *, confirm_large: bool = False) -> Plan:
+    """Expand a checked grid (`search_spaces.load_grid`) into trials and their stage DAG.
 
     Raises GridError when the grid has more than `max_trials` trials and `confirm_large` is
     not set (the CLI's --confirm-large).
     """
-    ensure_checked(grid)
-    space, includes = grid._space, grid._includes
+    space, includes = grid.space, list(grid.includes)
     n = expand.count(space, includes)
     if n > grid.max_trials and not confirm_large:
         raise GridError(
@@ -229,7 +229,7 @@ def build_plan(grid: Grid, *, confirm_large: bool = False) -> Plan:
 class _Builder:
     """Builds stages once per distinct key; children reuse their parents' ids."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: CheckedGrid) -> None:
         self.grid = grid
         self.rounds = grid.rounds
         self.stages: dict[str, StageSpec] = {}
@@ -323,18 +323,26 @@ class _Builder:
     def _full_length(self, k: TrialKey, recipe: Recipe) -> int:
         """Epochs of a scratch_e / scratch_b trial, known exactly at plan time.
 
-        A pruned network's MACs follow from the model and the preset or ratio alone (filter
-        counts do not depend on the weights; a masked layer keeps its dense MACs), so they are
-        counted on a freshly built model, once per (dataset, model, pruner target).
+        A pruned network's MACs follow from the model and the preset or ratio alone: every
+        structured pruner keeps the filter counts `filter_counts` derives from them, whatever
+        the weights, and a masked layer keeps its dense MACs. So they are counted on a freshly
+        built model, once per (dataset, model, preset | ratio).
         """
         if k.schedule == "scratch_e" or not PRUNERS[k.pruner].structured:
             # Unstructured pruning leaves the MACs unchanged: Scratch-B is Scratch-E.
             return run_epochs(k.schedule, k.budget, recipe, base_macs=1, pruned_macs=1)
-        key = (k.dataset, k.model, k.pruner, k.ratio, k.preset)
+        key = (k.dataset, k.model, k.ratio, k.preset)
         if key not in self.macs:
-            from trainables.inspect import inspect_model  # torch: only for scratch_b grids
+            import torch  # only grids with scratch_b pay for importing it
 
-            counts = inspect_model(k.dataset, k.model, k.pruner, k.ratio, k.preset)
+            from trainables.inspect import inspect_model
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # batch-1 passes of a small model: more threads only wait
+            try:
+                counts = inspect_model(k.dataset, k.model, k.pruner, k.ratio, k.preset)
+            finally:
+                torch.set_num_threads(threads)
             self.macs[key] = (counts["base"]["macs"], counts["pruned"]["macs"])
         base, pruned = self.macs[key]
         return run_epochs(k.schedule, k.budget, recipe, base_macs=base, pruned_macs=pruned)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
-
-from trainables.recipe import Recipe
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -95,7 +93,8 @@ class Axes(_Section):
 
 
 class Grid(_Section):
-    """A validated grid. Build it with `search_spaces.load_grid` / `parse_grid`."""
+    """The content of a grid file, as parsed; `search_spaces.load_grid` / `parse_grid` check it
+    further and return a `search_spaces.checks.CheckedGrid`."""
 
     name: str
     max_trials: int = Field(default=DEFAULT_MAX_TRIALS, ge=1)
@@ -108,22 +107,6 @@ class Grid(_Section):
     axes: Axes
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     include: list[dict[str, Any]] = Field(default_factory=list)
-
-    # Filled by `search_spaces.checks.check_grid`: the file it came from, the resolved
-    # pre-training recipe of each dataset, the product space and the include trials.
-    _source: str = PrivateAttr(default="<grid>")
-    _recipes: dict[str, Recipe] = PrivateAttr(default_factory=dict)
-    _space: Any = PrivateAttr(default=None)  # search_spaces.expand.Space
-    _includes: list[Any] = PrivateAttr(default_factory=list)  # include trials (TrialKey)
-    _checked: bool = PrivateAttr(default=False)
-
-    @property
-    def source(self) -> str:
-        return self._source
-
-    def recipe(self, dataset: str) -> Recipe:
-        """The pre-training recipe of `dataset`: its default with the grid's `pretrain` applied."""
-        return self._recipes[dataset]
 
     @property
     def rounds(self) -> int:

@@ -84,6 +84,7 @@ from trainables.recipe import Recipe
 
 __all__ = [
     "KNOWN_OVERRIDES",
+    "check_override",
     "lr_schedule",
     "momentum_schedule",
     "pretrain_schedule",
@@ -251,15 +252,23 @@ def _check_positive_int(field: str, value: object) -> None:
         raise ValueError(f"{field} must be a positive integer, got {value!r}")
 
 
+def check_override(name: str, value: object) -> float:
+    """The value of schedule override `name`, normalised; ValueError if it is not valid."""
+    if name not in KNOWN_OVERRIDES:
+        raise ValueError(f"unknown schedule override {name!r}; known: {sorted(KNOWN_OVERRIDES)}")
+    # lr, the only override: a positive finite number
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"override lr must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def _peak_override(overrides: Mapping[str, float] | None) -> float | None:
     if not overrides:
         return None
-    for key in overrides:
-        if key not in KNOWN_OVERRIDES:
-            raise ValueError(f"unknown schedule override {key!r}; known: {sorted(KNOWN_OVERRIDES)}")
-    if "lr" not in overrides:
-        return None
-    lr = overrides["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"override lr must be a positive finite number, got {lr!r}")
-    return float(lr)
+    checked = {key: check_override(key, value) for key, value in overrides.items()}
+    return checked.get("lr")
