@@ -71,7 +71,7 @@ def measure(n_trials: int, repeats: int = 3) -> dict[str, Any]:
     expand_times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        keys = ex.expand(grid._space, grid._includes)
+        keys = ex.expand(grid.space, list(grid.includes))
         expand_times.append(time.perf_counter() - t0)
         assert len(keys) == n_trials, (len(keys), n_trials)
         del keys

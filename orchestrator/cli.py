@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--preset")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser(
+        "schedules", help="lr and momentum of every retraining schedule (the paper's Figure 1)"
+    )
+    p.add_argument("--dataset", required=True, help="whose default recipe defines the curves")
+    p.add_argument("--budget", type=int, required=True, help="retraining epochs")
+    p.add_argument("--json", action="store_true", help="per-epoch values as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw every step of every curve")
+
     p = sub.add_parser("report", help="the schedule-vs-pruner analysis of a sweep")
     p.add_argument("sweep")
     _storage_arg(p)

@@ -123,6 +123,22 @@ def inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def schedules(args: argparse.Namespace) -> int:
+    from trainables.schedule_curves import per_epoch, plot_curves, render_curves, schedule_curves
+
+    try:
+        result = schedule_curves(args.dataset, args.budget)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if args.plot:
+        plot_curves(result, args.plot)
+    if args.json:
+        print_json(per_epoch(result))
+    else:
+        print(render_curves(result))
+    return EXIT_OK
+
+
 def _sweep_store(args: argparse.Namespace):
     from results.store import SweepStore
 
@@ -218,6 +234,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": plan,
     "sweep": sweep,
     "inspect": inspect,
+    "schedules": schedules,
     "report": report,
     "status": status,
     "best": best,

@@ -7,6 +7,16 @@ Every trial is a chain of stages::
         -> retrain(schedule, budget, overrides, seed)        # the trial's result when k = 1
           -> prune(round 2, cumulative ratio) -> retrain -> ... (k = iterative.rounds)
 
+Seeds: by default (`seeds.pretrain: per_trial`) every seed of the axis pre-trains and prunes
+its own network. With `seeds.pretrain: shared` one network per (dataset, model) is pre-trained
+with `seeds.shared_seed` and pruned once per pruner target (random pruners included), and the
+seed axis varies the retraining only (data order, augmentation, scratch's initialisation);
+retrain stages then keep the shared network's train/validation split (`split_seed`).
+
+`scratch_e` and `scratch_b` train for a length of their own (T, and T x base MACs / pruned
+MACs), computed here at plan time, so their stages and trials carry that many epochs as their
+budget whatever the budget axis says.
+
 A stage's id is a content hash of what determines its output, its parents' ids included, so
 trials that share a pre-trained model (or a pruned one) share the stage: 3 seeds x 4 pruner
 settings x 6 schedules need 3 pre-training runs, not 72. `scratch` is a retrain schedule like
@@ -33,13 +43,12 @@ from typing import Any
 
 from orchestrator.gpu_hours import GpuFigures, describe, gpu_hours, shipped_figures
 from search_spaces import expand
+from search_spaces.checks import CheckedGrid
 from search_spaces.errors import GridError
 from search_spaces.expand import TrialKey
-from search_spaces.loader import ensure_checked
-from search_spaces.schema import Grid
-from trainables.catalog import PRUNERS
+from trainables.catalog import FULL_LENGTH_SCHEDULES, PRUNERS
 from trainables.recipe import Recipe
-from trainables.schedules import rewind_epoch
+from trainables.schedules import rewind_epoch, run_epochs
 from trainables.stage import StageSpec
 
 __all__ = ["KINDS", "Plan", "Trial", "build_plan", "cumulative_ratio"]
@@ -85,7 +94,9 @@ def cumulative_ratio(ratio: float, round_: int, rounds: int) -> float:
 class Plan:
     """The deduplicated stage DAG of a grid and the trials it serves."""
 
-    def __init__(self, grid: Grid, stages: dict[str, StageSpec], trials: list[Trial]) -> None:
+    def __init__(
+        self, grid: CheckedGrid, stages: dict[str, StageSpec], trials: list[Trial]
+    ) -> None:
         self.grid = grid
         self.stages = stages  # topological order: parents before children
         self.trials = trials
@@ -209,14 +220,13 @@ class Plan:
         }
 
 
-def build_plan(grid: Grid, *, confirm_large: bool = False) -> Plan:
-    """Expand `grid` into trials and their deduplicated stage DAG.
+def build_plan(grid: CheckedGrid, *, confirm_large: bool = False) -> Plan:
+    """Expand a checked grid (`search_spaces.load_grid`) into trials and their stage DAG.
 
     Raises GridError when the grid has more than `max_trials` trials and `confirm_large` is
     not set (the CLI's --confirm-large).
     """
-    ensure_checked(grid)
-    space, includes = grid._space, grid._includes
+    space, includes = grid.space, list(grid.includes)
     n = expand.count(space, includes)
     if n > grid.max_trials and not confirm_large:
         raise GridError(
@@ -237,12 +247,13 @@ def build_plan(grid: Grid, *, confirm_large: bool = False) -> Plan:
 class _Builder:
     """Builds stages once per distinct key; children reuse their parents' ids."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: CheckedGrid) -> None:
         self.grid = grid
         self.rounds = grid.rounds
         self.stages: dict[str, StageSpec] = {}
         self.memo: dict[tuple[Any, ...], StageSpec] = {}
         self.keep: dict[str, set[int]] = defaultdict(set)
+        self.macs: dict[tuple[Any, ...], tuple[int, int]] = {}  # (base, pruned) per target
 
     def _add(self, key: tuple[Any, ...], make: Any) -> StageSpec:
         spec = self.memo.get(key)
@@ -252,21 +263,40 @@ class _Builder:
             self.stages.setdefault(spec.id, spec)
         return spec
 
+    def _pretrain_seed(self, k: TrialKey) -> int:
+        """Seed of the pre-training and pruning a trial retrains from (see `seeds.pretrain`)."""
+        seeds = self.grid.seeds
+        return seeds.shared_seed if seeds.pretrain == "shared" else k.seed
+
     def build(self, keys: list[TrialKey]) -> Plan:
         grid = self.grid
         recipes = {ds: grid.recipe(ds) for ds in {k.dataset for k in keys}}
         val_fraction = grid.data.val_fraction
+        precision = grid.resources.precision
         trials = []
+        seen: set[TrialKey] = set()
         for k in keys:
             recipe = recipes[k.dataset]
-            pre = self.memo.get(("pretrain", k.dataset, k.model, k.seed))
-            if pre is None:
-                pre = self._add(
-                    ("pretrain", k.dataset, k.model, k.seed),
-                    lambda k=k, recipe=recipe: StageSpec(
-                        "pretrain", k.dataset, k.model, k.seed, recipe, val_fraction=val_fraction
-                    ),
-                )
+            seed = self._pretrain_seed(k)
+            pre = self._add(
+                ("pretrain", k.dataset, k.model, seed),
+                lambda k=k, recipe=recipe, seed=seed: StageSpec(
+                    "pretrain",
+                    k.dataset,
+                    k.model,
+                    seed,
+                    recipe,
+                    val_fraction=val_fraction,
+                    precision=precision,
+                ),
+            )
+            if k.schedule in FULL_LENGTH_SCHEDULES:
+                # scratch_e / scratch_b train a length of their own: the trial's budget is it,
+                # and trials that differ only in the budget axis are one trial.
+                k = k._replace(budget=self._full_length(k, recipe))
+                if k in seen:
+                    continue
+            seen.add(k)
             chain = [pre.id]
             parent = pre
             for r in range(1, self.rounds + 1):
@@ -287,13 +317,15 @@ class _Builder:
         ratio = k.ratio
         if ratio is not None and not PRUNERS[k.pruner].structured:
             ratio = cumulative_ratio(ratio, r, self.rounds)
+        # Round 1 of a shared pre-training is shared too: it prunes the one shared network.
+        seed = self._pretrain_seed(k) if r == 1 else k.seed
         return self._add(
-            ("prune", parent.id, k.pruner, ratio, k.preset, k.seed, r),
+            ("prune", parent.id, k.pruner, ratio, k.preset, seed, r),
             lambda: StageSpec(
                 "prune",
                 k.dataset,
                 k.model,
-                k.seed,
+                seed,
                 recipe,
                 val_fraction=parent.val_fraction,
                 parents=(parent.id,),
@@ -301,8 +333,42 @@ class _Builder:
                 ratio=ratio,
                 preset=k.preset,
                 round=r,
+                split_seed=self._split_seed(k, seed),
+                precision=parent.precision,
             ),
         )
+
+    def _full_length(self, k: TrialKey, recipe: Recipe) -> int:
+        """Epochs of a scratch_e / scratch_b trial, known exactly at plan time.
+
+        A pruned network's MACs follow from the model and the preset or ratio alone: every
+        structured pruner keeps the filter counts `filter_counts` derives from them, whatever
+        the weights, and a masked layer keeps its dense MACs. So they are counted on a freshly
+        built model, once per (dataset, model, preset | ratio).
+        """
+        if k.schedule == "scratch_e" or not PRUNERS[k.pruner].structured:
+            # Unstructured pruning leaves the MACs unchanged: Scratch-B is Scratch-E.
+            return run_epochs(k.schedule, k.budget, recipe, base_macs=1, pruned_macs=1)
+        key = (k.dataset, k.model, k.ratio, k.preset)
+        if key not in self.macs:
+            import torch  # only grids with scratch_b pay for importing it
+
+            from trainables.inspect import inspect_model
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # batch-1 passes of a small model: more threads only wait
+            try:
+                counts = inspect_model(k.dataset, k.model, k.pruner, k.ratio, k.preset)
+            finally:
+                torch.set_num_threads(threads)
+            self.macs[key] = (counts["base"]["macs"], counts["pruned"]["macs"])
+        base, pruned = self.macs[key]
+        return run_epochs(k.schedule, k.budget, recipe, base_macs=base, pruned_macs=pruned)
+
+    def _split_seed(self, k: TrialKey, stage_seed: int) -> int | None:
+        """The pre-training's split seed where a stage's own seed differs from it."""
+        seed = self._pretrain_seed(k)
+        return None if seed == stage_seed else seed
 
     def _retrain(self, k: TrialKey, recipe: Recipe, parent: StageSpec, pre: StageSpec) -> StageSpec:
         # wr also reads the pretrain stage's checkpoint at epoch T - budget.
@@ -324,6 +390,8 @@ class _Builder:
                 schedule=k.schedule,
                 budget=k.budget,
                 overrides=k.overrides,
+                split_seed=self._split_seed(k, k.seed),
+                precision=parent.precision,
             ),
         )
 

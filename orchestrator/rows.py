@@ -86,6 +86,7 @@ def stage_rows(
         "overrides": json.dumps(overrides, sort_keys=True),
         "lr_override": overrides.get("lr"),
         "val_fraction": spec.val_fraction,
+        "precision": spec.precision,
         "seed": spec.seed,
         "status": status,
         "error": error,

@@ -34,6 +34,7 @@ overrides                  string             yes   JSON object of schedule over
 lr_override                double             yes   learning rate override, if any
 val_fraction               double             yes   share of the training set held out for
                                                     validation
+precision                  string             yes   fp32 | bf16 (autocast of forward passes)
 seed                       int64              no    seed of the whole chain
 achieved_sparsity          double             yes   share of prunable weights that are zero
 params                     int64              yes   parameters of the (pruned) model
@@ -157,6 +158,7 @@ TRIALS_SCHEMA = pa.schema(
         _f("overrides", _STR),
         _f("lr_override", _F64),
         _f("val_fraction", _F64),
+        _f("precision", _STR),
         _f("seed", _I64, False),
         _f("achieved_sparsity", _F64),
         _f("params", _I64),

@@ -87,6 +87,7 @@ PARAM_COLUMNS = {
     "seed": "seed",
     "round": "round",
     "val_fraction": "val_fraction",
+    "precision": "precision",
     "lr_override": "lr_override",
     "overrides": "overrides",
 }

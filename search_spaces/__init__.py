@@ -55,8 +55,9 @@ e.g. ``grid.yaml: axes.pruner[1].ratio: 1.5 is outside [0, 1)`` or
 ``grid.yaml: resources.exector: unknown key; did you mean 'executor'?``.
 """
 
+from search_spaces.checks import CheckedGrid
 from search_spaces.errors import GridError
 from search_spaces.loader import load_grid, parse_grid
 from search_spaces.schema import Grid
 
-__all__ = ["Grid", "GridError", "load_grid", "parse_grid"]
+__all__ = ["CheckedGrid", "Grid", "GridError", "load_grid", "parse_grid"]

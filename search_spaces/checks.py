@@ -1,9 +1,9 @@
 """Checks that need the catalog, the recipes or several fields at once.
 
 `check_grid` runs after the pydantic schema accepted the file's shape. It raises `GridIssue`
-(field path + what is wrong with which value) for the first mistake, and on success leaves on
-the grid what planning needs: the resolved pre-training recipes, the product `Space` with its
-compiled exclude rules, and the `include` trials.
+(field path + what is wrong with which value) for the first mistake, and on success returns a
+`CheckedGrid`: the grid with what planning needs, the resolved pre-training recipes, the
+product `Space` with its compiled exclude rules, and the `include` trials.
 
 Compatibility is checked on the combinations that survive `exclude`, so a grid can cross
 models with presets that only some of them have and exclude the rest, e.g.
@@ -13,6 +13,9 @@ models with presets that only some of them have and exclude the rest, e.g.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,13 +34,63 @@ from search_spaces.expand import (
     Target,
     TrialKey,
 )
-from search_spaces.schema import SWEEP_NAME_PATTERN, TRIAL_KEYS, Grid
+from search_spaces.schema import (
+    SWEEP_NAME_PATTERN,
+    TRIAL_KEYS,
+    DataSection,
+    Grid,
+    ResourcesSection,
+    SeedsSection,
+)
 from trainables import catalog
 from trainables.recipe import DEFAULT_RECIPES, Recipe
-from trainables.schedules import KNOWN_OVERRIDES, lr_schedule, rewind_epoch
+from trainables.schedules import KNOWN_OVERRIDES, check_override, rewind_epoch
 
 
-def check_grid(grid: Grid, raw: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class CheckedGrid:
+    """A grid that passed every check, with what planning needs resolved.
+
+    Built only by `check_grid` (through `search_spaces.load_grid` / `parse_grid`), and the one
+    thing `orchestrator.planner.build_plan` takes.
+    """
+
+    grid: Grid  # the file's content, as the schema parsed it
+    source: str  # the file it came from, for error messages
+    recipes: Mapping[str, Recipe]  # each dataset's pre-training recipe, overrides applied
+    space: Space  # the product of the axes, with the compiled exclude rules
+    includes: tuple[TrialKey, ...]  # the include trials
+
+    @property
+    def name(self) -> str:
+        return self.grid.name
+
+    @property
+    def max_trials(self) -> int:
+        return self.grid.max_trials
+
+    @property
+    def data(self) -> DataSection:
+        return self.grid.data
+
+    @property
+    def resources(self) -> ResourcesSection:
+        return self.grid.resources
+
+    @property
+    def seeds(self) -> SeedsSection:
+        return self.grid.seeds
+
+    @property
+    def rounds(self) -> int:
+        return self.grid.iterative.rounds
+
+    def recipe(self, dataset: str) -> Recipe:
+        """The pre-training recipe of `dataset`: its default with the grid's `pretrain` applied."""
+        return self.recipes[dataset]
+
+
+def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> CheckedGrid:
     """Validate `grid` (parsed from `raw`) beyond its shape; see the module docstring."""
     _check_name(grid.name)
     _check_resources(grid)
@@ -65,7 +118,8 @@ def check_grid(grid: Grid, raw: dict[str, Any]) -> None:
         ds = entry.get("dataset") if isinstance(entry, dict) else None
         if isinstance(ds, str) and ds in catalog.DATASETS:
             datasets.setdefault(ds)
-    grid._recipes = _recipes(grid.pretrain, datasets)
+    recipes = _recipes(grid.pretrain, datasets)
+    _check_batch_split(grid, recipes)
 
     space = Space(
         [
@@ -81,14 +135,12 @@ def check_grid(grid: Grid, raw: dict[str, Any]) -> None:
     space.rules = [_compile_exclude(space, rule, i) for i, rule in enumerate(grid.exclude)]
     includes = [_include_trial(entry, i) for i, entry in enumerate(grid.include)]
 
-    _check_product(grid, space)
+    _check_product(grid, recipes, space)
     for i, key in enumerate(includes):
-        _check_trial(grid, key, f"include[{i}]")
+        _check_trial(grid, recipes, key, f"include[{i}]")
     if space.count() == 0 and not includes:
         raise GridIssue("exclude", "the exclude rules remove every trial of the axes")
-    grid._space = space
-    grid._includes = includes
-    grid._checked = True
+    return CheckedGrid(grid, source, MappingProxyType(recipes), space, tuple(includes))
 
 
 # --- single fields ----------------------------------------------------------------------------
@@ -127,6 +179,27 @@ def _check_resources(grid: Grid) -> None:
             "the DDP ranks of one trial could share a GPU, which NCCL refuses; use a whole "
             "GPU per worker, or workers_per_trial 1 to pack trials",
         )
+
+
+def _check_batch_split(grid: Grid, recipes: dict[str, Recipe]) -> None:
+    """A recipe's batch is the global batch of one step: the DDP workers must split it evenly."""
+    workers = grid.resources.workers_per_trial
+    for ds, recipe in recipes.items():
+        if recipe.batch_size % workers:
+            own = isinstance(grid.pretrain.get(ds), dict) and "batch_size" in grid.pretrain[ds]
+            given = own or "batch_size" in grid.pretrain
+            field = (
+                (f"pretrain.{ds}.batch_size" if own else "pretrain.batch_size")
+                if given
+                else "resources.workers_per_trial"
+            )
+            raise GridIssue(
+                field,
+                f"{recipe.batch_size if given else workers}: the batch_size {recipe.batch_size} "
+                f"of dataset {ds!r} is the global batch of one optimizer step and must split "
+                f"evenly over workers_per_trial = {workers} DDP workers; choose a batch_size "
+                "divisible by the number of workers",
+            )
 
 
 def _check_unique(raw: dict[str, Any], where: tuple[str, str], values: list[Any]) -> None:
@@ -213,20 +286,11 @@ def _override_dims(grid: Grid, raw: dict[str, Any]) -> list[Dim]:
 
 
 def _override_value(name: str, value: Any, path: str) -> Any:
-    """Validate one override value with the schedules' own rules; ints become floats."""
+    """Validate one override value with the schedules' own rule; ints become floats."""
     try:
-        lr_schedule(
-            "ft",
-            budget=1,
-            steps_per_epoch=1,
-            recipe=DEFAULT_RECIPES["digits"],
-            overrides={name: value},
-        )
-    except (ValueError, TypeError) as err:
+        return check_override(name, value)
+    except ValueError as err:
         raise GridIssue(path, f"{show(value)} is not a valid {name}: {err}") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
 
 
 def _recipes(pretrain: dict[str, Any], datasets: dict[str, None]) -> dict[str, Recipe]:
@@ -390,7 +454,7 @@ def _include_trial(entry: dict[str, Any], i: int) -> TrialKey:
 # --- combinations -----------------------------------------------------------------------------
 
 
-def _check_product(grid: Grid, space: Space) -> None:
+def _check_product(grid: Grid, recipes: dict[str, Recipe], space: Space) -> None:
     """Compatibility of every combination that survives exclusion, naming the axis entry."""
     dims = space.dims
     for di, mi in sorted(space.survivor_indices([DATASET, MODEL])):
@@ -420,7 +484,7 @@ def _check_product(grid: Grid, space: Space) -> None:
             dims[SCHEDULE].values[si],
             dims[BUDGET].values[bi],
         )
-        _check_rewind(grid, ds, sched, budget, dims[BUDGET].paths[bi])
+        _check_rewind(recipes[ds], ds, sched, budget, dims[BUDGET].paths[bi])
     if grid.rounds > 1:
         for (ti,) in sorted(space.survivor_indices([TARGET])):
             t = dims[TARGET].values[ti]
@@ -431,7 +495,7 @@ def _check_product(grid: Grid, space: Space) -> None:
                 )
 
 
-def _check_trial(grid: Grid, key: TrialKey, where: str) -> None:
+def _check_trial(grid: Grid, recipes: dict[str, Recipe], key: TrialKey, where: str) -> None:
     try:
         catalog.check_model_dataset(key.model, key.dataset)
     except catalog.IncompatibleError as err:
@@ -443,15 +507,14 @@ def _check_trial(grid: Grid, key: TrialKey, where: str) -> None:
     except catalog.IncompatibleError as err:
         field = "preset" if key.preset is not None else "pruner"
         raise GridIssue(f"{where}.{field}", f"{show(getattr(key, field))}: {err}") from None
-    _check_rewind(grid, key.dataset, key.schedule, key.budget, f"{where}.budget")
+    _check_rewind(recipes[key.dataset], key.dataset, key.schedule, key.budget, f"{where}.budget")
     if grid.rounds > 1 and catalog.PRUNERS[key.pruner].structured:
         raise GridIssue("iterative.rounds", _iterative_msg(grid.rounds, key.pruner, where))
 
 
-def _check_rewind(grid: Grid, ds: str, schedule: str, budget: int, path: str) -> None:
+def _check_rewind(recipe: Recipe, ds: str, schedule: str, budget: int, path: str) -> None:
     if schedule not in catalog.REWINDING_SCHEDULES:
         return
-    recipe = grid.recipe(ds)
     try:
         rewind_epoch(recipe, budget)
     except ValueError:

@@ -8,11 +8,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from search_spaces.checks import check_grid
+from search_spaces.checks import CheckedGrid, check_grid
 from search_spaces.errors import GridError, GridIssue, pydantic_issues, show
 from search_spaces.schema import Grid
 
-__all__ = ["GridError", "ensure_checked", "load_grid", "parse_grid"]
+__all__ = ["GridError", "load_grid", "parse_grid"]
 
 _CORE = "tag:yaml.org,2002:"
 # Tags a grid may contain (all implicit in ordinary YAML); anything else, such as
@@ -25,7 +25,7 @@ _ALLOWED_TAGS = frozenset(
 _MAX_NODES = 200_000
 
 
-def load_grid(path: str | Path) -> Grid:
+def load_grid(path: str | Path) -> CheckedGrid:
     """Read and validate the grid file at `path` (raises GridError naming field and value)."""
     source = str(path)
     try:
@@ -41,7 +41,7 @@ def load_grid(path: str | Path) -> Grid:
     return parse_grid(_safe_yaml(text, source), source)
 
 
-def parse_grid(data: Any, source: str = "<grid>") -> Grid:
+def parse_grid(data: Any, source: str = "<grid>") -> CheckedGrid:
     """Validate already-parsed grid data (a mapping); `source` names it in error messages."""
     if data is None:
         raise GridError(source, [("", "is empty; a grid needs at least 'name' and 'axes'")])
@@ -61,22 +61,10 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
         grid = Grid.model_validate(data)
     except ValidationError as exc:
         raise GridError(source, pydantic_issues(exc, Grid, data)) from None
-    grid._source = source
     try:
-        check_grid(grid, data)
+        return check_grid(grid, data, source)
     except GridIssue as issue:
         raise GridError(source, [(issue.field, issue.detail)]) from None
-    return grid
-
-
-def ensure_checked(grid: Grid) -> Grid:
-    """Run the cross-field checks on a Grid built without `load_grid`/`parse_grid`."""
-    if not grid._checked:
-        try:
-            check_grid(grid, grid.model_dump())
-        except GridIssue as issue:
-            raise GridError(grid.source, [(issue.field, issue.detail)]) from None
-    return grid
 
 
 def _safe_yaml(text: str, source: str) -> Any:

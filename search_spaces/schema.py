@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
-
-from trainables.recipe import Recipe
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DEFAULT_MAX_TRIALS = 5000
@@ -61,6 +59,16 @@ class ResourcesSection(_Section):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
     max_concurrent: int | None = Field(default=None, ge=1)
+    # fp32: full precision (the paper's); bf16: bfloat16 autocast of forward passes, opt-in.
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class SeedsSection(_Section):
+    # per_trial: every seed of axes.seed pre-trains and prunes its own network;
+    # shared: one pre-trained and pruned network per (dataset, model, pruner target), made with
+    # `shared_seed`, that every seed of axes.seed retrains (the paper's protocol).
+    pretrain: Literal["per_trial", "shared"] = "per_trial"
+    shared_seed: int = Field(default=0, ge=0)
 
 
 class IterativeSection(_Section):
@@ -85,7 +93,8 @@ class Axes(_Section):
 
 
 class Grid(_Section):
-    """A validated grid. Build it with `search_spaces.load_grid` / `parse_grid`."""
+    """The content of a grid file, as parsed; `search_spaces.load_grid` / `parse_grid` check it
+    further and return a `search_spaces.checks.CheckedGrid`."""
 
     name: str
     max_trials: int = Field(default=DEFAULT_MAX_TRIALS, ge=1)
@@ -93,26 +102,11 @@ class Grid(_Section):
     # Recipe-field overrides for every dataset, or under a dataset name for that dataset only.
     pretrain: dict[str, Any] = Field(default_factory=dict)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    seeds: SeedsSection = Field(default_factory=SeedsSection)
     iterative: IterativeSection = Field(default_factory=IterativeSection)
     axes: Axes
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     include: list[dict[str, Any]] = Field(default_factory=list)
-
-    # Filled by `search_spaces.checks.check_grid`: the file it came from, the resolved
-    # pre-training recipe of each dataset, the product space and the include trials.
-    _source: str = PrivateAttr(default="<grid>")
-    _recipes: dict[str, Recipe] = PrivateAttr(default_factory=dict)
-    _space: Any = PrivateAttr(default=None)  # search_spaces.expand.Space
-    _includes: list[Any] = PrivateAttr(default_factory=list)  # include trials (TrialKey)
-    _checked: bool = PrivateAttr(default=False)
-
-    @property
-    def source(self) -> str:
-        return self._source
-
-    def recipe(self, dataset: str) -> Recipe:
-        """The pre-training recipe of `dataset`: its default with the grid's `pretrain` applied."""
-        return self._recipes[dataset]
 
     @property
     def rounds(self) -> int:

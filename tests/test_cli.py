@@ -7,9 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.cli import main
 from tests.sweep_helpers import ROOT, nptm, write_grid
+from trainables import schedules
+from trainables.recipe import DEFAULT_RECIPES
 
 
 def test_version_and_module_entry_point() -> None:
@@ -28,6 +31,56 @@ def test_plan_json_counts_match_hand_computed_values(tmp_path: Path, capsys) -> 
     assert summary["epochs"]["planned"] == 16 and summary["epochs"]["naive"] == 36
     assert main(["sweep", str(grid), "--dry-run", "--json"]) == 0  # --dry-run = plan
     assert json.loads(capsys.readouterr().out) == summary
+
+
+def test_schedules_prints_figure_1_for_a_small_budget(tmp_path: Path, capsys) -> None:
+    """digits recipe: 30 epochs, lr 0.1, x0.1 at 15 and 23, global batch 64 over 1,437 images
+    = 23 steps per epoch. Budget 10 = 230 steps."""
+    assert main(["schedules", "--dataset", "digits", "--budget", "10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps_per_epoch"] == 23 and out["epochs"] == list(range(1, 11))
+    assert set(out["schedules"]) == {"ft", "lrw", "wr", "slr", "clr", "scratch"}
+    assert set(out["skipped"]) == {"scratch_e", "scratch_b"}
+    lr = {name: curve["lr"] for name, curve in out["schedules"].items()}
+    assert lr["ft"] == pytest.approx([0.001] * 10)  # the last pre-training lr
+    # lrw replays pre-training epochs 20..29: 20-22 at 0.01, 23-29 at 0.001
+    assert lr["lrw"] == pytest.approx([0.01] * 3 + [0.001] * 7) and lr["wr"] == lr["lrw"]
+    # slr: warm-up W = round(0.1 x 230) = 23 steps from 0.001; then 207 steps with drops at
+    # 23 + round(15/30 x 207) = 127 and 23 + round(23/30 x 207) = 182; epoch e starts at 23e.
+    assert lr["slr"] == pytest.approx([0.001] + [0.1] * 5 + [0.01] * 2 + [0.001] * 2)
+    for curve in out["schedules"].values():
+        assert curve["momentum"] == pytest.approx([0.9] * 10)
+
+    # clr: torch's OneCycleLR built from the parameters the schedule is defined with
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.1, total_steps=230, pct_start=DEFAULT_RECIPES["digits"].warmup_fraction,
+        anneal_strategy="cos", div_factor=schedules.CLR_DIV_FACTOR,
+        final_div_factor=schedules.CLR_FINAL_DIV_FACTOR, three_phase=False, cycle_momentum=False,
+    )  # fmt: skip
+    reference = []
+    for _ in range(230):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        one_cycle.step()
+    assert lr["clr"] == pytest.approx(reference[::23], rel=1e-9)
+
+    # the text table shows the same numbers; --plot writes a PNG
+    png = tmp_path / "fig1.png"
+    assert main(["schedules", "--dataset", "digits", "--budget", "10", "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "23 steps" in text and "scratch_b: not shown" in text
+    row7 = next(line.split() for line in text.splitlines() if line.strip().startswith("7 "))
+    # "7", then "lr / momentum" per schedule: ft, lrw, wr, slr, ...
+    assert [row7[1], row7[4], row7[10], row7[12]] == ["0.001", "0.001", "0.01", "0.9"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_schedules_bad_input_exits_2(capsys) -> None:
+    assert main(["schedules", "--dataset", "mnist", "--budget", "10"]) == 2
+    assert "unknown dataset 'mnist'" in capsys.readouterr().err
+    assert main(["schedules", "--dataset", "digits", "--budget", "0"]) == 2
+    assert "budget: 0" in capsys.readouterr().err
 
 
 def test_inspect_reproduces_pfec_resnet56_b(capsys) -> None:

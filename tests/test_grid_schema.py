@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from search_spaces import GridError, load_grid, parse_grid
+from search_spaces import CheckedGrid, Grid, GridError, load_grid, parse_grid
 from search_spaces import loader as loader_module
+from trainables import schedules
+from trainables.recipe import DEFAULT_RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -144,12 +146,34 @@ def test_minimal_grid_defaults(tmp_path: Path) -> None:
     assert grid.source == str(tmp_path / "grid.yaml")
 
 
+def test_checks_return_a_checked_grid_and_leave_the_parsed_one_alone(tmp_path: Path) -> None:
+    checked = load_grid(write(tmp_path, MINIMAL))
+    assert isinstance(checked, CheckedGrid) and isinstance(checked.grid, Grid)
+    assert not checked.grid.__pydantic_private__  # nothing written onto the frozen grid
+    assert checked.recipe("digits") == DEFAULT_RECIPES["digits"]
+    assert checked.space.count() == 3 * 3 and checked.includes == ()  # targets x schedules
+
+
+def test_lr_override_is_checked_without_computing_a_schedule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_schedule(*args: object, **kwargs: object) -> None:
+        raise AssertionError("validating an override computed a schedule")
+
+    monkeypatch.setattr(schedules, "lr_schedule", no_schedule)
+    text = MINIMAL.replace("seed: [0]", "seed: [0]\n  overrides: {lr: [0.05, 1]}")
+    checked = load_grid(write(tmp_path, text))
+    assert checked.space.dims[-1].values == (0.05, 1.0)  # ints become floats
+    with pytest.raises(GridError, match=r"axes\.overrides\.lr\[1\]: -0\.1 is not a valid lr"):
+        load_grid(write(tmp_path, text.replace("[0.05, 1]", "[0.05, -0.1]"), "b.yaml"))
+
+
 def test_scalar_axis_means_one_value(tmp_path: Path) -> None:
     a = load_grid(write(tmp_path, MINIMAL, "a.yaml"))
     b = load_grid(
         write(tmp_path, MINIMAL.replace("[digits]", "digits").replace("[0]", "0"), "b.yaml")
     )
-    assert a.axes == b.axes
+    assert a.grid.axes == b.grid.axes
 
 
 def test_pretrain_common_and_per_dataset_overrides(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -9,16 +10,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from orchestrator.gpu_hours import describe, read_figures, shipped_figures
 from orchestrator.planner import Plan, build_plan, cumulative_ratio
 from search_spaces import GridError, load_grid
 from trainables.catalog import PRUNERS
+from trainables.inspect import inspect_model
 from trainables.recipe import DEFAULT_RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +39,13 @@ def plan_of(tmp_path: Path, text: str, name: str = "grid.yaml", **kw: Any) -> Pl
     return build_plan(load_grid(write(tmp_path, text, name)), **kw)
 
 
-def reference_trials(raw: dict[str, Any]) -> set[tuple[Any, ...]]:
-    """A deliberately naive expansion of the raw YAML: nested loops, dict matching."""
+def reference_trials(
+    raw: dict[str, Any], length: Callable[[dict[str, Any]], int] | None = None
+) -> set[tuple[Any, ...]]:
+    """A deliberately naive expansion of the raw YAML: nested loops, dict matching.
+
+    `length(trial)` gives the epochs of a scratch_e / scratch_b trial, which replace its budget.
+    """
 
     def listify(v: Any) -> list[Any]:
         return v if isinstance(v, list) else [v]
@@ -74,6 +83,9 @@ def reference_trials(raw: dict[str, Any]) -> set[tuple[Any, ...]]:
             for rule in raw.get("exclude", [])
         ):
             continue
+        if trial["schedule"] in ("scratch_e", "scratch_b"):
+            assert length is not None
+            trial["budget"] = length(trial)
         out.add(_key(trial, ov_names))
     for inc in raw.get("include", []):
         out.add(_key(inc, sorted(k for k in inc if k == "lr")))
@@ -370,6 +382,96 @@ def test_planned_and_naive_epochs(tmp_path: Path) -> None:
         assert needle in table
 
 
+SHARED = """\
+name: shared
+data: {val_fraction: 0.1}
+seeds: {pretrain: shared, shared_seed: 7}
+axes:
+  dataset: digits
+  model: [resnet20, resnet32]
+  pruner:
+    - {name: magnitude, ratio: 0.9}
+    - {name: random, ratio: [0.5, 0.9]}
+  schedule: [ft, wr]
+  budget: [10, 20]
+  seed: [0, 1, 2]
+"""
+
+
+def test_shared_pretrain_plans_one_pretraining_per_model(tmp_path: Path) -> None:
+    plan = plan_of(tmp_path, SHARED)
+    # 2 models x 3 targets x 2 schedules x 2 budgets x 3 seeds = 72 trials.
+    assert len(plan.trials) == 72
+    assert plan.count_by_kind() == {
+        "pretrain": 2,  # one per (dataset, model), whatever the seeds
+        "prune": 2 * 3,  # one per pre-trained network and target: pruning is shared too
+        "retrain": 72,  # every seed retrains
+    }
+    # planned: 2 x 30 pre-training epochs + 36 retrains x 10 + 36 x 20; naive: 72 x 30 + same
+    assert plan.planned_epochs() == {"pretrain": 60, "prune": 0, "retrain": 1080}
+    for t in plan.trials:
+        pre, prune, retrain = (plan.stages[s] for s in t.chain)
+        assert pre.seed == prune.seed == 7 and pre.split_seed is prune.split_seed is None
+        assert retrain.seed == t.seed
+        # a retraining seed keeps the shared network's train/validation split
+        assert retrain.data_split_seed == 7 and retrain.split_seed == 7
+    # per_trial (the default) pre-trains and prunes once per seed, as before
+    own = plan_of(tmp_path, SHARED.replace("pretrain: shared", "pretrain: per_trial"), "b.yaml")
+    assert own.count_by_kind() == {"pretrain": 2 * 3, "prune": 2 * 3 * 3, "retrain": 72}
+    assert all(s.split_seed is None for s in own.stages.values())
+
+
+def test_shared_seed_equal_to_a_trial_seed_is_the_same_stage(tmp_path: Path) -> None:
+    shared = plan_of(tmp_path, SHARED.replace("shared_seed: 7", "shared_seed: 0"))
+    own = plan_of(tmp_path, SHARED.replace("pretrain: shared", "pretrain: per_trial"), "b.yaml")
+    seed0 = {t.stage_id for t in own.trials if t.seed == 0}
+    assert seed0 == {t.stage_id for t in shared.trials if t.seed == 0}
+
+
+def test_precision_is_recorded_and_part_of_the_identity(tmp_path: Path) -> None:
+    fp32 = plan_of(tmp_path, SHARED)
+    bf16 = plan_of(tmp_path, SHARED + "resources: {precision: bf16}\n", "b.yaml")
+    assert {s.precision for s in fp32.stages.values()} == {"fp32"}
+    assert {s.precision for s in bf16.stages.values()} == {"bf16"}
+    assert not set(fp32.stages) & set(bf16.stages)
+
+
+def test_scratch_e_and_scratch_b_lengths_are_known_at_plan_time(tmp_path: Path) -> None:
+    text = """\
+    name: scratch
+    axes:
+      dataset: cifar10
+      model: resnet56
+      pruner:
+        - {name: l1_filter, preset: B}
+        - {name: magnitude, ratio: 0.9}
+      schedule: [ft, scratch, scratch_e, scratch_b]
+      budget: [40, 72]
+      seed: [0]
+    """
+    plan = plan_of(tmp_path, text)
+    lengths = {(t.pruner, t.schedule): set() for t in plan.trials}
+    for t in plan.trials:
+        lengths[(t.pruner, t.schedule)].add(t.budget)
+        assert plan.stages[t.stage_id].budget == t.budget
+    # ResNet-56-B keeps 90,907,264 of 125,485,696 MACs (see test_schedules):
+    # int(160 * 125,485,696 / 90,907,264) = 220. Unstructured pruning keeps the MACs: 160.
+    assert lengths == {
+        ("l1_filter", "ft"): {40, 72},
+        ("l1_filter", "scratch"): {40, 72},
+        ("l1_filter", "scratch_e"): {160},
+        ("l1_filter", "scratch_b"): {220},
+        ("magnitude", "ft"): {40, 72},
+        ("magnitude", "scratch"): {40, 72},
+        ("magnitude", "scratch_e"): {160},
+        ("magnitude", "scratch_b"): {160},
+    }
+    # 2 targets x (2 schedules x 2 budgets + scratch_e + scratch_b) = 12 trials, one stage each
+    assert len(plan.trials) == 12 and plan.count_by_kind()["retrain"] == 12
+    # planned retraining epochs: per target 40 + 72 (ft) + 40 + 72 (scratch) + E + B
+    assert plan.planned_epochs()["retrain"] == (224 + 160 + 220) + (224 + 160 + 160) == 1148
+
+
 def test_keep_epochs_for_weight_rewinding(tmp_path: Path) -> None:
     text = """\
     name: wr
@@ -471,9 +573,32 @@ def test_max_trials_counts_after_exclude_and_include(tmp_path: Path) -> None:
 def test_shipped_grid_matches_reference_expansion(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     plan = build_plan(load_grid(path))
-    assert plan_keys(plan) == reference_trials(raw)
+
+    @functools.cache
+    def macs(dataset: str, model: str, ratio: Any, preset: Any) -> tuple[int, int]:
+        # the same filter counts whichever structured pruner removes the filters
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            counts = inspect_model(dataset, model, "random_filter", ratio, preset)
+        finally:
+            torch.set_num_threads(threads)
+        return counts["base"]["macs"], counts["pruned"]["macs"]
+
+    def length(trial: dict[str, Any]) -> int:
+        # Liu et al.'s Scratch-E / Scratch-B, rounded as main_B.py: int(T * base / pruned)
+        epochs = plan.grid.recipe(trial["dataset"]).epochs
+        if trial["schedule"] == "scratch_e" or not PRUNERS[trial["pruner"]].structured:
+            return epochs
+        base, pruned = macs(trial["dataset"], trial["model"], trial.get("ratio"),
+                            trial.get("preset"))  # fmt: skip
+        return int(epochs * (base / pruned))
+
+    assert plan_keys(plan) == reference_trials(raw, length)
     s = plan.summary()
-    models_seeds = {(t.dataset, t.model, t.seed) for t in plan.trials}
+    shared = raw.get("seeds", {}).get("pretrain") == "shared"
+    shared_seed = raw.get("seeds", {}).get("shared_seed", 0)
+    models_seeds = {(t.dataset, t.model, shared_seed if shared else t.seed) for t in plan.trials}
     assert s["stages"]["pretrain"] == len(models_seeds)
     assert s["stages"]["retrain"] == len(plan.trials) * plan.grid.rounds
     naive = sum(
@@ -534,7 +659,7 @@ def test_count_without_expanding_matches_expansion(tmp_path: Path, rules: list) 
     raw = yaml.safe_load(text) | {"exclude": rules}
     grid = load_grid(write(tmp_path, yaml.safe_dump(raw)))
     plan = build_plan(grid)
-    assert expand.count(grid._space, grid._includes) == len(plan.trials)
+    assert expand.count(grid.space, list(grid.includes)) == len(plan.trials)
     assert plan_keys(plan) == reference_trials(raw)
 
 

@@ -10,7 +10,14 @@ import torch
 
 from trainables.catalog import SCHEDULES
 from trainables.recipe import DEFAULT_RECIPES, Recipe
-from trainables.schedules import KNOWN_OVERRIDES, lr_schedule, pretrain_schedule, rewind_epoch
+from trainables.schedules import (
+    KNOWN_OVERRIDES,
+    lr_schedule,
+    pretrain_schedule,
+    rewind_epoch,
+    run_epochs,
+    scratch_b_epochs,
+)
 
 CIFAR = DEFAULT_RECIPES["cifar10"]  # 160 epochs, lr 0.1, /10 at 80 and 120
 
@@ -169,6 +176,44 @@ def test_scratch_compresses_the_milestones() -> None:
     assert np.allclose(lr[16:], 0.001, rtol=1e-12, atol=0)
     # full budget equals pre-training
     assert np.allclose(sched("scratch", 160, 3), pretrain_schedule(CIFAR, 3), rtol=1e-12, atol=0)
+
+
+def _main_b_epoch_lrs(epochs: int, lr: float = 0.1) -> list[float]:
+    """The authors' main_B.py loop: lr *= 0.1 at epochs int(E * 0.5) and int(E * 0.75)."""
+    out = []
+    for epoch in range(epochs):
+        if epoch in [int(epochs * 0.5), int(epochs * 0.75)]:
+            lr *= 0.1
+        out.append(lr)
+    return out
+
+
+def test_scratch_e_is_the_pretraining_run() -> None:
+    assert run_epochs("scratch_e", 40, CIFAR) == 160  # the budget axis does not apply
+    assert np.allclose(sched("scratch_e", 160, 3), pretrain_schedule(CIFAR, 3), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(epoch_lrs(sched("scratch_e", 160), 1), _main_b_epoch_lrs(160))
+
+
+def test_scratch_b_epochs_and_curve_follow_main_b() -> None:
+    # ResNet-56 on CIFAR (nptm's MACs, bias excluded): stem 442,368 + three stages of
+    # 42,467,328 / 41,287,680 / 41,287,680 + fc 640 = 125,485,696. PFEC's ResNet-56-B removes
+    # 7 blocks' worth of 2*(C-k)*C*9*HW per stage: 20,643,840 + 10,321,920 + 3,612,672
+    # = 34,578,432, leaving 90,907,264. 160 * 125,485,696 / 90,907,264 = 220.86 -> 220.
+    base, pruned = 125_485_696, 90_907_264
+    assert scratch_b_epochs(CIFAR, base, pruned) == 220 == int(160 * (base / pruned))
+    assert run_epochs("scratch_b", 40, CIFAR, base_macs=base, pruned_macs=pruned) == 220
+    assert scratch_b_epochs(CIFAR, base, base) == 160
+    # 220 epochs: drops at int(220 * 0.5) = 110 and int(220 * 0.75) = 165, as main_B.py
+    lr = epoch_lrs(sched("scratch_b", 220, 2), 2)
+    np.testing.assert_allclose(lr, _main_b_epoch_lrs(220), rtol=1e-12, atol=0)
+    assert lr[109] == pytest.approx(0.1) and lr[110] == pytest.approx(0.01)
+    assert lr[164] == pytest.approx(0.01) and lr[165] == pytest.approx(0.001)
+    # an odd length: 221 -> drops at 110 and 165 (floor of 110.5 and 165.75)
+    np.testing.assert_allclose(epoch_lrs(sched("scratch_b", 221), 1), _main_b_epoch_lrs(221))
+    with pytest.raises(ValueError, match="scratch_b needs"):
+        run_epochs("scratch_b", 40, CIFAR)
+    with pytest.raises(ValueError, match="pruned_macs"):
+        scratch_b_epochs(CIFAR, 10, 0)
 
 
 @pytest.mark.parametrize("recipe", [CIFAR, DEFAULT_RECIPES["digits"], DEFAULT_RECIPES["imagenet"]])

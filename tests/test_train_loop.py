@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 from trainables.catalog import DATASETS
 from trainables.data import DataBundle, TensorSplit, load_dataset, make_loaders, normalize
 from trainables.recipe import default_recipe
+from trainables.schedules import lr_schedule
 from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
 
 RECIPE = default_recipe("digits")  # momentum 0.9, nesterov, weight decay 5e-4
@@ -227,7 +228,8 @@ def test_evaluate_covers_the_whole_split(few_digits: DataBundle) -> None:
 
 # --------------------------------------------------------------------------------------- DDP
 
-DDP_B = 8  # per-worker batch
+DDP_B = 8  # per-worker batch of two workers: the global batch is 2 * DDP_B
+DDP_EPOCHS = 2
 DDP_INFO = replace(DATASETS["digits"], crop_padding=0)  # no augmentation: flip is off already
 
 
@@ -242,16 +244,18 @@ def _ddp_bundle() -> DataBundle:
     return DataBundle(DDP_INFO, split(n_train), None, split(n_test))
 
 
-def _ddp_fit(model: nn.Module, batch_size: int, rank: int, world: int) -> tuple:
+def _ddp_fit(model: nn.Module, rank: int, world: int) -> tuple:
+    """Fit with the GLOBAL batch 2 * DDP_B and the lr curve the train loop would get for it."""
     loaders = make_loaders(
-        _ddp_bundle(), batch_size=batch_size, device="cpu", seed=4, rank=rank, world_size=world
+        _ddp_bundle(), batch_size=2 * DDP_B, device="cpu", seed=4, rank=rank, world_size=world
     )
+    lrs = lr_schedule("slr", budget=DDP_EPOCHS, steps_per_epoch=len(loaders.train), recipe=RECIPE)
     calls: list[int] = []
     result = fit(
-        model, loaders, np.array([0.1, 0.05]), RECIPE, epochs=1, device="cpu", seed=4,
+        model, loaders, lrs, RECIPE, epochs=DDP_EPOCHS, device="cpu", seed=4,
         on_epoch=lambda m: calls.append(m.epoch), checkpoint=lambda e, s: calls.append(-e),
     )  # fmt: skip
-    return result, loaders, calls
+    return result, loaders, calls, lrs
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -262,10 +266,13 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         model = small_cnn(0, bn=False)
         model.load_state_dict(torch.load(f"{out}/init.pt", weights_only=True))
-        result, loaders, calls = _ddp_fit(model, DDP_B, rank, world)
+        result, loaders, calls, lrs = _ddp_fit(model, rank, world)
         torch.save(
             {
                 "model": model.state_dict(),
+                "steps": len(loaders.train),
+                "rank_batch": loaders.train.batch_size,
+                "lrs": torch.from_numpy(lrs),
                 "positions": loaders.train.positions(),
                 "history": [asdict(m) for m in result.history],
                 "calls": calls,
@@ -282,9 +289,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(tmp_path: Path) -> None:
-    """Without BatchNorm: BN would normalise each worker's half batch with its own statistics,
-    which is not the big batch's forward pass, so the gradients would legitimately differ."""
+def test_ddp_two_workers_equal_one_worker_at_the_same_global_batch(tmp_path: Path) -> None:
+    """The recipe's batch is the global batch: 2 workers take half of it each and run the same
+    steps at the same lr as 1 worker, with the same updates. Without BatchNorm: BN would
+    normalise each worker's half batch with its own statistics, which is not the big batch's
+    forward pass, so the gradients would legitimately differ."""
     init = small_cnn(123, bn=False)
     torch.save(init.state_dict(), tmp_path / "init.pt")
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -292,7 +301,14 @@ def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(tmp_path: Path) -
 
     single = small_cnn(0, bn=False)
     single.load_state_dict(init.state_dict())
-    result, loaders, _ = _ddp_fit(single, 2 * DDP_B, 0, 1)
+    result, loaders, _, single_lrs = _ddp_fit(single, 0, 1)
+    # Same number of optimizer steps per epoch (32 samples / global batch 16 = 2) and the same
+    # lr at every step; each worker's share of a step is half the global batch.
+    assert len(loaders.train) == 2 and loaders.train.batch_size == 2 * DDP_B
+    for r in ranks:
+        assert r["steps"] == 2 and r["rank_batch"] == DDP_B
+        assert torch.equal(r["lrs"], torch.from_numpy(single_lrs))
+    assert len(set(single_lrs.tolist())) > 1  # a curve that changes between steps
     for k, v in single.state_dict().items():
         torch.testing.assert_close(ranks[0]["model"][k], v, rtol=0, atol=1e-6)
         assert torch.equal(ranks[0]["model"][k], ranks[1]["model"][k])
@@ -309,10 +325,36 @@ def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(tmp_path: Path) -
         assert sorted(both) == sorted(single_order[k * 2 * DDP_B : (k + 1) * 2 * DDP_B])
 
     # Metrics are global and identical on both ranks; the test split (7) is not padded.
-    h0, h1, hs = ranks[0]["history"][0], ranks[1]["history"][0], asdict(result.history[0])
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "samples"):
-        assert h0[key] == h1[key]
-        assert h0[key] == pytest.approx(hs[key], abs=1e-6)
-    assert h0["samples"] == 4 * DDP_B
+    for e in range(DDP_EPOCHS):
+        h0, h1, hs = ranks[0]["history"][e], ranks[1]["history"][e], asdict(result.history[e])
+        for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "samples"):
+            assert h0[key] == h1[key]
+            assert h0[key] == pytest.approx(hs[key], abs=1e-6)
+        assert h0["samples"] == 4 * DDP_B
     # Rank 0 alone checkpoints; every rank reports the epoch (Ray Train's report is a barrier).
-    assert ranks[0]["calls"] == [-1, 1] and ranks[1]["calls"] == [1]
+    assert ranks[0]["calls"] == [-1, 1, -2, 2] and ranks[1]["calls"] == [1, 2]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_global_batch_gives_the_same_steps_and_lrs_for_any_worker_count(
+    digits: DataBundle, world: int
+) -> None:
+    """1,437 digits at a global batch of 64: ceil(1437 / 64) = 23 steps per epoch for 1, 2, 4
+    or 8 workers, each rank taking 64 / W samples per step; the lr of every step is the same."""
+    per_rank = [
+        make_loaders(digits, batch_size=64, device="cpu", seed=0, rank=r, world_size=world)
+        for r in range(world)
+    ]
+    assert {len(ld.train) for ld in per_rank} == {23}
+    assert {ld.train.batch_size for ld in per_rank} == {64 // world}
+    # One epoch of all ranks together visits every training image (at most W - 1 repeats).
+    seen = torch.cat([ld.train.positions() for ld in per_rank])
+    assert set(seen.tolist()) == set(range(1437)) and len(seen) - 1437 < world
+    lrs = lr_schedule("slr", budget=3, steps_per_epoch=len(per_rank[0].train), recipe=RECIPE)
+    one = lr_schedule("slr", budget=3, steps_per_epoch=23, recipe=RECIPE)
+    assert np.array_equal(lrs, one)
+
+
+def test_global_batch_must_split_over_the_workers(digits: DataBundle) -> None:
+    with pytest.raises(ValueError, match=r"batch_size: 64 .*world_size=3"):
+        make_loaders(digits, batch_size=64, device="cpu", seed=0, rank=0, world_size=3)

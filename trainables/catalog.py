@@ -119,7 +119,11 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "vgg16": ("A",),
 }
 
-SCHEDULES: tuple[str, ...] = ("ft", "lrw", "wr", "slr", "clr", "scratch")
+SCHEDULES: tuple[str, ...] = ("ft", "lrw", "wr", "slr", "clr", "scratch", "scratch_e", "scratch_b")
+# Schedules that train the pruned architecture from a fresh initialisation (Liu et al. 2019).
+SCRATCH_SCHEDULES: frozenset[str] = frozenset({"scratch", "scratch_e", "scratch_b"})
+# Schedules whose length the recipe (and the pruned MACs) sets, not the budget axis.
+FULL_LENGTH_SCHEDULES: frozenset[str] = frozenset({"scratch_e", "scratch_b"})
 # Schedules that replay part of the pre-training run and so need its checkpoints.
 REWINDING_SCHEDULES: frozenset[str] = frozenset({"lrw", "wr"})
 

@@ -19,6 +19,12 @@ run seeds apart (DistributedSampler's plain `seed + epoch` would give seed 1 the
 shifted by one epoch). With padding, up to W - 1 samples are seen twice per epoch, so every rank
 runs the same number of steps, which DDP requires.
 
+Batch size. `make_loaders` takes the recipe's batch size as the GLOBAL batch of one optimizer
+step and gives each of the W ranks batch_size / W of it. Rank r's step k then holds positions
+r, r + W, ... of the k-th block of batch_size positions of the (padded) permutation, so the W
+ranks of step k together see exactly the samples a single process sees at step k, and the
+number of steps per epoch is the same for any W that divides the batch.
+
 Evaluation loaders neither shuffle nor augment nor pad: rank r takes indices r, r + W, ... of the
 split, the ranks' shards partition it, and the train loop all-reduces sums of loss, correct
 predictions and sample counts, so the reduced metrics are exactly those of the whole split.
@@ -593,8 +599,21 @@ def make_loaders(
 ) -> Loaders:
     """Train/val/test loaders of `bundle` for one rank; the path depends on the dataset.
 
-    `num_workers` applies to the torchvision path only (default: min(8, CPUs / world_size)).
+    `batch_size` is the GLOBAL batch of one optimizer step: each of the `world_size` ranks
+    takes `batch_size // world_size` samples per step (ValueError unless it divides), so the
+    steps per epoch and the lr of each step do not depend on the number of workers, and an
+    epoch is one pass over the data by all ranks together. `eval_batch_size` is per rank
+    (default: the per-rank training batch). `num_workers` applies to the torchvision path only
+    (default: min(8, CPUs / world_size)).
     """
+    _check_rank(rank, world_size)
+    _check_positive("batch_size", batch_size)
+    if batch_size % world_size:
+        raise ValueError(
+            f"batch_size: {batch_size} (the global batch of one optimizer step) does not split "
+            f"evenly over world_size={world_size} workers"
+        )
+    batch_size //= world_size  # this rank's share of every step
     eval_bs = eval_batch_size or batch_size
     if bundle.in_memory:
 

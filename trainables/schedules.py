@@ -40,9 +40,23 @@ Schedules (names from ``trainables.catalog.SCHEDULES``):
     Where OneCycleLR divides 0 by 0 (a warm-up phase of zero length, pct_start*N == 1) the
     phase's start value is used.
 ``scratch``
-    Training the re-initialised pruned architecture (Liu et al. 2019) with the pre-training
-    schedule compressed to the budget: ``peak`` from step 0 (no warm-up), multiplied by
-    ``gamma`` at step round(m / T * N) for every milestone m.
+    Training the re-initialised pruned architecture (Liu et al. 2019) for the retraining budget
+    t, so that it costs what the other schedules cost (nptm's budget-matched baseline): the
+    pre-training schedule compressed to the budget, ``peak`` from step 0 (no warm-up),
+    multiplied by ``gamma`` at step round(m / T * N) for every milestone m.
+``scratch_e``
+    Scratch-E of Liu et al. (2019): the re-initialised pruned architecture trained for the
+    pre-training recipe's own T epochs with its own schedule. Its length is
+    ``run_epochs("scratch_e", ...)`` = T whatever the budget axis says; the curve is that of
+    ``scratch_b`` for E = T, i.e. ``pretrain_schedule``.
+``scratch_b``
+    Scratch-B of Liu et al. (2019) and the authors' ``norm-pruning/cifar/l1-norm-pruning/
+    main_B.py``: the same computation budget as pre-training the dense network, i.e.
+    E = ``scratch_b_epochs`` = floor(T * base MACs / pruned MACs) epochs (main_B.py:
+    ``int(epochs * flops_std / flops_small)``), with the pre-training schedule stretched to E
+    epochs the way main_B.py does it: ``peak``, multiplied by ``gamma`` from epoch
+    floor(m / T * E) on for every milestone m (main_B.py: ``int(epochs * 0.5)`` and
+    ``int(epochs * 0.75)``), constant within an epoch. ``budget`` is E.
 
 Milestone rounding: a compressed milestone lands on the nearest optimizer step, halves rounded
 up (``floor(x + 0.5)``), computed in exact integer arithmetic from m, T and the step count,
@@ -50,8 +64,8 @@ so no floating-point error can move a drop by one step. The warm-up length W is 
 same way (from the float ``warmup_fraction``).
 
 Overrides (``KNOWN_OVERRIDES``): ``{"lr": x}`` sets ``peak`` = x for ``slr``, ``clr`` and
-``scratch`` and the constant for ``ft``; for ``lrw``/``wr`` it scales the replayed curve so
-that its maximum equals x (the shape of the replayed segment is kept).
+the three ``scratch`` schedules and the constant for ``ft``; for ``lrw``/``wr`` it scales the
+replayed curve so that its maximum equals x (the shape of the replayed segment is kept).
 
 ``pretrain_schedule(recipe, S)`` is the pre-training run itself: ``recipe.lr_at_epoch(e)``
 for every step of epoch e, which is what ``MultiStepLR`` stepped once per epoch produces.
@@ -70,9 +84,13 @@ from trainables.recipe import Recipe
 
 __all__ = [
     "KNOWN_OVERRIDES",
+    "check_override",
     "lr_schedule",
+    "momentum_schedule",
     "pretrain_schedule",
     "rewind_epoch",
+    "run_epochs",
+    "scratch_b_epochs",
 ]
 
 KNOWN_OVERRIDES: frozenset[str] = frozenset({"lr"})
@@ -112,11 +130,53 @@ def lr_schedule(
     peak = recipe.lr if peak is None else peak
     if schedule == "scratch":
         return _compressed_steps(recipe, peak, n_steps)
+    if schedule in ("scratch_e", "scratch_b"):
+        return np.repeat(_stretched_epochs(recipe, peak, budget), steps_per_epoch)
     if schedule == "slr":
         warmup = _round_half_up(recipe.warmup_fraction * n_steps)
         ramp = recipe.final_lr + (peak - recipe.final_lr) * np.arange(warmup) / max(warmup, 1)
         return np.concatenate([ramp, _compressed_steps(recipe, peak, n_steps - warmup)])
     return _one_cycle(peak, n_steps, recipe.warmup_fraction)  # clr
+
+
+def momentum_schedule(
+    schedule: str, *, budget: int, steps_per_epoch: int, recipe: Recipe
+) -> np.ndarray:
+    """The SGD momentum of every optimizer step of a retraining run: ``recipe.momentum``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {list(SCHEDULES)}")
+    _check_positive_int("budget", budget)
+    _check_positive_int("steps_per_epoch", steps_per_epoch)
+    return np.full(budget * steps_per_epoch, recipe.momentum, dtype=np.float64)
+
+
+def scratch_b_epochs(recipe: Recipe, base_macs: int, pruned_macs: int) -> int:
+    """Scratch-B's epochs: floor(T * base_macs / pruned_macs), in exact integer arithmetic."""
+    _check_positive_int("base_macs", base_macs)
+    _check_positive_int("pruned_macs", pruned_macs)
+    if pruned_macs > base_macs:
+        raise ValueError(f"pruned_macs {pruned_macs} exceeds base_macs {base_macs}")
+    return recipe.epochs * base_macs // pruned_macs
+
+
+def run_epochs(
+    schedule: str,
+    budget: int,
+    recipe: Recipe,
+    *,
+    base_macs: int | None = None,
+    pruned_macs: int | None = None,
+) -> int:
+    """Epochs a retraining run of `schedule` trains: `budget`, except T for scratch_e and
+    `scratch_b_epochs` for scratch_b (which needs the base and pruned MACs)."""
+    if schedule == "scratch_e":
+        return recipe.epochs
+    if schedule == "scratch_b":
+        if base_macs is None or pruned_macs is None:
+            raise ValueError("scratch_b needs base_macs and pruned_macs")
+        return scratch_b_epochs(recipe, base_macs, pruned_macs)
+    _check_positive_int("budget", budget)
+    return budget
 
 
 def pretrain_schedule(recipe: Recipe, steps_per_epoch: int) -> np.ndarray:
@@ -144,6 +204,14 @@ def _compressed_steps(recipe: Recipe, peak: float, n_steps: int) -> np.ndarray:
         # nearest step to m / T * n_steps, halves up, in integer arithmetic
         drop = (2 * m * n_steps + recipe.epochs) // (2 * recipe.epochs)
         lr[drop:] *= recipe.gamma
+    return lr
+
+
+def _stretched_epochs(recipe: Recipe, peak: float, epochs: int) -> np.ndarray:
+    """One lr per epoch: `peak`, times `gamma` from epoch floor(m / T * epochs) on."""
+    lr = np.full(epochs, peak, dtype=np.float64)
+    for m in recipe.milestones:
+        lr[m * epochs // recipe.epochs :] *= recipe.gamma
     return lr
 
 
@@ -184,15 +252,23 @@ def _check_positive_int(field: str, value: object) -> None:
         raise ValueError(f"{field} must be a positive integer, got {value!r}")
 
 
+def check_override(name: str, value: object) -> float:
+    """The value of schedule override `name`, normalised; ValueError if it is not valid."""
+    if name not in KNOWN_OVERRIDES:
+        raise ValueError(f"unknown schedule override {name!r}; known: {sorted(KNOWN_OVERRIDES)}")
+    # lr, the only override: a positive finite number
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"override lr must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def _peak_override(overrides: Mapping[str, float] | None) -> float | None:
     if not overrides:
         return None
-    for key in overrides:
-        if key not in KNOWN_OVERRIDES:
-            raise ValueError(f"unknown schedule override {key!r}; known: {sorted(KNOWN_OVERRIDES)}")
-    if "lr" not in overrides:
-        return None
-    lr = overrides["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"override lr must be a positive finite number, got {lr!r}")
-    return float(lr)
+    checked = {key: check_override(key, value) for key, value in overrides.items()}
+    return checked.get("lr")

@@ -35,6 +35,10 @@ class StageSpec:
     budget: int | None = None  # retraining epochs
     overrides: tuple[tuple[str, Any], ...] = ()  # e.g. (("lr", 0.05),) sorted by key
     round: int = 1  # iterative pruning round, 1-based
+    # Seed of the train/validation split when it is not `seed`: a retraining seed of a shared
+    # pre-training keeps the split the shared network was trained on.
+    split_seed: int | None = None
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes)
     # Pre-training epochs whose end-of-epoch weights must be kept for weight rewinding.
     # Not part of the identity: it says what to keep, not what the stage computes.
     keep_epochs: tuple[int, ...] = field(default=(), compare=False)
@@ -65,7 +69,17 @@ class StageSpec:
                 "overrides": dict(self.overrides),
                 "seed": self.seed,
             }
+        # Named only when not the default, so stages of earlier grids keep their ids.
+        if self.split_seed is not None:
+            ident["split_seed"] = self.split_seed
+        if self.precision != "fp32" and self.kind != "prune":
+            ident["precision"] = self.precision
         return ident
+
+    @property
+    def data_split_seed(self) -> int:
+        """Seed of the train/validation split this stage trains (or calibrates) on."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @cached_property
     def id(self) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 
 from trainables import schedules
 from trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
-from trainables.catalog import PRUNERS
+from trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
 from trainables.data import load_dataset, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
@@ -67,6 +67,7 @@ def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = No
         "wall_seconds": time.time() - started,
         "node": _node_id(),
         "workers": env.world_size,
+        "precision": spec.precision,
     }
     outcome["device_hours"] = outcome["wall_seconds"] * env.world_size / 3600.0
     if env.rank == 0:
@@ -119,7 +120,7 @@ def _train(
         spec.dataset,
         env.data_root,
         val_fraction=spec.val_fraction,
-        split_seed=spec.seed,
+        split_seed=spec.data_split_seed,
         download=env.download,
     )
     device = torch.device(env.device)
@@ -163,6 +164,7 @@ def _train(
         on_epoch=on_epoch,
         checkpoint=checkpoint,
         weight_decay=spec.override_dict.get("weight_decay"),
+        precision=spec.precision,
     )
     return {
         "test_acc": result.test_acc,
@@ -235,7 +237,7 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
         spec.dataset,
         env.data_root,
         val_fraction=spec.val_fraction,
-        split_seed=spec.seed,
+        split_seed=spec.data_split_seed,
         download=env.download,
     )
     batches = None
@@ -279,7 +281,7 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
         model.load_state_dict(rewound["state_dict"], strict=True)
         for plan in plans:
             model = apply_plan(model, plan)
-    elif spec.schedule == "scratch":
+    elif spec.schedule in SCRATCH_SCHEDULES:
         # A fresh initialisation: a seed unrelated to the pre-training's, so scratch never
         # inherits the pre-trained network's initial weights.
         model = _architecture(spec, plans, init_seed=int(spec.id[:8], 16))

@@ -39,6 +39,8 @@ from trainables.recipe import Recipe
 
 __all__ = ["Diverged", "EpochMetrics", "FitResult", "evaluate", "fit"]
 
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
 # Finiteness of the loss is checked every this many steps (and at the end of the epoch); on the
 # CPU every step, on accelerators in windows so that the check does not stall the queue.
 _CHECK_EVERY = {"cpu": 1}
@@ -103,12 +105,15 @@ def fit(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
     weight_decay: float | None = None,
+    precision: str = "fp32",
 ) -> FitResult:
     """Train `model` in place for epochs start_epoch..epochs-1 and evaluate after each.
 
     `lr_per_step` holds the lr of every optimizer step of the whole run (epochs *
     len(loaders.train) values); step s of epoch e uses lr_per_step[e * steps + s]. SGD momentum,
     nesterov and weight decay come from `recipe` (`weight_decay` overrides the latter).
+    `precision` "fp32" (default) runs in full precision; "bf16" runs forward passes under
+    bfloat16 autocast on the training device (training and evaluation alike).
 
     `checkpoint(epoch, state)` receives, after each epoch, state = {"model": state_dict,
     "optimizer": state_dict, "epoch": epochs completed, "rng": {"cpu": ..., ["cuda": ...]},
@@ -131,6 +136,8 @@ def fit(
         )
     if not np.isfinite(lrs).all() or (lrs < 0).any():
         raise ValueError("lr_per_step: every learning rate must be finite and >= 0")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
     rank, world = _dist_rank_world()
     _check_sharding(loaders, rank, world)
 
@@ -183,7 +190,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = float(lrs[epoch * steps + i])
             x, y = _to_device(x, y, device)
-            with _autocast(device):
+            with _autocast(device, precision):
                 out = net(x)
                 loss = F.cross_entropy(out, y)
             optimizer.zero_grad(set_to_none=True)
@@ -206,8 +213,8 @@ def fit(
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
 
-        val = None if loaders.val is None else evaluate(model, loaders.val, device)
-        test = evaluate(model, loaders.test, device)
+        val = None if loaders.val is None else evaluate(model, loaders.val, device, precision)
+        test = evaluate(model, loaders.test, device, precision)
         loss_sum, n_correct, n_seen = train_sums.tolist()
         metrics = EpochMetrics(
             epoch=epoch + 1,
@@ -234,7 +241,7 @@ def fit(
 
 
 def evaluate(
-    model: nn.Module, loader: BatchLoader, device: torch.device | str
+    model: nn.Module, loader: BatchLoader, device: torch.device | str, precision: str = "fp32"
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` over the split behind `loader`.
 
@@ -248,7 +255,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), _autocast(device, precision):
         for x, y in loader:
             x, y = _to_device(x, y, device)
             out = model(x)
@@ -262,9 +269,9 @@ def evaluate(
     return loss_sum / n_seen, n_correct / n_seen
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
