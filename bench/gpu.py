@@ -7,15 +7,15 @@ measuring when it is spent; the whole run has `--budget-s`, and a check that wou
 it is recorded as skipped):
 
 1. throughput: training samples/s of CIFAR ResNet-56 on 50,000 generated 32x32 images written
-   in the real on-disk CIFAR-10 format. `nptm` = `trainables.train_loop.fit` on
-   `trainables.data` loaders with the split resident on the GPU (nptm's CUDA path: bf16
-   autocast + channels_last, always on; nptm has no fp32 or torch.compile switch);
-   `nptm-host-data` = the same loop with the loaders on the CPU (augmentation on the host, one
-   copy per batch); `ref-w2` = the paper's loop (torchvision CIFAR10 + PIL transforms +
-   DataLoader, 2 workers), all from bench/throughput.py, interleaved epochs, medians.
+   in the real on-disk CIFAR-10 format. `nptm` = `trainables.train_loop.fit` at its default
+   precision (fp32, the paper's; channels_last on CUDA) on `trainables.data` loaders with the
+   split resident on the GPU; `nptm-bf16` = the same with `precision: bf16` (bf16 autocast,
+   the grid's opt-in); `nptm-host-data` = fp32 with the loaders on the CPU (augmentation on the
+   host, one copy per batch); `ref-w2` = the paper's loop (torchvision CIFAR10 + PIL transforms
+   + DataLoader, 2 workers), all from bench/throughput.py, interleaved epochs, medians.
    The `bare` rows are bare SGD steps over ready batches (no input pipeline): fp32 NCHW,
    bf16 + channels_last, and bf16 + channels_last + torch.compile (in its own process,
-   compile time reported), i.e. what each precision/layout/compile option is worth.
+   compile time reported; nptm has no torch.compile option), i.e. what each option is worth.
    Target: nptm >= 3x ref-w2.
 2. epoch_seconds: seconds per training epoch of every (model, dataset) of the shipped grids at
    the grid's batch size, through `fit` on synthetic GPU-resident inputs, timed over a fixed
@@ -82,6 +82,7 @@ class Sizes:
     n_train: int = 50_000
     n_test: int = 1_000
     model: str = "resnet56"
+    batch: int = throughput.BATCH  # of the throughput check, every loop alike
     ref_workers: int = throughput.PAPER_WORKERS
     throughput_s: float = 60.0
     max_rounds: int = 3
@@ -104,7 +105,7 @@ class Sizes:
     @classmethod
     def dry(cls) -> Sizes:
         return cls(
-            n_train=64, n_test=32, model="resnet20", ref_workers=0, throughput_s=2.0,
+            n_train=64, n_test=32, model="resnet20", batch=8, ref_workers=0, throughput_s=2.0,
             max_rounds=1, bare_steps=2, bare_batch=8, pairs=(("resnet20", "cifar10"),),
             epoch_steps={"imagenet": 1, "default": 2}, epoch_s=5.0, epoch_batch=4, packed=2,
             packing_window_s=0.0, ddp_timeout_s=60.0, compile_timeout_s=120.0, packing_s=120.0,
@@ -214,27 +215,35 @@ def check_throughput(sizes: Sizes, files: Any, device: torch.device, budget: Dea
     from trainables.models import build_model
     from trainables.recipe import default_recipe
 
-    recipe = default_recipe("cifar10", batch_size=throughput.BATCH)
+    recipe = default_recipe("cifar10", batch_size=sizes.batch)
     with accept_checksums(files):
         bundle = load_dataset("cifar10", files.root)
         ref = throughput.reference_loader(
-            str(files.root), workers=sizes.ref_workers, device=device, seed=0
+            str(files.root), workers=sizes.ref_workers, device=device, seed=0, batch=sizes.batch
         )
-    on_device = make_loaders(bundle, batch_size=throughput.BATCH, device=device, seed=0)
-    on_host = make_loaders(bundle, batch_size=throughput.BATCH, device="cpu", seed=0)
+    on_device = make_loaders(bundle, batch_size=sizes.batch, device=device, seed=0)
+    on_host = make_loaders(bundle, batch_size=sizes.batch, device="cpu", seed=0)
     cuda = device.type == "cuda"
 
-    def model(nptm: bool) -> torch.nn.Module:
+    def model(nptm: bool, bf16: bool = False) -> torch.nn.Module:
         m = build_model(sizes.model, "cifar10", seed=0).to(device)
-        throughput._warm_up(m, device, channels_last=cuda and nptm)  # bf16 + NHWC: nptm's path
+        # nptm's loop runs channels_last on CUDA; precision is the grid's `resources.precision`
+        throughput._warm_up(m, device, channels_last=cuda and nptm, batch=sizes.batch, bf16=bf16)
         return m
 
     ref_model = model(nptm=False)
     ref_opt = throughput._optimizer(ref_model, recipe)
     runners: dict[str, Callable[[int], tuple[int, float]]] = {}
-    for name, loaders in (("nptm", on_device), ("nptm-host-data", on_host)):
-        m = model(nptm=True)
-        runners[name] = lambda r, m=m, ld=loaders: throughput.nptm_epoch(m, ld, recipe, device, r)
+    # nptm = the default (fp32, the paper's precision); nptm-bf16 = `precision: bf16`
+    for name, loaders, precision in (
+        ("nptm", on_device, "fp32"),
+        ("nptm-bf16", on_device, "bf16"),
+        ("nptm-host-data", on_host, "fp32"),
+    ):
+        m = model(nptm=True, bf16=precision == "bf16")
+        runners[name] = lambda r, m=m, ld=loaders, p=precision: throughput.nptm_epoch(
+            m, ld, recipe, device, r, precision=p
+        )
     ref_key = f"ref-w{sizes.ref_workers}"
     runners[ref_key] = lambda r: throughput.reference_epoch(ref_model, ref_opt, ref, device)[:2]
 
@@ -251,15 +260,16 @@ def check_throughput(sizes: Sizes, files: Any, device: torch.device, budget: Dea
     out: dict[str, Any] = {
         "model": sizes.model,
         "n_train": sizes.n_train,
-        "batch": throughput.BATCH,
+        "batch": sizes.batch,
         "rounds": len(rates["nptm"]),
         "samples_per_s": {k: _common.median(v) for k, v in rates.items()},
         "all_samples_per_s": rates,
         "reference": ref_key,
-        "nptm_cuda_path": "bf16 autocast + channels_last, split resident on the GPU"
+        "nptm_cuda_path": "fp32 (default) or bf16 autocast (precision: bf16), channels_last, "
+        "split resident on the GPU"
         if cuda
-        else "fp32 on the CPU",
-        "not_in_nptm": ["fp32 on CUDA (bf16 autocast is always on)", "torch.compile"],
+        else "fp32 / bf16 autocast on the CPU",
+        "not_in_nptm": ["torch.compile"],
     }
     sps = out["samples_per_s"]
     out["ratio"] = sps["nptm"] / sps[ref_key]

@@ -45,7 +45,9 @@ BATCH = 128
 PAPER_WORKERS = 2
 
 
-def reference_loader(root: str, *, workers: int, device: torch.device, seed: int) -> Any:
+def reference_loader(
+    root: str, *, workers: int, device: torch.device, seed: int, batch: int = BATCH
+) -> Any:
     """The paper's CIFAR-10 training pipeline: PIL transforms in DataLoader workers."""
     from torchvision import datasets
     from torchvision import transforms as T
@@ -64,7 +66,7 @@ def reference_loader(root: str, *, workers: int, device: torch.device, seed: int
     dataset = datasets.CIFAR10(root, train=True, transform=transform, download=False)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=BATCH,
+        batch_size=batch,
         shuffle=True,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -97,13 +99,21 @@ def reference_epoch(
 
 
 def nptm_epoch(
-    model: nn.Module, loaders: Any, recipe: Any, device: torch.device, seed: int
+    model: nn.Module,
+    loaders: Any,
+    recipe: Any,
+    device: torch.device,
+    seed: int,
+    precision: str = "fp32",
 ) -> tuple[int, float]:
     """One epoch of trainables.train_loop.fit: (samples, seconds of the training phase)."""
     from trainables.train_loop import fit
 
     steps = len(loaders.train)
-    result = fit(model, loaders, np.full(steps, 0.1), recipe, epochs=1, device=device, seed=seed)
+    result = fit(
+        model, loaders, np.full(steps, 0.1), recipe, epochs=1, device=device, seed=seed,
+        precision=precision,
+    )  # fmt: skip
     m = result.history[0]
     return m.samples, m.train_s
 
@@ -158,20 +168,23 @@ def _optimizer(model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
     )
 
 
-def _warm_up(model: nn.Module, device: torch.device, channels_last: bool) -> None:
-    """Two steps on random data: one-off kernel and allocator set-up stays out of the timing."""
-    x = torch.randn(BATCH, 3, 32, 32, device=device)
+def _warm_up(
+    model: nn.Module,
+    device: torch.device,
+    channels_last: bool,
+    batch: int = BATCH,
+    bf16: bool | None = None,
+) -> None:
+    """Two steps on random data: one-off kernel and allocator set-up stays out of the timing.
+    `bf16` (default: as `channels_last`, nptm's former CUDA path) warms the autocast kernels."""
+    bf16 = channels_last if bf16 is None else bf16
+    x = torch.randn(batch, 3, 32, 32, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (BATCH,), device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     for _ in range(2):
-        ctx = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if channels_last
-            else torch.autocast("cpu", enabled=False)
-        )
-        with ctx:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()

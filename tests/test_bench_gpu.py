@@ -55,7 +55,7 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
         assert "error" not in res[section] and "skipped" not in res[section], section
 
     t = res["throughput"]
-    assert set(t["samples_per_s"]) == {"nptm", "nptm-host-data", "ref-w0"}
+    assert set(t["samples_per_s"]) == {"nptm", "nptm-bf16", "nptm-host-data", "ref-w0"}
     assert all(_positive(v) for v in t["samples_per_s"].values())
     assert t["ratio"] == pytest.approx(t["samples_per_s"]["nptm"] / t["samples_per_s"]["ref-w0"])
     assert t["met"] == (t["ratio"] >= 3.0)
