@@ -14,7 +14,7 @@ last step.
 
 Both read the same CIFAR-10 files (written by tests/cifar_fixture.py in the official on-disk
 format), train the same model from the same initialisation with the same optimiser (SGD,
-momentum 0.9 as the recipe sets it, weight decay 1e-4), batch 128, the same intra-op thread count.
+momentum 0.9, nesterov, weight decay 1e-4), batch 128, the same intra-op thread count.
 A third loop, `bare`, runs the bare SGD steps over batches made beforehand (no input pipeline,
 no bookkeeping): the ceiling for any loop on this model and machine.
 Variants run interleaved, one epoch at a time, round-robin with the order rotated each round,

@@ -20,7 +20,7 @@ from trainables.recipe import default_recipe
 from trainables.schedules import lr_schedule
 from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
 
-RECIPE = default_recipe("digits")  # momentum 0.9, nesterov (nptm's digits recipe), wd 5e-4
+RECIPE = default_recipe("digits")  # momentum 0.9, nesterov, weight decay 5e-4
 
 
 @pytest.fixture(scope="module")
