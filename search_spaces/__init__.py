@@ -9,7 +9,7 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
     max_trials: 5000          # larger grids need --confirm-large (build_plan(confirm_large=True))
     data:
       root: null              # dataset root; the CLI's --data-root / NPTM_DATA override it
-      val_fraction: 0.1       # in [0, 0.5]: share of the training set held out for selection
+      val_fraction: 0         # in [0, 0.5]: share of the training set held out for selection
                               # (0: train on the whole training set, as the paper does)
       download: false
     seeds:
