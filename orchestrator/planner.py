@@ -30,7 +30,10 @@ Weight rewinding (`wr`) at budget t restores pre-training's weights after T - t 
 the pretrain stage lists every such epoch in `keep_epochs`, and a `wr` retrain stage names the
 pretrain stage as its second parent (`parents == (prune_id, pretrain_id)`): that is the
 checkpoint it reads, in every round. `lrw` only replays the recipe's lr and needs no extra
-checkpoint.
+checkpoint. What to keep is not part of the pretrain stage's identity: when a later grid asks a
+finished pre-training for an epoch it did not keep, the sweep runs that stage again, and it
+re-makes just the missing weights from the nearest full training state it kept
+(`trainables.stage_runner.kept_state_epochs`), keeping its outcome.
 """
 
 from __future__ import annotations

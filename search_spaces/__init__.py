@@ -9,18 +9,29 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
     max_trials: 5000          # larger grids need --confirm-large (build_plan(confirm_large=True))
     data:
       root: null              # dataset root; the CLI's --data-root / NPTM_DATA override it
-      val_fraction: 0.1       # in [0, 0.5]: share of the training set held out for selection
+      val_fraction: 0         # in [0, 0.5]: share of the training set held out for selection
+                              # (0: train on the whole training set, as the paper does)
       download: false
+    seeds:
+      pretrain: per_trial     # per_trial: every seed pre-trains and prunes its own network;
+                              # shared: one pre-trained network per (dataset, model), pruned
+                              # once per pruner target, that every seed of axes.seed retrains
+                              # (the paper's protocol); retraining keeps its train/val split
+      shared_seed: 0          # the seed of that shared pre-training and pruning
     pretrain:                 # overrides of each dataset's default recipe (trainables.recipe)
       epochs: 30              #   a Recipe field here applies to every dataset ...
       cifar10: {lr: 0.05}     #   ... one under a dataset name to that dataset only
+      batch_size: 64          #   the GLOBAL batch of one optimizer step: each of the
+                              #   workers_per_trial DDP workers takes batch_size / workers
     resources:
       executor: inline        # inline (one process per trial) | train (Ray Train DDP workers)
-      workers_per_trial: 1    # DDP workers; executor inline requires 1
+      workers_per_trial: 1    # DDP workers; inline requires 1; must divide every batch_size
       cpus_per_worker: 1      # > 0, fractions allowed
       gpus_per_worker: 0      # >= 0; a fraction (0.25: four trials share a GPU; then
                               # workers_per_trial 1 under train) or a whole number
       max_concurrent: null    # optional cap on concurrently running stages
+      precision: fp32         # fp32 (the paper's) | bf16: bfloat16 autocast of forward passes;
+                              # part of a stage's identity and recorded in each row
     iterative:
       rounds: 1               # k > 1: k rounds of prune -> retrain (unstructured pruners only)
     axes:                     # the grid is the cross product of these lists
@@ -29,8 +40,10 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
       pruner:                 # each entry: name + ratio (number or list) XOR preset (str or list)
         - {name: magnitude, ratio: [0.5, 0.9]}
         - {name: l1_filter, preset: [A, B]}
-      schedule: [ft, lrw, wr, slr, clr, scratch]
-      budget: [10, 20]        # retraining epochs, > 0 (<= pre-training epochs for lrw and wr)
+      schedule: [ft, lrw, wr, slr, clr, scratch]   # also scratch_e, scratch_b
+      budget: [10, 20]        # retraining epochs, > 0 (<= pre-training epochs for lrw and wr);
+                              # scratch_e / scratch_b train T / T x base/pruned MACs epochs
+                              # instead, so their trials carry that length as their budget
       seed: [0, 1, 2]
       overrides:              # optional retraining-optimiser overrides swept as axes
         lr: [0.1, 0.05]       # (trainables.schedules.KNOWN_OVERRIDES)
@@ -49,6 +62,10 @@ name are left at the schedule's defaults; one that is already in the grid is not
 A trial is (dataset, model, pruner, ratio | preset, schedule, budget, seed, overrides).
 Combinations are checked after exclusion, so a grid may cross models with presets only some
 of them define and exclude the others (``{model: vgg16, preset: B}``).
+
+`load_grid` / `parse_grid` return a `CheckedGrid`: the parsed `Grid` plus what planning needs
+(each dataset's resolved recipe, the product space, the include trials), which is what
+`orchestrator.planner.build_plan` takes.
 
 Every mistake raises `GridError` whose message reads ``FILE: FIELD.PATH: problem with VALUE``,
 e.g. ``grid.yaml: axes.pruner[1].ratio: 1.5 is outside [0, 1)`` or

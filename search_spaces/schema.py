@@ -47,7 +47,7 @@ class _Section(BaseModel):
 
 class DataSection(_Section):
     root: str | None = None  # dataset root; the CLI's --data-root / NPTM_DATA override it
-    val_fraction: float = Field(default=0.1, ge=0, le=0.5)
+    val_fraction: float = Field(default=0.0, ge=0, le=0.5)  # the paper: no hold-out
     download: bool = False
 
 

@@ -38,7 +38,7 @@ from tests.sweep_helpers import (
     trials,
     write_grid,
 )
-from trainables.artifacts import ArtifactStore, CorruptArtifactError
+from trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
 
 MALFORMED = sorted((ROOT / "tests" / "malformed_grids").glob("*.yaml"))
 SWEEP_TIMEOUT = 600  # "did not hang" bound for one sweep on a busy 2-core machine
@@ -300,6 +300,51 @@ def test_damaged_own_resume_checkpoint_restarts_the_stage_from_epoch_zero(
     assert outcome["status"] == "ok" and outcome["resumed_from_epoch"] == 0
     assert [e["epoch"] for e in outcome["epoch_rows"]] == [1, 2]
     assert not store.exists(spec.id, "resume") and store.load(spec.id, "model")
+
+
+def test_a_rewind_epoch_added_later_is_remade_without_pre_training_again(
+    tmp_path: Path, one_thread
+) -> None:
+    """A grid without `wr` pre-trains (keeping no rewind weights); a later grid adds a `wr`
+    budget whose rewind epoch that run did not keep. The same pretrain stage then re-makes
+    just that checkpoint from its nearest kept state (here: the initial weights, its state
+    file deleted), bit-identical on the CPU to the one a run asked for it from the start."""
+    from orchestrator.planner import build_plan
+    from search_spaces import load_grid
+    from trainables.stage_runner import WorkerEnv, kept_state_epochs, run_stage, state_name
+
+    def pretrain_of(schedules: str, name: str):
+        grid = write_grid(
+            tmp_path / name, pruners=(MAGNITUDE,), schedules=schedules, budget="1",
+            pretrain_epochs=2, milestones="[1]",
+        )  # fmt: skip
+        return next(s for s in build_plan(load_grid(grid)).stages.values() if s.kind == "pretrain")
+
+    first, later = pretrain_of("[ft]", "a.yaml"), pretrain_of("[ft, wr]", "b.yaml")
+    assert first.id == later.id and first.keep_epochs == () and later.keep_epochs == (1,)
+    assert kept_state_epochs(2) == (1,) and kept_state_epochs(160) == tuple(range(8, 160, 8))
+
+    runs = str(tmp_path / "runs")
+    store = ArtifactStore(runs)
+    done = run_stage(first, WorkerEnv(storage=runs))
+    assert done["status"] == "ok" and not store.exists(first.id, rewind_name(1))
+    store.delete(first.id, state_name(1))  # the state at epoch 1 too: train epoch 0 again
+    model_before = store.load(first.id, "model")
+
+    remade = run_stage(later, WorkerEnv(storage=runs))
+    assert remade["status"] == "ok" and remade["rewind_epochs_remade"] == [1]
+    assert remade["test_acc"] == done["test_acc"] and remade["epoch_rows"] == done["epoch_rows"]
+    weights = store.load(later.id, rewind_name(1))["state_dict"]
+    for k, v in store.load(first.id, "model")["state_dict"].items():  # the final model is kept
+        assert torch.equal(v, model_before["state_dict"][k])
+
+    # Reference: a pre-training that kept epoch 1 from the start, in another storage.
+    ref_runs = str(tmp_path / "ref")
+    run_stage(later, WorkerEnv(storage=ref_runs))
+    reference = ArtifactStore(ref_runs).load(later.id, rewind_name(1))["state_dict"]
+    assert reference.keys() == weights.keys()
+    for k in reference:
+        assert torch.equal(reference[k], weights[k]), k
 
 
 def test_a_damaged_parent_found_by_a_ray_train_worker_is_recognised() -> None:

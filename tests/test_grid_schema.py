@@ -140,7 +140,7 @@ def test_minimal_grid_defaults(tmp_path: Path) -> None:
     grid = load_grid(write(tmp_path, MINIMAL))
     assert grid.name == "ok"
     assert grid.max_trials == 5000
-    assert grid.data.val_fraction == 0.1
+    assert grid.data.val_fraction == 0.0  # the paper trains on the whole training set
     assert grid.resources.executor == "train"  # Ray Train unless a grid says otherwise
     assert grid.rounds == 1
     assert grid.source == str(tmp_path / "grid.yaml")

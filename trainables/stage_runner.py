@@ -9,6 +9,7 @@ plans that turn it into the stored network, so a rebuild always re-applies masks
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from torch import nn
 from trainables import schedules
 from trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
 from trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
-from trainables.data import load_dataset, make_loaders
+from trainables.data import Loaders, load_dataset, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
 from trainables.pruners import PrunePlan, apply_plan, compute_plan
@@ -31,6 +32,10 @@ from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
 
 MODEL = "model"  # final weights of a stage
 RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
+# A pre-training keeps its full training state (weights, optimizer, epoch) at this many evenly
+# spaced epochs, so a rewind checkpoint a later grid asks for is re-made from the nearest
+# earlier state (at most T / STATE_CHECKPOINTS epochs of training), not from epoch 0.
+STATE_CHECKPOINTS = 20
 CALIBRATION_BATCHES = 4  # batches that data-driven pruners (hrank, taylor) look at
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,18 @@ def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = No
     return outcome
 
 
+def state_name(epoch: int) -> str:
+    """Name of the full training state a pre-training keeps at `epoch`."""
+    return f"state-{epoch:04d}"
+
+
+def kept_state_epochs(epochs: int) -> tuple[int, ...]:
+    """Epochs (0 < e < T) at which a pre-training of T epochs keeps its full training state:
+    every ceil(T / STATE_CHECKPOINTS) epochs (every 8th of the 160-epoch CIFAR recipe)."""
+    step = max(1, math.ceil(epochs / STATE_CHECKPOINTS))
+    return tuple(range(step, epochs, step))
+
+
 # -- model (de)serialisation --------------------------------------------------------------
 def model_payload(spec: StageSpec, model: nn.Module, plans: list[PrunePlan]) -> dict:
     return {
@@ -115,23 +132,10 @@ def _train(
     epochs: int,
     report: EpochReporter | None,
     keep_epochs: tuple[int, ...] = (),
+    state_epochs: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    bundle = load_dataset(
-        spec.dataset,
-        env.data_root,
-        val_fraction=spec.val_fraction,
-        split_seed=spec.data_split_seed,
-        download=env.download,
-    )
     device = torch.device(env.device)
-    loaders = make_loaders(
-        bundle,
-        batch_size=spec.recipe.batch_size,
-        device=device,
-        seed=spec.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-    )
+    loaders = _loaders(spec, env)
     lr_per_step = lr_for(len(loaders.train))
     resume = _load_resume(store, spec.id, env.rank)
     if resume is not None:
@@ -145,6 +149,8 @@ def _train(
         store.save(spec.id, RESUME, state)
         if epoch in keep_epochs:
             store.save(spec.id, rewind_name(epoch), {"state_dict": state["model"]})
+        if epoch in state_epochs:
+            store.save(spec.id, state_name(epoch), state)
 
     def on_epoch(m: EpochMetrics) -> None:
         if report is not None:
@@ -177,6 +183,24 @@ def _train(
         "samples_per_second": result.samples_per_second,
         "epoch_rows": [vars(m) for m in result.history],
     }
+
+
+def _loaders(spec: StageSpec, env: WorkerEnv) -> Loaders:
+    bundle = load_dataset(
+        spec.dataset,
+        env.data_root,
+        val_fraction=spec.val_fraction,
+        split_seed=spec.data_split_seed,
+        download=env.download,
+    )
+    return make_loaders(
+        bundle,
+        batch_size=spec.recipe.batch_size,
+        device=torch.device(env.device),
+        seed=spec.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
 
 
 def _load_resume(store: ArtifactStore, stage_id: str, rank: int) -> dict | None:
@@ -213,6 +237,11 @@ def _size_fields(model: nn.Module, spec: StageSpec) -> dict[str, Any]:
 
 # -- the three stage kinds ----------------------------------------------------------------
 def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
+    previous = store.read_outcome(spec.id)
+    if previous and previous.get("status") == "ok" and store.exists(spec.id, MODEL):
+        # A finished pre-training asked for rewind checkpoints it did not keep (a later grid
+        # added a `wr` budget): re-make just those, and keep the run's outcome.
+        return previous | {"rewind_epochs_remade": _remake_rewind_checkpoints(spec, env, store)}
     model = build_model(spec.model, spec.dataset, seed=spec.seed)
     fields = _train(
         spec,
@@ -223,10 +252,46 @@ def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> 
         spec.recipe.epochs,
         report,
         keep_epochs=spec.keep_epochs,
+        state_epochs=kept_state_epochs(spec.recipe.epochs),
     )
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, []))
     return fields | _size_fields(model, spec) | {"pretrain_id": spec.id}
+
+
+def _remake_rewind_checkpoints(spec: StageSpec, env: WorkerEnv, store: ArtifactStore) -> list:
+    """Re-make the missing `keep_epochs` weights of a finished pre-training.
+
+    Each is trained from the latest kept state at or before it (the initial weights if none):
+    the same epochs with the same data order, augmentation, seeds and lr as the original run,
+    so on the CPU the weights are bit-identical to those the run would have kept (on GPUs as
+    reproducible as a resumed run).
+    """
+    missing = [e for e in spec.keep_epochs if not store.exists(spec.id, rewind_name(e))]
+    loaders = None
+    for epoch in missing:
+        start = max(
+            (k for k in kept_state_epochs(spec.recipe.epochs) if k <= epoch
+             and store.exists(spec.id, state_name(k))),
+            default=0,
+        )  # fmt: skip
+        model = build_model(spec.model, spec.dataset, seed=spec.seed)
+        resume = store.load(spec.id, state_name(start)) if start else None
+        if start == epoch:
+            assert resume is not None or epoch == 0
+            weights = resume["model"] if resume is not None else model.state_dict()
+        else:
+            loaders = loaders or _loaders(spec, env)
+            steps = len(loaders.train)
+            lr = schedules.pretrain_schedule(spec.recipe, steps)[: epoch * steps]
+            fit(
+                model, loaders, lr, spec.recipe, epochs=epoch, device=env.device, seed=spec.seed,
+                start_epoch=start, resume_state=resume, precision=spec.precision,
+            )  # fmt: skip
+            weights = model.state_dict()
+        if env.rank == 0:
+            store.save(spec.id, rewind_name(epoch), {"state_dict": weights})
+    return missing
 
 
 def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
