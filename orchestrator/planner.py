@@ -61,6 +61,7 @@ class Trial:
     budget: int
     seed: int
     overrides: tuple[tuple[str, Any], ...]
+    pruner_options: tuple[tuple[str, Any], ...]  # unstructured pruners' layers / min_keep
     stage_id: str  # the final retrain stage: the trial's result
     chain: tuple[str, ...]  # pretrain, prune 1, retrain 1, ..., prune k, retrain k
 
@@ -69,7 +70,7 @@ class Trial:
         out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("overrides", "stage_id", "chain")
+            if f.name not in ("overrides", "pruner_options", "stage_id", "chain")
         }
         return out | dict(self.overrides)
 
@@ -186,7 +187,9 @@ class Plan:
             "summary": self.summary(),
             "stages": [spec.to_dict() for spec in self.stages.values()],
             "trials": [
-                dataclasses.asdict(t) | {"overrides": dict(t.overrides)} for t in self.trials
+                dataclasses.asdict(t)
+                | {"overrides": dict(t.overrides), "pruner_options": dict(t.pruner_options)}
+                for t in self.trials
             ],
         }
 
@@ -270,7 +273,7 @@ class _Builder:
         if ratio is not None and not PRUNERS[k.pruner].structured:
             ratio = cumulative_ratio(ratio, r, self.rounds)
         return self._add(
-            ("prune", parent.id, k.pruner, ratio, k.preset, k.seed, r),
+            ("prune", parent.id, k.pruner, ratio, k.preset, k.pruner_options, k.seed, r),
             lambda: StageSpec(
                 "prune",
                 k.dataset,
@@ -282,6 +285,7 @@ class _Builder:
                 pruner=k.pruner,
                 ratio=ratio,
                 preset=k.preset,
+                pruner_options=k.pruner_options,
                 round=r,
             ),
         )
@@ -302,6 +306,7 @@ class _Builder:
                 pruner=k.pruner,
                 ratio=parent.ratio,
                 preset=k.preset,
+                pruner_options=k.pruner_options,
                 round=parent.round,
                 schedule=k.schedule,
                 budget=k.budget,

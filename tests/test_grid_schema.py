@@ -187,14 +187,14 @@ def test_exclude_makes_a_partial_preset_grid_valid(tmp_path: Path) -> None:
     axes:
       dataset: cifar10
       model: [resnet56, vgg16]
-      pruner: [{name: l1_filter, preset: [A, B]}]
+      pruner: [{name: l1_filter, preset: [A, D]}]
       schedule: [ft]
       budget: [40]
       seed: [0]
     """
-    with pytest.raises(GridError, match=r"axes\.pruner\[0\]\.preset\[1\]: 'B'"):
+    with pytest.raises(GridError, match=r"axes\.pruner\[0\]\.preset\[1\]: 'D'"):
         load_grid(write(tmp_path, text))
-    load_grid(write(tmp_path, text + "exclude: [{model: vgg16, preset: B}]\n"))
+    load_grid(write(tmp_path, text + "exclude: [{model: vgg16, preset: D}]\n"))
 
 
 def test_rewind_budget_can_be_excluded(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ class StageSpec:
     pruner: str | None = None
     ratio: float | None = None  # target sparsity (unstructured) or filter ratio (structured)
     preset: str | None = None
+    # An unstructured pruner's options, defaults filled in (layers, min_keep), sorted by name.
+    pruner_options: tuple[tuple[str, Any], ...] = ()
     schedule: str | None = None
     budget: int | None = None  # retraining epochs
     overrides: tuple[tuple[str, Any], ...] = ()  # e.g. (("lr", 0.05),) sorted by key
@@ -58,6 +60,8 @@ class StageSpec:
                 "seed": self.seed,
                 "round": self.round,
             }
+            if self.pruner_options:
+                ident["pruner_options"] = dict(self.pruner_options)
         else:
             ident |= {
                 "schedule": self.schedule,
@@ -79,6 +83,7 @@ class StageSpec:
         d = asdict(self)
         d["recipe"] = self.recipe.model_dump(mode="json")
         d["overrides"] = dict(self.overrides)
+        d["pruner_options"] = dict(self.pruner_options)
         d["id"] = self.id
         return d
 
@@ -88,6 +93,7 @@ class StageSpec:
         d.pop("id", None)
         d["recipe"] = Recipe.model_validate(d["recipe"])
         d["overrides"] = tuple(sorted(d.get("overrides", {}).items()))
+        d["pruner_options"] = tuple(sorted(d.get("pruner_options", {}).items()))
         for key in ("parents", "keep_epochs"):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)

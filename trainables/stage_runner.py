@@ -9,6 +9,7 @@ plans that turn it into the stored network, so a rebuild always re-applies masks
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -25,13 +26,15 @@ from trainables.data import load_dataset, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
 from trainables.pruners import PrunePlan, apply_plan, compute_plan
-from trainables.pruners.unstructured import sparsity
+from trainables.pruners.unstructured import layer_density, sparsity
 from trainables.stage import StageSpec
 from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
 
 MODEL = "model"  # final weights of a stage
 RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
-CALIBRATION_BATCHES = 4  # batches that data-driven pruners (hrank, taylor) look at
+# Batches that data-driven pruners look at unless their registry entry names a number of
+# images (HRank: 640 augmented training images, as its rank estimate uses).
+CALIBRATION_BATCHES = 4
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,7 @@ def _train(
     epochs: int,
     report: EpochReporter | None,
     keep_epochs: tuple[int, ...] = (),
+    momentum_for: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     bundle = load_dataset(
         spec.dataset,
@@ -132,6 +136,7 @@ def _train(
         world_size=env.world_size,
     )
     lr_per_step = lr_for(len(loaders.train))
+    momentum_per_step = None if momentum_for is None else momentum_for(len(loaders.train))
     resume = _load_resume(store, spec.id, env.rank)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -163,6 +168,7 @@ def _train(
         on_epoch=on_epoch,
         checkpoint=checkpoint,
         weight_decay=spec.override_dict.get("weight_decay"),
+        momentum_per_step=momentum_per_step,
     )
     return {
         "test_acc": result.test_acc,
@@ -205,7 +211,7 @@ def _size_fields(model: nn.Module, spec: StageSpec) -> dict[str, Any]:
         "base_macs": base_macs,
         "params_reduction": 1 - params / base_params,
         "macs_reduction": 1 - macs / base_macs,
-        "achieved_sparsity": sparsity(model),
+        "achieved_sparsity": sparsity(model, dict(spec.pruner_options).get("layers", "conv")),
     }
 
 
@@ -239,8 +245,15 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
         download=env.download,
     )
     batches = None
-    if PRUNERS[spec.pruner].needs_data:
-        batches = bundle.calibration_batches(CALIBRATION_BATCHES, spec.recipe.batch_size, spec.seed)
+    info = PRUNERS[spec.pruner]
+    if info.needs_data:
+        batch_size, n_batches = spec.recipe.batch_size, CALIBRATION_BATCHES
+        if info.calibration_images:
+            n_batches = math.ceil(info.calibration_images / batch_size)
+            batch_size = info.calibration_images // n_batches
+        batches = bundle.calibration_batches(
+            n_batches, batch_size, spec.seed, augmented=info.calibration_augmented
+        )
     plan = compute_plan(
         model,
         spec.model,
@@ -249,8 +262,12 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
         preset=spec.preset,
         batches=batches,
         seed=spec.seed,
+        options=dict(spec.pruner_options),
     )
     model = apply_plan(model, plan)
+    # A global threshold may cut a layer off entirely; say so, never repair it silently.
+    density = layer_density(model)
+    emptied = [name for name, d in density.items() if d == 0.0]
     loaders = make_loaders(bundle, batch_size=256, device=torch.device("cpu"), seed=spec.seed)
     acc_after = evaluate(model, loaders.test, torch.device("cpu"))[1]
     if env.rank == 0:
@@ -261,6 +278,9 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
         "test_acc": acc_after,
         "pretrain_id": parent.get("pretrain_id"),
         "structured": PRUNERS[spec.pruner].structured,
+        "emptied_layers": len(emptied),
+        "emptied_layer_names": emptied,
+        "layer_density": density,
         "epoch_rows": [],
     }
 
@@ -297,6 +317,9 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
         ),
         budget,
         report,
+        momentum_for=lambda steps: schedules.momentum_schedule(
+            spec.schedule, budget=budget, steps_per_epoch=steps, recipe=spec.recipe
+        ),
     )
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, plans))
@@ -306,6 +329,7 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
         | {
             "acc_before_prune": parent.get("acc_before_prune"),
             "acc_after_prune": parent.get("acc_after_prune"),
+            "emptied_layers": parent.get("emptied_layers"),
             "pretrain_id": parent.get("pretrain_id"),
             "structured": parent.get("structured"),
         }
