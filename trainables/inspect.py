@@ -68,8 +68,11 @@ def inspect_model(
     ratio: float | None = None,
     preset: str | None = None,
     seed: int = 0,
+    options: dict[str, object] | None = None,
 ) -> dict[str, Any]:
-    """Base and pruned counts plus per-layer output channels; "pruned" is None without pruner."""
+    """Base and pruned counts plus per-layer output channels; "pruned" is None without pruner.
+    `options` are an unstructured pruner's (layers, min_keep); by default only Conv2d weights
+    are pruned, so the classifier's density is 1.0."""
     check_model_dataset(model, dataset)
     if pruner is None and (ratio is not None or preset is not None):
         raise ValueError("'ratio'/'preset' given without a 'pruner'")
@@ -101,7 +104,9 @@ def inspect_model(
     if PRUNERS[pruner].needs_data:
         batches = synthetic_batches(dataset, seed)
         result["importance_data"] = "synthetic"
-    plan = compute_plan(net, model, pruner, ratio=ratio, preset=preset, batches=batches, seed=seed)
+    plan = compute_plan(
+        net, model, pruner, ratio=ratio, preset=preset, batches=batches, seed=seed, options=options
+    )
     pruned = apply_plan(copy.deepcopy(net), plan)
     p_params, p_macs = count_params_macs(pruned, dataset)
     nonzero = count_nonzero_params(pruned)
