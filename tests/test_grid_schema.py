@@ -279,3 +279,35 @@ def test_shipped_grid_set() -> None:
         grid = load_grid(ROOT / "search_spaces" / f"{name}.yaml")
         assert grid.resources.executor == "train"
         assert grid.resources.gpus_per_worker > 0
+
+
+def test_unstructured_pruner_options_on_the_entry(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "- {name: magnitude, ratio: [0.5, 0.9]}",
+        "- {name: magnitude, ratio: [0.5, 0.9], layers: conv+linear, min_keep: 0.005}",
+    )
+    grid = load_grid(write(tmp_path, text))
+    assert grid.axes.pruner[0].layers == "conv+linear" and grid.axes.pruner[0].min_keep == 0.005
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "message"),
+    [
+        (
+            "{name: l1_filter, ratio: 0.5, layers: conv}",
+            "axes.pruner[1].layers",
+            "takes no options",
+        ),
+        ("{name: random, ratio: 0.5, layers: fc}", "axes.pruner[1].layers", "'fc' is not one of"),
+        ("{name: random, ratio: 0.5, min_keep: 1.5}", "axes.pruner[1].min_keep", "less than 1"),
+        ("{name: taylor, ratio: 0.5}", "axes.pruner[1].name", "renamed 'taylor_conv_oneshot'"),
+    ],
+)
+def test_bad_pruner_options_and_retired_names(
+    tmp_path: Path, entry: str, field: str, message: str
+) -> None:
+    text = MINIMAL.replace("- {name: l1_filter, ratio: 0.5}", "- " + entry)
+    with pytest.raises(GridError) as info:
+        load_grid(write(tmp_path, text))
+    assert info.value.field == field
+    assert message in str(info.value)

@@ -19,6 +19,7 @@ from orchestrator.planner import Plan, build_plan, cumulative_ratio
 from search_spaces import GridError, load_grid
 from trainables.catalog import PRUNERS
 from trainables.recipe import DEFAULT_RECIPES
+from trainables.stage import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -535,3 +536,33 @@ def test_count_without_expanding_matches_expansion(tmp_path: Path, rules: list) 
     plan = build_plan(grid)
     assert expand.count(grid._space, grid._includes) == len(plan.trials)
     assert plan_keys(plan) == reference_trials(raw)
+
+
+def test_pruner_options_reach_the_prune_stage_and_its_identity(tmp_path: Path) -> None:
+    text = """\
+    name: opts
+    axes:
+      dataset: [digits]
+      model: [resnet20]
+      pruner:
+        - {name: magnitude, ratio: 0.5}
+        - {name: magnitude, ratio: 0.5, layers: conv+linear}
+        - {name: l1_filter, ratio: 0.5}
+      schedule: [ft]
+      budget: [5]
+      seed: [0]
+    """
+    plan = plan_of(tmp_path, text)
+    prunes = [s for s in plan.stages.values() if s.kind == "prune"]
+    assert len(prunes) == 3  # the two magnitude entries are different stages
+    options = sorted(s.pruner_options for s in prunes)
+    assert options == [
+        (),
+        (("layers", "conv"), ("min_keep", 0.0)),
+        (("layers", "conv+linear"), ("min_keep", 0.0)),
+    ]
+    for spec in prunes:
+        ident = spec.identity()
+        assert ("pruner_options" in ident) == (spec.pruner == "magnitude")
+        assert StageSpec.from_dict(spec.to_dict()) == spec
+    assert {t.pruner_options for t in plan.trials if t.pruner == "l1_filter"} == {()}

@@ -407,3 +407,31 @@ def test_classifier_stays_dense_at_95_percent_random_on_resnet56() -> None:
     assert int(torch.count_nonzero(model.fc.weight)) == 640
     conv_total = n_weights(model)
     assert sum(n_pruned(m) for m in plan.masks.values()) == round(0.95 * conv_total)
+
+
+def test_prune_stage_records_an_emptied_layer_and_keeps_the_classifier(tmp_path) -> None:
+    """The stage runner applies the plan as it falls and reports the layer it emptied."""
+    from trainables.artifacts import ArtifactStore
+    from trainables.models import build_model
+    from trainables.recipe import default_recipe
+    from trainables.stage import StageSpec
+    from trainables.stage_runner import MODEL, WorkerEnv, model_payload, run_stage
+
+    recipe = default_recipe("digits")
+    pre = StageSpec("pretrain", "digits", "resnet20", 0, recipe)
+    model = build_model("resnet20", "digits", seed=0)
+    with torch.no_grad():  # a layer far below every other |w|: the threshold takes all of it
+        model.layer2[1].conv1.weight.mul_(1e-6)
+    store = ArtifactStore(str(tmp_path))
+    store.save(pre.id, MODEL, model_payload(pre, model, []))
+    store.write_outcome(pre.id, {"status": "ok", "test_acc": 0.5})
+    spec = StageSpec(
+        "prune", "digits", "resnet20", 0, recipe, parents=(pre.id,), pruner="magnitude",
+        ratio=0.5, pruner_options=(("layers", "conv"), ("min_keep", 0.0)),
+    )  # fmt: skip
+    outcome = run_stage(spec, WorkerEnv(storage=str(tmp_path)))
+    assert outcome["status"] == "ok"
+    assert outcome["emptied_layers"] == 1
+    assert outcome["emptied_layer_names"] == ["layer2.1.conv1"]
+    assert outcome["layer_density"]["fc"] == 1.0
+    assert outcome["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)

@@ -151,7 +151,7 @@ def load_dataset(
     every class can contribute, seeded by `split_seed`); the rest stays in `bundle.train`.
     """
     if name not in DATASETS:
-        raise ValueError(f"dataset: {DATASETS.unknown_reason(name)}")
+        raise ValueError(f"dataset: unknown name {name!r}; known: {sorted(DATASETS)}")
     if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction: {val_fraction!r} is outside [0, 1)")
     info = DATASETS[name]
