@@ -464,3 +464,15 @@ def test_pruned_model_still_trains() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_hrank_ranks_on_640_augmented_images() -> None:
+    from trainables.catalog import PRUNERS
+    from trainables.stage_runner import CALIBRATION_BATCHES, calibration_sizes
+
+    assert PRUNERS["hrank"].calibration_augmented
+    assert calibration_sizes("hrank", 64) == (10, 64)  # the CIFAR recipe's batch
+    assert calibration_sizes("hrank", 128) == (5, 128)  # HRank's own 5 batches of 128
+    n, size = calibration_sizes("hrank", 100)  # 640 is no multiple: equal batches, <= 640
+    assert size <= 100 and n * size <= 640 < (n + 1) * size
+    assert calibration_sizes("taylor_conv_oneshot", 64) == (CALIBRATION_BATCHES, 64)

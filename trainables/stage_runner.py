@@ -233,6 +233,17 @@ def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> 
     return fields | _size_fields(model, spec) | {"pretrain_id": spec.id}
 
 
+def calibration_sizes(pruner: str, recipe_batch_size: int) -> tuple[int, int]:
+    """(batches, batch size) a data-driven pruner ranks filters on: its registry entry's
+    number of images in batches of at most the recipe's size (HRank: 640 = 10 x 64 for the
+    CIFAR recipe), else CALIBRATION_BATCHES batches of the recipe's size."""
+    images = PRUNERS[pruner].calibration_images
+    if not images:
+        return CALIBRATION_BATCHES, recipe_batch_size
+    n_batches = math.ceil(images / recipe_batch_size)
+    return n_batches, images // n_batches
+
+
 def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     parent_id = spec.parents[0]
     parent = store.read_outcome(parent_id) or {}
@@ -247,10 +258,7 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
     batches = None
     info = PRUNERS[spec.pruner]
     if info.needs_data:
-        batch_size, n_batches = spec.recipe.batch_size, CALIBRATION_BATCHES
-        if info.calibration_images:
-            n_batches = math.ceil(info.calibration_images / batch_size)
-            batch_size = info.calibration_images // n_batches
+        n_batches, batch_size = calibration_sizes(spec.pruner, spec.recipe.batch_size)
         batches = bundle.calibration_batches(
             n_batches, batch_size, spec.seed, augmented=info.calibration_augmented
         )
