@@ -311,3 +311,42 @@ def test_bad_pruner_options_and_retired_names(
         load_grid(write(tmp_path, text))
     assert info.value.field == field
     assert message in str(info.value)
+
+
+def test_registry_names_close_matches_and_retired_names() -> None:
+    from trainables.registry import Registry, UnknownName
+
+    reg: Registry[int] = Registry("widget")
+    reg.register("alpha", 1)
+    reg.register("beta", 2)
+    assert reg["alpha"] == 1 and "beta" in reg and list(reg) == ["alpha", "beta"]
+    with pytest.raises(UnknownName, match="unknown widget 'alpah'; did you mean 'alpha'"):
+        reg["alpah"]
+    with pytest.raises(KeyError, match="unknown widget 'zzz'; known: alpha, beta"):
+        reg["zzz"]
+    reg.retire("gamma", "was renamed 'beta'")
+    with pytest.raises(UnknownName, match="widget 'gamma' was renamed 'beta'"):
+        reg["gamma"]
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("alpha", 3)
+
+
+def test_grid_validation_consults_the_model_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model registered the way built-ins are (an import path to its builder) is a valid
+    grid value at once: what a plugin will do."""
+    from trainables.catalog import MODELS, ModelInfo
+
+    text = MINIMAL.replace("model: [resnet20]", "model: [tiny_resnet]")
+    with pytest.raises(GridError, match="'tiny_resnet' is not a known model"):
+        load_grid(write(tmp_path, text))
+    info = ModelInfo(
+        "tiny_resnet", "cifar_resnet", 4, 8, "trainables.models:build_cifar_resnet",
+        "trainables.models:basic_block_convs",
+    )  # fmt: skip
+    monkeypatch.setitem(MODELS._entries, "tiny_resnet", info)
+    load_grid(write(tmp_path, text))
+    from trainables.models import build_model
+
+    assert build_model("tiny_resnet", "digits").layer1[0].conv1.out_channels == 16
