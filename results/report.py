@@ -32,7 +32,7 @@ GROUP = ["dataset", "model", "structure", "target"]
 # structure -> (random pruner, methodical pruners it is compared with)
 RANDOM_VS_METHODICAL = {
     "unstructured": ("random", ("magnitude", "magnitude_layerwise")),
-    "structured": ("random_filter", ("l1_filter", "hrank", "taylor")),
+    "structured": ("random_filter", ("l1_filter", "hrank", "taylor_conv_oneshot")),
 }
 LARGE_LR_SCHEDULES = ("lrw", "slr", "clr")
 # Columns a retrain row inherits from its prune parent when it lacks them.

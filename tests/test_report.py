@@ -391,7 +391,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
         ("l1_filter", True),
         ("random_filter", True),
         ("hrank", True),
-        ("taylor", True),
+        ("taylor_conv_oneshot", True),
     ]
     grid = pd.MultiIndex.from_product(
         [

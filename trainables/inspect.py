@@ -1,10 +1,11 @@
 """`nptm inspect`: params and MACs of a model before and after pruning, without any data.
 
 Counts follow trainables.macs (PFEC's convention: MACs of Conv2d/Linear, bias excluded).
-Data-driven pruners (hrank, taylor) rank filters on two seeded batches of random-normal images
-with random labels, so no dataset is needed; the result says so ("importance_data":
-"synthetic"). The architecture they produce (channel counts, params, MACs) is the one a preset
-or ratio defines and does not depend on the data; which filters go does.
+Data-driven pruners (hrank, taylor_conv_oneshot) rank filters on two seeded batches of
+random-normal images with random labels, so no dataset is needed; the result says so
+("importance_data": "synthetic"). The architecture they produce (channel counts, params,
+MACs) is the one a preset or ratio defines and does not depend on the data; which filters go
+does.
 
 In "pruned": `params_reduction` and `macs_reduction` compare the physical (dense) counts with
 the base model; `sparsity` is the share of the pruned model's own parameters that are zero
