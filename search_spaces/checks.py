@@ -373,9 +373,7 @@ def _include_trial(entry: dict[str, Any], i: int) -> TrialKey:
     ):
         value = getattr(inc, key)
         if value not in known:
-            raise GridIssue(
-                f"{where}.{key}", _not_known(key, value, known)
-            )
+            raise GridIssue(f"{where}.{key}", _not_known(key, value, known))
     if (inc.ratio is None) == (inc.preset is None):
         raise GridIssue(
             where, f"give exactly one of 'ratio' and 'preset' for pruner {inc.pruner!r}"
