@@ -566,3 +566,31 @@ def test_pruner_options_reach_the_prune_stage_and_its_identity(tmp_path: Path) -
         assert ("pruner_options" in ident) == (spec.pruner == "magnitude")
         assert StageSpec.from_dict(spec.to_dict()) == spec
     assert {t.pruner_options for t in plan.trials if t.pruner == "l1_filter"} == {()}
+
+
+def test_changed_definitions_get_new_stage_ids(tmp_path: Path) -> None:
+    """clr, hrank and the C/D presets compute something else than before their revision 2:
+    their stages carry the revision, so a storage root never hands back an old result."""
+    text = """\
+    name: revs
+    axes:
+      dataset: [cifar10]
+      model: [resnet56]
+      pruner:
+        - {name: l1_filter, preset: [B, C]}
+        - {name: hrank, preset: hrank-paper}
+      schedule: [ft, clr]
+      budget: [40]
+      seed: [0]
+    """
+    plan = plan_of(tmp_path, text)
+    revision = {
+        (s.kind, s.pruner, s.preset, s.schedule): s.identity().get("revision")
+        for s in plan.stages.values()
+        if s.kind != "pretrain"
+    }
+    assert revision[("prune", "l1_filter", "B", None)] is None
+    assert revision[("prune", "l1_filter", "C", None)] == 2
+    assert revision[("prune", "hrank", "hrank-paper", None)] == 2
+    assert revision[("retrain", "l1_filter", "B", "ft")] is None
+    assert revision[("retrain", "l1_filter", "B", "clr")] == 2

@@ -124,6 +124,9 @@ class PrunerInfo:
     # Structured pruners: (model, conv names, batches, seed) -> one score per filter of each
     # conv, higher = keep. Unstructured pruners are the three of trainables.pruners.unstructured.
     importance: str = ""
+    # Bumped when what the name computes changes, so stages computed under the old
+    # definition are not reused (trainables.stage.StageSpec.identity).
+    revision: int = 1
 
 
 PRUNERS: Registry[PrunerInfo] = Registry("pruner")
@@ -135,7 +138,7 @@ for _p in (
     PrunerInfo("l1_filter", True, False, importance=f"{_ST}:l1_importance"),
     PrunerInfo("random_filter", True, False, importance=f"{_ST}:random_importance"),
     PrunerInfo("hrank", True, True, calibration_images=640, calibration_augmented=True,
-               importance=f"{_ST}:hrank_importance"),
+               importance=f"{_ST}:hrank_importance", revision=2),
     PrunerInfo("taylor_conv_oneshot", True, True, importance=f"{_ST}:taylor_importance"),
 ):  # fmt: skip
     PRUNERS.register(_p.name, _p)
@@ -168,6 +171,7 @@ class PresetInfo:
     skip: frozenset[int] = frozenset()  # 1-based conv ids never pruned
     vgg_cfg: tuple[int | str, ...] | None = None
     conv_rates: tuple[float, ...] | None = None  # HRank's compress_rate, one per conv
+    revision: int = 1  # see PrunerInfo.revision (C/D were nptm's heavier presets before 2)
 
 
 _B56 = frozenset({16, 18, 20, 34, 38, 54})
@@ -183,16 +187,16 @@ PRESETS: Registry[PresetInfo] = Registry("preset")
 for _s in (
     PresetInfo("A", "resnet56", _PFEC, (0.1, 0.1, 0.1), frozenset({16, 20, 38, 54})),
     PresetInfo("B", "resnet56", _PFEC, (0.6, 0.3, 0.1), _B56),
-    PresetInfo("C", "resnet56", _LEHUA.format("res56"), (0.6, 0.5, 0.4), _B56),
-    PresetInfo("D", "resnet56", _LEHUA.format("res56"), (0.6, 0.6, 0.6), _B56),
+    PresetInfo("C", "resnet56", _LEHUA.format("res56"), (0.6, 0.5, 0.4), _B56, revision=2),
+    PresetInfo("D", "resnet56", _LEHUA.format("res56"), (0.6, 0.6, 0.6), _B56, revision=2),
     PresetInfo("nptm-heavy-1", "resnet56", "nptm", (0.7, 0.5, 0.3), _B56),
     PresetInfo("nptm-heavy-2", "resnet56", "nptm", (0.9, 0.7, 0.5), _B56),
     PresetInfo("hrank-paper", "resnet56", "Lin et al. 2020 (HRank), hrank/scripts",
                conv_rates=HRANK_RESNET56_RATES),
     PresetInfo("A", "resnet110", _PFEC, (0.5, 0.0, 0.0), frozenset({36})),
     PresetInfo("B", "resnet110", _PFEC, (0.5, 0.4, 0.3), _B110),
-    PresetInfo("C", "resnet110", _LEHUA.format("res110"), (0.5, 0.5, 0.5), _B110),
-    PresetInfo("D", "resnet110", _LEHUA.format("res110"), (0.5, 0.6, 0.7), _B110),
+    PresetInfo("C", "resnet110", _LEHUA.format("res110"), (0.5, 0.5, 0.5), _B110, revision=2),
+    PresetInfo("D", "resnet110", _LEHUA.format("res110"), (0.5, 0.6, 0.7), _B110, revision=2),
     PresetInfo("nptm-heavy-1", "resnet110", "nptm", (0.7, 0.5, 0.3), _B110),
     PresetInfo("nptm-heavy-2", "resnet110", "nptm", (0.9, 0.7, 0.5), _B110),
     PresetInfo("A", "vgg16", _PFEC,
@@ -229,6 +233,7 @@ class ScheduleInfo:
     # (recipe, budget, steps_per_epoch, peak or None) -> lr per optimizer step
     lr: str
     rewinds: bool = False  # replays part of the pre-training run and needs its checkpoints
+    revision: int = 1  # see PrunerInfo.revision (clr: OneCycleLR with the paper's arguments)
 
 
 SCHEDULES: Registry[ScheduleInfo] = Registry("schedule")
@@ -238,7 +243,7 @@ for _c in (
     ScheduleInfo("lrw", f"{_S}:rewind_lr", rewinds=True),
     ScheduleInfo("wr", f"{_S}:rewind_lr", rewinds=True),
     ScheduleInfo("slr", f"{_S}:slr_lr"),
-    ScheduleInfo("clr", f"{_S}:clr_lr"),
+    ScheduleInfo("clr", f"{_S}:clr_lr", revision=2),
     ScheduleInfo("scratch", f"{_S}:scratch_lr"),
 ):
     SCHEDULES.register(_c.name, _c)
@@ -280,6 +285,23 @@ def check_pruner_target(pruner: str, model: str, ratio: float | None, preset: st
                 "is unstructured, use 'ratio'"
             )
         find_preset(model, preset)
+
+
+def definition_revision(
+    pruner: str | None = None,
+    preset_model: str | None = None,
+    preset: str | None = None,
+    schedule: str | None = None,
+) -> int:
+    """Highest revision of the named pruner, preset and schedule definitions (1 = original)."""
+    revs = [1]
+    if pruner in PRUNERS:
+        revs.append(PRUNERS[pruner].revision)
+    if preset is not None and preset_model is not None and preset in presets_of(preset_model):
+        revs.append(find_preset(preset_model, preset).revision)
+    if schedule in SCHEDULES:
+        revs.append(SCHEDULES[schedule].revision)
+    return max(revs)
 
 
 def pruner_options(

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
+from trainables.catalog import definition_revision
 from trainables.recipe import Recipe
 
 StageKind = Literal["pretrain", "prune", "retrain"]
@@ -62,6 +63,11 @@ class StageSpec:
             }
             if self.pruner_options:
                 ident["pruner_options"] = dict(self.pruner_options)
+            revision = definition_revision(
+                pruner=self.pruner, preset_model=self.model, preset=self.preset
+            )
+            if revision > 1:  # the name's definition changed: never reuse the old stage
+                ident["revision"] = revision
         else:
             ident |= {
                 "schedule": self.schedule,
@@ -69,6 +75,9 @@ class StageSpec:
                 "overrides": dict(self.overrides),
                 "seed": self.seed,
             }
+            revision = definition_revision(schedule=self.schedule)
+            if revision > 1:
+                ident["revision"] = revision
         return ident
 
     @cached_property
