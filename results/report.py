@@ -14,6 +14,7 @@ A claim is *supported* when the interval lies above 0, *contradicted* when below
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import pandas as pd
 from results.schema import PRUNE_OUTCOME_COLUMNS, STATUSES
 from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, grouped_ci
 from results.store import SweepStore
-from trainables.catalog import PRUNERS, SCHEDULES
+from trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
 
 GROUP = ["dataset", "model", "structure", "target"]
 # structure -> (random pruner, methodical pruners it is compared with)
@@ -480,11 +481,7 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def _options_label(options_json: str) -> str:
-    """ "[layers=conv+linear]" for the options that differ from the defaults, else ""."""
-    import json
-
-    from trainables.catalog import UNSTRUCTURED_OPTIONS
-
+    """Label of the options that differ from the defaults ("[layers=conv+linear]"), or ""."""
     options = json.loads(options_json) if options_json else {}
     diff = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in sorted(options.items()) if UNSTRUCTURED_OPTIONS.get(k) != v]  # fmt: skip
