@@ -74,6 +74,7 @@ class Trial:
     budget: int
     seed: int
     overrides: tuple[tuple[str, Any], ...]
+    pruner_options: tuple[tuple[str, Any], ...]  # unstructured pruners' layers / min_keep
     stage_id: str  # the final retrain stage: the trial's result
     chain: tuple[str, ...]  # pretrain, prune 1, retrain 1, ..., prune k, retrain k
 
@@ -82,7 +83,7 @@ class Trial:
         out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("overrides", "stage_id", "chain")
+            if f.name not in ("overrides", "pruner_options", "stage_id", "chain")
         }
         return out | dict(self.overrides)
 
@@ -218,7 +219,9 @@ class Plan:
             "summary": self.summary(),
             "stages": [spec.to_dict() for spec in self.stages.values()],
             "trials": [
-                dataclasses.asdict(t) | {"overrides": dict(t.overrides)} for t in self.trials
+                dataclasses.asdict(t)
+                | {"overrides": dict(t.overrides), "pruner_options": dict(t.pruner_options)}
+                for t in self.trials
             ],
         }
 
@@ -323,7 +326,7 @@ class _Builder:
         # Round 1 of a shared pre-training is shared too: it prunes the one shared network.
         seed = self._pretrain_seed(k) if r == 1 else k.seed
         return self._add(
-            ("prune", parent.id, k.pruner, ratio, k.preset, seed, r),
+            ("prune", parent.id, k.pruner, ratio, k.preset, k.pruner_options, seed, r),
             lambda: StageSpec(
                 "prune",
                 k.dataset,
@@ -335,6 +338,7 @@ class _Builder:
                 pruner=k.pruner,
                 ratio=ratio,
                 preset=k.preset,
+                pruner_options=k.pruner_options,
                 round=r,
                 split_seed=self._split_seed(k, seed),
                 precision=parent.precision,
@@ -389,6 +393,7 @@ class _Builder:
                 pruner=k.pruner,
                 ratio=parent.ratio,
                 preset=k.preset,
+                pruner_options=k.pruner_options,
                 round=parent.round,
                 schedule=k.schedule,
                 budget=k.budget,

@@ -81,6 +81,9 @@ def stage_rows(
         "structured": PRUNERS[spec.pruner].structured if spec.pruner else None,
         "ratio": spec.ratio,
         "preset": spec.preset,
+        "pruner_options": json.dumps(dict(spec.pruner_options), sort_keys=True)
+        if spec.pruner
+        else None,
         "schedule": spec.schedule,
         "budget_epochs": spec.budget,
         "overrides": json.dumps(overrides, sort_keys=True),

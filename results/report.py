@@ -14,6 +14,7 @@ A claim is *supported* when the interval lies above 0, *contradicted* when below
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,13 +27,13 @@ import pandas as pd
 from results.schema import PRUNE_OUTCOME_COLUMNS, STATUSES
 from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, grouped_ci
 from results.store import SweepStore
-from trainables.catalog import PRUNERS, SCHEDULES
+from trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
 
 GROUP = ["dataset", "model", "structure", "target"]
 # structure -> (random pruner, methodical pruners it is compared with)
 RANDOM_VS_METHODICAL = {
     "unstructured": ("random", ("magnitude", "magnitude_layerwise")),
-    "structured": ("random_filter", ("l1_filter", "hrank", "taylor")),
+    "structured": ("random_filter", ("l1_filter", "hrank", "taylor_conv_oneshot")),
 }
 LARGE_LR_SCHEDULES = ("lrw", "slr", "clr")
 # Columns a retrain row inherits from its prune parent when it lacks them.
@@ -47,6 +48,7 @@ USED_COLUMNS = (
     "pruner",
     "ratio",
     "preset",
+    "pruner_options",
     "schedule",
     "budget_epochs",
     "overrides",
@@ -123,6 +125,9 @@ def final_round_retrain(trials: pd.DataFrame) -> pd.DataFrame:
     and ``prune_id`` (the prune parent, used to count each pruned network once).
     """
     trials = trials[[c for c in USED_COLUMNS if c in trials]]  # less to copy and filter
+    for col in ("pruner_options", "emptied_layers"):  # absent from tables of older versions
+        if col not in trials:
+            trials = trials.assign(**{col: pd.NA})
     r = trials[trials["stage_kind"] == "retrain"].copy()
     prune = trials[trials["stage_kind"] == "prune"].drop_duplicates("trial_id")
     r["prune_id"] = r["trial_id"].astype(object)
@@ -152,6 +157,10 @@ def final_round_retrain(trials: pd.DataFrame) -> pd.DataFrame:
         r["ratio"].notna(), _labels(r["preset"], lambda x: f"preset={x}")
     )
     r["budget"] = r["budget_epochs"]
+    # A pruner run with non-default options is another pruner: "magnitude[layers=conv+linear]".
+    r["pruner"] = r["pruner"].astype(object) + r["pruner_options"].map(
+        _options_label, na_action="ignore"
+    ).fillna("")
     overrides = r["overrides"].astype(object).where(r["overrides"].notna(), "{}")
     lr_label = _labels(r["lr_override"], lambda x: f'{{"lr":{x:g}}}')
     variant = overrides.where(overrides != "{}", lr_label.where(r["lr_override"].notna(), ""))
@@ -471,10 +480,28 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _options_label(options_json: str) -> str:
+    """Label of the options that differ from the defaults ("[layers=conv+linear]"), or ""."""
+    options = json.loads(options_json) if options_json else {}
+    diff = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in sorted(options.items()) if UNSTRUCTURED_OPTIONS.get(k) != v]  # fmt: skip
+    return f"[{','.join(diff)}]" if diff else ""
+
+
 def _status_line(final: pd.DataFrame) -> str:
     counts = final["status"].value_counts()
     parts = [f"{s} {int(counts.get(s, 0))}" for s in STATUSES]
-    return f"{len(final)} final-round retraining runs: " + ", ".join(parts)
+    line = f"{len(final)} final-round retraining runs: " + ", ".join(parts)
+    emptied = final[final["emptied_layers"].fillna(0).astype(int) > 0]
+    if len(emptied):
+        configs = sorted(
+            {f"{r.model} {r.pruner} {r.target}" for r in emptied.itertuples(index=False)}
+        )
+        line += (
+            f"; WARNING: {len(emptied)} of them retrain a network in which pruning emptied a "
+            f"whole layer (emptied_layers > 0): {', '.join(configs)}"
+        )
+    return line
 
 
 def _claim_counts(table: pd.DataFrame) -> str:

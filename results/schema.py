@@ -26,6 +26,8 @@ pruner                     string             yes   pruner (prune/retrain stages
 structured                 bool               yes   the pruner removes whole filters
 ratio                      double             yes   target sparsity / filter ratio
 preset                     string             yes   published filter-pruning configuration
+pruner_options             string             yes   JSON object of an unstructured pruner's
+                                                    options (layers, min_keep), "{}" if none
 schedule                   string             yes   retraining schedule (ft, lrw, wr, slr, clr,
                                                     ...)
 budget_epochs              int32              yes   retraining budget in epochs
@@ -45,6 +47,8 @@ base_macs                  int64              yes   MACs of the unpruned model
 params_reduction           double             yes   1 - params / base_params (nonzero for
                                                     unstructured)
 macs_reduction             double             yes   1 - macs / base_macs
+emptied_layers             int32              yes   Conv2d/Linear layers left with no weight by
+                                                    pruning (names in the prune stage's outcome)
 acc_before_prune           double             yes   test accuracy of the model that was pruned
 acc_after_prune            double             yes   test accuracy right after pruning
 test_acc                   double             yes   test accuracy after the final epoch: THE
@@ -123,6 +127,7 @@ PRUNE_OUTCOME_COLUMNS = (
     "base_macs",
     "params_reduction",
     "macs_reduction",
+    "emptied_layers",
     "acc_before_prune",
     "acc_after_prune",
 )
@@ -153,6 +158,7 @@ TRIALS_SCHEMA = pa.schema(
         _f("structured", pa.bool_()),
         _f("ratio", _F64),
         _f("preset", _STR),
+        _f("pruner_options", _STR),
         _f("schedule", _STR),
         _f("budget_epochs", _I32),
         _f("overrides", _STR),
@@ -168,6 +174,7 @@ TRIALS_SCHEMA = pa.schema(
         _f("base_macs", _I64),
         _f("params_reduction", _F64),
         _f("macs_reduction", _F64),
+        _f("emptied_layers", _I32),
         _f("acc_before_prune", _F64),
         _f("acc_after_prune", _F64),
         _f("test_acc", _F64),

@@ -90,6 +90,7 @@ PARAM_COLUMNS = {
     "precision": "precision",
     "lr_override": "lr_override",
     "overrides": "overrides",
+    "pruner_options": "pruner_options",
 }
 _MAX_PARAM_LEN, _MAX_TAG_LEN = 6000, 8000  # mlflow.utils.validation limits
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # per log_batch

@@ -39,6 +39,7 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
       model: [resnet20]
       pruner:                 # each entry: name + ratio (number or list) XOR preset (str or list)
         - {name: magnitude, ratio: [0.5, 0.9]}
+        - {name: random, ratio: 0.9, layers: conv+linear, min_keep: 0.005}
         - {name: l1_filter, preset: [A, B]}
       schedule: [ft, lrw, wr, slr, clr, scratch]   # also scratch_e, scratch_b
       budget: [10, 20]        # retraining epochs, > 0 (<= pre-training epochs for lrw and wr);
@@ -59,7 +60,14 @@ seed, and override names such as ``lr``. An exclude rule takes one value per key
 at least one trial of the axes. An include entry lists a whole trial; overrides it does not
 name are left at the schedule's defaults; one that is already in the grid is not added twice.
 
-A trial is (dataset, model, pruner, ratio | preset, schedule, budget, seed, overrides).
+Unstructured pruner entries take two options (trainables.catalog.UNSTRUCTURED_OPTIONS):
+``layers`` (``conv``, the default and the authors' setting, or ``conv+linear``) and ``min_keep``
+(a per-layer floor; default 0, none). An entry with other options is another pruner setting.
+Names are looked up in the registries of trainables.catalog; a renamed one (``taylor``) is
+refused with its new name.
+
+A trial is (dataset, model, pruner, ratio | preset, pruner options, schedule, budget, seed,
+overrides).
 Combinations are checked after exclusion, so a grid may cross models with presets only some
 of them define and exclude the others (``{model: vgg16, preset: B}``).
 

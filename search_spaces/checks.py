@@ -44,6 +44,7 @@ from search_spaces.schema import (
 )
 from trainables import catalog
 from trainables.recipe import DEFAULT_RECIPES, Recipe
+from trainables.registry import Registry
 from trainables.schedules import KNOWN_OVERRIDES, check_override, rewind_epoch
 
 
@@ -105,7 +106,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
             if value not in known:
                 raise GridIssue(
                     _at(raw, "axes", axis, i),
-                    f"{show(value)} is not a known {axis}" + did_you_mean(value, known),
+                    _not_known(axis, value, known),
                 )
         _check_unique(raw, ("axes", axis), values)
     _check_unique(raw, ("axes", "budget"), axes.budget)
@@ -144,6 +145,14 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
 
 
 # --- single fields ----------------------------------------------------------------------------
+
+
+def _not_known(kind: str, value: Any, known: Registry) -> str:
+    """Why a name is refused: the registry's note for a retired name, else the closest one."""
+    reason = known.unknown_reason(value)
+    if f"{kind} {value!r} " in reason and "unknown" not in reason:  # retired: names successor
+        return f"{show(value)}: {reason}"
+    return f"{show(value)} is not a known {kind}" + did_you_mean(value, known)
 
 
 def _check_name(name: str) -> None:
@@ -223,8 +232,7 @@ def _pruner_targets(grid: Grid, raw: dict[str, Any]) -> tuple[list[Target], list
         if entry.name not in catalog.PRUNERS:
             raise GridIssue(
                 f"{base}.name",
-                f"{show(entry.name)} is not a known pruner"
-                + did_you_mean(entry.name, catalog.PRUNERS),
+                _not_known("pruner", entry.name, catalog.PRUNERS),
             )
         if (entry.ratio is None) == (entry.preset is None):
             both = "both" if entry.ratio is not None else "neither"
@@ -232,13 +240,23 @@ def _pruner_targets(grid: Grid, raw: dict[str, Any]) -> tuple[list[Target], list
                 base, f"pruner {entry.name!r} has {both} of 'ratio' and 'preset'; give exactly one"
             )
         structured = catalog.PRUNERS[entry.name].structured
+        given = {
+            k: getattr(entry, k) for k in ("layers", "min_keep") if getattr(entry, k) is not None
+        }
+        try:
+            opts = catalog.pruner_options(entry.name, given)
+        except catalog.IncompatibleError as err:
+            key = next((k for k in sorted(given) if k in str(err)), "name")
+            raise GridIssue(f"{base}.{key}", str(err)) from None
         if entry.ratio is not None:
             items = [
-                (Target(entry.name, float(r), None), "ratio", j) for j, r in enumerate(entry.ratio)
+                (Target(entry.name, float(r), None, opts), "ratio", j)
+                for j, r in enumerate(entry.ratio)
             ]
         else:
             items = [
-                (Target(entry.name, None, p), "preset", j) for j, p in enumerate(entry.preset or [])
+                (Target(entry.name, None, p, opts), "preset", j)
+                for j, p in enumerate(entry.preset or [])
             ]
         for target, key, j in items:
             path = _at(raw, "axes", "pruner", i, key, j)
@@ -428,9 +446,7 @@ def _include_trial(entry: dict[str, Any], i: int) -> TrialKey:
     ):
         value = getattr(inc, key)
         if value not in known:
-            raise GridIssue(
-                f"{where}.{key}", f"{show(value)} is not a known {key}" + did_you_mean(value, known)
-            )
+            raise GridIssue(f"{where}.{key}", _not_known(key, value, known))
     if (inc.ratio is None) == (inc.preset is None):
         raise GridIssue(
             where, f"give exactly one of 'ratio' and 'preset' for pruner {inc.pruner!r}"
@@ -448,6 +464,7 @@ def _include_trial(entry: dict[str, Any], i: int) -> TrialKey:
         inc.budget,
         inc.seed,
         tuple(overrides),
+        catalog.pruner_options(inc.pruner, {}),
     )
 
 

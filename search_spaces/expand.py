@@ -23,11 +23,12 @@ TARGET_KEYS: dict[str, int] = {"pruner": 0, "ratio": 1, "preset": 2}
 
 
 class Target(NamedTuple):
-    """One pruner setting: a pruner with a ratio or a preset."""
+    """One pruner setting: a pruner with a ratio or a preset (and its options, sorted)."""
 
     pruner: str
     ratio: float | None
     preset: str | None
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 class TrialKey(NamedTuple):
@@ -42,6 +43,7 @@ class TrialKey(NamedTuple):
     budget: int
     seed: int
     overrides: tuple[tuple[str, Any], ...]
+    pruner_options: tuple[tuple[str, Any], ...] = ()  # sorted (name, value); see Target
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class Space:
         values = (
             key.dataset,
             key.model,
-            Target(key.pruner, key.ratio, key.preset),
+            Target(key.pruner, key.ratio, key.preset, key.pruner_options),
             key.schedule,
             key.budget,
             key.seed,
@@ -176,12 +178,13 @@ class Space:
                 values[BUDGET][idx[BUDGET]],
                 values[SEED][idx[SEED]],
                 tuple((name, values[n_base + k][idx[n_base + k]]) for k, name in enumerate(names)),
+                t.options,
             )
 
 
 def _same_component(a: Any, b: Any) -> bool:
     if isinstance(a, Target):
-        return all(same_value(x, y) for x, y in zip(a, b, strict=True))
+        return all(same_value(x, y) for x, y in zip(a[:3], b[:3], strict=True)) and a[3] == b[3]
     return same_value(a, b)
 
 

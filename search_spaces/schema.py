@@ -79,6 +79,10 @@ class PrunerEntry(_Section):
     name: str
     ratio: OneOrMany(float) | None = None
     preset: OneOrMany(str) | None = None
+    # Unstructured pruners only (trainables.catalog.UNSTRUCTURED_OPTIONS): which weights are
+    # considered ("conv" by default, or "conv+linear") and the per-layer floor (0 = none).
+    layers: str | None = None
+    min_keep: float | None = Field(default=None, ge=0, lt=1)
 
 
 class Axes(_Section):

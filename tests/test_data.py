@@ -426,6 +426,33 @@ def test_make_loaders_and_calibration_batches_in_memory() -> None:
     assert len(bundle.calibration_batches(2, 1000, seed=0)) == 2  # more than the split: wraps
 
 
+def test_augmented_calibration_batches_are_random_crops_of_the_same_images() -> None:
+    # HRank's rank estimate looks at augmented training images (random crop, flip).
+    bundle = load_dataset("digits", None)
+    plain = bundle.calibration_batches(2, 16, seed=3)
+    aug = bundle.calibration_batches(2, 16, seed=3, augmented=True)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plain, aug, strict=True))
+    by_bytes = {
+        _reference_normalize(img, bundle.info.mean, bundle.info.std).numpy().tobytes(): img
+        for img in bundle.train.images
+    }
+    moved = 0
+    for (xp, _), (xa, _) in zip(plain, aug, strict=True):
+        for p_img, a_img in zip(xp, xa, strict=True):
+            source = by_bytes[p_img.numpy().tobytes()]  # the uint8 image behind the plain one
+            padded = torch.nn.functional.pad(source, (1, 1, 1, 1))  # digits: padding 1, no flip
+            crops = [
+                _reference_normalize(padded[:, y : y + 8, x : x + 8], bundle.info.mean,
+                                     bundle.info.std)
+                for y in range(3) for x in range(3)
+            ]  # fmt: skip
+            assert any(torch.equal(a_img, c) for c in crops)
+            moved += not torch.equal(a_img, p_img)
+    assert moved > 0
+    again = bundle.calibration_batches(2, 16, seed=3, augmented=True)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(aug, again, strict=True))
+
+
 def _write_image_folder(root: Path, per_class: int) -> None:
     rng = np.random.default_rng(0)
     for part in ("train", "val"):

@@ -211,14 +211,14 @@ def test_exclude_makes_a_partial_preset_grid_valid(tmp_path: Path) -> None:
     axes:
       dataset: cifar10
       model: [resnet56, vgg16]
-      pruner: [{name: l1_filter, preset: [A, B]}]
+      pruner: [{name: l1_filter, preset: [A, D]}]
       schedule: [ft]
       budget: [40]
       seed: [0]
     """
-    with pytest.raises(GridError, match=r"axes\.pruner\[0\]\.preset\[1\]: 'B'"):
+    with pytest.raises(GridError, match=r"axes\.pruner\[0\]\.preset\[1\]: 'D'"):
         load_grid(write(tmp_path, text))
-    load_grid(write(tmp_path, text + "exclude: [{model: vgg16, preset: B}]\n"))
+    load_grid(write(tmp_path, text + "exclude: [{model: vgg16, preset: D}]\n"))
 
 
 def test_rewind_budget_can_be_excluded(tmp_path: Path) -> None:
@@ -336,3 +336,74 @@ def test_fractional_gpu_with_several_ddp_workers(
     message = str(info.value)
     assert "resources.gpus_per_worker" in message
     assert f"{gpus} (a fraction of a GPU) with workers_per_trial {workers}" in message
+
+
+def test_unstructured_pruner_options_on_the_entry(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "- {name: magnitude, ratio: [0.5, 0.9]}",
+        "- {name: magnitude, ratio: [0.5, 0.9], layers: conv+linear, min_keep: 0.005}",
+    )
+    grid = load_grid(write(tmp_path, text))
+    assert grid.axes.pruner[0].layers == "conv+linear" and grid.axes.pruner[0].min_keep == 0.005
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "message"),
+    [
+        (
+            "{name: l1_filter, ratio: 0.5, layers: conv}",
+            "axes.pruner[1].layers",
+            "takes no options",
+        ),
+        ("{name: random, ratio: 0.5, layers: fc}", "axes.pruner[1].layers", "'fc' is not one of"),
+        ("{name: random, ratio: 0.5, min_keep: 1.5}", "axes.pruner[1].min_keep", "less than 1"),
+        ("{name: taylor, ratio: 0.5}", "axes.pruner[1].name", "renamed 'taylor_conv_oneshot'"),
+    ],
+)
+def test_bad_pruner_options_and_retired_names(
+    tmp_path: Path, entry: str, field: str, message: str
+) -> None:
+    text = MINIMAL.replace("- {name: l1_filter, ratio: 0.5}", "- " + entry)
+    with pytest.raises(GridError) as info:
+        load_grid(write(tmp_path, text))
+    assert info.value.field == field
+    assert message in str(info.value)
+
+
+def test_registry_names_close_matches_and_retired_names() -> None:
+    from trainables.registry import Registry, UnknownName
+
+    reg: Registry[int] = Registry("widget")
+    reg.register("alpha", 1)
+    reg.register("beta", 2)
+    assert reg["alpha"] == 1 and "beta" in reg and list(reg) == ["alpha", "beta"]
+    with pytest.raises(UnknownName, match="unknown widget 'alpah'; did you mean 'alpha'"):
+        reg["alpah"]
+    with pytest.raises(KeyError, match="unknown widget 'zzz'; known: alpha, beta"):
+        reg["zzz"]
+    reg.retire("gamma", "was renamed 'beta'")
+    with pytest.raises(UnknownName, match="widget 'gamma' was renamed 'beta'"):
+        reg["gamma"]
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("alpha", 3)
+
+
+def test_grid_validation_consults_the_model_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model registered the way built-ins are (an import path to its builder) is a valid
+    grid value at once: what a plugin will do."""
+    from trainables.catalog import MODELS, ModelInfo
+
+    text = MINIMAL.replace("model: [resnet20]", "model: [tiny_resnet]")
+    with pytest.raises(GridError, match="'tiny_resnet' is not a known model"):
+        load_grid(write(tmp_path, text))
+    info = ModelInfo(
+        "tiny_resnet", "cifar_resnet", 4, 8, "trainables.models:build_cifar_resnet",
+        "trainables.models:basic_block_convs",
+    )  # fmt: skip
+    monkeypatch.setitem(MODELS._entries, "tiny_resnet", info)
+    load_grid(write(tmp_path, text))
+    from trainables.models import build_model
+
+    assert build_model("tiny_resnet", "digits").layer1[0].conv1.out_channels == 16

@@ -168,7 +168,7 @@ def test_inspect_structured_preset() -> None:
     assert f"{pruned['macs']:,}" in text and "27.6%" in text
 
 
-@pytest.mark.parametrize("pruner", ["hrank", "taylor"])
+@pytest.mark.parametrize("pruner", ["hrank", "taylor_conv_oneshot"])
 def test_inspect_data_driven_uses_synthetic_batches(pruner: str) -> None:
     r = inspect_model("cifar10", "resnet20", pruner=pruner, ratio=0.5)
     assert r["importance_data"] == "synthetic"
@@ -184,14 +184,146 @@ def test_inspect_data_driven_uses_synthetic_batches(pruner: str) -> None:
 def test_inspect_unstructured_magnitude() -> None:
     r = inspect_model("cifar10", "resnet20", pruner="magnitude", ratio=0.5)
     model = build_model("resnet20", "cifar10")
-    n_prunable = sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)
-    )
+    n_prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
     pruned = r["pruned"]
     assert (pruned["params"], pruned["macs"]) == (r["base"]["params"], r["base"]["macs"])
     assert pruned["nonzero_params"] == r["base"]["params"] - round(0.5 * n_prunable)
     assert pruned["sparsity"] == pytest.approx(round(0.5 * n_prunable) / r["base"]["params"])
     assert all(layer["out_channels_pruned"] == layer["out_channels_base"] for layer in r["layers"])
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "random", "magnitude_layerwise"])
+def test_inspect_shows_a_dense_classifier_by_default(pruner: str) -> None:
+    r = inspect_model("cifar10", "resnet56", pruner=pruner, ratio=0.95)
+    layers = {layer["name"]: layer for layer in r["layers"]}
+    assert layers["fc"]["weight_density"] == 1.0
+    assert layers["layer2.3.conv1"]["weight_density"] < 0.5
+    fc_row = next(line for line in render_inspect(r).splitlines() if line.startswith("fc "))
+    assert "100.0%" in fc_row
+    with_linear = inspect_model(
+        "cifar10", "resnet56", pruner=pruner, ratio=0.95, options={"layers": "conv+linear"}
+    )
+    assert {la["name"]: la for la in with_linear["layers"]}["fc"]["weight_density"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# presets: params and MACs against a hand computation from the pruned channel counts
+
+
+def resnet_by_formula(
+    depth: int, keep: dict[int, int], classes: int = 10, size: int = 32
+) -> tuple[int, int]:
+    """(params, MACs) of a CIFAR ResNet whose block with 1-based conv layer id 2k keeps
+    keep[2k] filters in its first conv (all others: the stage's width), by hand."""
+    n = (depth - 2) // 6
+    params, macs = 3 * 16 * 9 + 2 * 16, 3 * 16 * 9 * size * size
+    in_planes, layer_id = 16, 2
+    for stage, planes in enumerate((16, 32, 64)):
+        m = size // 2**stage  # output map of every conv of the stage
+        for _ in range(n):
+            k = keep.get(layer_id, planes)
+            conv = in_planes * k * 9 + k * planes * 9
+            params += conv + 2 * k + 2 * planes
+            macs += conv * m * m
+            in_planes, layer_id = planes, layer_id + 2
+    return params + 64 * classes + classes, macs + 64 * classes
+
+
+def vgg16_by_formula(cfg: list[int], classes: int = 10) -> tuple[int, int]:
+    """(params, MACs) of the PFEC-code-base VGG-16 with conv widths `cfg`: convs without bias,
+    BN after each, max-pools after convs 2, 4, 7, 10, Linear(last, 512)+BN1d+Linear(512, C)."""
+    params = macs = 0
+    in_ch, size = 3, 32
+    for i, out in enumerate(cfg):
+        params += in_ch * out * 9 + 2 * out
+        macs += in_ch * out * 9 * size * size
+        in_ch = out
+        if i in (1, 3, 6, 9):
+            size //= 2
+    params += in_ch * 512 + 512 + 2 * 512 + 512 * classes + classes
+    return params, macs + in_ch * 512 + 512 * classes
+
+
+def stage_keep(depth: int, ratios: tuple[float, ...], skip: set[int]) -> dict[int, int]:
+    n = (depth - 2) // 6
+    keep = {}
+    for layer_id in range(2, 6 * n + 2, 2):
+        stage = (layer_id - 2) // (2 * n)
+        planes = (16, 32, 64)[stage]
+        if layer_id not in skip and ratios[stage] > 0:
+            keep[layer_id] = int(planes * (1 - ratios[stage]))
+    return keep
+
+
+SKIP = {
+    ("resnet56", "A"): {16, 20, 38, 54},
+    ("resnet110", "A"): {36},
+    **{("resnet56", p): {16, 18, 20, 34, 38, 54} for p in "BCD"},
+    **{("resnet110", p): {36, 38, 74} for p in "BCD"},
+    **{("resnet56", p): {16, 18, 20, 34, 38, 54} for p in ("nptm-heavy-1", "nptm-heavy-2")},
+    **{("resnet110", p): {36, 38, 74} for p in ("nptm-heavy-1", "nptm-heavy-2")},
+}
+RATIOS = {
+    ("resnet56", "A"): (0.1, 0.1, 0.1),
+    ("resnet56", "B"): (0.6, 0.3, 0.1),
+    ("resnet56", "C"): (0.6, 0.5, 0.4),
+    ("resnet56", "D"): (0.6, 0.6, 0.6),
+    ("resnet110", "A"): (0.5, 0.0, 0.0),
+    ("resnet110", "B"): (0.5, 0.4, 0.3),
+    ("resnet110", "C"): (0.5, 0.5, 0.5),
+    ("resnet110", "D"): (0.5, 0.6, 0.7),
+    **{(m, "nptm-heavy-1"): (0.7, 0.5, 0.3) for m in ("resnet56", "resnet110")},
+    **{(m, "nptm-heavy-2"): (0.9, 0.7, 0.5) for m in ("resnet56", "resnet110")},
+}
+HRANK_RATES = [0.1] + [0.6] * 35 + [0.0] * 2 + [0.6] * 6 + [0.4] * 3 + [0.1, 0.4] * 4
+VGG_CFGS_PRUNED = {
+    "A": [32, 64, 128, 128, 256, 256, 256, 256, 256, 256, 256, 256, 256],
+    "B": [32, 64, 128, 128, 196, 196, 196, 196, 196, 256, 256, 256, 256],
+    "C": [32, 64, 64, 128, 128, 128, 128, 196, 196, 196, 196, 196, 196],
+}
+
+
+@pytest.mark.parametrize(("model", "preset"), sorted(RATIOS))
+def test_inspect_resnet_presets_match_a_hand_computation(model: str, preset: str) -> None:
+    depth = int(model.removeprefix("resnet"))
+    r = inspect_model("cifar10", model, pruner="l1_filter", preset=preset)
+    expected = resnet_by_formula(
+        depth, stage_keep(depth, RATIOS[model, preset], SKIP[model, preset])
+    )
+    assert (r["pruned"]["params"], r["pruned"]["macs"]) == expected
+    text = render_inspect(r)
+    assert f"{expected[0]:,}" in text and f"{expected[1]:,}" in text
+
+
+def test_inspect_hrank_paper_preset_matches_a_hand_computation() -> None:
+    keep = {lid: 16 * 2 ** ((lid - 2) // 18) for lid in range(2, 56, 2)}
+    keep = {lid: w - int(HRANK_RATES[lid - 1] * w) for lid, w in keep.items()}
+    r = inspect_model("cifar10", "resnet56", pruner="hrank", preset="hrank-paper")
+    assert (r["pruned"]["params"], r["pruned"]["macs"]) == resnet_by_formula(56, keep)
+
+
+@pytest.mark.parametrize("preset", ["A", "B", "C"])
+def test_inspect_vgg16_presets_match_a_hand_computation(preset: str) -> None:
+    r = inspect_model("cifar10", "vgg16", pruner="l1_filter", preset=preset)
+    assert (r["pruned"]["params"], r["pruned"]["macs"]) == vgg16_by_formula(VGG_CFGS_PRUNED[preset])
+
+
+def test_formulas_reproduce_the_published_pfec_figures() -> None:
+    # PFEC Table 1 (Li et al. 2017): the hand formulas above, not nptm's counter.
+    published = {
+        ("resnet56", "A"): (7.7e5, 1.12e8),
+        ("resnet56", "B"): (7.3e5, 9.09e7),
+        ("resnet110", "A"): (1.68e6, 2.13e8),
+        ("resnet110", "B"): (1.16e6, 1.55e8),
+    }
+    for (model, preset), (params, macs) in published.items():
+        depth = int(model.removeprefix("resnet"))
+        p, m = resnet_by_formula(
+            depth, stage_keep(depth, RATIOS[model, preset], SKIP[model, preset])
+        )
+        assert p == pytest.approx(params, rel=0.02) and m == pytest.approx(macs, rel=0.01)
+    p, m = vgg16_by_formula(VGG_CFGS_PRUNED["A"])
+    assert p == pytest.approx(5.4e6, rel=0.02) and m == pytest.approx(2.06e8, rel=0.01)
 
 
 def test_inspect_bad_targets() -> None:

@@ -10,22 +10,29 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from trainables.catalog import DATASETS, IncompatibleError
+from trainables.catalog import DATASETS, MODELS, IncompatibleError
 from trainables.models import (
     VGG_CFGS,
     BasicBlock,
     ShortcutA,
-    _torchvision_model,
+    WeightLevelBottleneck,
     build_model,
+    build_torchvision,
     conv_names,
     prunable_convs,
 )
 
 CIFAR_PAIRS = [
     (m, d)
-    for m in ("resnet20", "resnet32", "resnet56", "resnet110", "vgg16", "vgg19")
+    for m in (
+        "resnet20", "resnet32", "resnet56", "resnet110", "vgg16", "vgg19",
+        "resnet56_weightlevel", "vgg19_weightlevel",
+    )
     for d in ("cifar10", "cifar100")
-] + [(m, "digits") for m in ("resnet20", "resnet32", "resnet56", "resnet110")]
+] + [
+    (m, "digits")
+    for m in ("resnet20", "resnet32", "resnet56", "resnet110", "resnet56_weightlevel")
+]  # fmt: skip
 TORCHVISION = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 
 
@@ -51,7 +58,7 @@ def test_torchvision_models_forward(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torchvision_first_conv_replaced_for_other_channel_counts(name: str) -> None:
-    model = _torchvision_model(name, in_channels=1, num_classes=7).eval()
+    model = build_torchvision(MODELS[name], in_channels=1, num_classes=7).eval()
     assert next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels == 1
     with torch.no_grad():
         assert model(torch.randn(1, 1, 64, 64)).shape == (1, 7)
@@ -65,7 +72,7 @@ def test_incompatible_pair_names_both(name: str, dataset: str) -> None:
 
 
 def test_unknown_names_are_rejected() -> None:
-    with pytest.raises(IncompatibleError, match="resnet57"):
+    with pytest.raises(IncompatibleError, match="unknown model 'resnet57'; did you mean"):
         build_model("resnet57", "cifar10")
     with pytest.raises(IncompatibleError, match="svhn"):
         build_model("resnet20", "svhn")
@@ -166,3 +173,60 @@ def test_prunable_convs_torchvision_avoid_residual_channels(name: str, count: in
         # Only MobileNetV2's depthwise conv shares the channels; nothing reaches a residual add.
         assert all(c.groups == c.out_channels for c in others), (n, others)
         assert len(others) == (1 if name == "mobilenet_v2" else 0)
+
+
+def weightlevel_resnet56_params(classes: int) -> int:
+    """Hand count of the weight-level code base's ResNet-56 (rethinking study,
+    cifar/weight-level/models/cifar/resnet.py): stem, 3 stages of 9 Bottlenecks
+    (1x1 p, 3x3 p, 1x1 4p, a BN after each), a 1x1 projection + BN in each stage's first block,
+    Linear(256, classes)."""
+    total = 3 * 16 * 9 + 2 * 16
+    in_ch = 16
+    for p in (16, 32, 64):
+        for block in range(9):
+            total += in_ch * p + 9 * p * p + p * 4 * p + 2 * (p + p + 4 * p)
+            if block == 0:
+                total += in_ch * 4 * p + 2 * 4 * p
+            in_ch = 4 * p
+    return total + 256 * classes + classes
+
+
+def weightlevel_vgg19_params(classes: int) -> int:
+    """Hand count of the weight-level VGG-19-BN (cifar/weight-level/models/cifar/vgg.py): convs
+    with bias, a BN after each, one Linear(512, classes)."""
+    cfg = [64, 64, 128, 128, 256, 256, 256, 256] + [512] * 8
+    total, in_ch = 0, 3
+    for out in cfg:
+        total += in_ch * out * 9 + out + 2 * out
+        in_ch = out
+    return total + 512 * classes + classes
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_weightlevel_models_match_the_authors_architecture(dataset: str) -> None:
+    classes = DATASETS[dataset].num_classes
+    resnet = build_model("resnet56_weightlevel", dataset)
+    vgg = build_model("vgg19_weightlevel", dataset)
+    assert sum(p.numel() for p in resnet.parameters()) == weightlevel_resnet56_params(classes)
+    assert sum(p.numel() for p in vgg.parameters()) == weightlevel_vgg19_params(classes)
+    if dataset == "cifar10":
+        # published: 20.04M for VGG-19 (BN) on CIFAR-10 (bearpaw/pytorch-classification README)
+        assert round(weightlevel_vgg19_params(10) / 1e6, 2) == 20.04
+    for stage in (resnet.layer1, resnet.layer2, resnet.layer3):
+        assert len(stage) == 9 and all(isinstance(b, WeightLevelBottleneck) for b in stage)
+        assert stage[0].downsample is not None
+        assert all(b.downsample is None for b in stage[1:])
+    assert resnet.fc.in_features == 256
+    linears = [m for m in vgg.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1 and linears[0].in_features == 512
+    convs = [m for m in vgg.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 16 and all(c.bias is not None for c in convs)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in vgg.modules()) == 4
+
+
+def test_weightlevel_resnet_prunable_convs_are_bottleneck_internal() -> None:
+    model = build_model("resnet56_weightlevel", "cifar10")
+    names = prunable_convs(model, "resnet56_weightlevel")
+    assert len(names) == 2 * 27
+    assert names[:2] == ["layer1.0.conv1", "layer1.0.conv2"]
+    assert not any(n.endswith("conv3") or "downsample" in n for n in names)

@@ -24,6 +24,7 @@ from search_spaces import GridError, load_grid
 from trainables.catalog import PRUNERS
 from trainables.inspect import inspect_model
 from trainables.recipe import DEFAULT_RECIPES
+from trainables.stage import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -726,3 +727,61 @@ def test_gpu_hours_unknown_without_a_figure(tmp_path: Path) -> None:
     )
     json.dumps(plan.summary())  # `nptm plan --json` carries it
     assert "gpu_hours" in plan.summary()
+
+
+def test_pruner_options_reach_the_prune_stage_and_its_identity(tmp_path: Path) -> None:
+    text = """\
+    name: opts
+    axes:
+      dataset: [digits]
+      model: [resnet20]
+      pruner:
+        - {name: magnitude, ratio: 0.5}
+        - {name: magnitude, ratio: 0.5, layers: conv+linear}
+        - {name: l1_filter, ratio: 0.5}
+      schedule: [ft]
+      budget: [5]
+      seed: [0]
+    """
+    plan = plan_of(tmp_path, text)
+    prunes = [s for s in plan.stages.values() if s.kind == "prune"]
+    assert len(prunes) == 3  # the two magnitude entries are different stages
+    options = sorted(s.pruner_options for s in prunes)
+    assert options == [
+        (),
+        (("layers", "conv"), ("min_keep", 0.0)),
+        (("layers", "conv+linear"), ("min_keep", 0.0)),
+    ]
+    for spec in prunes:
+        ident = spec.identity()
+        assert ("pruner_options" in ident) == (spec.pruner == "magnitude")
+        assert StageSpec.from_dict(spec.to_dict()) == spec
+    assert {t.pruner_options for t in plan.trials if t.pruner == "l1_filter"} == {()}
+
+
+def test_changed_definitions_get_new_stage_ids(tmp_path: Path) -> None:
+    """clr, hrank and the C/D presets compute something else than before their revision 2:
+    their stages carry the revision, so a storage root never hands back an old result."""
+    text = """\
+    name: revs
+    axes:
+      dataset: [cifar10]
+      model: [resnet56]
+      pruner:
+        - {name: l1_filter, preset: [B, C]}
+        - {name: hrank, preset: hrank-paper}
+      schedule: [ft, clr]
+      budget: [40]
+      seed: [0]
+    """
+    plan = plan_of(tmp_path, text)
+    revision = {
+        (s.kind, s.pruner, s.preset, s.schedule): s.identity().get("revision")
+        for s in plan.stages.values()
+        if s.kind != "pretrain"
+    }
+    assert revision[("prune", "l1_filter", "B", None)] is None
+    assert revision[("prune", "l1_filter", "C", None)] == 2
+    assert revision[("prune", "hrank", "hrank-paper", None)] == 2
+    assert revision[("retrain", "l1_filter", "B", "ft")] is None
+    assert revision[("retrain", "l1_filter", "B", "clr")] == 2

@@ -391,7 +391,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
         ("l1_filter", True),
         ("random_filter", True),
         ("hrank", True),
-        ("taylor", True),
+        ("taylor_conv_oneshot", True),
     ]
     grid = pd.MultiIndex.from_product(
         [
@@ -449,3 +449,37 @@ def test_report_on_100k_rows(tmp_path: Path) -> None:
     )
     assert len(rep.tables["headline"]) == 2 * 2 * 7 * 4 * 5 * 5
     assert len(rep.figures) == 6  # the default cap; 32 groups have several budgets
+
+
+def test_emptied_layers_and_pruner_options_are_flagged() -> None:
+    from results.report import _status_line
+
+    rows = [
+        base(
+            trial_id=f"r{i}",
+            stage_kind="retrain",
+            parent_ids=[],
+            seed=0,
+            pruner="magnitude",
+            structured=False,
+            ratio=0.95,
+            pruner_options=options,
+            schedule="ft",
+            budget_epochs=5,
+            overrides=None,
+            test_acc=0.5,
+            emptied_layers=emptied,
+        )
+        for i, (options, emptied) in enumerate(
+            [
+                ('{"layers": "conv", "min_keep": 0.0}', 2),
+                ('{"layers": "conv+linear", "min_keep": 0.0}', 0),
+            ]
+        )
+    ]
+    df = pd.DataFrame(rows).reindex(columns=TRIALS_SCHEMA.names)
+    final = final_round_retrain(df)
+    assert sorted(final["pruner"]) == ["magnitude", "magnitude[layers=conv+linear]"]
+    line = _status_line(final)
+    assert "WARNING: 1 of them" in line and "resnet20 magnitude ratio=0.95" in line
+    assert "WARNING" not in _status_line(final[final["emptied_layers"] == 0])

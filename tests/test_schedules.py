@@ -13,6 +13,7 @@ from trainables.recipe import DEFAULT_RECIPES, Recipe
 from trainables.schedules import (
     KNOWN_OVERRIDES,
     lr_schedule,
+    momentum_schedule,
     pretrain_schedule,
     rewind_epoch,
     run_epochs,
@@ -89,43 +90,59 @@ def test_lrw_override_scales_the_replayed_curve() -> None:
     assert np.allclose(lr[40:], 0.005, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize(("budget", "spe"), [(40, 10), (7, 13), (1, 37), (3, 4), (160, 2)])
-@pytest.mark.parametrize("peak", [0.1, 0.37])
-def test_clr_matches_one_cycle_lr(budget: int, spe: int, peak: float) -> None:
-    total = budget * spe
+def paper_one_cycle(peak: float, total: int) -> tuple[list[float], list[float]]:
+    """lr and momentum of every step of torch's OneCycleLR built as the authors build it
+    (norm-pruning/cifar/l1-norm-pruning/main_finetune.py: div_factor=100,
+    final_div_factor=100, pct_start=0.1, otherwise OneCycleLR's defaults, SGD momentum 0.9),
+    stepped once per batch as they step it."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak, momentum=0.9)
     ref_sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=peak,
-        total_steps=total,
-        pct_start=CIFAR.warmup_fraction,
-        anneal_strategy="cos",
-        div_factor=25.0,
-        final_div_factor=1e4,
-        three_phase=False,
+        opt, max_lr=peak, total_steps=total, pct_start=0.1, div_factor=100, final_div_factor=100
     )
-    ref = []
+    lrs, moms = [], []
     for _ in range(total):
-        ref.append(opt.param_groups[0]["lr"])
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
         opt.step()
         ref_sched.step()
+    return lrs, moms
+
+
+@pytest.mark.parametrize(("budget", "spe"), [(40, 10), (7, 13), (1, 37), (3, 4), (160, 2)])
+@pytest.mark.parametrize("peak", [0.1, 0.37])
+def test_clr_matches_the_authors_one_cycle_lr(budget: int, spe: int, peak: float) -> None:
+    ref_lr, ref_momentum = paper_one_cycle(peak, budget * spe)
     ours = sched("clr", budget, spe, overrides={"lr": peak} if peak != CIFAR.lr else None)
-    np.testing.assert_allclose(ours, np.array(ref), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(ours, np.array(ref_lr), rtol=1e-9, atol=0)
+    momentum = momentum_schedule("clr", budget=budget, steps_per_epoch=spe, recipe=CIFAR)
+    assert momentum is not None
+    np.testing.assert_allclose(momentum, np.array(ref_momentum), rtol=1e-12, atol=0)
 
 
-def test_clr_endpoints() -> None:
+def test_clr_endpoints_are_figure_1d() -> None:
+    # warm up from 0.001 (the lowest lr of the CIFAR recipe) to 0.1, cosine down to 1e-5
     lr = sched("clr", 40, 10)
-    assert lr[0] == pytest.approx(0.1 / 25, rel=1e-12)
+    assert lr[0] == pytest.approx(0.001, rel=1e-12)
     assert lr.max() == pytest.approx(0.1, rel=1e-12)
-    assert lr[-1] == pytest.approx(0.1 / 25 / 1e4, rel=1e-12)
+    assert int(lr.argmax()) == 39  # pct_start 0.1 of 400 steps: the peak at step 40 - 1
+    assert lr[-1] == pytest.approx(1e-5, rel=1e-12)
+    momentum = momentum_schedule("clr", budget=40, steps_per_epoch=10, recipe=CIFAR)
+    assert momentum is not None
+    assert momentum[0] == pytest.approx(0.95) and momentum[-1] == pytest.approx(0.95)
+    assert momentum.min() == pytest.approx(0.85) and int(momentum.argmin()) == 39
+
+
+@pytest.mark.parametrize("name", ["ft", "lrw", "wr", "slr", "scratch"])
+def test_other_schedules_keep_the_recipe_momentum(name: str) -> None:
+    assert momentum_schedule(name, budget=40, steps_per_epoch=3, recipe=CIFAR) is None
 
 
 def test_clr_zero_length_warmup_holds_start_value() -> None:
     # 10 steps at pct_start 0.1: OneCycleLR's warm-up phase is steps 0..0 (0/0 there);
     # step 0 holds the start value, then the cosine decay from step 0 to step 9.
     lr = sched("clr", 1, 10)
-    assert lr[0] == pytest.approx(0.1 / 25, rel=1e-12)
-    min_lr = 0.1 / 25 / 1e4
+    assert lr[0] == pytest.approx(0.1 / 100, rel=1e-12)
+    min_lr = 0.1 / 100 / 100
     for i in range(1, 10):
         expected = min_lr + (0.1 - min_lr) / 2 * (math.cos(math.pi * i / 9) + 1)
         assert lr[i] == pytest.approx(expected, rel=1e-12)
@@ -234,8 +251,10 @@ def test_pretrain_schedule_matches_multistep_lr(recipe: Recipe) -> None:
 
 
 def test_bad_inputs_name_the_field() -> None:
-    with pytest.raises(ValueError, match=r"unknown schedule 'cosine'.*'ft'.*'scratch'"):
+    with pytest.raises(ValueError, match=r"unknown schedule 'cosine'; known: clr, ft, lrw"):
         sched("cosine", 10)
+    with pytest.raises(ValueError, match=r"unknown schedule 'clrr'; did you mean 'clr'\?"):
+        sched("clrr", 10)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=rf"budget.*{bad!r}"):
             sched("ft", bad)

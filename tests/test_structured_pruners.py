@@ -22,7 +22,7 @@ from trainables.pruners.structured import (
     taylor_importance,
 )
 
-STRUCTURED = ("l1_filter", "random_filter", "hrank", "taylor")
+STRUCTURED = ("l1_filter", "random_filter", "hrank", "taylor_conv_oneshot")
 
 
 def batches(dataset: str = "digits", n: int = 2, size: int = 16, seed: int = 0):
@@ -113,17 +113,102 @@ def test_presets_match_published_figures(
     assert 100 * (1 - m / base_m) == pytest.approx(dm, abs=0.1)
 
 
-@pytest.mark.parametrize("name", ["resnet56", "resnet110"])
-def test_heavier_presets_c_d(name: str) -> None:
+def _stage_preset_expected(
+    depth: int, ratios: tuple[float, float, float], skip: set[int]
+) -> dict[str, int]:
+    """Filters removed per block conv1, hand-derived from res56prune.py / res110prune.py:
+    layer id 2k is the conv1 of overall block k-1, stage ends at layer 18/36 (ResNet-56) or
+    36/72 (ResNet-110), a pruned layer keeps int(out * (1 - p))."""
+    n = (depth - 2) // 6
+    expected = {}
+    for stage, planes in enumerate((16, 32, 64)):
+        for b in range(n):
+            layer_id = 2 * (stage * n + b + 1)
+            if layer_id in skip or ratios[stage] == 0:
+                continue
+            removed = planes - int(planes * (1 - ratios[stage]))
+            if removed:
+                expected[f"layer{stage + 1}.{b}.conv1"] = removed
+    return expected
+
+
+SKIP_B = {56: {16, 18, 20, 34, 38, 54}, 110: {36, 38, 74}}
+# The authors' C and D (norm-pruning/cifar/l1-norm-pruning/res56prune.py, res110prune.py) and
+# this project's own heavier presets, all with B's skip list.
+STAGE_PRESETS = [
+    (56, "C", (0.6, 0.5, 0.4)),
+    (56, "D", (0.6, 0.6, 0.6)),
+    (110, "C", (0.5, 0.5, 0.5)),
+    (110, "D", (0.5, 0.6, 0.7)),
+    (56, "nptm-heavy-1", (0.7, 0.5, 0.3)),
+    (56, "nptm-heavy-2", (0.9, 0.7, 0.5)),
+    (110, "nptm-heavy-1", (0.7, 0.5, 0.3)),
+    (110, "nptm-heavy-2", (0.9, 0.7, 0.5)),
+]
+
+
+@pytest.mark.parametrize(("depth", "preset", "ratios"), STAGE_PRESETS)
+def test_stage_ratio_presets_follow_the_authors_scripts(
+    depth: int, preset: str, ratios: tuple[float, float, float]
+) -> None:
+    name = f"resnet{depth}"
     model = build_model(name, "cifar10")
-    counts = {p: filter_counts(model, name, ratio=None, preset=p) for p in "BCD"}
-    assert set(counts["C"]) == set(counts["D"]) == set(counts["B"])  # B's skip list
-    first = "layer1.0.conv1"
-    assert counts["C"][first] == 16 - int(16 * 0.3)
-    assert counts["D"][first] == 16 - int(16 * (1 - 0.9))
-    assert counts["D"]["layer3.1.conv1"] == 64 - int(64 * 0.5)
-    assert all(counts["B"][k] <= counts["C"][k] < counts["D"][k] for k in counts["B"])
-    assert sum(counts["B"].values()) < sum(counts["C"].values())
+    expected = _stage_preset_expected(depth, ratios, SKIP_B[depth])
+    assert filter_counts(model, name, ratio=None, preset=preset) == expected
+
+
+def test_resnet56_c_d_spot_values() -> None:
+    model = build_model("resnet56", "cifar10")
+    c = filter_counts(model, "resnet56", ratio=None, preset="C")
+    d = filter_counts(model, "resnet56", ratio=None, preset="D")
+    # C: 16 -> int(16 * 0.4) = 6 kept, 32 -> int(32 * 0.5) = 16, 64 -> int(64 * 0.6) = 38
+    assert (c["layer1.0.conv1"], c["layer2.1.conv1"], c["layer3.1.conv1"]) == (10, 16, 26)
+    # D: 0.6 everywhere -> 6, 12 (int(12.8)), 25 (int(25.6)) kept
+    assert (d["layer1.0.conv1"], d["layer2.1.conv1"], d["layer3.1.conv1"]) == (10, 20, 39)
+    assert "layer1.7.conv1" not in c and "layer3.8.conv1" not in d  # layer ids 16 and 54
+
+
+@pytest.mark.parametrize(
+    ("preset", "cfg"),
+    [
+        ("B", [32, 64, 128, 128, 196, 196, 196, 196, 196, 256, 256, 256, 256]),
+        ("C", [32, 64, 64, 128, 128, 128, 128, 196, 196, 196, 196, 196, 196]),
+    ],
+)
+def test_vgg16_b_c_give_the_authors_cfg(preset: str, cfg: list[int]) -> None:
+    # vggprune.py: B = [32, 64, M, 128, 128, M, 196, 196, 196, M, 196, 196, 256, M, 256 x3],
+    # C = [32, 64, M, 64, 128, M, 128 x3, M, 196 x3, M, 196 x3]
+    model = build_model("vgg16", "cifar10", seed=0)
+    plan = structured_plan(model, "vgg16", "l1_filter", preset=preset)
+    pruned = apply_structured(model, plan.removed_channels)
+    assert list(out_channels(pruned).values()) == cfg
+    assert pruned.classifier[0].in_features == cfg[-1]
+
+
+def test_hrank_paper_preset_applies_hranks_rates_to_block_convs() -> None:
+    # compress_rate of the authors' hrank/scripts/*resnet56*.sh, one per conv in module order:
+    # [0.1]+[0.60]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]
+    rates = [0.1] + [0.6] * 35 + [0.0] * 2 + [0.6] * 6 + [0.4] * 3 + [0.1, 0.4] * 4
+    assert len(rates) == 55
+    model = build_model("resnet56", "cifar10")
+    convs = conv_names(model)
+    expected = {}
+    for name in prunable_convs(model, "resnet56"):  # block conv1s, layer ids 2, 4, ..., 54
+        out = dict(model.named_modules())[name].out_channels
+        removed = int(rates[convs.index(name)] * out)  # HRank: int(rate * filters) pruned
+        if removed:
+            expected[name] = removed
+    got = filter_counts(model, "resnet56", ratio=None, preset="hrank-paper")
+    assert got == expected
+    assert got["layer1.0.conv1"] == 9 and got["layer2.8.conv1"] == 19  # 0.6 of 16 and of 32
+    assert "layer3.0.conv1" not in got  # layer id 38: rate 0.0
+    assert got["layer3.4.conv1"] == 25 and got["layer3.5.conv1"] == 6  # 0.4 and 0.1 of 64
+
+
+def test_taylor_is_renamed_for_what_it_is() -> None:
+    model = build_model("resnet20", "digits")
+    with pytest.raises(ValueError, match="'taylor' was renamed 'taylor_conv_oneshot'"):
+        compute_plan(model, "resnet20", "taylor", ratio=0.5, batches=batches())
 
 
 def test_target_errors() -> None:
@@ -165,14 +250,14 @@ def test_random_filter_is_seeded_with_l1_counts() -> None:
     assert a.removed_channels != l1.removed_channels
 
 
-@pytest.mark.parametrize("pruner", ["hrank", "taylor"])
+@pytest.mark.parametrize("pruner", ["hrank", "taylor_conv_oneshot"])
 def test_data_driven_pruners_need_batches(pruner: str) -> None:
     model = build_model("resnet20", "digits")
     with pytest.raises(ValueError, match="batches"):
         structured_plan(model, "resnet20", pruner, ratio=0.5)
 
 
-@pytest.mark.parametrize("pruner", ["hrank", "taylor"])
+@pytest.mark.parametrize("pruner", ["hrank", "taylor_conv_oneshot"])
 def test_data_driven_pruners_remove_dead_filters(pruner: str) -> None:
     # Zeroed filters with BN shift 0 give an all-zero map whose rank is 0, and w = 0 makes the
     # Taylor score 0. BN statistics are calibrated on the data and every other filter gets a
@@ -367,7 +452,7 @@ def test_apply_structured_rejects_bad_plans() -> None:
 
 def test_pruned_model_still_trains() -> None:
     model = build_model("resnet20", "digits", seed=0)
-    plan = structured_plan(model, "resnet20", "taylor", ratio=0.5, batches=batches())
+    plan = structured_plan(model, "resnet20", "taylor_conv_oneshot", ratio=0.5, batches=batches())
     pruned = apply_structured(model, plan.removed_channels).train()
     x, y = batches(n=1, size=32, seed=9)[0]
     opt = torch.optim.SGD(pruned.parameters(), lr=0.05, momentum=0.9)
@@ -379,3 +464,15 @@ def test_pruned_model_still_trains() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_hrank_ranks_on_640_augmented_images() -> None:
+    from trainables.catalog import PRUNERS
+    from trainables.stage_runner import CALIBRATION_BATCHES, calibration_sizes
+
+    assert PRUNERS["hrank"].calibration_augmented
+    assert calibration_sizes("hrank", 64) == (10, 64)  # the CIFAR recipe's batch
+    assert calibration_sizes("hrank", 128) == (5, 128)  # HRank's own 5 batches of 128
+    n, size = calibration_sizes("hrank", 100)  # 640 is no multiple: equal batches, <= 640
+    assert size <= 100 and n * size <= 640 < (n + 1) * size
+    assert calibration_sizes("taylor_conv_oneshot", 64) == (CALIBRATION_BATCHES, 64)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.utils import prune
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from trainables.catalog import DATASETS
 from trainables.data import DataBundle, TensorSplit, load_dataset, make_loaders, normalize
@@ -358,3 +359,35 @@ def test_global_batch_gives_the_same_steps_and_lrs_for_any_worker_count(
 def test_global_batch_must_split_over_the_workers(digits: DataBundle) -> None:
     with pytest.raises(ValueError, match=r"batch_size: 64 .*world_size=3"):
         make_loaders(digits, batch_size=64, device="cpu", seed=0, rank=0, world_size=3)
+
+
+def test_clr_lr_and_momentum_reach_the_optimizer_at_every_step(few_digits: DataBundle) -> None:
+    from trainables.schedules import lr_schedule, momentum_schedule
+
+    loaders = make_loaders(few_digits, batch_size=64, device="cpu", seed=0)
+    steps, epochs = len(loaders.train), 2
+    lrs = lr_schedule("clr", budget=epochs, steps_per_epoch=steps, recipe=RECIPE)
+    moms = momentum_schedule("clr", budget=epochs, steps_per_epoch=steps, recipe=RECIPE)
+    seen: list[tuple[float, float]] = []
+
+    def record(opt: torch.optim.Optimizer, *_: object) -> None:
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        fit(small_cnn(0), loaders, lrs, RECIPE, epochs=epochs, device="cpu", seed=0,
+            momentum_per_step=moms)  # fmt: skip
+    finally:
+        handle.remove()
+    # the reference: torch's OneCycleLR as the authors build it, stepped once per batch
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=RECIPE.lr, total_steps=epochs * steps, div_factor=100, final_div_factor=100,
+        pct_start=0.1,
+    )  # fmt: skip
+    expected = []
+    for _ in range(epochs * steps):
+        expected.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(np.array(seen), np.array(expected), rtol=1e-12, atol=0)

@@ -1,16 +1,24 @@
-"""The names a grid may use, and which combinations can work.
+"""The built-in datasets, models, pruners, presets and schedules, registered by name, and which
+combinations can work.
 
-This module is deliberately free of torch imports so the planner can validate a grid of
-100k trials without loading any model code.
+Every kind has one `Registry` (trainables.registry); grid validation, the planner, the stage
+runner and `nptm inspect` all look names up there. Entries point at their code by import path,
+so this module is free of torch imports and the planner can validate a grid of 100k trials
+without loading any model code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainables.registry import Registry, UnknownName
+
 
 class IncompatibleError(ValueError):
-    """A model/dataset (or pruner/model) pair that cannot work."""
+    """A model/dataset (or pruner/model) pair that cannot work, or an unknown name."""
+
+
+# --- datasets --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -26,73 +34,82 @@ class DatasetInfo:
     in_memory: bool  # small enough to hold as a uint8 tensor on the training device
     flip: bool  # horizontal flip is a label-preserving augmentation
     crop_padding: int  # random-crop padding used by the standard augmentation
+    # In memory: (info, root, download) -> (train, test) TensorSplits.
+    # Otherwise: (info, root, val_fraction, split_seed, download) -> DataBundle.
+    loader: str = ""
 
 
-DATASETS: dict[str, DatasetInfo] = {
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+for _d in (
     # mean/std of the 1,437 training images after data.py's uint8 scaling, as fractions of 255.
-    "digits": DatasetInfo(
-        "digits", 1, 8, 10, 1437, 360, (0.3054,), (0.3760,), True, flip=False, crop_padding=1
+    DatasetInfo(
+        "digits", 1, 8, 10, 1437, 360, (0.3054,), (0.3760,), True, flip=False, crop_padding=1,
+        loader="trainables.data:load_digits_splits",
     ),
-    "cifar10": DatasetInfo(
-        "cifar10",
-        3,
-        32,
-        10,
-        50_000,
-        10_000,
-        (0.4914, 0.4822, 0.4465),
-        (0.2470, 0.2435, 0.2616),
-        True,
-        flip=True,
-        crop_padding=4,
+    DatasetInfo(
+        "cifar10", 3, 32, 10, 50_000, 10_000,
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        True, flip=True, crop_padding=4, loader="trainables.data:load_cifar_splits",
     ),
-    "cifar100": DatasetInfo(
-        "cifar100",
-        3,
-        32,
-        100,
-        50_000,
-        10_000,
-        (0.5071, 0.4865, 0.4409),
-        (0.2673, 0.2564, 0.2762),
-        True,
-        flip=True,
-        crop_padding=4,
+    DatasetInfo(
+        "cifar100", 3, 32, 100, 50_000, 10_000,
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        True, flip=True, crop_padding=4, loader="trainables.data:load_cifar_splits",
     ),
-    "imagenet": DatasetInfo(
-        "imagenet",
-        3,
-        224,
-        1000,
-        1_281_167,
-        50_000,
-        (0.485, 0.456, 0.406),
-        (0.229, 0.224, 0.225),
-        False,
-        flip=True,
-        crop_padding=0,
+    DatasetInfo(
+        "imagenet", 3, 224, 1000, 1_281_167, 50_000,
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+        False, flip=True, crop_padding=0, loader="trainables.data:load_imagenet_bundle",
     ),
-}
+):  # fmt: skip
+    DATASETS.register(_d.name, _d)
+
+
+# --- models ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    family: str  # "cifar_resnet" | "cifar_vgg" | "torchvision"
+    family: str  # code base the architecture follows, e.g. "cifar_resnet", "torchvision"
     min_image_size: int  # smallest input whose spatial size survives every downsampling
     depth: int = 0
+    # (info, in_channels, num_classes) -> nn.Module
+    build: str = ""
+    # (model, info) -> names of the convs whose filters can be removed
+    prunable_convs: str = ""
 
 
-MODELS: dict[str, ModelInfo] = {
-    **{f"resnet{d}": ModelInfo(f"resnet{d}", "cifar_resnet", 4, d) for d in (20, 32, 56, 110)},
-    "vgg16": ModelInfo("vgg16", "cifar_vgg", 32, 16),
-    "vgg19": ModelInfo("vgg19", "cifar_vgg", 32, 19),
+MODELS: Registry[ModelInfo] = Registry("model")
+_M = "trainables.models"
+for _m in (
+    # PFEC / rethinking l1-norm-pruning code base: BasicBlock ResNets, VGG with a 2-layer head.
+    *(
+        ModelInfo(f"resnet{d}", "cifar_resnet", 4, d, f"{_M}:build_cifar_resnet",
+                  f"{_M}:basic_block_convs")
+        for d in (20, 32, 56, 110)
+    ),
+    ModelInfo("vgg16", "cifar_vgg", 32, 16, f"{_M}:build_cifar_vgg", f"{_M}:all_convs"),
+    ModelInfo("vgg19", "cifar_vgg", 32, 19, f"{_M}:build_cifar_vgg", f"{_M}:all_convs"),
+    # Weight-level (unstructured) code base of the rethinking study, followed by Le & Hua's
+    # weight-level experiments: Bottleneck ResNet-56, VGG-19-BN with one Linear layer.
+    ModelInfo("resnet56_weightlevel", "weightlevel_resnet", 4, 56,
+              f"{_M}:build_weightlevel_resnet", f"{_M}:bottleneck_convs"),
+    ModelInfo("vgg19_weightlevel", "weightlevel_vgg", 32, 19,
+              f"{_M}:build_weightlevel_vgg", f"{_M}:all_convs"),
     # torchvision ImageNet models: 5 stride-2 stages, meaningful from 64 px up.
-    "resnet18": ModelInfo("resnet18", "torchvision", 64, 18),
-    "resnet34": ModelInfo("resnet34", "torchvision", 64, 34),
-    "resnet50": ModelInfo("resnet50", "torchvision", 64, 50),
-    "mobilenet_v2": ModelInfo("mobilenet_v2", "torchvision", 64),
-}
+    *(
+        ModelInfo(f"resnet{d}", "torchvision", 64, d, f"{_M}:build_torchvision",
+                  f"{_M}:torchvision_convs")
+        for d in (18, 34, 50)
+    ),
+    ModelInfo("mobilenet_v2", "torchvision", 64, 0, f"{_M}:build_torchvision",
+              f"{_M}:torchvision_convs"),
+):  # fmt: skip
+    MODELS.register(_m.name, _m)
+
+
+# --- pruners ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -100,40 +117,162 @@ class PrunerInfo:
     name: str
     structured: bool
     needs_data: bool  # importance is computed from a few batches of training data
+    # Training images the importance is computed on, and whether they are augmented as in
+    # training (HRank's rank estimate: 640 augmented images); 0 = the stage runner's default.
+    calibration_images: int = 0
+    calibration_augmented: bool = False
+    # Structured pruners: (model, conv names, batches, seed) -> one score per filter of each
+    # conv, higher = keep. Unstructured pruners are the three of trainables.pruners.unstructured.
+    importance: str = ""
+    # Bumped when what the name computes changes, so stages computed under the old
+    # definition are not reused (trainables.stage.StageSpec.identity).
+    revision: int = 1
 
 
-PRUNERS: dict[str, PrunerInfo] = {
-    "magnitude": PrunerInfo("magnitude", False, False),
-    "magnitude_layerwise": PrunerInfo("magnitude_layerwise", False, False),
-    "random": PrunerInfo("random", False, False),
-    "l1_filter": PrunerInfo("l1_filter", True, False),
-    "random_filter": PrunerInfo("random_filter", True, False),
-    "hrank": PrunerInfo("hrank", True, True),
-    "taylor": PrunerInfo("taylor", True, True),
-}
+PRUNERS: Registry[PrunerInfo] = Registry("pruner")
+_ST = "trainables.pruners.structured"
+for _p in (
+    PrunerInfo("magnitude", False, False),
+    PrunerInfo("magnitude_layerwise", False, False),
+    PrunerInfo("random", False, False),
+    PrunerInfo("l1_filter", True, False, importance=f"{_ST}:l1_importance"),
+    PrunerInfo("random_filter", True, False, importance=f"{_ST}:random_importance"),
+    PrunerInfo("hrank", True, True, calibration_images=640, calibration_augmented=True,
+               importance=f"{_ST}:hrank_importance", revision=2),
+    PrunerInfo("taylor_conv_oneshot", True, True, importance=f"{_ST}:taylor_importance"),
+):  # fmt: skip
+    PRUNERS.register(_p.name, _p)
+PRUNERS.retire(
+    "taylor",
+    "was renamed 'taylor_conv_oneshot': it scores conv filters once on a few batches, which "
+    "is not Molchanov et al.'s procedure (gates after BatchNorm, iterative global ranking); "
+    "see docs/protocol.md",
+)
 
-# Published configurations (PFEC, Li et al. 2017; C/D are NPTM's heavier variants).
-PRESETS: dict[str, tuple[str, ...]] = {
-    "resnet56": ("A", "B", "C", "D"),
-    "resnet110": ("A", "B", "C", "D"),
-    "vgg16": ("A",),
-}
+# Options a grid's pruner entry may set, with their defaults (the authors' procedure).
+# `layers`: which weights unstructured pruning considers ("conv" = Conv2d only, as the authors'
+# weight-level code; "conv+linear" adds the Linear layers, classifier included).
+# `min_keep`: share of every layer's weights always kept (0 = no floor: a global threshold may
+# empty a layer, which the prune stage records).
+UNSTRUCTURED_OPTIONS: dict[str, object] = {"layers": "conv", "min_keep": 0.0}
+LAYER_CHOICES: tuple[str, ...] = ("conv", "conv+linear")
 
-SCHEDULES: tuple[str, ...] = ("ft", "lrw", "wr", "slr", "clr", "scratch", "scratch_e", "scratch_b")
-# Schedules that train the pruned architecture from a fresh initialisation (Liu et al. 2019).
-SCRATCH_SCHEDULES: frozenset[str] = frozenset({"scratch", "scratch_e", "scratch_b"})
-# Schedules whose length the recipe (and the pruned MACs) sets, not the budget axis.
-FULL_LENGTH_SCHEDULES: frozenset[str] = frozenset({"scratch_e", "scratch_b"})
+
+# --- presets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    name: str
+    model: str
+    source: str  # where the configuration is published
+    # One of: stage ratios + skip list (CIFAR ResNets), a VGG cfg, or per-conv rates (HRank).
+    stage_ratios: tuple[float, float, float] | None = None
+    skip: frozenset[int] = frozenset()  # 1-based conv ids never pruned
+    vgg_cfg: tuple[int | str, ...] | None = None
+    conv_rates: tuple[float, ...] | None = None  # HRank's compress_rate, one per conv
+    revision: int = 1  # see PrunerInfo.revision (C/D were nptm's heavier presets before 2)
+
+
+_B56 = frozenset({16, 18, 20, 34, 38, 54})
+_B110 = frozenset({36, 38, 74})
+_PFEC = "Li et al. 2017 (PFEC)"
+_LEHUA = "Le & Hua 2021, norm-pruning/cifar/l1-norm-pruning/{}prune.py"
+# HRank (Lin et al. 2020) compress_rate of resnet_56, as the authors' hrank/scripts pass it:
+# [0.1]+[0.60]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]
+HRANK_RESNET56_RATES: tuple[float, ...] = (
+    (0.1,) + (0.6,) * 35 + (0.0,) * 2 + (0.6,) * 6 + (0.4,) * 3 + (0.1, 0.4) * 4
+)
+PRESETS: Registry[PresetInfo] = Registry("preset")
+for _s in (
+    PresetInfo("A", "resnet56", _PFEC, (0.1, 0.1, 0.1), frozenset({16, 20, 38, 54})),
+    PresetInfo("B", "resnet56", _PFEC, (0.6, 0.3, 0.1), _B56),
+    PresetInfo("C", "resnet56", _LEHUA.format("res56"), (0.6, 0.5, 0.4), _B56, revision=2),
+    PresetInfo("D", "resnet56", _LEHUA.format("res56"), (0.6, 0.6, 0.6), _B56, revision=2),
+    PresetInfo("nptm-heavy-1", "resnet56", "nptm", (0.7, 0.5, 0.3), _B56),
+    PresetInfo("nptm-heavy-2", "resnet56", "nptm", (0.9, 0.7, 0.5), _B56),
+    PresetInfo("hrank-paper", "resnet56", "Lin et al. 2020 (HRank), hrank/scripts",
+               conv_rates=HRANK_RESNET56_RATES),
+    PresetInfo("A", "resnet110", _PFEC, (0.5, 0.0, 0.0), frozenset({36})),
+    PresetInfo("B", "resnet110", _PFEC, (0.5, 0.4, 0.3), _B110),
+    PresetInfo("C", "resnet110", _LEHUA.format("res110"), (0.5, 0.5, 0.5), _B110, revision=2),
+    PresetInfo("D", "resnet110", _LEHUA.format("res110"), (0.5, 0.6, 0.7), _B110, revision=2),
+    PresetInfo("nptm-heavy-1", "resnet110", "nptm", (0.7, 0.5, 0.3), _B110),
+    PresetInfo("nptm-heavy-2", "resnet110", "nptm", (0.9, 0.7, 0.5), _B110),
+    PresetInfo("A", "vgg16", _PFEC,
+               vgg_cfg=(32, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                        256, 256, 256, "M", 256, 256, 256)),
+    PresetInfo("B", "vgg16", _LEHUA.format("vgg"),
+               vgg_cfg=(32, 64, "M", 128, 128, "M", 196, 196, 196, "M",
+                        196, 196, 256, "M", 256, 256, 256)),
+    PresetInfo("C", "vgg16", _LEHUA.format("vgg"),
+               vgg_cfg=(32, 64, "M", 64, 128, "M", 128, 128, 128, "M",
+                        196, 196, 196, "M", 196, 196, 196)),
+):  # fmt: skip
+    PRESETS.register(f"{_s.model}/{_s.name}", _s)
+
+
+def presets_of(model: str) -> list[str]:
+    """Preset names defined for `model`, in registration order."""
+    return [p.name for p in PRESETS.values() if p.model == model]
+
+
+def find_preset(model: str, name: str) -> PresetInfo:
+    known = presets_of(model)
+    if name not in known:
+        raise IncompatibleError(f"no preset {name!r} for model {model!r}; known: {known or 'none'}")
+    return PRESETS[f"{model}/{name}"]
+
+
+# --- schedules -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    name: str
+    # (recipe, budget, steps_per_epoch, peak or None) -> lr per optimizer step
+    lr: str
+    rewinds: bool = False  # replays part of the pre-training run and needs its checkpoints
+    # Trains the pruned architecture from a fresh initialisation (Liu et al. 2019).
+    from_scratch: bool = False
+    # Its length is set by the recipe (and the pruned MACs), not by the budget axis.
+    full_length: bool = False
+    revision: int = 1  # see PrunerInfo.revision (clr: OneCycleLR with the paper's arguments)
+
+
+SCHEDULES: Registry[ScheduleInfo] = Registry("schedule")
+_S = "trainables.schedules"
+for _c in (
+    ScheduleInfo("ft", f"{_S}:ft_lr"),
+    ScheduleInfo("lrw", f"{_S}:rewind_lr", rewinds=True),
+    ScheduleInfo("wr", f"{_S}:rewind_lr", rewinds=True),
+    ScheduleInfo("slr", f"{_S}:slr_lr"),
+    ScheduleInfo("clr", f"{_S}:clr_lr", revision=2),
+    ScheduleInfo("scratch", f"{_S}:scratch_lr", from_scratch=True),
+    ScheduleInfo("scratch_e", f"{_S}:stretched_lr", from_scratch=True, full_length=True),
+    ScheduleInfo("scratch_b", f"{_S}:stretched_lr", from_scratch=True, full_length=True),
+):
+    SCHEDULES.register(_c.name, _c)
+SCRATCH_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.from_scratch)
+FULL_LENGTH_SCHEDULES: frozenset[str] = frozenset(
+    n for n, s in SCHEDULES.items() if s.full_length
+)
 # Schedules that replay part of the pre-training run and so need its checkpoints.
-REWINDING_SCHEDULES: frozenset[str] = frozenset({"lrw", "wr"})
+REWINDING_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.rewinds)
+
+
+# --- combinations ----------------------------------------------------------------------------
+
+
+def _known(registry: Registry, name: str) -> None:
+    if name not in registry:
+        raise IncompatibleError(registry.unknown_reason(name))
 
 
 def check_model_dataset(model: str, dataset: str) -> None:
     """Raise IncompatibleError with a readable reason if `model` cannot train on `dataset`."""
-    if dataset not in DATASETS:
-        raise IncompatibleError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
-    if model not in MODELS:
-        raise IncompatibleError(f"unknown model {model!r}; known: {sorted(MODELS)}")
+    _known(DATASETS, dataset)
+    _known(MODELS, model)
     d, m = DATASETS[dataset], MODELS[model]
     if d.image_size < m.min_image_size:
         raise IncompatibleError(
@@ -144,8 +283,7 @@ def check_model_dataset(model: str, dataset: str) -> None:
 
 def check_pruner_target(pruner: str, model: str, ratio: float | None, preset: str | None) -> None:
     """Raise IncompatibleError unless exactly one of ratio/preset is given and fits the pruner."""
-    if pruner not in PRUNERS:
-        raise IncompatibleError(f"unknown pruner {pruner!r}; known: {sorted(PRUNERS)}")
+    _known(PRUNERS, pruner)
     if (ratio is None) == (preset is None):
         raise IncompatibleError(f"pruner {pruner!r} needs exactly one of 'ratio' or 'preset'")
     if ratio is not None and not 0.0 <= ratio < 1.0:
@@ -156,8 +294,61 @@ def check_pruner_target(pruner: str, model: str, ratio: float | None, preset: st
                 f"preset {preset!r} is a filter-pruning configuration; pruner {pruner!r} "
                 "is unstructured, use 'ratio'"
             )
-        known = PRESETS.get(model, ())
-        if preset not in known:
+        find_preset(model, preset)
+
+
+def definition_revision(
+    pruner: str | None = None,
+    preset_model: str | None = None,
+    preset: str | None = None,
+    schedule: str | None = None,
+) -> int:
+    """Highest revision of the named pruner, preset and schedule definitions (1 = original)."""
+    revs = [1]
+    if pruner in PRUNERS:
+        revs.append(PRUNERS[pruner].revision)
+    if preset is not None and preset_model is not None and preset in presets_of(preset_model):
+        revs.append(find_preset(preset_model, preset).revision)
+    if schedule in SCHEDULES:
+        revs.append(SCHEDULES[schedule].revision)
+    return max(revs)
+
+
+def pruner_options(
+    pruner: str, options: dict[str, object] | None
+) -> tuple[tuple[str, object], ...]:
+    """The options of an unstructured pruner, defaults filled in, sorted by name; () for
+    structured pruners (which take none). Raises IncompatibleError naming a bad option."""
+    options = dict(options or {})
+    if PRUNERS[pruner].structured:
+        if options:
             raise IncompatibleError(
-                f"no preset {preset!r} for model {model!r}; known: {list(known) or 'none'}"
+                f"pruner {pruner!r} removes whole filters and takes no options "
+                f"({', '.join(sorted(options))}); they apply to unstructured pruners"
             )
+        return ()
+    resolved = dict(UNSTRUCTURED_OPTIONS)
+    for key, value in options.items():
+        if key not in UNSTRUCTURED_OPTIONS:
+            raise IncompatibleError(f"unknown pruner option {key!r}")
+        resolved[key] = value
+    if resolved["layers"] not in LAYER_CHOICES:
+        raise IncompatibleError(
+            f"layers {resolved['layers']!r} is not one of {', '.join(LAYER_CHOICES)}"
+        )
+    keep = resolved["min_keep"]
+    if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0.0 <= keep < 1.0:
+        raise IncompatibleError(f"min_keep {keep!r} is outside [0, 1)")
+    resolved["min_keep"] = float(keep)
+    return tuple(sorted(resolved.items()))
+
+
+__all__ = [
+    "DATASETS",
+    "MODELS",
+    "PRESETS",
+    "PRUNERS",
+    "SCHEDULES",
+    "IncompatibleError",
+    "UnknownName",
+]

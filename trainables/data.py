@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from trainables.catalog import DATASETS, DatasetInfo
+from trainables.registry import resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -102,15 +103,19 @@ class DataBundle:
     def in_memory(self) -> bool:
         return isinstance(self.train, TensorSplit)
 
-    def calibration_batches(self, n_batches: int, batch_size: int, seed: int) -> list[Batch]:
-        """`n_batches` normalised, un-augmented training batches (CPU) for data-driven pruners.
+    def calibration_batches(
+        self, n_batches: int, batch_size: int, seed: int, *, augmented: bool = False
+    ) -> list[Batch]:
+        """`n_batches` normalised training batches (CPU) for data-driven pruners, un-augmented,
+        or with the training augmentation (random crop and flip) when `augmented`.
 
         Samples are drawn without replacement from a permutation seeded by `seed`; if more are
-        asked for than the split holds, further fresh permutations are appended.
+        asked for than the split holds, further fresh permutations are appended. Crop offsets
+        and flips come from the same seeded generator.
         """
         _check_positive("n_batches", n_batches)
         _check_positive("batch_size", batch_size)
-        source = self.train if self.in_memory else self.train_plain
+        source = self.train if self.in_memory or augmented else self.train_plain
         assert source is not None
         n = len(source)
         gen = torch.Generator().manual_seed(seed)
@@ -121,7 +126,14 @@ class DataBundle:
         for b in range(n_batches):
             idx = order[b * batch_size : (b + 1) * batch_size]
             if isinstance(source, TensorSplit):
-                x = normalize(source.images[idx], self.info)
+                images = source.images[idx]
+                if augmented:
+                    p, b = self.info.crop_padding, len(idx)
+                    oy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+                    ox = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+                    flips = torch.randint(0, 2, (b,), generator=gen).bool() & self.info.flip
+                    images = crop_flip(images, oy, ox, flips, p)
+                x = normalize(images, self.info)
                 y = source.labels[idx]
             else:
                 samples = [source[int(i)] for i in idx]
@@ -149,12 +161,9 @@ def load_dataset(
     if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction: {val_fraction!r} is outside [0, 1)")
     info = DATASETS[name]
-    if name == "digits":
-        train, test = _load_digits()
-    elif name in ("cifar10", "cifar100"):
-        train, test = _load_cifar(name, root, download)
-    else:
-        return _load_imagenet(info, root, val_fraction, split_seed, download)
+    if not info.in_memory:
+        return resolve(info.loader)(info, root, val_fraction, split_seed, download)
+    train, test = resolve(info.loader)(info, root, download)
     val = None
     if val_fraction > 0:
         keep, held = split_indices(train.labels.numpy(), val_fraction, split_seed)
@@ -183,6 +192,18 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     stratify = labels if counts.min() >= 2 and min(n_held, n - n_held) >= len(counts) else None
     keep, held = train_test_split(positions, test_size=n_held, random_state=seed, stratify=stratify)
     return np.sort(keep), np.sort(held)
+
+
+def load_digits_splits(
+    _info: DatasetInfo, _root: object, _download: bool
+) -> tuple[TensorSplit, TensorSplit]:
+    return _load_digits()
+
+
+def load_cifar_splits(
+    info: DatasetInfo, root: str | os.PathLike[str] | None, download: bool
+) -> tuple[TensorSplit, TensorSplit]:
+    return _load_cifar(info.name, root, download)
 
 
 def _load_digits() -> tuple[TensorSplit, TensorSplit]:
@@ -279,7 +300,7 @@ def imagenet_transforms(info: DatasetInfo) -> tuple[object, object]:
     return train, evaluate
 
 
-def _load_imagenet(
+def load_imagenet_bundle(
     info: DatasetInfo,
     root: str | os.PathLike[str] | None,
     val_fraction: float,

@@ -1,10 +1,11 @@
 """`nptm inspect`: params and MACs of a model before and after pruning, without any data.
 
 Counts follow trainables.macs (PFEC's convention: MACs of Conv2d/Linear, bias excluded).
-Data-driven pruners (hrank, taylor) rank filters on two seeded batches of random-normal images
-with random labels, so no dataset is needed; the result says so ("importance_data":
-"synthetic"). The architecture they produce (channel counts, params, MACs) is the one a preset
-or ratio defines and does not depend on the data; which filters go does.
+Data-driven pruners (hrank, taylor_conv_oneshot) rank filters on two seeded batches of
+random-normal images with random labels, so no dataset is needed; the result says so
+("importance_data": "synthetic"). The architecture they produce (channel counts, params,
+MACs) is the one a preset or ratio defines and does not depend on the data; which filters go
+does.
 
 In "pruned": `params_reduction` and `macs_reduction` compare the physical (dense) counts with
 the base model; `sparsity` is the share of the pruned model's own parameters that are zero
@@ -68,8 +69,11 @@ def inspect_model(
     ratio: float | None = None,
     preset: str | None = None,
     seed: int = 0,
+    options: dict[str, object] | None = None,
 ) -> dict[str, Any]:
-    """Base and pruned counts plus per-layer output channels; "pruned" is None without pruner."""
+    """Base and pruned counts plus per-layer output channels; "pruned" is None without pruner.
+    `options` are an unstructured pruner's (layers, min_keep); by default only Conv2d weights
+    are pruned, so the classifier's density is 1.0."""
     check_model_dataset(model, dataset)
     if pruner is None and (ratio is not None or preset is not None):
         raise ValueError("'ratio'/'preset' given without a 'pruner'")
@@ -101,7 +105,9 @@ def inspect_model(
     if PRUNERS[pruner].needs_data:
         batches = synthetic_batches(dataset, seed)
         result["importance_data"] = "synthetic"
-    plan = compute_plan(net, model, pruner, ratio=ratio, preset=preset, batches=batches, seed=seed)
+    plan = compute_plan(
+        net, model, pruner, ratio=ratio, preset=preset, batches=batches, seed=seed, options=options
+    )
     pruned = apply_plan(copy.deepcopy(net), plan)
     p_params, p_macs = count_params_macs(pruned, dataset)
     nonzero = count_nonzero_params(pruned)

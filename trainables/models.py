@@ -13,7 +13,14 @@ pruning", cifar/l1-norm-pruning/models), which is the one PFEC's published confi
   max-pool is replaced by a final nn.AvgPool2d(2) on the 2x2 map of a 32 px input. We use
   nn.AdaptiveAvgPool2d(1), which is the same operation at 32 px and also fits larger inputs.
   Classifier: Linear(512, 512)+BN1d+ReLU+Linear(512, classes).
+- resnet56_weightlevel / vgg19_weightlevel: the models of the weight-level (unstructured)
+  code base that Le & Hua's weight-level experiments use (the rethinking study's
+  cifar/weight-level/models/cifar, after bearpaw's pytorch-classification): a ResNet-56 of
+  Bottleneck blocks (9 per stage, 4x expansion, projection shortcuts) and VGG-19-BN with conv
+  bias and a single Linear classifier.
 - torchvision resnet18/34/50 and mobilenet_v2, untrained (weights=None).
+
+Which builder makes which name is the model registry's business (trainables.catalog.MODELS).
 
 Every model built here carries `input_shape` (C, H, W) of its dataset, which MAC counting and
 the structured-pruning surgery use for their dummy forward pass.
@@ -29,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.catalog import DATASETS, MODELS, check_model_dataset
+from trainables.catalog import DATASETS, MODELS, ModelInfo, check_model_dataset
+from trainables.registry import resolve
 
 VGG_CFGS: dict[str, list[int | str]] = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
@@ -149,6 +157,108 @@ class CifarVGG(nn.Module):
         return self.classifier(x)
 
 
+class WeightLevelBottleneck(nn.Module):
+    """1x1 (planes) - 3x3 (planes, stride) - 1x1 (4 planes), BN after each, projection
+    shortcut (1x1 conv + BN) where the shape changes."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_planes != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + residual)
+
+
+class WeightLevelResNet(nn.Module):
+    """The CIFAR ResNet of the weight-level code base (models/cifar/resnet.py of the rethinking
+    study, after bearpaw's pytorch-classification): depth 6n+2 names n Bottleneck blocks per
+    stage (16/32/64 planes, 4x expansion), so ResNet-56 has 9 blocks per stage and a Linear(256)
+    classifier."""
+
+    def __init__(self, depth: int, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"weight-level ResNet depth must be 6n+2, got depth={depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_planes = [], 16
+        for i, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(WeightLevelBottleneck(in_planes, planes, stride))
+                in_planes = planes * WeightLevelBottleneck.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # AvgPool2d(8) on the 8x8 map of a 32 px input
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # normal(0, sqrt(2 / (k * k * out_channels)))
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class WeightLevelVGG(nn.Module):
+    """VGG-BN of the weight-level code base (models/cifar/vgg.py of the rethinking study):
+    conv3x3 with bias + BN + ReLU, four max-pools, a 2x2 average pool and one Linear layer."""
+
+    def __init__(self, cfg: list[int | str], in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                assert isinstance(v, int)
+                layers += [
+                    nn.Conv2d(in_channels, v, 3, padding=1),
+                    nn.BatchNorm2d(v),
+                    nn.ReLU(inplace=True),
+                ]
+                in_channels = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # AvgPool2d(2) on the 2x2 map of a 32 px input
+        self.classifier = nn.Linear(in_channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # normal(0, sqrt(2 / (k * k * in_channels)))
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
 def _torchvision_models() -> ModuleType:
     """torchvision.models, imported on first use: importing it costs seconds (it pulls in
     torch._dynamo), which every trial process would otherwise pay for the CIFAR models."""
@@ -157,7 +267,8 @@ def _torchvision_models() -> ModuleType:
     return torchvision.models
 
 
-def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+def build_torchvision(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
+    name = info.name
     model = getattr(_torchvision_models(), name)(weights=None, num_classes=num_classes)
     if in_channels != 3:
         if name == "mobilenet_v2":
@@ -166,6 +277,22 @@ def _torchvision_model(name: str, in_channels: int, num_classes: int) -> nn.Modu
         else:
             model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return model
+
+
+def build_cifar_resnet(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
+    return CifarResNet(info.depth, in_channels, num_classes)
+
+
+def build_cifar_vgg(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
+    return CifarVGG(VGG_CFGS[info.name], in_channels, num_classes)
+
+
+def build_weightlevel_resnet(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
+    return WeightLevelResNet(info.depth, in_channels, num_classes)
+
+
+def build_weightlevel_vgg(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
+    return WeightLevelVGG(VGG_CFGS["vgg19"], in_channels, num_classes)
 
 
 @contextlib.contextmanager
@@ -184,12 +311,7 @@ def build_model(name: str, dataset: str, *, seed: int | None = None) -> nn.Modul
     check_model_dataset(name, dataset)
     info, data = MODELS[name], DATASETS[dataset]
     with _seeded(seed):
-        if info.family == "cifar_resnet":
-            model: nn.Module = CifarResNet(info.depth, data.in_channels, data.num_classes)
-        elif info.family == "cifar_vgg":
-            model = CifarVGG(VGG_CFGS[name], data.in_channels, data.num_classes)
-        else:
-            model = _torchvision_model(name, data.in_channels, data.num_classes)
+        model: nn.Module = resolve(info.build)(info, data.in_channels, data.num_classes)
     model.input_shape = (data.in_channels, data.image_size, data.image_size)
     return model
 
@@ -200,10 +322,12 @@ def conv_names(model: nn.Module) -> list[str]:
 
 
 def prunable_convs(model: nn.Module, model_name: str) -> list[str]:
-    """Convs whose output channels (filters) can be removed without touching residual channels.
+    """Convs whose output channels (filters) can be removed without touching residual channels
+    (the model entry's `prunable_convs` function decides):
 
     - CIFAR ResNets: conv1 of every BasicBlock (PFEC practice; conv2 feeds the residual add).
-    - VGG: every conv.
+    - weight-level ResNet: conv1 and conv2 of every Bottleneck (conv3 feeds the residual add).
+    - VGGs: every conv.
     - torchvision ResNets: every conv inside a block except the block's last one (conv2 of a
       BasicBlock, conv3 of a Bottleneck) and the downsample conv, which feed the residual add.
     - MobileNetV2: the 1x1 expansion conv of every inverted residual block that has one. Its
@@ -212,12 +336,28 @@ def prunable_convs(model: nn.Module, model_name: str) -> list[str]:
     Stems and the final 1x1 conv of MobileNetV2 are not pruned.
     """
     if model_name not in MODELS:
-        raise ValueError(f"unknown model_name {model_name!r}; known: {sorted(MODELS)}")
-    family = MODELS[model_name].family
-    if family == "cifar_resnet":
-        return [f"{n}.conv1" for n, m in model.named_modules() if isinstance(m, BasicBlock)]
-    if family == "cifar_vgg":
-        return conv_names(model)
+        raise ValueError(MODELS.unknown_reason(model_name))
+    return resolve(MODELS[model_name].prunable_convs)(model)
+
+
+def basic_block_convs(model: nn.Module) -> list[str]:
+    return [f"{n}.conv1" for n, m in model.named_modules() if isinstance(m, BasicBlock)]
+
+
+def bottleneck_convs(model: nn.Module) -> list[str]:
+    return [
+        f"{n}.{c}"
+        for n, m in model.named_modules()
+        if isinstance(m, WeightLevelBottleneck)
+        for c in ("conv1", "conv2")
+    ]
+
+
+def all_convs(model: nn.Module) -> list[str]:
+    return conv_names(model)
+
+
+def torchvision_convs(model: nn.Module) -> list[str]:
     names: list[str] = []
     tv = _torchvision_models()
     for name, m in model.named_modules():

@@ -9,7 +9,7 @@ Notation: T = ``recipe.epochs`` (pre-training epochs), t = ``budget`` (retrainin
 S = ``steps_per_epoch``, N = t * S (optimizer steps of the retraining run), ``peak`` =
 ``recipe.lr`` unless overridden, ``gamma`` = ``recipe.gamma``.
 
-Schedules (names from ``trainables.catalog.SCHEDULES``):
+Schedules (registered in ``trainables.catalog.SCHEDULES``, which names the function of each):
 
 ``ft``
     Fine-tuning: constant at the last pre-training lr, ``recipe.final_lr``
@@ -31,12 +31,16 @@ Schedules (names from ``trainables.catalog.SCHEDULES``):
     pre-training milestone m (50 % and 75 % of R for the CIFAR recipe). The warm-up always
     starts at the recipe's final lr, also when ``peak`` is overridden.
 ``clr``
-    Cyclic learning-rate restarting: the 1-cycle policy with exactly the semantics of
-    ``torch.optim.lr_scheduler.OneCycleLR(max_lr=peak, total_steps=N,
-    pct_start=recipe.warmup_fraction, anneal_strategy="cos", div_factor=25,
-    final_div_factor=1e4, three_phase=False)`` stepped once per optimizer step: cosine from
-    peak/25 up to peak until step pct_start*N - 1, then cosine down to peak/25/1e4 at step
-    N - 1. Only the lr is produced; OneCycleLR's momentum cycling is not part of this curve.
+    Cyclic learning-rate restarting (Figure 1(d) of Le & Hua): the 1-cycle policy with exactly
+    the semantics of ``torch.optim.lr_scheduler.OneCycleLR(max_lr=peak, total_steps=N,
+    pct_start=recipe.warmup_fraction, anneal_strategy="cos", div_factor=100,
+    final_div_factor=100, three_phase=False, cycle_momentum=True, base_momentum=0.85,
+    max_momentum=0.95)`` stepped once per optimizer step, as the authors' main_finetune.py
+    steps it after every batch: cosine from peak/100 (0.001 for the CIFAR recipe, its lowest
+    pre-training lr) up to peak until step pct_start*N - 1, then cosine down to
+    peak/100/100 (1e-5) at step N - 1. ``momentum_schedule`` gives OneCycleLR's momentum
+    for the same steps: cosine from 0.95 down to 0.85 while the lr rises, then back to 0.95;
+    the train loop writes it into the optimizer before each step, like the lr.
     Where OneCycleLR divides 0 by 0 (a warm-up phase of zero length, pct_start*N == 1) the
     phase's start value is used.
 ``scratch``
@@ -67,6 +71,9 @@ Overrides (``KNOWN_OVERRIDES``): ``{"lr": x}`` sets ``peak`` = x for ``slr``, ``
 the three ``scratch`` schedules and the constant for ``ft``; for ``lrw``/``wr`` it scales the
 replayed curve so that its maximum equals x (the shape of the replayed segment is kept).
 
+Momentum: every schedule except ``clr`` keeps the recipe's fixed SGD momentum
+(``momentum_schedule`` returns None for them).
+
 ``pretrain_schedule(recipe, S)`` is the pre-training run itself: ``recipe.lr_at_epoch(e)``
 for every step of epoch e, which is what ``MultiStepLR`` stepped once per epoch produces.
 """
@@ -81,6 +88,7 @@ import numpy as np
 
 from trainables.catalog import SCHEDULES
 from trainables.recipe import Recipe
+from trainables.registry import resolve
 
 __all__ = [
     "KNOWN_OVERRIDES",
@@ -95,9 +103,12 @@ __all__ = [
 
 KNOWN_OVERRIDES: frozenset[str] = frozenset({"lr"})
 
-# OneCycleLR settings the `clr` schedule is defined with.
-CLR_DIV_FACTOR = 25.0
-CLR_FINAL_DIV_FACTOR = 1e4
+# OneCycleLR settings the `clr` schedule is defined with (the authors' main_finetune.py
+# defaults; momentum bounds are OneCycleLR's own defaults, which the authors keep).
+CLR_DIV_FACTOR = 100.0
+CLR_FINAL_DIV_FACTOR = 100.0
+CLR_BASE_MOMENTUM = 0.85
+CLR_MAX_MOMENTUM = 0.95
 
 
 def lr_schedule(
@@ -110,44 +121,78 @@ def lr_schedule(
 ) -> np.ndarray:
     """The lr of every optimizer step of a retraining run: float64 array of length budget*S."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; known: {list(SCHEDULES)}")
+        raise ValueError(SCHEDULES.unknown_reason(schedule))
     _check_positive_int("budget", budget)
     _check_positive_int("steps_per_epoch", steps_per_epoch)
     peak = _peak_override(overrides)
-    n_steps = budget * steps_per_epoch
-
-    if schedule == "ft":
-        return np.full(n_steps, recipe.final_lr if peak is None else peak, dtype=np.float64)
-    if schedule in ("lrw", "wr"):
-        first = rewind_epoch(recipe, budget)
-        per_epoch = np.array(
-            [recipe.lr_at_epoch(first + e) for e in range(budget)], dtype=np.float64
-        )
-        if peak is not None:
-            per_epoch *= peak / per_epoch.max()
-        return np.repeat(per_epoch, steps_per_epoch)
-
-    peak = recipe.lr if peak is None else peak
-    if schedule == "scratch":
-        return _compressed_steps(recipe, peak, n_steps)
-    if schedule in ("scratch_e", "scratch_b"):
-        return np.repeat(_stretched_epochs(recipe, peak, budget), steps_per_epoch)
-    if schedule == "slr":
-        warmup = _round_half_up(recipe.warmup_fraction * n_steps)
-        ramp = recipe.final_lr + (peak - recipe.final_lr) * np.arange(warmup) / max(warmup, 1)
-        return np.concatenate([ramp, _compressed_steps(recipe, peak, n_steps - warmup)])
-    return _one_cycle(peak, n_steps, recipe.warmup_fraction)  # clr
+    return resolve(SCHEDULES[schedule].lr)(recipe, budget, steps_per_epoch, peak)
 
 
 def momentum_schedule(
     schedule: str, *, budget: int, steps_per_epoch: int, recipe: Recipe
-) -> np.ndarray:
-    """The SGD momentum of every optimizer step of a retraining run: ``recipe.momentum``."""
+) -> np.ndarray | None:
+    """SGD momentum of every optimizer step, or None where the recipe's fixed momentum holds."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; known: {list(SCHEDULES)}")
+        raise ValueError(SCHEDULES.unknown_reason(schedule))
     _check_positive_int("budget", budget)
     _check_positive_int("steps_per_epoch", steps_per_epoch)
-    return np.full(budget * steps_per_epoch, recipe.momentum, dtype=np.float64)
+    if schedule != "clr":
+        return None
+    return _one_cycle(
+        CLR_MAX_MOMENTUM,
+        CLR_BASE_MOMENTUM,
+        CLR_MAX_MOMENTUM,
+        budget * steps_per_epoch,
+        recipe.warmup_fraction,
+    )
+
+
+# -- the lr curves the schedule registry names: (recipe, budget, S, peak override or None) --
+
+
+def ft_lr(recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | None) -> np.ndarray:
+    lr = recipe.final_lr if peak is None else peak
+    return np.full(budget * steps_per_epoch, lr, dtype=np.float64)
+
+
+def rewind_lr(recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | None) -> np.ndarray:
+    first = rewind_epoch(recipe, budget)
+    per_epoch = np.array([recipe.lr_at_epoch(first + e) for e in range(budget)], dtype=np.float64)
+    if peak is not None:
+        per_epoch *= peak / per_epoch.max()
+    return np.repeat(per_epoch, steps_per_epoch)
+
+
+def scratch_lr(recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | None) -> np.ndarray:
+    return _compressed_steps(recipe, recipe.lr if peak is None else peak, budget * steps_per_epoch)
+
+
+def slr_lr(recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | None) -> np.ndarray:
+    peak = recipe.lr if peak is None else peak
+    n_steps = budget * steps_per_epoch
+    warmup = _round_half_up(recipe.warmup_fraction * n_steps)
+    ramp = recipe.final_lr + (peak - recipe.final_lr) * np.arange(warmup) / max(warmup, 1)
+    return np.concatenate([ramp, _compressed_steps(recipe, peak, n_steps - warmup)])
+
+
+def clr_lr(recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | None) -> np.ndarray:
+    peak = recipe.lr if peak is None else peak
+    initial = peak / CLR_DIV_FACTOR
+    return _one_cycle(
+        initial,
+        peak,
+        initial / CLR_FINAL_DIV_FACTOR,
+        budget * steps_per_epoch,
+        recipe.warmup_fraction,
+    )
+
+
+def stretched_lr(
+    recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | None
+) -> np.ndarray:
+    """scratch_e / scratch_b: the recipe's step curve stretched to `budget` epochs."""
+    peak = recipe.lr if peak is None else peak
+    return np.repeat(_stretched_epochs(recipe, peak, budget), steps_per_epoch)
 
 
 def scratch_b_epochs(recipe: Recipe, base_macs: int, pruned_macs: int) -> int:
@@ -215,19 +260,21 @@ def _stretched_epochs(recipe: Recipe, peak: float, epochs: int) -> np.ndarray:
     return lr
 
 
-def _one_cycle(max_lr: float, total_steps: int, pct_start: float) -> np.ndarray:
-    """Closed form of OneCycleLR (cos anneal, two phases) at steps 0..total_steps-1."""
-    initial_lr = max_lr / CLR_DIV_FACTOR
-    min_lr = initial_lr / CLR_FINAL_DIV_FACTOR
+def _one_cycle(
+    start: float, peak: float, end: float, total_steps: int, pct_start: float
+) -> np.ndarray:
+    """Closed form of OneCycleLR (cos anneal, two phases) at steps 0..total_steps-1: `start`
+    to `peak` until step pct_start*total_steps - 1, then to `end` at the last step. The lr
+    runs (max_lr/div, max_lr, max_lr/div/final_div), the momentum (max, base, max)."""
     up_end = float(pct_start * total_steps) - 1  # OneCycleLR's end_step of phase 1
     down_end = float(total_steps - 1)
     step = np.arange(total_steps, dtype=np.float64)
     in_up = step <= up_end
 
-    lr = np.empty(total_steps, dtype=np.float64)
-    lr[in_up] = _cos_anneal(initial_lr, max_lr, _pct(step[in_up], 0.0, up_end))
-    lr[~in_up] = _cos_anneal(max_lr, min_lr, _pct(step[~in_up], up_end, down_end))
-    return lr
+    out = np.empty(total_steps, dtype=np.float64)
+    out[in_up] = _cos_anneal(start, peak, _pct(step[in_up], 0.0, up_end))
+    out[~in_up] = _cos_anneal(peak, end, _pct(step[~in_up], up_end, down_end))
+    return out
 
 
 def _pct(step: np.ndarray, start: float, end: float) -> np.ndarray:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
+from trainables.catalog import definition_revision
 from trainables.recipe import Recipe
 
 StageKind = Literal["pretrain", "prune", "retrain"]
@@ -31,6 +32,8 @@ class StageSpec:
     pruner: str | None = None
     ratio: float | None = None  # target sparsity (unstructured) or filter ratio (structured)
     preset: str | None = None
+    # An unstructured pruner's options, defaults filled in (layers, min_keep), sorted by name.
+    pruner_options: tuple[tuple[str, Any], ...] = ()
     schedule: str | None = None
     budget: int | None = None  # retraining epochs
     overrides: tuple[tuple[str, Any], ...] = ()  # e.g. (("lr", 0.05),) sorted by key
@@ -62,6 +65,13 @@ class StageSpec:
                 "seed": self.seed,
                 "round": self.round,
             }
+            if self.pruner_options:
+                ident["pruner_options"] = dict(self.pruner_options)
+            revision = definition_revision(
+                pruner=self.pruner, preset_model=self.model, preset=self.preset
+            )
+            if revision > 1:  # the name's definition changed: never reuse the old stage
+                ident["revision"] = revision
         else:
             ident |= {
                 "schedule": self.schedule,
@@ -69,6 +79,9 @@ class StageSpec:
                 "overrides": dict(self.overrides),
                 "seed": self.seed,
             }
+            revision = definition_revision(schedule=self.schedule)
+            if revision > 1:
+                ident["revision"] = revision
         # Named only when not the default, so stages of earlier grids keep their ids.
         if self.split_seed is not None:
             ident["split_seed"] = self.split_seed
@@ -93,6 +106,7 @@ class StageSpec:
         d = asdict(self)
         d["recipe"] = self.recipe.model_dump(mode="json")
         d["overrides"] = dict(self.overrides)
+        d["pruner_options"] = dict(self.pruner_options)
         d["id"] = self.id
         return d
 
@@ -102,6 +116,7 @@ class StageSpec:
         d.pop("id", None)
         d["recipe"] = Recipe.model_validate(d["recipe"])
         d["overrides"] = tuple(sorted(d.get("overrides", {}).items()))
+        d["pruner_options"] = tuple(sorted(d.get("pruner_options", {}).items()))
         for key in ("parents", "keep_epochs"):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)

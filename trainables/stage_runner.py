@@ -26,7 +26,7 @@ from trainables.data import Loaders, load_dataset, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
 from trainables.pruners import PrunePlan, apply_plan, compute_plan
-from trainables.pruners.unstructured import sparsity
+from trainables.pruners.unstructured import layer_density, sparsity
 from trainables.stage import StageSpec
 from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
 
@@ -36,7 +36,9 @@ RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
 # spaced epochs, so a rewind checkpoint a later grid asks for is re-made from the nearest
 # earlier state (at most T / STATE_CHECKPOINTS epochs of training), not from epoch 0.
 STATE_CHECKPOINTS = 20
-CALIBRATION_BATCHES = 4  # batches that data-driven pruners (hrank, taylor) look at
+# Batches that data-driven pruners look at unless their registry entry names a number of
+# images (HRank: 640 augmented training images, as its rank estimate uses).
+CALIBRATION_BATCHES = 4
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +135,12 @@ def _train(
     report: EpochReporter | None,
     keep_epochs: tuple[int, ...] = (),
     state_epochs: tuple[int, ...] = (),
+    momentum_for: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     device = torch.device(env.device)
     loaders = _loaders(spec, env)
     lr_per_step = lr_for(len(loaders.train))
+    momentum_per_step = None if momentum_for is None else momentum_for(len(loaders.train))
     resume = _load_resume(store, spec.id, env.rank)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -171,6 +175,7 @@ def _train(
         checkpoint=checkpoint,
         weight_decay=spec.override_dict.get("weight_decay"),
         precision=spec.precision,
+        momentum_per_step=momentum_per_step,
     )
     return {
         "test_acc": result.test_acc,
@@ -231,7 +236,7 @@ def _size_fields(model: nn.Module, spec: StageSpec) -> dict[str, Any]:
         "base_macs": base_macs,
         "params_reduction": 1 - params / base_params,
         "macs_reduction": 1 - macs / base_macs,
-        "achieved_sparsity": sparsity(model),
+        "achieved_sparsity": sparsity(model, dict(spec.pruner_options).get("layers", "conv")),
     }
 
 
@@ -294,6 +299,17 @@ def _remake_rewind_checkpoints(spec: StageSpec, env: WorkerEnv, store: ArtifactS
     return missing
 
 
+def calibration_sizes(pruner: str, recipe_batch_size: int) -> tuple[int, int]:
+    """(batches, batch size) a data-driven pruner ranks filters on: its registry entry's
+    number of images in batches of at most the recipe's size (HRank: 640 = 10 x 64 for the
+    CIFAR recipe), else CALIBRATION_BATCHES batches of the recipe's size."""
+    images = PRUNERS[pruner].calibration_images
+    if not images:
+        return CALIBRATION_BATCHES, recipe_batch_size
+    n_batches = math.ceil(images / recipe_batch_size)
+    return n_batches, images // n_batches
+
+
 def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     parent_id = spec.parents[0]
     parent = store.read_outcome(parent_id) or {}
@@ -306,8 +322,12 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
         download=env.download,
     )
     batches = None
-    if PRUNERS[spec.pruner].needs_data:
-        batches = bundle.calibration_batches(CALIBRATION_BATCHES, spec.recipe.batch_size, spec.seed)
+    info = PRUNERS[spec.pruner]
+    if info.needs_data:
+        n_batches, batch_size = calibration_sizes(spec.pruner, spec.recipe.batch_size)
+        batches = bundle.calibration_batches(
+            n_batches, batch_size, spec.seed, augmented=info.calibration_augmented
+        )
     plan = compute_plan(
         model,
         spec.model,
@@ -316,8 +336,12 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
         preset=spec.preset,
         batches=batches,
         seed=spec.seed,
+        options=dict(spec.pruner_options),
     )
     model = apply_plan(model, plan)
+    # A global threshold may cut a layer off entirely; say so, never repair it silently.
+    density = layer_density(model)
+    emptied = [name for name, d in density.items() if d == 0.0]
     loaders = make_loaders(bundle, batch_size=256, device=torch.device("cpu"), seed=spec.seed)
     acc_after = evaluate(model, loaders.test, torch.device("cpu"))[1]
     if env.rank == 0:
@@ -328,6 +352,9 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
         "test_acc": acc_after,
         "pretrain_id": parent.get("pretrain_id"),
         "structured": PRUNERS[spec.pruner].structured,
+        "emptied_layers": len(emptied),
+        "emptied_layer_names": emptied,
+        "layer_density": density,
         "epoch_rows": [],
     }
 
@@ -364,6 +391,9 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
         ),
         budget,
         report,
+        momentum_for=lambda steps: schedules.momentum_schedule(
+            spec.schedule, budget=budget, steps_per_epoch=steps, recipe=spec.recipe
+        ),
     )
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, plans))
@@ -373,6 +403,7 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
         | {
             "acc_before_prune": parent.get("acc_before_prune"),
             "acc_after_prune": parent.get("acc_after_prune"),
+            "emptied_layers": parent.get("emptied_layers"),
             "pretrain_id": parent.get("pretrain_id"),
             "structured": parent.get("structured"),
         }

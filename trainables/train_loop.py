@@ -106,12 +106,15 @@ def fit(
     checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
     weight_decay: float | None = None,
     precision: str = "fp32",
+    momentum_per_step: np.ndarray | None = None,
 ) -> FitResult:
     """Train `model` in place for epochs start_epoch..epochs-1 and evaluate after each.
 
     `lr_per_step` holds the lr of every optimizer step of the whole run (epochs *
     len(loaders.train) values); step s of epoch e uses lr_per_step[e * steps + s]. SGD momentum,
-    nesterov and weight decay come from `recipe` (`weight_decay` overrides the latter).
+    nesterov and weight decay come from `recipe` (`weight_decay` overrides the latter);
+    `momentum_per_step`, when given (the `clr` schedule's cycling), sets the momentum of every
+    step the same way `lr_per_step` sets the lr.
     `precision` "fp32" (default) runs in full precision; "bf16" runs forward passes under
     bfloat16 autocast on the training device (training and evaluation alike).
 
@@ -138,6 +141,15 @@ def fit(
         raise ValueError("lr_per_step: every learning rate must be finite and >= 0")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
+    moms = None
+    if momentum_per_step is not None:
+        moms = np.asarray(momentum_per_step, dtype=np.float64)
+        if moms.shape != lrs.shape:
+            raise ValueError(
+                f"momentum_per_step: shape {moms.shape}, but lr_per_step has {lrs.shape}"
+            )
+        if not np.isfinite(moms).all() or (moms < 0).any() or (moms >= 1).any():
+            raise ValueError("momentum_per_step: every momentum must be in [0, 1)")
     rank, world = _dist_rank_world()
     _check_sharding(loaders, rank, world)
 
@@ -189,6 +201,8 @@ def fit(
         for i, (x, y) in enumerate(loaders.train):
             for group in optimizer.param_groups:
                 group["lr"] = float(lrs[epoch * steps + i])
+                if moms is not None:
+                    group["momentum"] = float(moms[epoch * steps + i])
             x, y = _to_device(x, y, device)
             with _autocast(device, precision):
                 out = net(x)

@@ -8,12 +8,12 @@ storage, how weight rewinding re-applies the pruning to earlier weights, and how
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from trainables.catalog import PRUNERS, check_pruner_target
+from trainables.catalog import PRUNERS, IncompatibleError, check_pruner_target, pruner_options
 from trainables.pruners.plan import PrunePlan
 
 __all__ = ["PrunePlan", "apply_plan", "compute_plan"]
@@ -30,9 +30,16 @@ def compute_plan(
     preset: str | None = None,
     batches: Iterable[Batch] | None = None,
     seed: int = 0,
+    options: Mapping[str, object] | None = None,
 ) -> PrunePlan:
-    """Decide what to prune. `batches` are needed by data-driven pruners (hrank, taylor)."""
+    """Decide what to prune. `batches` are needed by data-driven pruners (hrank,
+    taylor_conv_oneshot); `options` are an unstructured pruner's `layers` / `min_keep`
+    (trainables.catalog.UNSTRUCTURED_OPTIONS)."""
     check_pruner_target(pruner, model_name, ratio, preset)
+    try:
+        resolved = dict(pruner_options(pruner, dict(options or {})))
+    except IncompatibleError as err:
+        raise ValueError(str(err)) from None
     if PRUNERS[pruner].structured:
         from trainables.pruners.structured import structured_plan
 
@@ -42,7 +49,7 @@ def compute_plan(
     from trainables.pruners.unstructured import unstructured_plan
 
     assert ratio is not None
-    return unstructured_plan(model, pruner, ratio=ratio, seed=seed)
+    return unstructured_plan(model, pruner, ratio=ratio, seed=seed, **resolved)
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:

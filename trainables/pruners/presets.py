@@ -1,92 +1,79 @@
-"""Published filter-pruning configurations of PFEC (Li et al. 2017), as the rethinking code
-base replicates them (cifar/l1-norm-pruning: res56prune.py, res110prune.py, vggprune.py).
+"""Published filter-pruning configurations, defined in trainables.catalog.PRESETS.
 
-Conv layers are numbered 1..N in module order; layer 1 is the stem conv. In the CIFAR ResNets
-only even layer ids (the first conv of each BasicBlock) are pruned, except those in the preset's
-skip list; the stage of a layer id sets its ratio p, and a pruned layer keeps
-int(out_channels * (1 - p)) filters, exactly as in the reference scripts.
+Conv layers are numbered 1..N in module order; layer 1 is the stem conv. Three kinds:
 
-Presets A and B are PFEC's. C and D are this project's heavier variants for the retraining
-study (Le & Hua 2021 use stronger pruning than PFEC): B's skip lists with stage ratios
-C = [0.7, 0.5, 0.3] and D = [0.9, 0.7, 0.5], for ResNet-56 and ResNet-110 alike.
-
-VGG-16 A prunes 50% of the filters of conv layer 1 and conv layers 8..13, which gives the
-published cfg [32, 64, M, 128, 128, M, 256, 256, 256, M, 256, 256, 256, M, 256, 256, 256].
+- Stage ratios + skip list (CIFAR ResNets; PFEC's A/B and Le & Hua's C/D, as the authors'
+  norm-pruning/cifar/l1-norm-pruning/res56prune.py and res110prune.py define them): only even
+  layer ids (the first conv of each BasicBlock) are pruned, except those in the skip list; the
+  stage of a layer id sets its ratio p, and a pruned layer keeps int(out_channels * (1 - p))
+  filters, exactly as in those scripts. Stage ends: layer 18/36 (ResNet-56), 36/72
+  (ResNet-110). `nptm-heavy-1`/`nptm-heavy-2` are this project's own heavier variants (B's
+  skip lists, stage ratios [0.7, 0.5, 0.3] and [0.9, 0.7, 0.5]).
+- A VGG cfg (vggprune.py's A, B, C): conv i keeps the cfg's i-th channel count.
+- Per-conv rates (HRank's compress_rate, `hrank-paper`): a prunable conv with layer id L loses
+  int(rate[L - 1] * out_channels) filters, HRank's rounding. Only block-internal convs can be
+  removed physically here (trainables.models.prunable_convs), so the rates of the stem and of
+  each block's second conv, which HRank applies as masks, are not applied (docs/protocol.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from trainables.catalog import PRESETS
+from trainables.catalog import IncompatibleError, find_preset
+from trainables.models import prunable_convs
 
-
-@dataclass(frozen=True)
-class ResNetPreset:
-    skip: frozenset[int]  # layer ids never pruned
-    stage_ratios: tuple[float, float, float]  # fraction of filters removed, per stage
-
-
-_B56 = frozenset({16, 18, 20, 34, 38, 54})
-_B110 = frozenset({36, 38, 74})
-RESNET_PRESETS: dict[str, dict[str, ResNetPreset]] = {
-    "resnet56": {
-        "A": ResNetPreset(frozenset({16, 20, 38, 54}), (0.1, 0.1, 0.1)),
-        "B": ResNetPreset(_B56, (0.6, 0.3, 0.1)),
-        "C": ResNetPreset(_B56, (0.7, 0.5, 0.3)),
-        "D": ResNetPreset(_B56, (0.9, 0.7, 0.5)),
-    },
-    "resnet110": {
-        "A": ResNetPreset(frozenset({36}), (0.5, 0.0, 0.0)),
-        "B": ResNetPreset(_B110, (0.5, 0.4, 0.3)),
-        "C": ResNetPreset(_B110, (0.7, 0.5, 0.3)),
-        "D": ResNetPreset(_B110, (0.9, 0.7, 0.5)),
-    },
-}
 # Last layer id of stages 0 and 1 (res56prune.py / res110prune.py).
 STAGE_ENDS: dict[str, tuple[int, int]] = {"resnet56": (18, 36), "resnet110": (36, 72)}
-
-# layer id -> fraction of filters removed
-VGG_PRESETS: dict[str, dict[str, dict[int, float]]] = {
-    "vgg16": {"A": {1: 0.5, **{i: 0.5 for i in range(8, 14)}}},
-}
+EXPECTED_CONVS: dict[str, int] = {"resnet56": 55, "resnet110": 109, "vgg16": 13}
 
 
-def layer_ratios(model_name: str, preset: str, num_convs: int) -> dict[int, float]:
-    """Layer id (1-based conv index) -> pruning ratio, for the layers the preset prunes."""
-    if preset not in PRESETS.get(model_name, ()):
-        raise ValueError(
-            f"no preset {preset!r} for model {model_name!r}; "
-            f"known: {list(PRESETS.get(model_name, ())) or 'none'}"
-        )
-    if model_name in VGG_PRESETS:
-        return dict(VGG_PRESETS[model_name][preset])
-    spec, (end0, end1) = RESNET_PRESETS[model_name][preset], STAGE_ENDS[model_name]
-    ratios = {}
-    for layer_id in range(2, num_convs + 1, 2):
+def layer_keep(model_name: str, preset: str, out_channels: list[int]) -> dict[int, int]:
+    """Layer id (1-based conv index) -> filters kept, for the layers the preset prunes."""
+    try:
+        spec = find_preset(model_name, preset)
+    except IncompatibleError as err:
+        raise ValueError(str(err)) from None
+    if spec.vgg_cfg is not None:
+        cfg = [c for c in spec.vgg_cfg if c != "M"]
+        return {i + 1: int(c) for i, c in enumerate(cfg) if c != out_channels[i]}
+    if spec.conv_rates is not None:
+        return {
+            i + 1: out_channels[i] - int(rate * out_channels[i])
+            for i, rate in enumerate(spec.conv_rates)
+            if rate > 0
+        }
+    assert spec.stage_ratios is not None
+    end0, end1 = STAGE_ENDS[model_name]
+    keep = {}
+    for layer_id in range(2, len(out_channels) + 1, 2):
         if layer_id in spec.skip:
             continue
         stage = 0 if layer_id <= end0 else 1 if layer_id <= end1 else 2
-        if spec.stage_ratios[stage] > 0:
-            ratios[layer_id] = spec.stage_ratios[stage]
-    return ratios
+        p = spec.stage_ratios[stage]
+        if p > 0:
+            keep[layer_id] = int(out_channels[layer_id - 1] * (1 - p))  # the scripts' rounding
+    return keep
 
 
 def preset_removals(model: nn.Module, model_name: str, preset: str) -> dict[str, int]:
     """Conv module name -> number of filters the preset removes from it (layers it prunes)."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    expected = {"resnet56": 55, "resnet110": 109, "vgg16": 13}.get(model_name)
+    expected = EXPECTED_CONVS.get(model_name)
     if expected is not None and len(convs) != expected:
         raise ValueError(
             f"preset {preset!r} is defined for the {model_name} of trainables.models "
             f"({expected} convs); this model has {len(convs)}"
         )
+    prunable = set(prunable_convs(model, model_name))
     removals = {}
-    for layer_id, p in layer_ratios(model_name, preset, len(convs)).items():
+    for layer_id, keep in layer_keep(
+        model_name, preset, [m.out_channels for _, m in convs]
+    ).items():
         name, conv = convs[layer_id - 1]
-        keep = max(int(conv.out_channels * (1 - p)), 1)  # the reference scripts' rounding
+        if name not in prunable:
+            continue  # rates of convs that feed a residual add (HRank's masks) are not applied
+        keep = max(keep, 1)
         if conv.out_channels > keep:
             removals[name] = conv.out_channels - keep
     return removals

@@ -10,8 +10,14 @@ each pruner ranks the filters of a layer by its own importance and removes the l
   given batches. The map is taken after the conv's BatchNorm (the one following it in module
   order, where present) and the activation that follows it (ReLU6 in MobileNetV2, ReLU in
   every other model here), i.e. the map the next layer sees, as in HRank's own hooks.
-- taylor (Molchanov et al. 2019): per filter, (sum over its weights of w * dL/dw) squared,
-  summed over the given batches, L = mean cross-entropy of the batch.
+- taylor_conv_oneshot: a one-shot first-order Taylor score on conv weights: per filter,
+  (sum over its weights of w * dL/dw) squared, summed over the given batches, L = mean
+  cross-entropy of the batch. This is not Molchanov et al. 2019's procedure (a gate after
+  BatchNorm, global ranking across layers, iterative pruning with fine-tuning); the name says
+  what it is.
+
+Which function scores which pruner is the pruner registry's business
+(trainables.catalog.PRUNERS, field `importance`).
 
 Data-driven importance runs the model in eval mode (running BatchNorm statistics, no buffer
 updates) and takes gradients with torch.autograd.grad, so the model's weights, buffers,
@@ -39,6 +45,7 @@ from trainables.catalog import PRUNERS
 from trainables.models import prunable_convs
 from trainables.pruners.plan import PrunePlan
 from trainables.pruners.presets import preset_removals
+from trainables.registry import resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Importance = dict[str, torch.Tensor]  # conv name -> one score per filter, higher = keep
@@ -67,7 +74,9 @@ def filter_counts(
     return counts
 
 
-def l1_importance(model: nn.Module, names: Sequence[str]) -> Importance:
+def l1_importance(
+    model: nn.Module, names: Sequence[str], _batches: object = None, _seed: int = 0
+) -> Importance:
     modules = dict(model.named_modules())
     return {n: modules[n].weight.detach().abs().sum(dim=(1, 2, 3)).double().cpu() for n in names}
 
@@ -113,8 +122,24 @@ def _require_batches(pruner: str, batches: Iterable[Batch] | None) -> Iterable[B
     return batches
 
 
+def random_importance(
+    model: nn.Module, names: Sequence[str], _batches: object = None, seed: int = 0
+) -> Importance:
+    """A random permutation per conv (one torch.Generator seeded by `seed`, convs in order):
+    filter perm[k] scores k, so the n lowest are the permutation's first n."""
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    scores = {}
+    for n in names:
+        perm = torch.randperm(modules[n].out_channels, generator=gen)
+        score = torch.empty(len(perm), dtype=torch.float64)
+        score[perm] = torch.arange(len(perm), dtype=torch.float64)
+        scores[n] = score
+    return scores
+
+
 def hrank_importance(
-    model: nn.Module, names: Sequence[str], batches: Iterable[Batch] | None
+    model: nn.Module, names: Sequence[str], batches: Iterable[Batch] | None, _seed: int = 0
 ) -> Importance:
     """Average rank of each filter's (post BN + activation) feature map over all images."""
     batches = _require_batches("hrank", batches)
@@ -145,10 +170,10 @@ def hrank_importance(
 
 
 def taylor_importance(
-    model: nn.Module, names: Sequence[str], batches: Iterable[Batch] | None
+    model: nn.Module, names: Sequence[str], batches: Iterable[Batch] | None, _seed: int = 0
 ) -> Importance:
     """First-order Taylor score (sum_w w * dL/dw)^2 per filter, summed over batches."""
-    batches = _require_batches("taylor", batches)
+    batches = _require_batches("taylor_conv_oneshot", batches)
     modules = dict(model.named_modules())
     weights = [modules[n].weight for n in names]
     flags = [w.requires_grad for w in weights]
@@ -169,7 +194,7 @@ def taylor_importance(
         for w, f in zip(weights, flags, strict=True):
             w.requires_grad_(f)
     if seen == 0:
-        raise ValueError("pruner 'taylor' got an empty 'batches'")
+        raise ValueError("pruner 'taylor_conv_oneshot' got an empty 'batches'")
     return scores
 
 
@@ -195,22 +220,9 @@ def structured_plan(
         _require_batches(pruner, batches)
     counts = filter_counts(model, model_name, ratio=ratio, preset=preset)
     names = list(counts)
-    modules = dict(model.named_modules())
-    if pruner == "random_filter":
-        gen = torch.Generator().manual_seed(seed)
-        removed = {
-            n: sorted(torch.randperm(modules[n].out_channels, generator=gen)[: counts[n]].tolist())
-            for n in names
-        }
-        return PrunePlan(pruner, removed_channels=removed)
     if not names:
         return PrunePlan(pruner)
-    if pruner == "l1_filter":
-        scores = l1_importance(model, names)
-    elif pruner == "hrank":
-        scores = hrank_importance(model, names, batches)
-    else:
-        scores = taylor_importance(model, names, batches)
+    scores = resolve(PRUNERS[pruner].importance)(model, names, batches, seed)
     return PrunePlan(pruner, removed_channels={n: lowest(scores[n], counts[n]) for n in names})
 
 

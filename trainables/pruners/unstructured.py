@@ -1,23 +1,30 @@
 """Unstructured (weight-level) pruning with `torch.nn.utils.prune` masks.
 
-Prunable weights are the ``weight`` tensors of every ``nn.Conv2d`` and ``nn.Linear`` module
-(subclasses included), the final classifier too; biases and normalisation layers are never
-pruned. Pruners, all computing a boolean keep-mask per prunable module:
+Which weights are considered is the pruner entry's ``layers`` option: ``"conv"`` (default) =
+the ``weight`` of every ``nn.Conv2d``, as the authors' weight-level code prunes
+(norm-pruning/cifar/weight-level/cifar_prune.py); ``"conv+linear"`` adds every ``nn.Linear``,
+the classifier included. Biases and normalisation layers are never pruned. Pruners, all
+computing a boolean keep-mask per considered module:
 
 ``magnitude``
     Global magnitude pruning (Han et al. 2015): remove the round(ratio * N) weights of
-    smallest |w| over all N prunable weights. A global threshold can empty a layer whose
-    weights are all small, which disconnects the network, so every layer keeps at least
-    ``max(1, ceil(MIN_KEEP * n_layer))`` weights (``MIN_KEEP`` = 0.5 %); pruning a capped
-    layer would have removed is taken from the other layers, smallest |w| first, so the total
-    still equals the target. When no layer reaches its floor the result is exactly
+    smallest |w| over all N considered weights, one threshold for the whole network, exactly
     ``prune.global_unstructured(..., pruning_method=prune.L1Unstructured, amount=round(ratio*N))``.
+    A global threshold can empty a layer whose weights are all small. By default nothing
+    stops it (the authors' code does not either; it only notes it): the prune stage records
+    the emptied layers and the report flags them. The ``min_keep`` option sets a per-layer
+    floor instead: every layer keeps at least ``max(1, ceil(min_keep * n_layer))`` weights,
+    and what pruning a capped layer would have removed is taken from the other layers,
+    smallest |w| first, so the total still equals the target.
+``random``
+    The authors' random weight pruning: every considered weight gets a uniform random score
+    and the same global selection as ``magnitude`` removes the round(ratio * N) lowest, so
+    every layer loses about ``ratio`` of its weights (the count varies by chance). Scores come
+    from a ``torch.Generator`` seeded with ``seed`` (never the global RNG), one draw per layer
+    in a fixed order. ``min_keep`` applies as for ``magnitude``.
 ``magnitude_layerwise``
     Every layer loses its round(ratio * n_layer) smallest |w| (``prune.l1_unstructured`` per
-    layer), keeping at least one weight.
-``random``
-    Every layer loses round(ratio * n_layer) weights chosen uniformly at random (at least one
-    kept), from a ``torch.Generator`` seeded with ``seed`` (never the global RNG).
+    layer), keeping at least one weight (or the ``min_keep`` floor).
 
 Iterative pruning: a model that already carries masks (``weight_orig`` + ``weight_mask``) is
 pruned cumulatively: ``ratio`` is the target sparsity of the effective weights
@@ -47,28 +54,36 @@ from trainables.catalog import PRUNERS
 from trainables.pruners.plan import PrunePlan
 
 __all__ = [
-    "MIN_KEEP",
     "UNSTRUCTURED_PRUNERS",
     "apply_masks",
     "effective_weight",
+    "emptied_layers",
+    "layer_density",
     "layer_sparsity",
     "prunable_layers",
     "sparsity",
     "unstructured_plan",
 ]
 
-# Share of every layer's weights that global magnitude pruning always keeps.
-MIN_KEEP = 0.005
 UNSTRUCTURED_PRUNERS: tuple[str, ...] = tuple(n for n, p in PRUNERS.items() if not p.structured)
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+# Module types whose weights each `layers` option considers.
+LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
+    "conv": (nn.Conv2d,),
+    "conv+linear": (nn.Conv2d, nn.Linear),
+}
+MASKABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
-# Score given to already-pruned weights: below every |w|, so they are always pruned first.
+# Score given to already-pruned weights: below every |w| and every random score, so they are
+# always pruned first.
 _PRUNED_SCORE = -1.0
 
 
-def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv2d and Linear modules by qualified name, in `named_modules` order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+def prunable_layers(model: nn.Module, layers: str = "conv") -> dict[str, nn.Module]:
+    """The modules `layers` ("conv" or "conv+linear") considers, by name, in module order."""
+    if layers not in LAYER_TYPES:
+        raise ValueError(f"layers {layers!r} is not one of {', '.join(LAYER_TYPES)}")
+    types = LAYER_TYPES[layers]
+    return {name: m for name, m in model.named_modules() if isinstance(m, types)}
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -89,39 +104,53 @@ def _existing_keep(module: nn.Module) -> torch.Tensor:
     return mask.detach() != 0
 
 
+def _floor(n: int, min_keep: float) -> int:
+    """Weights a layer of `n` always keeps: none without a floor, else at least one."""
+    return max(1, math.ceil(min_keep * n)) if min_keep > 0 else 0
+
+
 def unstructured_plan(
-    model: nn.Module, pruner: str, *, ratio: float, seed: int, min_keep: float = MIN_KEEP
+    model: nn.Module,
+    pruner: str,
+    *,
+    ratio: float,
+    seed: int,
+    layers: str = "conv",
+    min_keep: float = 0.0,
 ) -> PrunePlan:
-    """Keep-masks reaching sparsity `ratio` over the prunable weights (cumulative)."""
+    """Keep-masks reaching sparsity `ratio` over the considered weights (cumulative)."""
     if pruner not in UNSTRUCTURED_PRUNERS:
         raise ValueError(f"unknown unstructured pruner {pruner!r}; known: {UNSTRUCTURED_PRUNERS}")
     if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio {ratio!r} is outside [0, 1)")
     if not 0.0 <= min_keep < 1.0:
         raise ValueError(f"min_keep {min_keep!r} is outside [0, 1)")
-    layers = prunable_layers(model)
-    if not layers:
-        raise ValueError(f"model {type(model).__name__} has no Conv2d or Linear layer to prune")
+    considered = prunable_layers(model, layers)
+    if not considered:
+        raise ValueError(f"model {type(model).__name__} has no layer of kind {layers!r} to prune")
 
-    keeps = {name: _existing_keep(m) for name, m in layers.items()}
+    keeps = {name: _existing_keep(m) for name, m in considered.items()}
     with torch.no_grad():
         if pruner == "random":
             gen = torch.Generator().manual_seed(seed)
             # one draw per layer in a fixed order, independent of the masks: reproducible
-            scores = {n: torch.rand(m.weight.shape, generator=gen) for n, m in layers.items()}
+            scores = {n: torch.rand(m.weight.shape, generator=gen) for n, m in considered.items()}
         else:
-            scores = {n: effective_weight(m).abs().cpu() for n, m in layers.items()}
+            scores = {n: effective_weight(m).abs().cpu() for n, m in considered.items()}
         for name, keep in keeps.items():
             scores[name] = scores[name].masked_fill(~keep.cpu(), _PRUNED_SCORE)
 
-        if pruner == "magnitude":
-            counts = _global_prune_counts(scores, keeps, ratio, min_keep)
-        else:  # per-layer target, at least one weight kept
+        if pruner == "magnitude_layerwise":  # per-layer target, at least one weight kept
             counts = {
-                n: max(min(round(ratio * s.numel()), s.numel() - 1), _n_pruned(keeps[n]))
+                n: max(
+                    min(round(ratio * s.numel()), s.numel() - max(1, _floor(s.numel(), min_keep))),
+                    _n_pruned(keeps[n]),
+                )
                 for n, s in scores.items()
             }
-        masks = {n: _keep_mask(scores[n], counts[n]) for n in layers}
+        else:  # magnitude, random: one global selection
+            counts = _global_prune_counts(scores, keeps, ratio, min_keep)
+        masks = {n: _keep_mask(scores[n], counts[n]) for n in considered}
     return PrunePlan(pruner=pruner, masks=masks)
 
 
@@ -143,7 +172,8 @@ def _global_prune_counts(
     ratio: float,
     min_keep: float,
 ) -> dict[str, int]:
-    """Pruned weights per layer under one global threshold, capped at every layer's floor.
+    """Pruned weights per layer under one global threshold, capped at every layer's floor
+    (no cap without a floor: then this is the plain global selection).
 
     Layers whose share of the global selection exceeds their cap are fixed at the cap and the
     selection is repeated over the others for what is left. Raising the threshold only adds
@@ -153,10 +183,7 @@ def _global_prune_counts(
     total = sum(s.numel() for s in scores.values())
     already = {n: _n_pruned(k) for n, k in keeps.items()}
     # a layer pruned beyond its floor by earlier rounds keeps its mask (nothing is revived)
-    caps = {
-        n: max(s.numel() - max(1, math.ceil(min_keep * s.numel())), already[n])
-        for n, s in scores.items()
-    }
+    caps = {n: max(s.numel() - _floor(s.numel(), min_keep), already[n]) for n, s in scores.items()}
     target = max(round(ratio * total), sum(already.values()))
     if target > sum(caps.values()):
         raise ValueError(
@@ -189,9 +216,9 @@ def _global_prune_counts(
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """Mask the named modules' weights in place (combined with existing masks); returns model."""
-    layers = prunable_layers(model)
+    maskable = {n: m for n, m in model.named_modules() if isinstance(m, MASKABLE_TYPES)}
     for name, mask in masks.items():
-        module = layers.get(name)
+        module = maskable.get(name)
         if module is None:
             raise ValueError(f"mask for {name!r}, which is not a Conv2d/Linear module of the model")
         if tuple(mask.shape) != tuple(module.weight.shape):
@@ -204,17 +231,30 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    """Share of exactly-zero effective weights of every prunable layer."""
+def layer_density(model: nn.Module) -> dict[str, float]:
+    """Share of non-zero effective weights of every Conv2d and Linear layer."""
     return {
-        name: float((effective_weight(m) == 0).sum()) / m.weight.numel()
-        for name, m in prunable_layers(model).items()
+        name: float(torch.count_nonzero(effective_weight(m))) / m.weight.numel()
+        for name, m in prunable_layers(model, "conv+linear").items()
     }
 
 
-def sparsity(model: nn.Module) -> float:
-    """Share of exactly-zero effective weights over all prunable weights."""
-    layers = prunable_layers(model).values()
-    zeros = sum(int((effective_weight(m) == 0).sum()) for m in layers)
-    total = sum(m.weight.numel() for m in layers)
+def layer_sparsity(model: nn.Module, layers: str = "conv") -> dict[str, float]:
+    """Share of exactly-zero effective weights of every layer `layers` considers."""
+    return {
+        name: float((effective_weight(m) == 0).sum()) / m.weight.numel()
+        for name, m in prunable_layers(model, layers).items()
+    }
+
+
+def emptied_layers(model: nn.Module) -> list[str]:
+    """Conv2d/Linear layers whose effective weights are all zero (cut off by pruning)."""
+    return [name for name, density in layer_density(model).items() if density == 0.0]
+
+
+def sparsity(model: nn.Module, layers: str = "conv") -> float:
+    """Share of exactly-zero effective weights over all weights `layers` considers."""
+    considered = prunable_layers(model, layers).values()
+    zeros = sum(int((effective_weight(m) == 0).sum()) for m in considered)
+    total = sum(m.weight.numel() for m in considered)
     return zeros / total if total else 0.0
