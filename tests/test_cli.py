@@ -48,22 +48,26 @@ def test_schedules_prints_figure_1_for_a_small_budget(tmp_path: Path, capsys) ->
     # slr: warm-up W = round(0.1 x 230) = 23 steps from 0.001; then 207 steps with drops at
     # 23 + round(15/30 x 207) = 127 and 23 + round(23/30 x 207) = 182; epoch e starts at 23e.
     assert lr["slr"] == pytest.approx([0.001] + [0.1] * 5 + [0.01] * 2 + [0.001] * 2)
-    for curve in out["schedules"].values():
-        assert curve["momentum"] == pytest.approx([0.9] * 10)
+    for name, curve in out["schedules"].items():  # the recipe's momentum, but clr cycles it
+        if name != "clr":
+            assert curve["momentum"] == pytest.approx([0.9] * 10)
 
     # clr: torch's OneCycleLR built from the parameters the schedule is defined with
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=0.1, total_steps=230, pct_start=DEFAULT_RECIPES["digits"].warmup_fraction,
         anneal_strategy="cos", div_factor=schedules.CLR_DIV_FACTOR,
-        final_div_factor=schedules.CLR_FINAL_DIV_FACTOR, three_phase=False, cycle_momentum=False,
+        final_div_factor=schedules.CLR_FINAL_DIV_FACTOR, three_phase=False, cycle_momentum=True,
+        base_momentum=0.85, max_momentum=0.95,
     )  # fmt: skip
     reference = []
     for _ in range(230):
-        reference.append(opt.param_groups[0]["lr"])
+        reference.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
         opt.step()
         one_cycle.step()
-    assert lr["clr"] == pytest.approx(reference[::23], rel=1e-9)
+    assert lr["clr"] == pytest.approx([r[0] for r in reference[::23]], rel=1e-9)
+    clr_momentum = out["schedules"]["clr"]["momentum"]
+    assert clr_momentum == pytest.approx([r[1] for r in reference[::23]], rel=1e-9)
 
     # the text table shows the same numbers; --plot writes a PNG
     png = tmp_path / "fig1.png"

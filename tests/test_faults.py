@@ -200,7 +200,7 @@ def test_sweep_name_escaping_the_storage_root_is_refused(tmp_path, clean_env, ca
 
 # -- 6. the malformed-grid corpus --------------------------------------------------------
 def test_the_corpus_has_every_file() -> None:
-    assert len(MALFORMED) == 38
+    assert len(MALFORMED) == 41
 
 
 @pytest.mark.parametrize("path", MALFORMED, ids=[p.stem for p in MALFORMED])

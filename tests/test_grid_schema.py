@@ -344,7 +344,8 @@ def test_unstructured_pruner_options_on_the_entry(tmp_path: Path) -> None:
         "- {name: magnitude, ratio: [0.5, 0.9], layers: conv+linear, min_keep: 0.005}",
     )
     grid = load_grid(write(tmp_path, text))
-    assert grid.axes.pruner[0].layers == "conv+linear" and grid.axes.pruner[0].min_keep == 0.005
+    pruner = grid.grid.axes.pruner[0]
+    assert pruner.layers == "conv+linear" and pruner.min_keep == 0.005
 
 
 @pytest.mark.parametrize(

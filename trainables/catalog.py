@@ -254,9 +254,7 @@ for _c in (
 ):
     SCHEDULES.register(_c.name, _c)
 SCRATCH_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.from_scratch)
-FULL_LENGTH_SCHEDULES: frozenset[str] = frozenset(
-    n for n, s in SCHEDULES.items() if s.full_length
-)
+FULL_LENGTH_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.full_length)
 # Schedules that replay part of the pre-training run and so need its checkpoints.
 REWINDING_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.rewinds)
 

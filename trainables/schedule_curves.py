@@ -50,7 +50,11 @@ def schedule_curves(dataset: str, budget: int) -> dict[str, Any]:
             skipped[name] = str(err)
             continue
         kw = {"budget": budget, "steps_per_epoch": spe, "recipe": recipe}
-        curves[name] = {"lr": lr_schedule(name, **kw), "momentum": momentum_schedule(name, **kw)}
+        lr = lr_schedule(name, **kw)
+        momentum = momentum_schedule(name, **kw)  # None: the recipe's fixed momentum
+        if momentum is None:
+            momentum = np.full(len(lr), recipe.momentum, dtype=np.float64)
+        curves[name] = {"lr": lr, "momentum": momentum}
     for name in sorted(FULL_LENGTH_SCHEDULES):
         skipped[name] = "trains its own length, not the budget"
     return {
