@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from results.schema import PRUNE_OUTCOME_COLUMNS, STATUSES
+from results.schema import LINEAGE_COLUMNS
 from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, grouped_ci
 from results.store import SweepStore
 from trainables.catalog import PRUNERS, SCHEDULES
+from trainables.stage import StageKind, StageStatus
 
 GROUP = ["dataset", "model", "structure", "target"]
 # structure -> (random pruner, methodical pruners it is compared with)
@@ -36,27 +37,8 @@ RANDOM_VS_METHODICAL = {
 }
 LARGE_LR_SCHEDULES = ("lrw", "slr", "clr")
 # Columns a retrain row inherits from its prune parent when it lacks them.
-FROM_PRUNE = ("structured", *PRUNE_OUTCOME_COLUMNS)
-USED_COLUMNS = (
-    "trial_id",
-    "stage_kind",
-    "parent_ids",
-    "round",
-    "dataset",
-    "model",
-    "pruner",
-    "ratio",
-    "preset",
-    "schedule",
-    "budget_epochs",
-    "overrides",
-    "lr_override",
-    "seed",
-    "status",
-    "test_acc",
-    "test_acc_at_best_val",
-    *FROM_PRUNE,
-)
+FROM_PRUNE = ("structured", *LINEAGE_COLUMNS)
+STATUSES = tuple(s.value for s in StageStatus)
 
 
 @dataclass
@@ -71,23 +53,23 @@ def build_report(
     store: SweepStore, out_dir: str | Path, *, max_figures: int = 6, level: float = 0.95
 ) -> Report:
     """Analyse `store`'s sweep; write ``report.md``, figures and CSV tables under `out_dir`."""
-    return build_report_from_trials(
-        store.read_trials(), out_dir, sweep=store.sweep, max_figures=max_figures, level=level
+    return build_report_from_stages(
+        store.read_stages(), out_dir, sweep=store.sweep, max_figures=max_figures, level=level
     )
 
 
-def build_report_from_trials(
-    trials: pd.DataFrame,
+def build_report_from_stages(
+    stages: pd.DataFrame,
     out_dir: str | Path,
     *,
     sweep: str = "",
     max_figures: int = 6,
     level: float = 0.95,
 ) -> Report:
-    """`build_report` on a trials table already in memory (as `SweepStore.read_trials`)."""
+    """`build_report` on a stages table already in memory (as `SweepStore.read_stages`)."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    final = final_round_retrain(trials)
+    final = final_round_retrain(stages)
     ok = final[(final["status"] == "ok") & final["test_acc"].notna()]
     cells = cell_stats(ok, "test_acc")
     tables: dict[str, pd.DataFrame] = {
@@ -115,25 +97,24 @@ def build_report_from_trials(
 # -- preparation -----------------------------------------------------------------------------
 
 
-def final_round_retrain(trials: pd.DataFrame) -> pd.DataFrame:
+def final_round_retrain(stages: pd.DataFrame) -> pd.DataFrame:
     """Retrain rows of the last pruning round of each configuration, with derived labels.
 
     Adds: ``structure`` (structured/unstructured), ``target`` (``ratio=0.5`` / ``preset=A``),
     ``budget``, ``variant`` (the overrides, "" if none), ``sched`` (schedule plus variant)
     and ``prune_id`` (the prune parent, used to count each pruned network once).
     """
-    trials = trials[[c for c in USED_COLUMNS if c in trials]]  # less to copy and filter
-    r = trials[trials["stage_kind"] == "retrain"].copy()
-    prune = trials[trials["stage_kind"] == "prune"].drop_duplicates("trial_id")
-    r["prune_id"] = r["trial_id"].astype(object)
+    r = stages[stages["stage_kind"] == StageKind.RETRAIN].copy()
+    prune = stages[stages["stage_kind"] == StageKind.PRUNE].drop_duplicates("stage_id")
+    r["prune_id"] = r["stage_id"].astype(object)
     if len(r) and len(prune):
-        parents = r[["trial_id", "parent_ids"]].explode("parent_ids")
-        parents = parents[parents["parent_ids"].isin(set(prune["trial_id"]))]
-        parent_of = parents.drop_duplicates("trial_id").set_index("trial_id")["parent_ids"]
-        mapped = r["trial_id"].map(parent_of)
-        r["prune_id"] = mapped.where(mapped.notna(), r["trial_id"]).astype(object)
+        parents = r[["stage_id", "parent_ids"]].explode("parent_ids")
+        parents = parents[parents["parent_ids"].isin(set(prune["stage_id"]))]
+        parent_of = parents.drop_duplicates("stage_id").set_index("stage_id")["parent_ids"]
+        mapped = r["stage_id"].map(parent_of)
+        r["prune_id"] = mapped.where(mapped.notna(), r["stage_id"]).astype(object)
         # One index lookup, then a positional take per column (-1: no prune parent -> NA).
-        pos = pd.Index(prune["trial_id"]).get_indexer(r["prune_id"])
+        pos = pd.Index(prune["stage_id"]).get_indexer(r["prune_id"])
         for col in FROM_PRUNE:
             if r[col].notna().all():
                 continue

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from results.report import build_report, build_report_from_trials, final_round_retrain
-from results.schema import TRIALS_SCHEMA
+from results.report import build_report, build_report_from_stages, final_round_retrain
+from results.schema import STAGES_SCHEMA
 from results.stats import mean_std_n, paired_ci, t_half_width, verdict
 from results.store import SweepStore
 
@@ -105,7 +105,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
     for seed in SEEDS:
         store.write_stage(
             base(
-                trial_id=f"pre{seed}",
+                stage_id=f"pre{seed}",
                 stage_kind="pretrain",
                 parent_ids=[],
                 seed=seed,
@@ -118,7 +118,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
             pid = f"pr-{pruner}-{seed}"
             store.write_stage(
                 base(
-                    trial_id=pid,
+                    stage_id=pid,
                     stage_kind="prune",
                     parent_ids=[f"pre{seed}"],
                     seed=seed,
@@ -135,7 +135,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
                     a = acc(pruner, sched, budget, seed)
                     store.write_stage(
                         base(
-                            trial_id=f"rt-{pruner}-{sched}-{budget}-{seed}",
+                            stage_id=f"rt-{pruner}-{sched}-{budget}-{seed}",
                             stage_kind="retrain",
                             parent_ids=[pid],
                             seed=seed,
@@ -151,7 +151,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
     # Seed 3 only failed or diverged: it must be counted, never averaged.
     store.write_stage(
         base(
-            trial_id="bad1",
+            stage_id="bad1",
             stage_kind="retrain",
             parent_ids=[],
             seed=3,
@@ -164,7 +164,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
     )
     store.write_stage(
         base(
-            trial_id="bad2",
+            stage_id="bad2",
             stage_kind="retrain",
             parent_ids=[],
             seed=3,
@@ -309,7 +309,7 @@ def test_final_round_only() -> None:
     for rnd, value in ((1, 0.5), (2, 0.7), (3, 0.9)):
         rows.append(
             base(
-                trial_id=f"r{rnd}",
+                stage_id=f"r{rnd}",
                 stage_kind="retrain",
                 parent_ids=[],
                 seed=0,
@@ -322,16 +322,16 @@ def test_final_round_only() -> None:
                 test_acc=value,
             )
         )
-    df = pd.DataFrame(rows).reindex(columns=TRIALS_SCHEMA.names)
+    df = pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names)
     final = final_round_retrain(df)
-    assert final["trial_id"].tolist() == ["r3"]
+    assert final["stage_id"].tolist() == ["r3"]
     assert final.iloc[0]["structure"] == "unstructured" and final.iloc[0]["sched"] == "ft"
 
 
 def test_overrides_make_separate_columns() -> None:
     rows = [
         base(
-            trial_id=f"r{i}",
+            stage_id=f"r{i}",
             stage_kind="retrain",
             parent_ids=[],
             seed=0,
@@ -343,7 +343,7 @@ def test_overrides_make_separate_columns() -> None:
         )
         for i, ov in enumerate(['{"lr":0.01}', "{}"])
     ]
-    final = final_round_retrain(pd.DataFrame(rows).reindex(columns=TRIALS_SCHEMA.names))
+    final = final_round_retrain(pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names))
     assert sorted(final["sched"]) == ["ft", 'ft {"lr":0.01}']
 
 
@@ -353,7 +353,7 @@ def test_single_seed_and_single_budget(tmp_path: Path) -> None:
         for sched in ("ft", "clr"):
             store.write_stage(
                 base(
-                    trial_id=f"{pruner}-{sched}",
+                    stage_id=f"{pruner}-{sched}",
                     stage_kind="retrain",
                     parent_ids=[],
                     seed=0,
@@ -407,7 +407,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
     grid["structured"] = [pruners[i][1] for i in grid["pi"]]
     grid["prune_id"] = "p" + grid.index.astype(str)
     prune = grid.assign(
-        trial_id=grid["prune_id"],
+        stage_id=grid["prune_id"],
         stage_kind="prune",
         parent_ids=[["pre"]] * len(grid),
         acc_before_prune=0.93,
@@ -422,7 +422,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
         ).to_frame(index=False),
         how="cross",
     )
-    retrain["trial_id"] = "r" + retrain.index.astype(str)
+    retrain["stage_id"] = "r" + retrain.index.astype(str)
     retrain["stage_kind"] = "retrain"
     retrain["parent_ids"] = [[p] for p in retrain["prune_id"]]
     retrain["structured"] = None
@@ -433,7 +433,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
     trials["round"] = 1
     trials["reused"] = False
     trials["status"] = trials["status"].fillna("ok")
-    return trials.reindex(columns=TRIALS_SCHEMA.names)
+    return trials.reindex(columns=STAGES_SCHEMA.names)
 
 
 def test_report_on_100k_rows(tmp_path: Path) -> None:
@@ -441,7 +441,7 @@ def test_report_on_100k_rows(tmp_path: Path) -> None:
     n_retrain = int((trials["stage_kind"] == "retrain").sum())
     assert n_retrain >= 98_000
     started = time.perf_counter()
-    rep = build_report_from_trials(trials, tmp_path, sweep="big")
+    rep = build_report_from_stages(trials, tmp_path, sweep="big")
     elapsed = time.perf_counter() - started
     print(
         f"\nreport on {len(trials)} trial rows ({n_retrain} retrain): {elapsed:.2f}s, "

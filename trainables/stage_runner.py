@@ -19,18 +19,16 @@ import torch
 from torch import nn
 
 from trainables import schedules
-from trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
+from trainables.artifacts import MODEL, RESUME, ArtifactStore, CorruptArtifactError, rewind_name
 from trainables.catalog import PRUNERS
 from trainables.data import load_dataset, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
 from trainables.pruners import PrunePlan, apply_plan, compute_plan
 from trainables.pruners.unstructured import sparsity
-from trainables.stage import StageSpec
-from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
+from trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
+from trainables.train_loop import Diverged, evaluate, fit
 
-MODEL = "model"  # final weights of a stage
-RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
 CALIBRATION_BATCHES = 4  # batches that data-driven pruners (hrank, taylor) look at
 
 log = logging.getLogger(__name__)
@@ -49,29 +47,38 @@ class WorkerEnv:
 EpochReporter = Callable[[dict[str, Any]], None]
 
 
-def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = None) -> dict:
+def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = None) -> StageOutcome:
     """Run `spec` to completion (resuming if a checkpoint exists) and return its outcome."""
     store = ArtifactStore(env.storage)
     started = time.time()
-    runner = {"pretrain": _pretrain, "prune": _prune, "retrain": _retrain}[spec.kind]
-    outcome: dict[str, Any] = {"status": "ok", "error": None}
+    # Rank 0 counts the start; every rank reads the same count back at the end.
+    attempts = store.start_attempt(spec.id) if env.rank == 0 else None
+    runner = {
+        StageKind.PRETRAIN: _pretrain,
+        StageKind.PRUNE: _prune,
+        StageKind.RETRAIN: _retrain,
+    }[spec.kind]
+    fields: dict[str, Any] = {"status": StageStatus.OK}
     try:
-        outcome |= runner(spec, env, store, report)
+        fields |= runner(spec, env, store, report)
     except Diverged as err:
-        outcome |= {"status": "diverged", "error": str(err), "epochs_run": err.epoch}
-    outcome |= {
-        "trial_id": spec.id,
-        "stage_kind": spec.kind,
-        "started_at": started,
-        "ended_at": time.time(),
-        "wall_seconds": time.time() - started,
-        "node": _node_id(),
-        "workers": env.world_size,
-    }
-    outcome["device_hours"] = outcome["wall_seconds"] * env.world_size / 3600.0
+        fields |= {"status": StageStatus.DIVERGED, "error": str(err), "epochs_run": err.epoch}
+    ended = time.time()
+    outcome = StageOutcome(
+        stage_id=spec.id,
+        kind=spec.kind,
+        started_at=started,
+        ended_at=ended,
+        wall_seconds=ended - started,
+        device_hours=(ended - started) * env.world_size / 3600.0,
+        node=_node_id(),
+        workers=env.world_size,
+        attempts=attempts,
+        **fields,
+    )
     if env.rank == 0:
-        store.write_outcome(spec.id, outcome)
-        if outcome["status"] == "ok":
+        store.write_outcome(outcome)
+        if outcome.status == StageStatus.OK:
             store.delete(spec.id, RESUME)
     return outcome
 
@@ -173,7 +180,7 @@ def _train(
         "epochs_run": epochs,
         "resumed_from_epoch": resume["epoch"] if resume else 0,
         "samples_per_second": result.samples_per_second,
-        "epoch_rows": [vars(m) for m in result.history],
+        "epochs": tuple(result.history),
     }
 
 
@@ -229,7 +236,7 @@ def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> 
 
 def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     parent_id = spec.parents[0]
-    parent = store.read_outcome(parent_id) or {}
+    parent = _parent_outcome(store, parent_id)
     model, plans = load_model(store, parent_id)
     bundle = load_dataset(
         spec.dataset,
@@ -256,19 +263,18 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, [*plans, plan]))
     return _size_fields(model, spec) | {
-        "acc_before_prune": parent.get("test_acc"),
+        "acc_before_prune": parent.test_acc,
         "acc_after_prune": acc_after,
         "test_acc": acc_after,
-        "pretrain_id": parent.get("pretrain_id"),
+        "pretrain_id": parent.pretrain_id,
         "structured": PRUNERS[spec.pruner].structured,
-        "epoch_rows": [],
     }
 
 
 def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     # parents[0] is the model to start from; `wr` also names the pretrain it rewinds to.
     parent_id = spec.parents[0]
-    parent = store.read_outcome(parent_id) or {}
+    parent = _parent_outcome(store, parent_id)
     model, plans = load_model(store, parent_id)
     budget = spec.budget
     assert budget is not None and spec.schedule is not None
@@ -304,12 +310,18 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
         fields
         | _size_fields(model, spec)
         | {
-            "acc_before_prune": parent.get("acc_before_prune"),
-            "acc_after_prune": parent.get("acc_after_prune"),
-            "pretrain_id": parent.get("pretrain_id"),
-            "structured": parent.get("structured"),
+            "acc_before_prune": parent.acc_before_prune,
+            "acc_after_prune": parent.acc_after_prune,
+            "pretrain_id": parent.pretrain_id,
+            "structured": parent.structured,
         }
     )
+
+
+def _parent_outcome(store: ArtifactStore, parent_id: str) -> StageOutcome:
+    """The parent's outcome; a missing or garbled one leaves the inherited fields empty."""
+    found = store.read_outcome(parent_id)
+    return found or StageOutcome(parent_id, StageKind.PRETRAIN, StageStatus.OK)
 
 
 def _node_id() -> str:
