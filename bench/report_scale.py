@@ -71,7 +71,8 @@ def synthetic_trials(n_seeds: int, seed: int = 0) -> pd.DataFrame:
 
 def time_report(n_seeds: int, repeats: int, max_figures: int = 6) -> dict[str, Any]:
     """Median wall time of build_report_from_stages (figures and files included)."""
-    from results.report import build_report_from_stages, final_round_retrain
+    from results.analysis import final_round_retrain
+    from results.report import build_report_from_stages
 
     trials = synthetic_trials(n_seeds)
     n_retrain = int((trials["stage_kind"] == "retrain").sum())

@@ -40,7 +40,9 @@ def plan(args: argparse.Namespace) -> int:
     if args.json:
         print_json(the_plan.summary())
     else:
-        print(the_plan.render_table())
+        from orchestrator.render import render_plan
+
+        print(render_plan(the_plan))
     return EXIT_OK
 
 
@@ -104,8 +106,9 @@ def _print_summary(summary, storage: str) -> None:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    from orchestrator.render import render_inspect
     from trainables.catalog import IncompatibleError
-    from trainables.inspect import inspect_model, render_inspect
+    from trainables.inspect import inspect_model
 
     if args.pruner is None and (args.ratio is not None or args.preset is not None):
         raise UsageError("--ratio/--preset need --pruner")

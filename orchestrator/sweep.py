@@ -70,7 +70,7 @@ def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
         if len(done) < len(plan.stages):
             _tune(grid, plan, opts, cluster, artifacts, sink, set(done))
         summary = sink.summary
-        summary.mlflow_degraded = bool(getattr(recorder, "degraded", False))
+        summary.mlflow_degraded = recorder.degraded
         recorder.end_sweep("FINISHED" if summary.ok else "FAILED")
     finally:
         disconnect()

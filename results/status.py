@@ -7,9 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-from results.report import text_table
 from results.schema import AXIS_COLUMNS
 from results.store import SweepStore
+from results.tables import text_table
 from trainables.stage import StageKind, StageStatus
 
 STAGE_KINDS = tuple(k.value for k in StageKind)

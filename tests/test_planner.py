@@ -364,7 +364,9 @@ def test_planned_and_naive_epochs(tmp_path: Path) -> None:
     assert s["epochs"]["planned_by_kind"] == {"pretrain": 60, "prune": 0, "retrain": 240}
     assert s["sweep"] == "epochs"
     json.dumps(s)  # JSON-ready for `nptm plan --json`
-    table = plan.render_table()
+    from orchestrator.render import render_plan
+
+    table = render_plan(plan)
     for needle in ("'epochs'", "16 trials", "pretrain", "prune", "retrain", "300", "720"):
         assert needle in table
 

@@ -211,6 +211,3 @@ class StageOutcome:
         d = {k: v for k, v in d.items() if k in known}
         d["epochs"] = tuple(EpochMetrics(**e) for e in d.get("epochs") or ())
         return cls(**d)
-
-    def with_attempts(self, attempts: int) -> StageOutcome:
-        return dataclasses.replace(self, attempts=attempts)
