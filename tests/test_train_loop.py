@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from trainables.catalog import DATASETS
-from trainables.data import DataBundle, TensorSplit, load_dataset, make_loaders, normalize
+from trainables.datasets import DataBundle, TensorSplit, load_dataset, normalize
+from trainables.loaders import make_loaders
 from trainables.recipe import default_recipe
 from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
 

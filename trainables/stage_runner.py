@@ -21,7 +21,8 @@ from torch import nn
 from trainables import schedules
 from trainables.artifacts import MODEL, RESUME, ArtifactStore, CorruptArtifactError, rewind_name
 from trainables.catalog import PRUNERS
-from trainables.data import load_dataset, make_loaders
+from trainables.datasets import load_dataset
+from trainables.loaders import make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
 from trainables.pruners import PrunePlan, apply_plan, compute_plan

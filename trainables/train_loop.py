@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainables.data import BatchLoader, Loaders
+from trainables.loaders import BatchLoader, Loaders
 from trainables.recipe import Recipe
 from trainables.stage import EpochMetrics
 
