@@ -29,7 +29,7 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    # mean/std of the 1,437 training images after the uint8 scaling of datasets.py, as fractions of 255.
+    # mean/std of the 1,437 training images after datasets.py's uint8 scaling, as fractions of 255.
     "digits": DatasetInfo(
         "digits", 1, 8, 10, 1437, 360, (0.3054,), (0.3760,), True, flip=False, crop_padding=1
     ),
