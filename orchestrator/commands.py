@@ -88,7 +88,7 @@ def _print_summary(summary, storage: str) -> None:
     )
     for sid, kind, error in summary.failures:
         print(f"  FAILED {kind} {sid}: {error}", file=sys.stderr)
-    sweep_dir = Layout(storage).sweep_dir(summary.sweep)
+    sweep_dir = Layout(storage).sweep_location(summary.sweep)
     print(f"results: {sweep_dir}/{{{STAGES_TABLE},{EPOCHS_TABLE}}}/*.parquet")
     if summary.dashboard_url:
         print(f"Ray dashboard (while the sweep runs): {summary.dashboard_url}")

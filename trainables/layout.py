@@ -93,6 +93,11 @@ class Layout:
     def sweep_dir(self, sweep: str) -> str:
         return f"{self.root}/sweeps/{check_name('sweep', sweep)}"
 
+    def sweep_location(self, sweep: str) -> str:
+        """The sweep directory as a user names it: under the storage as given, so a URI keeps
+        its scheme and nothing is resolved."""
+        return f"{self.storage.rstrip('/')}/sweeps/{check_name('sweep', sweep)}"
+
     def table_dir(self, sweep: str, table: str) -> str:
         return f"{self.sweep_dir(sweep)}/{table}"
 
