@@ -30,6 +30,8 @@ from trainables.pruners.unstructured import sparsity
 from trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
 from trainables.train_loop import Diverged, evaluate, fit
 
+# What a retrain stage reports of the pruning it continues from.
+_FROM_PRUNE = ("acc_before_prune", "acc_after_prune", "pretrain_id", "structured")
 CALIBRATION_BATCHES = 4  # batches that data-driven pruners (hrank, taylor) look at
 
 log = logging.getLogger(__name__)
@@ -237,7 +239,7 @@ def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> 
 
 def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     parent_id = spec.parents[0]
-    parent = _parent_outcome(store, parent_id)
+    parent = store.read_outcome(parent_id)  # None only if garbled since it finished
     model, plans = load_model(store, parent_id)
     bundle = load_dataset(
         spec.dataset,
@@ -264,10 +266,10 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, [*plans, plan]))
     return _size_fields(model, spec) | {
-        "acc_before_prune": parent.test_acc,
+        "acc_before_prune": getattr(parent, "test_acc", None),
         "acc_after_prune": acc_after,
         "test_acc": acc_after,
-        "pretrain_id": parent.pretrain_id,
+        "pretrain_id": getattr(parent, "pretrain_id", None),
         "structured": PRUNERS[spec.pruner].structured,
     }
 
@@ -275,7 +277,7 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
 def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     # parents[0] is the model to start from; `wr` also names the pretrain it rewinds to.
     parent_id = spec.parents[0]
-    parent = _parent_outcome(store, parent_id)
+    parent = store.read_outcome(parent_id)  # None only if garbled since it finished
     model, plans = load_model(store, parent_id)
     budget = spec.budget
     assert budget is not None and spec.schedule is not None
@@ -307,22 +309,7 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
     )
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, plans))
-    return (
-        fields
-        | _size_fields(model, spec)
-        | {
-            "acc_before_prune": parent.acc_before_prune,
-            "acc_after_prune": parent.acc_after_prune,
-            "pretrain_id": parent.pretrain_id,
-            "structured": parent.structured,
-        }
-    )
-
-
-def _parent_outcome(store: ArtifactStore, parent_id: str) -> StageOutcome:
-    """The parent's outcome; a missing or garbled one leaves the inherited fields empty."""
-    found = store.read_outcome(parent_id)
-    return found or StageOutcome(parent_id, StageKind.PRETRAIN, StageStatus.OK)
+    return fields | _size_fields(model, spec) | {k: getattr(parent, k, None) for k in _FROM_PRUNE}
 
 
 def _node_id() -> str:
