@@ -68,6 +68,11 @@ def _c(name: str, typ: pa.DataType, nullable: bool, doc: str, **kw: Any) -> Colu
     return Column(name, typ, nullable, doc, **kw)
 
 
+def _measure(name: str, typ: pa.DataType, doc: str, **kw: Any) -> Column:
+    """A value the stage measured: nullable, and the MLflow metric of the same name."""
+    return Column(name, typ, True, doc, metric=name, **kw)
+
+
 _KINDS = tuple(k.value for k in StageKind)
 _STATUSES = tuple(s.value for s in StageStatus)
 
@@ -115,95 +120,48 @@ STAGES_COLUMNS: tuple[Column, ...] = (
         param="val_fraction",
     ),
     _c("seed", _I64, False, "seed of the whole chain", axis=True, param="seed"),
-    _c(
+    _measure(
         "achieved_sparsity",
         _F64,
-        True,
         "share of prunable weights that are zero",
         fraction=True,
         lineage=True,
-        metric="achieved_sparsity",
     ),
-    _c("params", _I64, True, "parameters of the (pruned) model", lineage=True, metric="params"),
-    _c("macs", _I64, True, "multiply-accumulates per image", lineage=True, metric="macs"),
-    _c("nonzero_params", _I64, True, "non-zero parameters", lineage=True, metric="nonzero_params"),
-    _c(
-        "base_params",
-        _I64,
-        True,
-        "parameters of the unpruned model",
-        lineage=True,
-        metric="base_params",
-    ),
-    _c("base_macs", _I64, True, "MACs of the unpruned model", lineage=True, metric="base_macs"),
-    _c(
-        "params_reduction",
-        _F64,
-        True,
-        "1 - params / base_params",
-        lineage=True,
-        metric="params_reduction",
-    ),
-    _c("macs_reduction", _F64, True, "1 - macs / base_macs", lineage=True, metric="macs_reduction"),
-    _c(
+    _measure("params", _I64, "parameters of the (pruned) model", lineage=True),
+    _measure("macs", _I64, "multiply-accumulates per image", lineage=True),
+    _measure("nonzero_params", _I64, "non-zero parameters", lineage=True),
+    _measure("base_params", _I64, "parameters of the unpruned model", lineage=True),
+    _measure("base_macs", _I64, "MACs of the unpruned model", lineage=True),
+    _measure("params_reduction", _F64, "1 - params / base_params", lineage=True),
+    _measure("macs_reduction", _F64, "1 - macs / base_macs", lineage=True),
+    _measure(
         "acc_before_prune",
         _F64,
-        True,
         "test accuracy of the model that was pruned",
         fraction=True,
         lineage=True,
-        metric="acc_before_prune",
     ),
-    _c(
-        "acc_after_prune",
-        _F64,
-        True,
-        "test accuracy right after pruning",
-        fraction=True,
-        lineage=True,
-        metric="acc_after_prune",
+    _measure(
+        "acc_after_prune", _F64, "test accuracy right after pruning", fraction=True, lineage=True
     ),
-    _c(
-        "test_acc",
-        _F64,
-        True,
-        "test accuracy after the final epoch: THE headline",
-        fraction=True,
-        metric="test_acc",
-    ),
-    _c("test_loss", _F64, True, "test loss after the final epoch", metric="test_loss"),
-    _c(
-        "best_val_epoch",
-        _I32,
-        True,
-        "epoch with the best validation accuracy",
-        metric="best_val_epoch",
-    ),
-    _c(
+    _measure("test_acc", _F64, "test accuracy after the final epoch: THE headline", fraction=True),
+    _measure("test_loss", _F64, "test loss after the final epoch"),
+    _measure("best_val_epoch", _I32, "epoch with the best validation accuracy"),
+    _measure(
         "test_acc_at_best_val",
         _F64,
-        True,
         "test accuracy at best_val_epoch (model selection)",
         fraction=True,
-        metric="test_acc_at_best_val",
     ),
-    _c(
+    _measure(
         "best_test_acc_over_epochs",
         _F64,
-        True,
         "max test accuracy over epochs (optimistic; never the headline)",
         fraction=True,
-        metric="best_test_acc_over_epochs",
     ),
-    _c("epochs_run", _I32, True, "epochs actually run", metric="epochs_run"),
-    _c("wall_seconds", _F64, True, "wall time of the stage", metric="wall_seconds"),
-    _c(
-        "device_hours",
-        _F64,
-        True,
-        "accelerator (or CPU-worker) hours used",
-        metric="device_hours",
-    ),
+    _measure("epochs_run", _I32, "epochs actually run"),
+    _measure("wall_seconds", _F64, "wall time of the stage"),
+    _measure("device_hours", _F64, "accelerator (or CPU-worker) hours used"),
     _c("status", _STR, False, _one_of(_STATUSES), values=_STATUSES, tag=True),
     _c("error", _STR, True, "error text of a failed or skipped stage", tag=True),
     _c("node", _STR, True, "Ray node id that ran the stage (else host)", tag=True),
@@ -231,13 +189,13 @@ EPOCHS_COLUMNS: tuple[Column, ...] = (
     _c("stage_id", _STR, False, "stage id (joins stages.stage_id)"),
     _c("stage_kind", _STR, False, _one_of(_KINDS), values=_KINDS),
     _c("epoch", _I32, False, "epoch index as reported by the training loop"),
-    _c("lr", _F64, True, "learning rate of the epoch's last step", metric="lr"),
-    _c("train_loss", _F64, True, "training loss", metric="train_loss"),
-    _c("train_acc", _F64, True, "training accuracy", fraction=True, metric="train_acc"),
-    _c("val_loss", _F64, True, "validation loss (if a split exists)", metric="val_loss"),
-    _c("val_acc", _F64, True, "validation accuracy", fraction=True, metric="val_acc"),
-    _c("test_loss", _F64, True, "test loss after the epoch", metric="test_loss"),
-    _c("test_acc", _F64, True, "test accuracy after the epoch", fraction=True, metric="test_acc"),
+    _measure("lr", _F64, "learning rate of the epoch's last step"),
+    _measure("train_loss", _F64, "training loss"),
+    _measure("train_acc", _F64, "training accuracy", fraction=True),
+    _measure("val_loss", _F64, "validation loss (if a split exists)"),
+    _measure("val_acc", _F64, "validation accuracy", fraction=True),
+    _measure("test_loss", _F64, "test loss after the epoch"),
+    _measure("test_acc", _F64, "test accuracy after the epoch", fraction=True),
     _c("wall_s", _F64, True, "wall time of the epoch", metric="epoch_wall_s"),
     _c("samples", _I64, True, "training samples seen in the epoch", metric="epoch_samples"),
 )
