@@ -214,7 +214,7 @@ class SweepStore:
         return pa.concat_tables(parts) if parts else cache_schema.empty_table()
 
     def _cache_path(self, table: TableName) -> str:
-        return f"{self.sweep_dir}/{_CACHE_DIR}/{table}.parquet"
+        return self.layout.read_cache(self.sweep, table)
 
     def _read_cache(self, table: TableName) -> pa.Table | None:
         try:
@@ -238,7 +238,6 @@ class SweepStore:
         return _to_pandas(self.read_table(EPOCHS_TABLE))
 
 
-_CACHE_DIR = ".nptm-cache"
 _FILE, _MTIME, _SIZE = "__file", "__mtime_ns", "__size"
 
 

@@ -3,6 +3,7 @@
     <root>/stages/<stage_id>/<file>          a stage's artifacts and outcome (trainables.artifacts)
     <root>/sweeps/<sweep>/stages/<id>.parquet  one row per stage (results.store)
     <root>/sweeps/<sweep>/epochs/<id>.parquet  one row per epoch of that stage
+    <root>/sweeps/<sweep>/.nptm-cache/       the store's read cache of both tables
     <root>/sweeps/<sweep>/report/            `nptm report`'s default output (local storage)
     <root>/mlflow.db                         embedded MLflow store (local storage)
     <root>/_ray                              Ray Tune / Ray Train storage
@@ -103,6 +104,10 @@ class Layout:
 
     def table_file(self, sweep: str, table: str, stage_id: str) -> str:
         return f"{self.table_dir(sweep, table)}/{check_name('stage_id', stage_id)}.parquet"
+
+    def read_cache(self, sweep: str, table: str) -> str:
+        """The store's consolidated copy of a table (a dot-directory: dataset globs skip it)."""
+        return f"{self.sweep_dir(sweep)}/.nptm-cache/{table}.parquet"
 
     def report_dir(self, sweep: str) -> str:
         """Beside the sweep's tables on local storage; else under the working directory."""
