@@ -8,7 +8,7 @@ it is recorded as skipped):
 
 1. throughput: training samples/s of CIFAR ResNet-56 on 50,000 generated 32x32 images written
    in the real on-disk CIFAR-10 format. `nptm` = `trainables.train_loop.fit` at its default
-   precision (fp32, the paper's; channels_last on CUDA) on `trainables.data` loaders with the
+   precision (fp32, the paper's; channels_last on CUDA) on `trainables.loaders` with the
    split resident on the GPU; `nptm-bf16` = the same with `precision: bf16` (bf16 autocast,
    the grid's opt-in); `nptm-host-data` = fp32 with the loaders on the CPU (augmentation on the
    host, one copy per batch); `ref-w2` = the paper's loop (torchvision CIFAR10 + PIL transforms
@@ -211,7 +211,8 @@ class UtilSampler(threading.Thread):
 # -- 1. throughput ----------------------------------------------------------------------------
 def check_throughput(sizes: Sizes, files: Any, device: torch.device, budget: Deadline) -> dict:
     from tests.cifar_fixture import accept_checksums
-    from trainables.data import load_dataset, make_loaders
+    from trainables.datasets import load_dataset
+    from trainables.loaders import make_loaders
     from trainables.models import build_model
     from trainables.recipe import default_recipe
 
@@ -343,7 +344,7 @@ def epoch_seconds(
 ) -> dict[str, Any]:
     """Seconds of one training epoch of `fit`, from `steps` timed steps (median of repeats)."""
     from trainables.catalog import DATASETS
-    from trainables.data import InMemoryLoader, Loaders
+    from trainables.loaders import InMemoryLoader, Loaders
     from trainables.models import build_model
     from trainables.recipe import default_recipe
     from trainables.train_loop import fit
@@ -439,15 +440,14 @@ def prepare_parent(storage: str, model_name: str) -> str:
 def _stage_record(storage: str, stage_id: str, started: float, ended: float) -> dict[str, Any]:
     from trainables.artifacts import ArtifactStore
 
-    outcome = ArtifactStore(storage).read_outcome(stage_id) or {}
-    loop = sum(r["wall_s"] for r in outcome.get("epoch_rows", []))
+    outcome = ArtifactStore(storage).read_outcome(stage_id)
     return {
         "started": started,
         "ended": ended,
         "call_s": ended - started,
-        "stage_wall_s": outcome.get("wall_seconds"),
-        "loop_s": loop,
-        "status": outcome.get("status"),
+        "stage_wall_s": outcome.wall_seconds if outcome else None,
+        "loop_s": sum(e.wall_s for e in outcome.epochs) if outcome else 0.0,
+        "status": outcome.status.value if outcome else None,
     }
 
 

@@ -76,11 +76,11 @@ def overhead_share(overhead_s: float, work_s: float) -> float:
 
 def in_stage_times(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     """Per stage: wall_seconds, loop_s (sum of its epochs' wall_s) and in_stage_s (the rest)."""
-    loop = epochs.groupby("trial_id")["wall_s"].sum()
-    out = trials[["trial_id", "stage_kind", "wall_seconds"]].copy()
-    out["loop_s"] = out["trial_id"].map(loop).fillna(0.0).astype(float)
+    loop = epochs.groupby("stage_id")["wall_s"].sum()
+    out = trials[["stage_id", "stage_kind", "wall_seconds"]].copy()
+    out["loop_s"] = out["stage_id"].map(loop).fillna(0.0).astype(float)
     out["in_stage_s"] = out["wall_seconds"] - out["loop_s"]
-    return out.set_index("trial_id")
+    return out.set_index("stage_id")
 
 
 def trace_phases(events: list[dict[str, Any]]) -> pd.DataFrame:
@@ -132,7 +132,7 @@ def trace_phases(events: list[dict[str, Any]]) -> pd.DataFrame:
         if "suggest" not in t or "complete_exit" not in t:
             continue
         nan = float("nan")
-        row = {"trial_id": sid, "stage_kind": kinds.get(sid), "suggested_at": t["suggest"]}
+        row = {"stage_id": sid, "stage_kind": kinds.get(sid), "suggested_at": t["suggest"]}
         row["schedule_s"] = t.get("trial_enter", nan) - t["suggest"]
         row["group_start_s"] = row["pg_s"] = row["dispatch_s"] = row["group_stop_s"] = nan
         row["import_s"] = nan
@@ -157,7 +157,7 @@ def trace_phases(events: list[dict[str, Any]]) -> pd.DataFrame:
         row["driver_s"] = t["complete_exit"] - t.get("trial_exit", nan)
         row["total_s"] = t["complete_exit"] - t["suggest"]
         rows.append(row)
-    return pd.DataFrame(rows).set_index("trial_id") if rows else pd.DataFrame()
+    return pd.DataFrame(rows).set_index("stage_id") if rows else pd.DataFrame()
 
 
 def summarise(
@@ -239,7 +239,7 @@ def run_sweep(
                 keep_trace.mkdir(parents=True, exist_ok=True)
                 shutil.copy(trace, keep_trace / f"{executor}.jsonl")
     base = storage / "sweeps" / name
-    trials_df = pd.read_parquet(base / "trials")
+    trials_df = pd.read_parquet(base / "stages")
     epochs_df = pd.read_parquet(base / "epochs")
     return summarise(trials_df, epochs_df, trace_phases(events), walls[0], walls[1])
 

@@ -1,4 +1,4 @@
-"""`results.report.build_report_from_trials` on 100k synthetic trial rows: time.
+"""`results.report.build_report_from_stages` on 100k synthetic trial rows: time.
 
 The synthetic sweep: 2 datasets x 2 models x 5 pruners x 4 ratios x S seeds prune stages, each
 retrained with 5 schedules x 5 budgets (100k retrain rows at S = 50), 1% of them failed.
@@ -32,8 +32,8 @@ PER_SEED = 2 * 2 * len(PRUNERS) * 4 * len(SCHEDULES) * len(BUDGETS)  # retrain r
 
 
 def synthetic_trials(n_seeds: int, seed: int = 0) -> pd.DataFrame:
-    """A trials table (results.schema columns) of n_seeds * PER_SEED retrain rows + prunes."""
-    from results.schema import TRIALS_SCHEMA
+    """A stages table (results.schema columns) of n_seeds * PER_SEED retrain rows + prunes."""
+    from results.schema import STAGES_SCHEMA
 
     rng = np.random.default_rng(seed)
     prune = pd.MultiIndex.from_product(
@@ -43,7 +43,7 @@ def synthetic_trials(n_seeds: int, seed: int = 0) -> pd.DataFrame:
     ).to_frame(index=False)  # fmt: skip
     prune["pruner"] = [PRUNERS[i][0] for i in prune["pi"]]
     prune["structured"] = [PRUNERS[i][1] for i in prune["pi"]]
-    prune["trial_id"] = "p" + prune.index.astype(str)
+    prune["stage_id"] = "p" + prune.index.astype(str)
     prune["stage_kind"] = "prune"
     prune["parent_ids"] = [["pre"]] * len(prune)
     prune["acc_before_prune"] = 0.93
@@ -55,8 +55,8 @@ def synthetic_trials(n_seeds: int, seed: int = 0) -> pd.DataFrame:
         [SCHEDULES, BUDGETS], names=["schedule", "budget_epochs"]
     ).to_frame(index=False)
     retrain = prune.drop(columns=["acc_after_prune", "acc_before_prune"]).merge(sched, how="cross")
-    retrain["parent_ids"] = [[p] for p in retrain["trial_id"]]
-    retrain["trial_id"] = "r" + retrain.index.astype(str)
+    retrain["parent_ids"] = [[p] for p in retrain["stage_id"]]
+    retrain["stage_id"] = "r" + retrain.index.astype(str)
     retrain["stage_kind"] = "retrain"
     retrain["structured"] = None
     retrain["overrides"] = "{}"
@@ -66,12 +66,13 @@ def synthetic_trials(n_seeds: int, seed: int = 0) -> pd.DataFrame:
     trials = pd.concat([prune, retrain], ignore_index=True)
     trials["round"] = 1
     trials["reused"] = False
-    return trials.reindex(columns=TRIALS_SCHEMA.names)
+    return trials.reindex(columns=STAGES_SCHEMA.names)
 
 
 def time_report(n_seeds: int, repeats: int, max_figures: int = 6) -> dict[str, Any]:
-    """Median wall time of build_report_from_trials (figures and files included)."""
-    from results.report import build_report_from_trials, final_round_retrain
+    """Median wall time of build_report_from_stages (figures and files included)."""
+    from results.analysis import final_round_retrain
+    from results.report import build_report_from_stages
 
     trials = synthetic_trials(n_seeds)
     n_retrain = int((trials["stage_kind"] == "retrain").sum())
@@ -82,11 +83,11 @@ def time_report(n_seeds: int, repeats: int, max_figures: int = 6) -> dict[str, A
         prep.append(time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
-            rep = build_report_from_trials(trials, out, sweep="bench", max_figures=max_figures)
+            rep = build_report_from_stages(trials, out, sweep="bench", max_figures=max_figures)
             total.append(time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as out:  # the analysis alone, no matplotlib
             t0 = time.perf_counter()
-            build_report_from_trials(trials, out, sweep="bench", max_figures=0)
+            build_report_from_stages(trials, out, sweep="bench", max_figures=0)
             no_fig.append(time.perf_counter() - t0)
     return {
         "rows": len(trials),
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratio = big["us_per_row"] / base["us_per_row"]
     print(_common.machine_line(info))
     print(
-        f"build_report_from_trials, median of {repeats}: 'report s' with max_figures={cap} "
+        f"build_report_from_stages, median of {repeats}: 'report s' with max_figures={cap} "
         f"({results[-1]['figures']} drawn), 'no figures s' with max_figures=0, 'prepare s' "
         "final_round_retrain"
     )

@@ -68,17 +68,20 @@ class _Outcomes:
     """Stands in for the ArtifactStore: every stage finished ok."""
 
     def __init__(self, root: str) -> None:
-        self.root = root
-        self.fs = None
+        from trainables.layout import Layout
 
-    def read_outcome(self, stage_id: str) -> dict[str, Any]:
-        return {"status": "ok", "error": None}
+        self.layout = Layout(root)
+
+    def read_outcome(self, stage_id: str) -> Any:
+        from trainables.stage import StageKind, StageOutcome, StageStatus
+
+        return StageOutcome(stage_id, StageKind.RETRAIN, StageStatus.OK)
 
     def read_error(self, stage_id: str) -> None:
         return None
 
 
-class _Ledger:
+class _Sink:
     def __init__(self) -> None:
         self.recorded = 0
 
@@ -137,16 +140,16 @@ def _run_nptm(n_stages: int, root: str, cluster: Any) -> int:
     grid = parse_grid(noop_grid(n_stages), "<bench>")
     plan = build_plan(grid)
     assert len(plan.stages) == n_stages, len(plan.stages)
-    ledger = _Ledger()
+    sink = _Sink()
     opts = sweep.SweepOptions(storage=root)
     original = sweep.stage_trial
     sweep.stage_trial = noop_trainable  # _tune builds its Tuner around this name
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the progress lines
-            sweep._tune(grid, plan, opts, cluster, _Outcomes(root), ledger, set())
+            sweep._tune(grid, plan, opts, cluster, _Outcomes(root), sink, set())
     finally:
         sweep.stage_trial = original
-    return ledger.recorded
+    return sink.recorded
 
 
 def _run_tune_basic(n_stages: int, root: str, cluster: Any) -> int:

@@ -1,7 +1,7 @@
 """Training throughput (samples/s) of nptm's train loop against a paper-style reference loop.
 
 nptm: `trainables.train_loop.fit` on `make_loaders` of a CIFAR-10 split loaded by
-`trainables.data.load_dataset` (the in-memory path: uint8 tensors on the device, batched
+`trainables.datasets.load_dataset` (the in-memory path: uint8 tensors on the device, batched
 crop + flip + normalise). Its figure is the training phase of each epoch (`EpochMetrics.train_s`,
 evaluation excluded).
 
@@ -203,7 +203,8 @@ def measure(
 ) -> dict[str, Any]:
     """Interleaved epochs of every variant for each model; medians per variant."""
     from tests.cifar_fixture import accept_checksums, write_cifar10
-    from trainables.data import load_dataset, make_loaders
+    from trainables.datasets import load_dataset
+    from trainables.loaders import make_loaders
     from trainables.models import build_model
     from trainables.recipe import default_recipe
 

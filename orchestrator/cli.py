@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 
 from orchestrator import __version__
+from orchestrator.errors import EXIT_USAGE, UsageError
 from trainables.storage import DEFAULT_MIN_FREE_GB
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_STORAGE = "./nptm-runs"
 
 
@@ -115,14 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from orchestrator.commands import HANDLERS, UsageError
+    from orchestrator.commands import HANDLERS
 
     try:
         return HANDLERS[args.command](args)
     except UsageError as err:
         print(f"nptm {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
 
-from orchestrator.cli import EXIT_FAILED, EXIT_OK, print_json
-from orchestrator.errors import UsageError
+from orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
+from trainables.layout import EPOCHS_TABLE, STAGES_TABLE, Layout, check_name
 
-__all__ = ["HANDLERS", "UsageError"]
+__all__ = ["HANDLERS"]
+
+
+def print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def _load_plan(args: argparse.Namespace):
@@ -35,7 +40,9 @@ def plan(args: argparse.Namespace) -> int:
     if args.json:
         print_json(the_plan.summary())
     else:
-        print(the_plan.render_table())
+        from orchestrator.render import render_plan
+
+        print(render_plan(the_plan))
     return EXIT_OK
 
 
@@ -70,14 +77,7 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def _report_dir(args: argparse.Namespace, sweep_name: str) -> str:
-    out = getattr(args, "out", None)
-    if out:
-        return out
-    from trainables.storage import is_local_storage
-
-    if is_local_storage(args.storage):
-        return f"{args.storage.rstrip('/')}/sweeps/{sweep_name}/report"  # beside its tables
-    return f"./nptm-report-{sweep_name}"
+    return getattr(args, "out", None) or Layout(args.storage).report_dir(sweep_name)
 
 
 def _print_summary(summary, storage: str) -> None:
@@ -88,7 +88,8 @@ def _print_summary(summary, storage: str) -> None:
     )
     for sid, kind, error in summary.failures:
         print(f"  FAILED {kind} {sid}: {error}", file=sys.stderr)
-    print(f"results: {storage.rstrip('/')}/sweeps/{summary.sweep}/{{trials,epochs}}/*.parquet")
+    sweep_dir = Layout(storage).sweep_location(summary.sweep)
+    print(f"results: {sweep_dir}/{{{STAGES_TABLE},{EPOCHS_TABLE}}}/*.parquet")
     if summary.dashboard_url:
         print(f"Ray dashboard (while the sweep runs): {summary.dashboard_url}")
     if summary.mlflow_uri:
@@ -105,8 +106,9 @@ def _print_summary(summary, storage: str) -> None:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    from orchestrator.render import render_inspect
     from trainables.catalog import IncompatibleError
-    from trainables.inspect import inspect_model, render_inspect
+    from trainables.inspect import inspect_model
 
     if args.pruner is None and (args.ratio is not None or args.preset is not None):
         raise UsageError("--ratio/--preset need --pruner")
@@ -146,7 +148,7 @@ def _sweep_store(args: argparse.Namespace):
         store = SweepStore(args.storage, args.sweep)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    if not store.trial_ids():
+    if not store.stage_ids():
         raise UsageError(f"no results for sweep {args.sweep!r} under {args.storage!r}")
     return store
 
@@ -203,8 +205,6 @@ def sync_mlflow(args: argparse.Namespace) -> int:
 
 
 def _check_sweep_name(name: str) -> None:
-    from results.store import check_name
-
     try:
         check_name("sweep", name)
     except ValueError as err:
@@ -214,13 +214,11 @@ def _check_sweep_name(name: str) -> None:
 def _tracking_uri(args: argparse.Namespace, *, existing: bool = False) -> str:
     """The tracking URI to use; `existing`: refuse an embedded store that is not there yet
     (resolving the embedded default creates the storage root for sqlite to write into)."""
-    from results.tracking import resolve_tracking_uri
-    from trainables.storage import resolve_storage
+    from results.mlflow_uri import resolve_tracking_uri
 
-    if existing and not args.mlflow_uri and "://" not in args.storage:
-        _, root, _ = resolve_storage(args.storage)
-        if not os.path.isfile(f"{root}/mlflow.db"):
-            raise UsageError(f"no MLflow store at {root}/mlflow.db; give --mlflow-uri")
+    db = Layout(args.storage).mlflow_db
+    if existing and not args.mlflow_uri and db is not None and not os.path.isfile(db):
+        raise UsageError(f"no MLflow store at {db}; give --mlflow-uri")
     uri = resolve_tracking_uri(args.storage, args.mlflow_uri)
     if uri is None:
         raise UsageError(

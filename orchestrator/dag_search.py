@@ -9,15 +9,29 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from ray.tune.search import Searcher
 
-from trainables.stage import StageSpec
+from trainables.stage import StageKind, StageOutcome, StageSpec, StageStatus
 
-PENDING, RUNNING, DONE, FAILED, SKIPPED = "pending", "running", "done", "failed", "skipped"
-# How a finished stage ended, as the driver learned it: (stage id, status, detail).
-FinishHook = Callable[[StageSpec, str, dict[str, Any] | None, str | None], None]
+
+class Progress(StrEnum):
+    """Where a stage is in this run of the DAG."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"  # finished: ok or diverged
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+PENDING, RUNNING, DONE, FAILED, SKIPPED = Progress
+# How a finished stage ended, as the driver learned it: (status, outcome, error text).
+StageResolution = tuple[StageStatus, StageOutcome | None, str | None]
+# Told of every stage that ends or is skipped: (spec, status, outcome, error text).
+FinishHook = Callable[[StageSpec, StageStatus, StageOutcome | None, str | None], None]
 
 
 class DagSearcher(Searcher):
@@ -26,7 +40,7 @@ class DagSearcher(Searcher):
         stages: dict[str, StageSpec],
         done: set[str],
         runtime: dict[str, Any],
-        resolve: Callable[[StageSpec, dict | None, bool], tuple[str, dict | None, str | None]],
+        resolve: Callable[[StageSpec, dict | None, bool], StageResolution],
         on_finish: FinishHook,
     ) -> None:
         super().__init__()  # no metric: the DAG, not a score, decides what runs next
@@ -34,7 +48,7 @@ class DagSearcher(Searcher):
         self.runtime = runtime
         self._resolve = resolve
         self._on_finish = on_finish
-        self.state: dict[str, str] = {sid: DONE if sid in done else PENDING for sid in stages}
+        self.state: dict[str, Progress] = {sid: DONE if sid in done else PENDING for sid in stages}
         self.children: dict[str, list[str]] = {sid: [] for sid in stages}
         for sid, spec in stages.items():
             for parent in spec.parents:
@@ -73,12 +87,13 @@ class DagSearcher(Searcher):
             self._requeue_producer(sid, result["corrupt_parent"])
             return
         status, outcome, detail = self._resolve(spec, result, error)
-        self.state[sid] = DONE if status in ("ok", "diverged") else FAILED
+        status = StageStatus(status)
+        self.state[sid] = DONE if status.finished else FAILED
         self._on_finish(spec, status, outcome, detail)
-        if status == "ok":
+        if status == StageStatus.OK:
             self.ready.extend(c for c in self.children[sid] if self._parents_done(c))
         else:
-            self._skip_descendants(sid, f"{status} ancestor {sid} ({spec.kind})")
+            self._skip_descendants(sid, f"{status.value} ancestor {sid} ({spec.kind.value})")
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: a rerun rebuilds the DAG's state from the artifact store."""
@@ -94,7 +109,7 @@ class DagSearcher(Searcher):
         return state
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def count(self, state: str) -> int:
+    def count(self, state: Progress) -> int:
         return sum(1 for s in self.state.values() if s == state)
 
     def remaining_epochs(self) -> int:
@@ -109,9 +124,9 @@ class DagSearcher(Searcher):
         stack = list(self.children[sid])
         while stack:
             child = stack.pop()
-            if self.state[child] in (PENDING,):
+            if self.state[child] == PENDING:
                 self.state[child] = SKIPPED
-                self._on_finish(self.stages[child], SKIPPED, None, f"skipped: {reason}")
+                self._on_finish(self.stages[child], StageStatus.SKIPPED, None, f"skipped: {reason}")
                 stack.extend(self.children[child])
 
     def _requeue_producer(self, sid: str, producer: str) -> None:
@@ -126,6 +141,6 @@ class DagSearcher(Searcher):
 
 
 def _epochs(spec: StageSpec) -> int:
-    if spec.kind == "pretrain":
+    if spec.kind == StageKind.PRETRAIN:
         return spec.recipe.epochs
     return spec.budget or 0

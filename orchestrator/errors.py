@@ -1,4 +1,6 @@
-"""Errors that end a command with exit status 2 and a one-line message."""
+"""Exit statuses of `nptm`, and the error that ends a command with status 2."""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from orchestrator.gpu_hours import GpuFigures, describe, gpu_hours, shipped_figures
+from orchestrator.gpu_hours import GpuFigures, gpu_hours, shipped_figures
 from search_spaces import expand
 from search_spaces.checks import CheckedGrid
 from search_spaces.errors import GridError
@@ -63,29 +63,26 @@ _RATIO_DIGITS = 12
 
 @dataclass(frozen=True, slots=True)
 class Trial:
-    """One point of the grid and the stages that produce its result."""
+    """One point of the grid (its `key`) and the stages that produce its result.
 
-    dataset: str
-    model: str
-    pruner: str
-    ratio: float | None
-    preset: str | None
-    schedule: str
-    budget: int
-    seed: int
-    overrides: tuple[tuple[str, Any], ...]
-    pruner_options: tuple[tuple[str, Any], ...]  # unstructured pruners' layers / min_keep
+    The key's fields read as the trial's own: ``trial.budget`` is ``trial.key.budget``.
+    """
+
+    key: TrialKey
     stage_id: str  # the final retrain stage: the trial's result
     chain: tuple[str, ...]  # pretrain, prune 1, retrain 1, ..., prune k, retrain k
 
+    def __getattr__(self, name: str) -> Any:
+        if name == "key":  # not set yet (copy, unpickling): no recursion into the key
+            raise AttributeError(name)
+        return getattr(self.key, name)
+
     def params(self) -> dict[str, Any]:
         """Flat axis values, overrides by name (for results tables and run names)."""
-        out = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("overrides", "pruner_options", "stage_id", "chain")
-        }
-        return out | dict(self.overrides)
+        axes = self.key._asdict()
+        overrides = axes.pop("overrides")
+        axes.pop("pruner_options")  # in the pruner label; see results.analysis
+        return axes | dict(overrides)
 
 
 def cumulative_ratio(ratio: float, round_: int, rounds: int) -> float:
@@ -177,54 +174,6 @@ class Plan:
             "gpu_hours": self.gpu_hours(),
         }
 
-    def render_table(self) -> str:
-        s = self.summary()
-        planned, naive = s["epochs"]["planned_by_kind"], s["epochs"]["naive_by_kind"]
-        counts = s["stages"]
-        rows = [(kind, counts[kind], planned[kind], naive[kind]) for kind in KINDS]
-        rows.append(("total", sum(counts.values()), s["epochs"]["planned"], s["epochs"]["naive"]))
-        head = ("stage kind", "stages", "planned epochs", "naive epochs")
-        cells = [head, *((k, f"{n:,}", f"{p:,}", f"{q:,}") for k, n, p, q in rows)]
-        widths = [max(len(row[c]) for row in cells) for c in range(4)]
-
-        def fmt(row: tuple[str, ...]) -> str:
-            return "  ".join(
-                cell.ljust(w) if c == 0 else cell.rjust(w)
-                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-
-        lines = [
-            f"sweep {s['sweep']!r}: {s['trials']:,} trials, {sum(counts.values()):,} unique "
-            f"stages ({s['executor']} executor"
-            + (f", {s['rounds']} pruning rounds" if s["rounds"] > 1 else "")
-            + ")",
-            fmt(head),
-            fmt(tuple("-" * w for w in widths)),
-            *(fmt(row) for row in cells[1:-1]),
-            fmt(tuple("-" * w for w in widths)),
-            fmt(cells[-1]),
-        ]
-        total_p, total_n = s["epochs"]["planned"], s["epochs"]["naive"]
-        if total_n:
-            lines.append(
-                f"sharing stages saves {total_n - total_p:,} of {total_n:,} training "
-                f"epochs ({(total_n - total_p) / total_n:.0%})"
-            )
-        lines.append(describe(s["gpu_hours"]))
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Summary, every stage and every trial, JSON-ready."""
-        return {
-            "summary": self.summary(),
-            "stages": [spec.to_dict() for spec in self.stages.values()],
-            "trials": [
-                dataclasses.asdict(t)
-                | {"overrides": dict(t.overrides), "pruner_options": dict(t.pruner_options)}
-                for t in self.trials
-            ],
-        }
-
 
 def build_plan(grid: CheckedGrid, *, confirm_large: bool = False) -> Plan:
     """Expand a checked grid (`search_spaces.load_grid`) into trials and their stage DAG.
@@ -312,7 +261,7 @@ class _Builder:
                 chain.append(parent.id)
             if k.schedule == "wr":
                 self.keep[pre.id].add(rewind_epoch(recipe, k.budget))
-            trials.append(Trial(*k, stage_id=parent.id, chain=tuple(chain)))
+            trials.append(Trial(k, stage_id=parent.id, chain=tuple(chain)))
         for sid, epochs in self.keep.items():
             self.stages[sid] = dataclasses.replace(
                 self.stages[sid], keep_epochs=tuple(sorted(epochs))

@@ -6,19 +6,21 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.cluster import Cluster, check_fit, connect, disconnect, stage_bundles
-from orchestrator.dag_search import FAILED, SKIPPED, DagSearcher
+from orchestrator.dag_search import DagSearcher, StageResolution
 from orchestrator.errors import UsageError
 from orchestrator.progress import ProgressPrinter
-from orchestrator.rows import stage_rows
 from orchestrator.trial import stage_trial
 from trainables.artifacts import ArtifactStore, node_local_path_warning, rewind_name
-from trainables.stage import StageSpec
+from trainables.stage import StageOutcome, StageSpec, StageStatus
 from trainables.storage import DEFAULT_MIN_FREE_GB, StorageError, check_writable
+
+if TYPE_CHECKING:
+    from results.sink import ResultSink, SweepSummary
 
 log = logging.getLogger(__name__)
 
@@ -35,65 +37,12 @@ class SweepOptions:
     min_free_gb: float = DEFAULT_MIN_FREE_GB  # of a local storage root, checked at start
 
 
-@dataclass
-class SweepSummary:
-    sweep: str
-    counts: dict[str, int] = field(default_factory=dict)
-    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (id, kind, error)
-    executed: int = 0
-    reused: int = 0
-    wall_seconds: float = 0.0
-    dashboard_url: str | None = None
-    mlflow_uri: str | None = None
-    mlflow_degraded: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-
-class Ledger:
-    """The single writer of a sweep's results: Parquet first-class, MLflow best-effort."""
-
-    def __init__(
-        self, sweep: str, executor: str, store: Any, recorder: Any, artifacts: ArtifactStore
-    ) -> None:
-        self.sweep = sweep
-        self.executor = executor
-        self.store = store
-        self.recorder = recorder
-        self.artifacts = artifacts
-        self.summary = SweepSummary(sweep)
-
-    def record(
-        self,
-        spec: StageSpec,
-        status: str,
-        outcome: dict[str, Any] | None,
-        error: str | None,
-        *,
-        reused: bool = False,
-    ) -> None:
-        executor = "task" if spec.kind == "prune" and self.executor == "train" else self.executor
-        trial_row, epoch_rows = stage_rows(
-            self.sweep, spec, status, outcome, error, reused=reused, executor=executor
-        )
-        model_path = None
-        if self.recorder.log_models and status == "ok" and spec.kind == "retrain":
-            model_path = f"{self.artifacts.root}/stages/{spec.id}/model.pt"
-        trial_row["mlflow_run_id"] = self.recorder.record_stage(trial_row, epoch_rows, model_path)
-        self.store.write_stage(trial_row, epoch_rows)
-        self.summary.counts[status] = self.summary.counts.get(status, 0) + 1
-        if status in (FAILED, SKIPPED) and not (error or "").startswith("skipped"):
-            self.summary.failures.append((spec.id, spec.kind, (error or "").splitlines()[0]))
-        if not reused and status != SKIPPED:
-            self.summary.executed += 1
-
-
 def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
     """Run every unfinished stage of `plan`; resume whatever earlier runs left."""
+    from results.mlflow_uri import resolve_tracking_uri
+    from results.sink import ResultSink
     from results.store import SweepStore
-    from results.tracking import MlflowRecorder, resolve_tracking_uri
+    from results.tracking import MlflowRecorder
 
     started = time.time()
     opts = replace(opts, storage=_absolute(opts.storage))
@@ -109,22 +58,19 @@ def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
         uri = resolve_tracking_uri(opts.storage, opts.mlflow_uri)
         recorder = MlflowRecorder(uri, grid.name, log_models=opts.log_models)
         recorder.start_sweep(_sweep_params(grid, plan))
-        ledger = Ledger(grid.name, grid.resources.executor, store, recorder, artifacts)
-        ledger.summary.dashboard_url = cluster.dashboard_url
-        ledger.summary.mlflow_uri = uri
+        sink = ResultSink(store, recorder, artifacts, grid.resources.executor)
+        sink.summary.dashboard_url = cluster.dashboard_url
+        sink.summary.mlflow_uri = uri
         done = _finished_stages(plan, artifacts)
-        recorded = set(store.trial_ids())
-        for sid in done:
+        recorded = set(store.stage_ids())
+        for sid, outcome in done.items():
             if sid not in recorded:
-                outcome = artifacts.read_outcome(sid)
-                ledger.record(
-                    plan.stages[sid], outcome["status"], outcome, outcome.get("error"), reused=True
-                )
-        ledger.summary.reused = len(done)
+                sink.record(plan.stages[sid], outcome.status, outcome, outcome.error, reused=True)
+        sink.summary.reused = len(done)
         if len(done) < len(plan.stages):
-            _tune(grid, plan, opts, cluster, artifacts, ledger, done)
-        summary = ledger.summary
-        summary.mlflow_degraded = bool(getattr(recorder, "degraded", False))
+            _tune(grid, plan, opts, cluster, artifacts, sink, set(done))
+        summary = sink.summary
+        summary.mlflow_degraded = recorder.degraded
         recorder.end_sweep("FINISHED" if summary.ok else "FAILED")
     finally:
         disconnect()
@@ -140,32 +86,37 @@ def _check_cluster(cluster: Cluster, grid: Any, plan: Any, opts: SweepOptions) -
     check_fit(cluster, grid.resources, {s.kind for s in plan.stages.values()})
 
 
-def _finished_stages(plan: Any, artifacts: ArtifactStore) -> set[str]:
-    """Stages with a stored outcome (and, for pre-training, every checkpoint children need)."""
-    done: set[str] = set()
+def _finished_stages(plan: Any, artifacts: ArtifactStore) -> dict[str, StageOutcome]:
+    """Stages with a finished stored outcome (and, for pre-training, every checkpoint children
+    need), with that outcome."""
+    done: dict[str, StageOutcome] = {}
     for sid, spec in plan.stages.items():
         if any(p not in done for p in spec.parents):
             continue  # an unfinished parent will recompute (and overwrite) this stage's input
         outcome = artifacts.read_outcome(sid)
-        if outcome is None or outcome.get("status") not in ("ok", "diverged"):
+        if outcome is None or not outcome.status.finished:
             continue
-        if spec.kind == "pretrain" and not all(
-            artifacts.exists(sid, rewind_name(e)) for e in spec.keep_epochs
-        ):
+        if not all(artifacts.exists(sid, rewind_name(e)) for e in spec.keep_epochs):
             continue
-        done.add(sid)
+        done[sid] = outcome
     return done
 
 
-def _tune(grid, plan, opts, cluster, artifacts, ledger, done) -> None:
+def _tune(
+    grid: Any,
+    plan: Any,
+    opts: SweepOptions,
+    cluster: Cluster,
+    artifacts: ArtifactStore,
+    sink: ResultSink,
+    done: set[str],
+) -> None:
     from ray import tune
 
     res = grid.resources
     runtime = {
         "storage": opts.storage,
-        "ray_storage": f"{artifacts.root}/_ray"
-        if "://" not in opts.storage
-        else f"{opts.storage.rstrip('/')}/_ray",
+        "ray_storage": artifacts.layout.ray_dir,
         "data_root": _absolute(opts.data_root if opts.data_root is not None else grid.data.root),
         "download": grid.data.download,
         "executor": res.executor,
@@ -174,17 +125,17 @@ def _tune(grid, plan, opts, cluster, artifacts, ledger, done) -> None:
         "gpus_per_worker": res.gpus_per_worker,
     }
 
-    def resolve(spec, result, error):
+    def resolve(spec: StageSpec, result: dict | None, error: bool) -> StageResolution:
         outcome = None if error else artifacts.read_outcome(spec.id)
         if outcome is None:
             detail = artifacts.read_error(spec.id) or "the trial ended without an outcome"
-            return FAILED, None, detail
-        return outcome["status"], outcome, outcome.get("error")
+            return StageStatus.FAILED, None, detail
+        return outcome.status, outcome, outcome.error
 
     # Tune keeps only ONE trial pending when a custom searcher drives it, which runs the
     # stages one at a time however many CPUs are free; let it queue as many as can run.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(_parallel_slots(cluster, res) + 2))
-    searcher = DagSearcher(plan.stages, done, runtime, resolve, ledger.record)
+    searcher = DagSearcher(plan.stages, done, runtime, resolve, sink.record)
     progress = ProgressPrinter(searcher, stream=sys.stderr)
 
     def trial_resources(config: dict) -> Any:

@@ -19,7 +19,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from trainables.artifacts import ArtifactStore, CorruptArtifactError
-from trainables.stage import StageSpec
+from trainables.stage import StageKind, StageSpec
 
 if TYPE_CHECKING:
     from trainables.stage_runner import EpochReporter, WorkerEnv
@@ -33,11 +33,10 @@ def stage_trial(config: dict[str, Any]) -> None:
     spec = StageSpec.from_dict(config["stage"])
     runtime = config["runtime"]
     store = ArtifactStore(runtime["storage"])
-    store.mark_execution(spec.id)
     try:
         if runtime["executor"] == "inline":
             _run_inline(spec, runtime)
-        elif spec.kind == "prune":
+        elif spec.kind == StageKind.PRUNE:
             _run_prune_task(spec, runtime)
         else:
             _run_torch_trainer(spec, runtime)

@@ -1,6 +1,8 @@
 """Results of a sweep: the Parquet store (source of truth), MLflow tracking and the analyses.
 
-Modules: schema (table schemas), store (`SweepStore`), tracking (`MlflowRecorder`,
-`sync_mlflow`), stats, report (`build_report`), best (`best_runs`), status (`sweep_status`).
-Import from the modules; this package imports nothing heavy on its own.
+Modules: schema (the columns, declared once), store (`SweepStore`), sink (`ResultSink`: each
+finished stage to Parquet, then MLflow), mlflow_uri (which tracking store), mlflow_rows (a row
+as MLflow params, metrics and tags), tracking (`MlflowRecorder`, `sync_mlflow`), stats,
+analysis, figures, report (`build_report`), tables (the table renderer), best (`best_runs`),
+status (`sweep_status`). Import from the modules; this package imports nothing heavy on its own.
 """

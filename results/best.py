@@ -13,11 +13,12 @@ from typing import Any
 
 import pandas as pd
 
-from results.report import text_table
-from results.tracking import EXPERIMENT_PREFIX, experiment_name
+from results.mlflow_rows import EXPERIMENT_PREFIX, PARAMS, experiment_name, stage_id_of
+from results.schema import AXIS_COLUMNS
+from results.tables import text_table
 
 RUN_FILTER = "tags.\"nptm.stage_kind\" = 'retrain' and tags.\"nptm.status\" = 'ok'"
-SHOWN_PARAMS = ("dataset", "model", "pruner", "ratio", "preset", "schedule", "budget", "seed")
+SHOWN_PARAMS = tuple(PARAMS[c] for c in AXIS_COLUMNS)
 _PAGE = 1000
 
 
@@ -42,7 +43,7 @@ def _runs_frame(client: Any, experiments: dict[str, str]) -> pd.DataFrame:
         for run in page:
             rec: dict[str, Any] = {
                 "sweep": experiments.get(run.info.experiment_id),
-                "trial_id": run.data.tags.get("nptm.trial_id"),
+                "stage_id": stage_id_of(run.data.tags),
                 "run_id": run.info.run_id,
             }
             rec |= {f"params.{k}": v for k, v in run.data.params.items()}
@@ -64,7 +65,7 @@ def best_runs(
 ) -> pd.DataFrame:
     """The `top` runs by `metric` (descending), overall or within each group of params `by`.
 
-    Columns: the `by` params, `metric`, the identifying params, sweep, trial_id, run_id.
+    Columns: the `by` params, `metric`, the identifying params, sweep, stage_id, run_id.
     Params are MLflow's strings (e.g. ratio "0.5", budget "40").
     """
     from mlflow import MlflowClient
@@ -75,7 +76,7 @@ def best_runs(
     client = MlflowClient(tracking_uri=uri)
     runs = _runs_frame(client, _experiments(client, uri, sweep))
     shown = [p for p in SHOWN_PARAMS if p not in by]
-    columns = [*by, metric, *shown, "sweep", "trial_id", "run_id"]
+    columns = [*by, metric, *shown, "sweep", "stage_id", "run_id"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     metric_col = f"metrics.{metric}"

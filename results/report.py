@@ -1,64 +1,33 @@
-"""`nptm report`: the schedule-vs-pruner analysis of Le & Hua (ICLR 2021) for one sweep.
-
-The analysis uses the final-round ``retrain`` rows; those with status ``ok`` carry the numbers,
-the others are counted. Retrain rows are completed from their ``prune`` parent (sizes, sparsity,
-accuracy before/after pruning) where they lack those columns. Everything is a vectorised
-groupby, so a sweep of 100k stages is analysed in seconds; only the accuracy-vs-budget figures
-are drawn (at most `max_figures`).
-
-Statistics: cells are mean ± sample sd over seeds. Comparisons are paired on seed (the same
-pre-trained network) and budget; the interval is a two-sided Student-t interval over seeds.
-A claim is *supported* when the interval lies above 0, *contradicted* when below 0 and
-*inconclusive* otherwise (including n = 1, where no interval exists).
+"""`nptm report`: the analysis of one sweep (results.analysis) as report.md, CSV tables, figures
+(results.figures) and the plain-text headline the CLI prints.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from results.schema import PRUNE_OUTCOME_COLUMNS, STATUSES
-from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, grouped_ci
-from results.store import SweepStore
-from trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
-
-GROUP = ["dataset", "model", "structure", "target"]
-# structure -> (random pruner, methodical pruners it is compared with)
-RANDOM_VS_METHODICAL = {
-    "unstructured": ("random", ("magnitude", "magnitude_layerwise")),
-    "structured": ("random_filter", ("l1_filter", "hrank", "taylor_conv_oneshot")),
-}
-LARGE_LR_SCHEDULES = ("lrw", "slr", "clr")
-# Columns a retrain row inherits from its prune parent when it lacks them.
-FROM_PRUNE = ("structured", *PRUNE_OUTCOME_COLUMNS)
-USED_COLUMNS = (
-    "trial_id",
-    "stage_kind",
-    "parent_ids",
-    "round",
-    "dataset",
-    "model",
-    "pruner",
-    "ratio",
-    "preset",
-    "pruner_options",
-    "schedule",
-    "budget_epochs",
-    "overrides",
-    "lr_override",
-    "seed",
-    "status",
-    "test_acc",
-    "test_acc_at_best_val",
-    *FROM_PRUNE,
+from results.analysis import (
+    GROUP,
+    STATUSES,
+    cell_stats,
+    claim_random_clr,
+    claim_schedules,
+    final_round_retrain,
+    order,
+    pruning_effect,
+    random_vs_methodical,
+    status_counts,
 )
+from results.figures import plot_budget_curves
+from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED
+from results.store import SweepStore
+from results.tables import md_table, text_table
+from trainables.catalog import PRUNERS, SCHEDULES
 
 
 @dataclass
@@ -73,23 +42,23 @@ def build_report(
     store: SweepStore, out_dir: str | Path, *, max_figures: int = 6, level: float = 0.95
 ) -> Report:
     """Analyse `store`'s sweep; write ``report.md``, figures and CSV tables under `out_dir`."""
-    return build_report_from_trials(
-        store.read_trials(), out_dir, sweep=store.sweep, max_figures=max_figures, level=level
+    return build_report_from_stages(
+        store.read_stages(), out_dir, sweep=store.sweep, max_figures=max_figures, level=level
     )
 
 
-def build_report_from_trials(
-    trials: pd.DataFrame,
+def build_report_from_stages(
+    stages: pd.DataFrame,
     out_dir: str | Path,
     *,
     sweep: str = "",
     max_figures: int = 6,
     level: float = 0.95,
 ) -> Report:
-    """`build_report` on a trials table already in memory (as `SweepStore.read_trials`)."""
+    """`build_report` on a stages table already in memory (as `SweepStore.read_stages`)."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    final = final_round_retrain(trials)
+    final = final_round_retrain(stages)
     ok = final[(final["status"] == "ok") & final["test_acc"].notna()]
     cells = cell_stats(ok, "test_acc")
     tables: dict[str, pd.DataFrame] = {
@@ -112,310 +81,6 @@ def build_report_from_trials(
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
     return Report(md_path, headline, figures, tables)
-
-
-# -- preparation -----------------------------------------------------------------------------
-
-
-def final_round_retrain(trials: pd.DataFrame) -> pd.DataFrame:
-    """Retrain rows of the last pruning round of each configuration, with derived labels.
-
-    Adds: ``structure`` (structured/unstructured), ``target`` (``ratio=0.5`` / ``preset=A``),
-    ``budget``, ``variant`` (the overrides, "" if none), ``sched`` (schedule plus variant)
-    and ``prune_id`` (the prune parent, used to count each pruned network once).
-    """
-    trials = trials[[c for c in USED_COLUMNS if c in trials]]  # less to copy and filter
-    for col in ("pruner_options", "emptied_layers"):  # absent from tables of older versions
-        if col not in trials:
-            trials = trials.assign(**{col: pd.NA})
-    r = trials[trials["stage_kind"] == "retrain"].copy()
-    prune = trials[trials["stage_kind"] == "prune"].drop_duplicates("trial_id")
-    r["prune_id"] = r["trial_id"].astype(object)
-    if len(r) and len(prune):
-        parents = r[["trial_id", "parent_ids"]].explode("parent_ids")
-        parents = parents[parents["parent_ids"].isin(set(prune["trial_id"]))]
-        parent_of = parents.drop_duplicates("trial_id").set_index("trial_id")["parent_ids"]
-        mapped = r["trial_id"].map(parent_of)
-        r["prune_id"] = mapped.where(mapped.notna(), r["trial_id"]).astype(object)
-        # One index lookup, then a positional take per column (-1: no prune parent -> NA).
-        pos = pd.Index(prune["trial_id"]).get_indexer(r["prune_id"])
-        for col in FROM_PRUNE:
-            if r[col].notna().all():
-                continue
-            inherited = pd.Series(
-                prune[col].array.take(pos, allow_fill=True), index=r.index, dtype=prune[col].dtype
-            )
-            r[col] = r[col].where(r[col].notna(), inherited)
-    catalog_structured = {name: info.structured for name, info in PRUNERS.items()}
-    structured = r["structured"].where(r["structured"].notna(), r["pruner"].map(catalog_structured))
-    r["structure"] = np.select(
-        [structured.eq(True).fillna(False), structured.eq(False).fillna(False)],
-        ["structured", "unstructured"],
-        "unknown",
-    )
-    r["target"] = _labels(r["ratio"], lambda x: f"ratio={x:g}").where(
-        r["ratio"].notna(), _labels(r["preset"], lambda x: f"preset={x}")
-    )
-    r["budget"] = r["budget_epochs"]
-    # A pruner run with non-default options is another pruner: "magnitude[layers=conv+linear]".
-    r["pruner"] = r["pruner"].astype(object) + r["pruner_options"].map(
-        _options_label, na_action="ignore"
-    ).fillna("")
-    overrides = r["overrides"].astype(object).where(r["overrides"].notna(), "{}")
-    lr_label = _labels(r["lr_override"], lambda x: f'{{"lr":{x:g}}}')
-    variant = overrides.where(overrides != "{}", lr_label.where(r["lr_override"].notna(), ""))
-    r["variant"] = variant.astype(object)
-    r["sched"] = (r["schedule"].astype(object) + np.where(variant != "", " " + variant, "")).astype(
-        object
-    )
-    config = [*GROUP, "pruner", "sched", "budget"]
-    last = r.groupby(config, dropna=False, sort=False)["round"].transform("max")
-    return r[r["round"] == last]
-
-
-def _labels(values: pd.Series, fmt: Any) -> pd.Series:
-    """Format each distinct value once (fast on 100k rows with few distinct values)."""
-    uniques = values.dropna().unique()
-    return values.map({u: fmt(u) for u in uniques}).astype(object)
-
-
-def _order(values: Any, reference: tuple[str, ...]) -> list[Any]:
-    rank = {name: i for i, name in enumerate(reference)}
-    return sorted(set(values), key=lambda v: (rank.get(str(v).split(" ")[0], len(rank)), str(v)))
-
-
-# -- tables ----------------------------------------------------------------------------------
-
-
-def status_counts(final: pd.DataFrame) -> pd.DataFrame:
-    """Final-round retrain rows per status, per (dataset, model, structure, target)."""
-    counts = final.groupby([*GROUP, "status"], sort=True).size().unstack(fill_value=0)
-    for status in STATUSES:
-        if status not in counts:
-            counts[status] = 0
-    counts = counts[[*STATUSES, *[c for c in counts if c not in STATUSES]]]
-    return counts.reset_index()
-
-
-def cell_stats(ok: pd.DataFrame, column: str) -> pd.DataFrame:
-    """mean, sd, n of `column` per (group, budget, pruner, schedule)."""
-    return grouped_ci(ok[ok[column].notna()], [*GROUP, "budget", "pruner", "sched"], column)[
-        [*GROUP, "budget", "pruner", "sched", "mean", "sd", "n"]
-    ]
-
-
-def _with_verdict(res: pd.DataFrame) -> pd.DataFrame:
-    res["verdict"] = np.select(
-        [res["n"] < 2, res["low"] > 0, res["high"] < 0],
-        [INCONCLUSIVE, SUPPORTED, CONTRADICTED],
-        INCONCLUSIVE,
-    )
-    return res
-
-
-def _seed_means(frame: pd.DataFrame, keys: list[str], name: str) -> pd.DataFrame:
-    return (
-        frame.groupby([*keys, "seed"], dropna=False)["test_acc"].mean().rename(name).reset_index()
-    )
-
-
-def random_vs_methodical(ok: pd.DataFrame, cells: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Random pruner with its best schedule (per budget) minus each methodical pruner with ft."""
-    parts = []
-    for structure, (rnd, methods) in RANDOM_VS_METHODICAL.items():
-        rc = cells[(cells["structure"] == structure) & (cells["pruner"] == rnd)]
-        if rc.empty:
-            continue
-        best = rc.sort_values("mean", ascending=False, kind="stable").drop_duplicates(
-            [*GROUP, "budget"]
-        )[[*GROUP, "budget", "sched"]]
-        arm_a = ok[(ok["pruner"] == rnd) & (ok["structure"] == structure)].merge(
-            best, on=[*GROUP, "budget", "sched"]
-        )
-        a = _seed_means(arm_a, [*GROUP, "budget", "sched"], "acc_random")
-        a = a.rename(columns={"sched": "random_schedule"})
-        arm_b = ok[ok["pruner"].isin(methods) & (ok["schedule"] == "ft")]
-        b = _seed_means(arm_b, [*GROUP, "budget", "pruner", "sched"], "acc_methodical")
-        b = b.rename(columns={"pruner": "methodical", "sched": "methodical_schedule"})
-        parts.append(b.merge(a, on=[*GROUP, "budget", "seed"]))
-    keys = [*GROUP, "budget", "methodical", "methodical_schedule", "random_schedule"]
-    if not parts:
-        return _empty_ci(keys)
-    pairs = pd.concat(parts, ignore_index=True)
-    pairs["diff"] = pairs["acc_random"] - pairs["acc_methodical"]
-    res = _with_verdict(grouped_ci(pairs, keys, "diff", level))
-    return res.sort_values(keys, key=_sort_key, kind="stable").reset_index(drop=True)
-
-
-def _empty_ci(keys: list[str]) -> pd.DataFrame:
-    cols = [*keys, "mean", "sd", "n", "half_width", "low", "high", "verdict"]
-    return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
-
-
-def claim_schedules(ok: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Claim 1: each large-lr schedule minus ft, same pruner, budget and seed.
-
-    Differences are averaged over pruners within a seed (pruners share the seed's pre-trained
-    network, so they are not independent replicates); the interval is over seeds.
-    """
-    plain = ok[ok["variant"] == ""]
-    keys = [*GROUP, "budget", "pruner"]
-    ft = _seed_means(plain[plain["schedule"] == "ft"], keys, "acc_ft")
-    parts = []
-    for sched in LARGE_LR_SCHEDULES:
-        s = _seed_means(plain[plain["schedule"] == sched], keys, "acc_s").merge(
-            ft, on=[*keys, "seed"]
-        )
-        s["schedule"] = sched
-        parts.append(s)
-    out_keys = [*GROUP, "budget", "schedule"]
-    pairs = pd.concat(parts, ignore_index=True)
-    if pairs.empty:
-        return _empty_ci(out_keys)
-    pairs["diff"] = pairs["acc_s"] - pairs["acc_ft"]
-    per_seed = pairs.groupby([*out_keys, "seed"], dropna=False)["diff"].mean().reset_index()
-    res = _with_verdict(grouped_ci(per_seed, out_keys, "diff", level))
-    return res.sort_values(out_keys, key=_sort_key, kind="stable").reset_index(drop=True)
-
-
-def claim_random_clr(ok: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Claim 2: random pruner + clr minus each methodical pruner + ft (same budget and seed)."""
-    plain = ok[ok["variant"] == ""]
-    parts = []
-    for structure, (rnd, methods) in RANDOM_VS_METHODICAL.items():
-        here = plain[plain["structure"] == structure]
-        a = _seed_means(
-            here[(here["pruner"] == rnd) & (here["schedule"] == "clr")],
-            [*GROUP, "budget"],
-            "acc_random",
-        )
-        b = _seed_means(
-            here[here["pruner"].isin(methods) & (here["schedule"] == "ft")],
-            [*GROUP, "budget", "pruner"],
-            "acc_methodical",
-        )
-        pair = b.merge(a, on=[*GROUP, "budget", "seed"])
-        pair["random"] = rnd
-        parts.append(pair)
-    keys = [*GROUP, "budget", "random", "pruner"]
-    pairs = pd.concat(parts, ignore_index=True)
-    if pairs.empty:
-        return _empty_ci(keys)
-    pairs["diff"] = pairs["acc_random"] - pairs["acc_methodical"]
-    res = _with_verdict(grouped_ci(pairs, keys, "diff", level))
-    return res.sort_values(keys, key=_sort_key, kind="stable").reset_index(drop=True)
-
-
-def pruning_effect(ok: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
-    """Size reductions and accuracy before pruning, right after it and after retraining."""
-    keys = [*GROUP, "pruner"]
-    if ok.empty:
-        return pd.DataFrame(columns=[*keys, "n_pruned"])
-    once = ok.drop_duplicates("prune_id")  # one row per pruned network
-    numeric = [
-        "achieved_sparsity",
-        "params_reduction",
-        "macs_reduction",
-        "acc_before_prune",
-        "acc_after_prune",
-    ]
-    agg = once.groupby(keys, dropna=False)[numeric].mean()
-    agg["n_pruned"] = once.groupby(keys, dropna=False).size()
-    agg = agg.reset_index()
-    # After retraining: at the largest budget of each group, plain ft and the best schedule.
-    top = cells[cells["budget"] == cells.groupby(keys, dropna=False)["budget"].transform("max")]
-    ft = top[top["sched"] == "ft"].set_index(keys)["mean"].rename("acc_ft")
-    best = top.sort_values("mean", ascending=False, kind="stable").drop_duplicates(keys)
-    best = best.set_index(keys)[["budget", "sched", "mean"]].rename(
-        columns={"budget": "at_budget", "sched": "best_schedule", "mean": "acc_best"}
-    )
-    agg = agg.join(ft, on=keys).join(best, on=keys)
-    return agg.sort_values(keys, key=_sort_key, kind="stable").reset_index(drop=True)
-
-
-def _sort_key(col: pd.Series) -> pd.Series:
-    if col.name in ("pruner", "methodical"):
-        rank = {p: i for i, p in enumerate(PRUNERS)}
-        return col.map(lambda p: rank.get(p, len(rank)))
-    if col.name == "schedule":
-        rank = {p: i for i, p in enumerate(SCHEDULES)}
-        return col.map(lambda p: rank.get(p, len(rank)))
-    return col
-
-
-# -- figures ---------------------------------------------------------------------------------
-
-
-def plot_budget_curves(
-    cells: pd.DataFrame, fig_dir: Path, max_figures: int
-) -> tuple[list[Path], str]:
-    """Accuracy vs budget, one panel per pruner, one line per schedule (the paper's figure).
-
-    One figure per (dataset, model, structure, target) with at least two budgets.
-    """
-    n_budgets = cells.groupby(GROUP, sort=True)["budget"].nunique()
-    drawable = n_budgets[n_budgets >= 2].index
-    single = len(n_budgets) - len(drawable)
-    capped = max(0, len(drawable) - max_figures)
-    chosen = set(drawable[:max_figures])
-    paths: list[Path] = []
-    if chosen:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-    for key, sub in cells.groupby(GROUP, sort=True):
-        if key not in chosen:
-            continue
-        pruners = _order(sub["pruner"], tuple(PRUNERS))
-        scheds = _order(sub["sched"], SCHEDULES)
-        colour = {s: f"C{i % 10}" for i, s in enumerate(scheds)}  # same colour in every panel
-        fig = Figure(figsize=(2.6 * len(pruners) + 1.9, 2.6))
-        axes = fig.subplots(1, len(pruners), sharey=True, squeeze=False)[0]
-        # Fixed margins: tight_layout would draw every figure twice.
-        width = fig.get_figwidth()
-        fig.subplots_adjust(
-            left=0.9 / width, right=1 - 1.1 / width, bottom=0.2, top=0.82, wspace=0.08
-        )
-        handles = {}
-        for ax, pruner in zip(axes, pruners, strict=True):
-            mine = sub[sub["pruner"] == pruner]
-            for sched in scheds:
-                line = mine[mine["sched"] == sched].sort_values("budget")
-                if line.empty:
-                    continue
-                x = line["budget"].to_numpy(dtype=float)
-                y = line["mean"].to_numpy() * 100
-                sd = line["sd"].fillna(0).to_numpy() * 100
-                (handles[sched],) = ax.plot(x, y, marker="o", markersize=3, color=colour[sched])
-                ax.fill_between(x, y - sd, y + sd, color=colour[sched], alpha=0.15, lw=0)
-            ax.set_title(pruner, fontsize=9)
-            ax.set_xlabel("budget (epochs)", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("test accuracy (%)", fontsize=8)
-        fig.legend(
-            [handles[s] for s in scheds if s in handles],
-            [s for s in scheds if s in handles],
-            loc="center right",
-            fontsize=7,
-            title="schedule",
-            title_fontsize=7,
-        )
-        fig.suptitle(" / ".join(map(str, key)) + "  (mean ± sd over seeds)", fontsize=9)
-        path = fig_dir / ("acc_vs_budget__" + _slug("__".join(map(str, key))) + ".png")
-        fig.savefig(path, dpi=80)
-        paths.append(path)
-    notes = []
-    if single:
-        notes.append(f"{single} group(s) have a single budget, so no curve is drawn for them")
-    if capped:
-        notes.append(f"{capped} more group(s) not drawn (limit max_figures={max_figures})")
-    return paths, "; ".join(notes)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
-
-
-# -- rendering -------------------------------------------------------------------------------
 
 
 def _pct(x: float) -> str:
@@ -454,38 +119,12 @@ def pivot_tables(cells: pd.DataFrame) -> list[Pivot]:
         groups.setdefault(key, {})[(r.pruner, r.sched)] = _cell(r.mean, r.sd, r.n)
     out = []
     for (*group, budget), table in groups.items():
-        scheds = _order({s for _, s in table}, SCHEDULES)
-        pruners = _order({p for p, _ in table}, tuple(PRUNERS))
+        scheds = order({s for _, s in table}, SCHEDULES)
+        pruners = order({p for p, _ in table}, tuple(PRUNERS))
         rows = [[p, *(table.get((p, s), "") for s in scheds)] for p in pruners]
         title = " / ".join(map(str, group)) + f" / budget {_budget(budget)}"
         out.append((title, ["pruner", *scheds], rows))
     return out
-
-
-def text_table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    def esc(x: Any) -> str:
-        return str(x).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |"]
-    lines.append("|" + "|".join("---" for _ in headers) + "|")
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _options_label(options_json: str) -> str:
-    """Label of the options that differ from the defaults ("[layers=conv+linear]"), or ""."""
-    options = json.loads(options_json) if options_json else {}
-    diff = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in sorted(options.items()) if UNSTRUCTURED_OPTIONS.get(k) != v]  # fmt: skip
-    return f"[{','.join(diff)}]" if diff else ""
 
 
 def _status_line(final: pd.DataFrame) -> str:

@@ -1,382 +1,403 @@
-"""Schemas of the two Parquet tables every sweep writes (schema version 1).
+"""The two Parquet tables every sweep writes, each column declared once.
 
-Both tables live under ``<storage>/sweeps/<sweep>/`` as one Parquet file per stage, so each
-directory is a Parquet dataset that pandas, pyarrow and DuckDB read directly, e.g.
-``SELECT * FROM read_parquet('<storage>/sweeps/<sweep>/trials/*.parquet')``.
+Every column is a `Column`: name, Arrow type, nullability, meaning, and how it appears in
+MLflow. The Arrow schemas (`STAGES_SCHEMA`, `EPOCHS_SCHEMA`), the column reference in
+docs/results.md (`python -m results.schema` prints it; a test keeps the file current) and the
+MLflow mapping (results.mlflow_rows) are all derived from these lists.
 
-Conventions: accuracies are fractions in [0, 1] (reports print them as percentages);
-reductions are the fraction removed (``params_reduction = 1 - params / base_params``);
-timestamps are ``timestamp[us, UTC]``; a column with null = yes may be null, every other column is
-required in each row.
+Both tables live under ``<storage>/sweeps/<sweep>/`` as one Parquet file per stage (see
+trainables.layout), so each directory is a Parquet dataset that pandas, pyarrow and DuckDB read
+directly, e.g. ``SELECT * FROM read_parquet('<storage>/sweeps/<sweep>/stages/*.parquet')``.
 
-``trials`` — one row per stage run per sweep
---------------------------------------------
-========================== ================== ===== ===============================================
-column                     type               null  meaning
-========================== ================== ===== ===============================================
-schema_version             int16              no    version of this schema (1)
-sweep                      string             no    sweep name
-trial_id                   string             no    content hash of the stage (StageSpec.id)
-stage_kind                 string             no    pretrain | prune | retrain
-parent_ids                 list<string>       no    ids of the stages this one consumed
-round                      int32              no    iterative pruning round, 1-based
-dataset                    string             no    dataset name
-model                      string             no    model name
-pruner                     string             yes   pruner (prune/retrain stages)
-structured                 bool               yes   the pruner removes whole filters
-ratio                      double             yes   target sparsity / filter ratio
-preset                     string             yes   published filter-pruning configuration
-pruner_options             string             yes   JSON object of an unstructured pruner's
-                                                    options (layers, min_keep), "{}" if none
-schedule                   string             yes   retraining schedule (ft, lrw, wr, slr, clr,
-                                                    ...)
-budget_epochs              int32              yes   retraining budget in epochs
-overrides                  string             yes   JSON object of schedule overrides ("{}" if
-                                                    none)
-lr_override                double             yes   learning rate override, if any
-val_fraction               double             yes   share of the training set held out for
-                                                    validation
-precision                  string             yes   fp32 | bf16 (autocast of forward passes)
-seed                       int64              no    seed of the whole chain
-achieved_sparsity          double             yes   share of prunable weights that are zero
-params                     int64              yes   parameters of the (pruned) model
-macs                       int64              yes   multiply-accumulates per image
-nonzero_params             int64              yes   non-zero parameters
-base_params                int64              yes   parameters of the unpruned model
-base_macs                  int64              yes   MACs of the unpruned model
-params_reduction           double             yes   1 - params / base_params (nonzero for
-                                                    unstructured)
-macs_reduction             double             yes   1 - macs / base_macs
-emptied_layers             int32              yes   Conv2d/Linear layers left with no weight by
-                                                    pruning (names in the prune stage's outcome)
-acc_before_prune           double             yes   test accuracy of the model that was pruned
-acc_after_prune            double             yes   test accuracy right after pruning
-test_acc                   double             yes   test accuracy after the final epoch: THE
-                                                    headline
-test_loss                  double             yes   test loss after the final epoch
-best_val_epoch             int32              yes   epoch with the best validation accuracy
-test_acc_at_best_val       double             yes   test accuracy at best_val_epoch (model
-                                                    selection)
-best_test_acc_over_epochs  double             yes   max test accuracy over epochs (optimistic;
-                                                    never the headline)
-epochs_run                 int32              yes   epochs actually run
-wall_seconds               double             yes   wall time of the stage
-device_hours               double             yes   accelerator (or CPU-worker) hours used
-status                     string             no    ok | diverged | failed | skipped
-error                      string             yes   error text of a failed stage
-node                       string             yes   Ray node id that ran the stage (else host)
-executor                   string             yes   inline (Tune trial actor) | train (Ray Train) |
-                                                    task (a prune stage of a train sweep)
-workers                    int32              yes   data-parallel workers
-mlflow_run_id              string             yes   MLflow run of this stage, if recorded
-reused                     bool               no    outcome taken from an earlier run of the stage
-nptm_version               string             yes   versions of the software that ran the stage
-torch_version              string             yes
-ray_version                string             yes
-started_at                 timestamp[us,UTC]  yes   start of the stage
-ended_at                   timestamp[us,UTC]  yes   end of the stage
-========================== ================== ===== ===============================================
+`rows_to_table(table, rows)` is the one check of a row: Arrow converts each column to its type
+(a value it cannot convert is an error naming the column and the value); unknown columns,
+missing required ones, enum values, fractions outside [0, 1] and naive timestamps are refused
+here as well; ``overrides`` may be given as a dict and timestamps as ISO-8601 strings.
 
-``epochs`` — one row per stage per epoch
-----------------------------------------
-========================== ================== ===== ===============================================
-column                     type               null  meaning
-========================== ================== ===== ===============================================
-schema_version             int16              no    version of this schema (1)
-sweep                      string             no    sweep name
-trial_id                   string             no    stage id (joins trials.trial_id)
-stage_kind                 string             no    pretrain | prune | retrain
-epoch                      int32              no    epoch index as reported by the training loop
-lr                         double             yes   learning rate used in the epoch
-train_loss, train_acc      double             yes   training loss / accuracy
-val_loss, val_acc          double             yes   validation loss / accuracy (if a split exists)
-test_loss, test_acc        double             yes   test loss / accuracy after the epoch
-wall_s                     double             yes   wall time of the epoch
-samples                    int64              yes   training samples seen in the epoch
-========================== ================== ===== ===============================================
-
-`validate_row(table, row)` turns a dict into a row of either table: unknown keys and missing
-required columns are errors naming the column; values are type-checked and normalised
-(``overrides`` may be given as a dict; timestamps as aware datetimes or ISO-8601 strings).
+Version 2 renamed the table ``trials`` to ``stages`` and its key ``trial_id`` to ``stage_id``,
+and added ``attempts``; results.store still reads version 1.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+from trainables.layout import EPOCHS_TABLE, STAGES_TABLE
+from trainables.stage import StageKind, StageStatus
 
-TableName = Literal["trials", "epochs"]
-STAGE_KINDS = ("pretrain", "prune", "retrain")
-STATUSES = ("ok", "diverged", "failed", "skipped")
-# What pruning did to the network, as every trial row of its lineage carries it.
-PRUNE_OUTCOME_COLUMNS = (
-    "achieved_sparsity",
-    "params",
-    "macs",
-    "nonzero_params",
-    "base_params",
-    "base_macs",
-    "params_reduction",
-    "macs_reduction",
-    "emptied_layers",
-    "acc_before_prune",
-    "acc_after_prune",
-)
+SCHEMA_VERSION = 2
+
+TableName = Literal["stages", "epochs"]
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+_STR, _F64, _I32, _I64, _BOOL = pa.string(), pa.float64(), pa.int32(), pa.int64(), pa.bool_()
 
 
 class SchemaError(ValueError):
     """A row that does not fit its table's schema."""
 
 
-def _f(name: str, typ: pa.DataType, nullable: bool = True) -> pa.Field:
-    return pa.field(name, typ, nullable=nullable)
+@dataclass(frozen=True)
+class Column:
+    """One Parquet column and its MLflow counterparts."""
+
+    name: str
+    type: pa.DataType
+    nullable: bool
+    doc: str
+    values: tuple[str, ...] = ()  # the allowed values of an enum column
+    fraction: bool = False  # a share in [0, 1]; a value above 1 is almost surely a percentage
+    axis: bool = False  # a grid axis: identifies the stage in `status` and `best` listings
+    lineage: bool = False  # what pruning did: a retrain row without it takes its prune parent's
+    param: str | None = None  # logged as this MLflow param
+    metric: str | None = None  # logged as this MLflow metric (epochs: step = epoch)
+    tag: bool = False  # logged as the MLflow tag nptm.<name>
+
+    @property
+    def field(self) -> pa.Field:
+        return pa.field(self.name, self.type, nullable=self.nullable)
 
 
-_STR, _F64, _I32, _I64 = pa.string(), pa.float64(), pa.int32(), pa.int64()
+def _c(name: str, typ: pa.DataType, nullable: bool, doc: str, **kw: Any) -> Column:
+    return Column(name, typ, nullable, doc, **kw)
 
-TRIALS_SCHEMA = pa.schema(
-    [
-        _f("schema_version", pa.int16(), False),
-        _f("sweep", _STR, False),
-        _f("trial_id", _STR, False),
-        _f("stage_kind", _STR, False),
-        _f("parent_ids", pa.list_(_STR), False),
-        _f("round", _I32, False),
-        _f("dataset", _STR, False),
-        _f("model", _STR, False),
-        _f("pruner", _STR),
-        _f("structured", pa.bool_()),
-        _f("ratio", _F64),
-        _f("preset", _STR),
-        _f("pruner_options", _STR),
-        _f("schedule", _STR),
-        _f("budget_epochs", _I32),
-        _f("overrides", _STR),
-        _f("lr_override", _F64),
-        _f("val_fraction", _F64),
-        _f("precision", _STR),
-        _f("seed", _I64, False),
-        _f("achieved_sparsity", _F64),
-        _f("params", _I64),
-        _f("macs", _I64),
-        _f("nonzero_params", _I64),
-        _f("base_params", _I64),
-        _f("base_macs", _I64),
-        _f("params_reduction", _F64),
-        _f("macs_reduction", _F64),
-        _f("emptied_layers", _I32),
-        _f("acc_before_prune", _F64),
-        _f("acc_after_prune", _F64),
-        _f("test_acc", _F64),
-        _f("test_loss", _F64),
-        _f("best_val_epoch", _I32),
-        _f("test_acc_at_best_val", _F64),
-        _f("best_test_acc_over_epochs", _F64),
-        _f("epochs_run", _I32),
-        _f("wall_seconds", _F64),
-        _f("device_hours", _F64),
-        _f("status", _STR, False),
-        _f("error", _STR),
-        _f("node", _STR),
-        _f("executor", _STR),
-        _f("workers", _I32),
-        _f("mlflow_run_id", _STR),
-        _f("reused", pa.bool_(), False),
-        _f("nptm_version", _STR),
-        _f("torch_version", _STR),
-        _f("ray_version", _STR),
-        _f("started_at", TIMESTAMP),
-        _f("ended_at", TIMESTAMP),
-    ],
-    metadata={"nptm.table": "trials", "nptm.schema_version": str(SCHEMA_VERSION)},
-)
 
-EPOCHS_SCHEMA = pa.schema(
-    [
-        _f("schema_version", pa.int16(), False),
-        _f("sweep", _STR, False),
-        _f("trial_id", _STR, False),
-        _f("stage_kind", _STR, False),
-        _f("epoch", _I32, False),
-        _f("lr", _F64),
-        _f("train_loss", _F64),
-        _f("train_acc", _F64),
-        _f("val_loss", _F64),
-        _f("val_acc", _F64),
-        _f("test_loss", _F64),
-        _f("test_acc", _F64),
-        _f("wall_s", _F64),
-        _f("samples", _I64),
-    ],
-    metadata={"nptm.table": "epochs", "nptm.schema_version": str(SCHEMA_VERSION)},
-)
+def _measure(name: str, typ: pa.DataType, doc: str, **kw: Any) -> Column:
+    """A value the stage measured: nullable, and the MLflow metric of the same name."""
+    return Column(name, typ, True, doc, metric=name, **kw)
 
-SCHEMAS: dict[str, pa.Schema] = {"trials": TRIALS_SCHEMA, "epochs": EPOCHS_SCHEMA}
 
-# Columns holding a fraction in [0, 1]; a value outside is almost surely a percentage.
-_FRACTION_COLUMNS = frozenset(
-    {
-        "acc_before_prune",
-        "acc_after_prune",
-        "test_acc",
-        "test_acc_at_best_val",
-        "best_test_acc_over_epochs",
-        "train_acc",
-        "val_acc",
+_KINDS = tuple(k.value for k in StageKind)
+_STATUSES = tuple(s.value for s in StageStatus)
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(values[:-1]) + " or " + values[-1]
+
+
+STAGES_COLUMNS: tuple[Column, ...] = (
+    _c("schema_version", pa.int16(), False, f"version of this schema ({SCHEMA_VERSION})"),
+    _c("sweep", _STR, False, "sweep name", tag=True),
+    _c("stage_id", _STR, False, "content hash of the stage (StageSpec.id)"),
+    _c("stage_kind", _STR, False, _one_of(_KINDS), values=_KINDS, param="stage_kind", tag=True),
+    _c("parent_ids", pa.list_(_STR), False, "ids of the stages this one consumed", tag=True),
+    _c("round", _I32, False, "iterative pruning round, 1-based", param="round"),
+    _c("dataset", _STR, False, "dataset name", axis=True, param="dataset", tag=True),
+    _c("model", _STR, False, "model name", axis=True, param="model", tag=True),
+    _c("pruner", _STR, True, "pruner (prune/retrain stages)", axis=True, param="pruner", tag=True),
+    _c("structured", _BOOL, True, "the pruner removes whole filters", param="structured"),
+    _c("ratio", _F64, True, "target sparsity / filter ratio", axis=True, param="ratio"),
+    _c("preset", _STR, True, "published filter-pruning configuration", axis=True, param="preset"),
+    _c(
+        "pruner_options",
+        _STR,
+        True,
+        'JSON object of an unstructured pruner\'s options (layers, min_keep), "{}" if none',
+        axis=True,
+        param="pruner_options",
+    ),
+    _c(
+        "schedule",
+        _STR,
+        True,
+        "retraining schedule (ft, lrw, wr, slr, clr, ...)",
+        axis=True,
+        param="schedule",
+        tag=True,
+    ),
+    _c("budget_epochs", _I32, True, "retraining budget in epochs", axis=True, param="budget"),
+    _c(
+        "overrides",
+        _STR,
+        True,
+        'JSON object of schedule overrides ("{}" if none); MLflow: one param override.<key> each',
+        param="overrides",
+    ),
+    _c("lr_override", _F64, True, "learning rate override, if any", param="lr_override"),
+    _c(
+        "val_fraction",
+        _F64,
+        True,
+        "share of the training set held out for validation",
+        param="val_fraction",
+    ),
+    _c("precision", _STR, True, "fp32 | bf16 (autocast of forward passes)", param="precision"),
+    _c("seed", _I64, False, "seed of the whole chain", axis=True, param="seed"),
+    _measure(
         "achieved_sparsity",
-    }
+        _F64,
+        "share of prunable weights that are zero",
+        fraction=True,
+        lineage=True,
+    ),
+    _measure("params", _I64, "parameters of the (pruned) model", lineage=True),
+    _measure("macs", _I64, "multiply-accumulates per image", lineage=True),
+    _measure("nonzero_params", _I64, "non-zero parameters", lineage=True),
+    _measure("base_params", _I64, "parameters of the unpruned model", lineage=True),
+    _measure("base_macs", _I64, "MACs of the unpruned model", lineage=True),
+    _measure("params_reduction", _F64, "1 - params / base_params", lineage=True),
+    _measure("macs_reduction", _F64, "1 - macs / base_macs", lineage=True),
+    _measure(
+        "emptied_layers",
+        _I32,
+        "Conv2d/Linear layers left with no weight by pruning (names in the prune outcome)",
+        lineage=True,
+    ),
+    _measure(
+        "acc_before_prune",
+        _F64,
+        "test accuracy of the model that was pruned",
+        fraction=True,
+        lineage=True,
+    ),
+    _measure(
+        "acc_after_prune", _F64, "test accuracy right after pruning", fraction=True, lineage=True
+    ),
+    _measure("test_acc", _F64, "test accuracy after the final epoch: THE headline", fraction=True),
+    _measure("test_loss", _F64, "test loss after the final epoch"),
+    _measure("best_val_epoch", _I32, "epoch with the best validation accuracy"),
+    _measure(
+        "test_acc_at_best_val",
+        _F64,
+        "test accuracy at best_val_epoch (model selection)",
+        fraction=True,
+    ),
+    _measure(
+        "best_test_acc_over_epochs",
+        _F64,
+        "max test accuracy over epochs (optimistic; never the headline)",
+        fraction=True,
+    ),
+    _measure("epochs_run", _I32, "epochs actually run"),
+    _measure("wall_seconds", _F64, "wall time of the stage"),
+    _measure("device_hours", _F64, "accelerator (or CPU-worker) hours used"),
+    _c("status", _STR, False, _one_of(_STATUSES), values=_STATUSES, tag=True),
+    _c("error", _STR, True, "error text of a failed or skipped stage", tag=True),
+    _c("node", _STR, True, "Ray node id that ran the stage (else host)", tag=True),
+    _c(
+        "executor",
+        _STR,
+        True,
+        "inline (Tune trial actor), train (Ray Train) or task (a prune stage of a train sweep)",
+        tag=True,
+    ),
+    _c("workers", _I32, True, "data-parallel workers"),
+    _c("attempts", _I32, True, "times the stage was started (retries and resumes included)"),
+    _c("mlflow_run_id", _STR, True, "MLflow run of this stage, if recorded"),
+    _c("reused", _BOOL, False, "outcome taken from an earlier run of the stage", tag=True),
+    _c("nptm_version", _STR, True, "nptm version that ran the stage"),
+    _c("torch_version", _STR, True, "torch version that ran the stage"),
+    _c("ray_version", _STR, True, "Ray version that ran the stage"),
+    _c("started_at", TIMESTAMP, True, "start of the stage"),
+    _c("ended_at", TIMESTAMP, True, "end of the stage"),
 )
-_ENUMS: dict[str, tuple[str, ...]] = {"stage_kind": STAGE_KINDS, "status": STATUSES}
-_INT_RANGES = {pa.int16(): 2**15, pa.int32(): 2**31, pa.int64(): 2**63}
+
+EPOCHS_COLUMNS: tuple[Column, ...] = (
+    _c("schema_version", pa.int16(), False, f"version of this schema ({SCHEMA_VERSION})"),
+    _c("sweep", _STR, False, "sweep name"),
+    _c("stage_id", _STR, False, "stage id (joins stages.stage_id)"),
+    _c("stage_kind", _STR, False, _one_of(_KINDS), values=_KINDS),
+    _c("epoch", _I32, False, "epoch index as reported by the training loop"),
+    _measure("lr", _F64, "learning rate of the epoch's last step"),
+    _measure("train_loss", _F64, "training loss"),
+    _measure("train_acc", _F64, "training accuracy", fraction=True),
+    _measure("val_loss", _F64, "validation loss (if a split exists)"),
+    _measure("val_acc", _F64, "validation accuracy", fraction=True),
+    _measure("test_loss", _F64, "test loss after the epoch"),
+    _measure("test_acc", _F64, "test accuracy after the epoch", fraction=True),
+    _c("wall_s", _F64, True, "wall time of the epoch", metric="epoch_wall_s"),
+    _c("samples", _I64, True, "training samples seen in the epoch", metric="epoch_samples"),
+)
+
+COLUMNS: dict[str, tuple[Column, ...]] = {
+    STAGES_TABLE: STAGES_COLUMNS,
+    EPOCHS_TABLE: EPOCHS_COLUMNS,
+}
 
 
-def empty_table(table: TableName) -> pa.Table:
-    return SCHEMAS[table].empty_table()
-
-
-def validate_row(table: TableName, row: Mapping[str, Any]) -> dict[str, Any]:
-    """Check `row` against `table`'s schema and return it normalised, with every column.
-
-    ``schema_version`` defaults to the current version; any other missing column becomes null
-    if it is nullable and is an error otherwise.
-    """
-    if table not in SCHEMAS:
-        raise SchemaError(f"unknown table {table!r}; known: {sorted(SCHEMAS)}")
-    schema = SCHEMAS[table]
-    unknown = [k for k in row if schema.get_field_index(k) < 0]
-    if unknown:
-        raise SchemaError(
-            f"{table} row: unknown column {unknown[0]!r}"
-            + (f" (and {len(unknown) - 1} more: {unknown[1:]})" if len(unknown) > 1 else "")
-        )
-    out: dict[str, Any] = {}
-    for field in schema:
-        name = field.name
-        value = row.get(name)
-        if name == "schema_version" and value is None:
-            value = SCHEMA_VERSION
-        if _is_null(value) or (_is_nan(value) and not pa.types.is_floating(field.type)):
-            # NaN outside a float column can only mean "missing" (pandas' null for ints).
-            if not field.nullable:
-                what = "missing" if name not in row else "null"
-                raise SchemaError(f"{table} row: column {name!r} is required but {what}")
-            out[name] = None
-            continue
-        out[name] = _convert(table, name, field.type, value)
-    if out["schema_version"] != SCHEMA_VERSION:
-        raise SchemaError(
-            f"{table} row: schema_version {out['schema_version']} is not {SCHEMA_VERSION}"
-        )
-    return out
-
-
-def rows_to_table(table: TableName, rows: list[Mapping[str, Any]]) -> pa.Table:
-    """Validate `rows` and build an Arrow table with exactly the schema."""
-    valid = [validate_row(table, r) for r in rows]
-    return pa.Table.from_pylist(valid, schema=SCHEMAS[table])
-
-
-def _is_null(value: Any) -> bool:
-    if value is None:
-        return True
-    # pandas.NA / NaT arrive when rows come from a DataFrame.
-    return type(value).__name__ in ("NAType", "NaTType")
-
-
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _bad(table: str, name: str, expected: str, value: Any) -> SchemaError:
-    return SchemaError(
-        f"{table} row: column {name!r} expects {expected}, got {type(value).__name__} {value!r}"
+def _schema(table: str) -> pa.Schema:
+    return pa.schema(
+        [c.field for c in COLUMNS[table]],
+        metadata={"nptm.table": table, "nptm.schema_version": str(SCHEMA_VERSION)},
     )
 
 
-def _convert(table: str, name: str, typ: pa.DataType, value: Any) -> Any:
-    if pa.types.is_integer(typ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)  # int columns come back as float from pandas when null
-            else:
-                raise _bad(table, name, "an integer", value)
-        value = int(value)
-        limit = _INT_RANGES[typ]
-        if not -limit <= value < limit:
-            raise _bad(table, name, f"an integer that fits {typ}", value)
-        return value
-    if pa.types.is_floating(typ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise _bad(table, name, "a number", value)
-        value = float(value)
-        if name in _FRACTION_COLUMNS and not math.isnan(value) and not 0.0 <= value <= 1.0:
+STAGES_SCHEMA = _schema(STAGES_TABLE)
+EPOCHS_SCHEMA = _schema(EPOCHS_TABLE)
+SCHEMAS: dict[str, pa.Schema] = {STAGES_TABLE: STAGES_SCHEMA, EPOCHS_TABLE: EPOCHS_SCHEMA}
+# Version 1 named the key column trial_id (and the stages table "trials").
+LEGACY_KEY = "trial_id"
+
+AXIS_COLUMNS = tuple(c.name for c in STAGES_COLUMNS if c.axis)
+LINEAGE_COLUMNS = tuple(c.name for c in STAGES_COLUMNS if c.lineage)
+
+
+# -- the one check of a row ---------------------------------------------------------------------
+
+
+def rows_to_table(table: TableName, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """`rows` as an Arrow table with exactly `table`'s schema; SchemaError names the first
+    column (and value) that does not fit. Missing nullable columns become null;
+    ``schema_version`` defaults to the current version."""
+    if table not in COLUMNS:
+        raise SchemaError(f"unknown table {table!r}; known: {sorted(COLUMNS)}")
+    names = set(SCHEMAS[table].names)
+    for row in rows:
+        unknown = [k for k in row if k not in names]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more: {unknown[1:]})" if len(unknown) > 1 else ""
+            raise SchemaError(f"{table} row: unknown column {unknown[0]!r}{more}")
+    arrays = [_column_array(table, col, rows) for col in COLUMNS[table]]
+    return pa.Table.from_arrays(arrays, schema=SCHEMAS[table])
+
+
+def _column_array(table: str, col: Column, rows: Sequence[Mapping[str, Any]]) -> pa.Array:
+    values = [_prepare(table, col, row) for row in rows]
+    try:
+        array = pa.array(values, type=col.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
+        raise _first_misfit(table, col, values) or SchemaError(
+            f"{table} row: column {col.name!r}: {err}"
+        ) from None
+    if col.values:
+        bad = [v for v in values if v is not None and v not in col.values]
+        if bad:
             raise SchemaError(
-                f"{table} row: column {name!r} is a fraction in [0, 1], got {value!r} "
+                f"{table} row: column {col.name!r} must be one of {list(col.values)}, "
+                f"got {bad[0]!r}"
+            )
+    if col.fraction:
+        bad = [v for v in values if v is not None and not math.isnan(v) and not 0 <= v <= 1]
+        if bad:
+            raise SchemaError(
+                f"{table} row: column {col.name!r} is a fraction in [0, 1], got {bad[0]!r} "
                 "(percentages must be divided by 100)"
             )
-        return value
-    if pa.types.is_boolean(typ):
-        if isinstance(value, np.bool_):
-            value = bool(value)
-        if not isinstance(value, bool):
-            raise _bad(table, name, "a bool", value)
-        return value
-    if pa.types.is_list(typ):
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-            raise _bad(table, name, "a list of strings", value)
-        items = list(value)
-        if not all(isinstance(v, str) for v in items):
-            raise _bad(table, name, "a list of strings", value)
-        return items
-    if pa.types.is_timestamp(typ):
-        return _to_utc(table, name, value)
-    # string
-    if name == "overrides":
-        return _overrides_json(table, value)
-    if not isinstance(value, str):
-        raise _bad(table, name, "a string", value)
-    if name in _ENUMS and value not in _ENUMS[name]:
-        raise SchemaError(
-            f"{table} row: column {name!r} must be one of {list(_ENUMS[name])}, got {value!r}"
-        )
+    return array
+
+
+def _first_misfit(table: str, col: Column, values: list[Any]) -> SchemaError | None:
+    for value in values:
+        try:
+            pa.array([value], type=col.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return _bad(table, col, value)
+    return None
+
+
+def _bad(table: str, col: Column, value: Any) -> SchemaError:
+    return SchemaError(
+        f"{table} row: column {col.name!r} expects {col.type}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _prepare(table: str, col: Column, row: Mapping[str, Any]) -> Any:
+    """What Arrow cannot decide for itself: nulls (pandas' NA, NaN outside float columns),
+    required columns, lossy conversions Arrow would make silently, and the two columns that
+    accept a second spelling (overrides as a dict, timestamps as ISO-8601 text)."""
+    value = row.get(col.name)
+    if col.name == "schema_version" and value is None:
+        value = SCHEMA_VERSION
+    is_float = pa.types.is_floating(col.type)
+    if _is_null(value) or (isinstance(value, float) and math.isnan(value) and not is_float):
+        if not col.nullable:
+            what = "missing" if col.name not in row else "null"
+            raise SchemaError(f"{table} row: column {col.name!r} is required but {what}")
+        return None
+    if col.name == "schema_version" and value != SCHEMA_VERSION:
+        raise SchemaError(f"{table} row: schema_version {value} is not {SCHEMA_VERSION}")
+    if pa.types.is_integer(col.type) and isinstance(value, float) and not value.is_integer():
+        raise _bad(table, col, value)  # Arrow would truncate 10.5 to 10
+    if pa.types.is_list(col.type) and isinstance(value, str | bytes):
+        raise _bad(table, col, value)  # Arrow would split "p0" into ["p", "0"]
+    if pa.types.is_timestamp(col.type):
+        return _to_utc(table, col, value)
+    if col.name == "overrides":
+        return _overrides_json(table, col, value)
     return value
 
 
-def _overrides_json(table: str, value: Any) -> str:
+def _is_null(value: Any) -> bool:
+    # pandas.NA / NaT arrive when rows come from a DataFrame.
+    return value is None or type(value).__name__ in ("NAType", "NaTType")
+
+
+def _overrides_json(table: str, col: Column, value: Any) -> str:
+    parsed = value
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise _bad(table, "overrides", "a JSON object", value) from err
-    elif isinstance(value, Mapping):
-        parsed = dict(value)
-    else:
-        raise _bad(table, "overrides", "a JSON object (str or dict)", value)
-    if not isinstance(parsed, dict):
-        raise _bad(table, "overrides", "a JSON object", value)
-    return json.dumps(parsed, sort_keys=True, separators=(",", ":"))
+        except json.JSONDecodeError:
+            parsed = None
+    if not isinstance(parsed, Mapping):
+        raise SchemaError(
+            f"{table} row: column {col.name!r} expects a JSON object, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return json.dumps(dict(parsed), sort_keys=True, separators=(",", ":"))
 
 
-def _to_utc(table: str, name: str, value: Any) -> datetime:
+def _to_utc(table: str, col: Column, value: Any) -> datetime:
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value)
-        except ValueError as err:
-            raise _bad(table, name, "an ISO-8601 timestamp", value) from err
+        except ValueError:
+            raise SchemaError(
+                f"{table} row: column {col.name!r} expects an ISO-8601 timestamp, got {value!r}"
+            ) from None
     if not isinstance(value, datetime):
-        raise _bad(table, name, "a timezone-aware datetime", value)
+        raise _bad(table, col, value)
     if value.tzinfo is None or value.utcoffset() is None:
-        raise SchemaError(f"{table} row: column {name!r} needs a timezone, got naive {value!r}")
+        # Arrow would read a naive time as UTC, silently shifting every local time.
+        raise SchemaError(f"{table} row: column {col.name!r} needs a timezone, got {value!r}")
     if hasattr(value, "to_pydatetime"):  # pandas.Timestamp; drops sub-microsecond digits
         value = value.to_pydatetime(warn=False)
     return value.astimezone(UTC)
+
+
+# -- the column reference -----------------------------------------------------------------------
+
+
+def reference() -> str:
+    """docs/results.md: both tables, one line per column, and their MLflow counterparts."""
+    out = [
+        "# Results tables",
+        "",
+        "Generated from `results/schema.py` by `python -m results.schema > docs/results.md`;",
+        "do not edit by hand.",
+        "",
+        f"Schema version {SCHEMA_VERSION}. Accuracies are fractions in [0, 1] (reports print "
+        "percentages); reductions are the fraction removed; timestamps are "
+        "`timestamp[us, UTC]`. Null = yes: the column may be null; every other column is "
+        "required in each row. MLflow: `param:` / `metric:` name what the column is logged as "
+        "on the stage's run; `tag` is the tag `nptm.<column>`.",
+    ]
+    titles = {
+        STAGES_TABLE: "one row per stage run per sweep",
+        EPOCHS_TABLE: "one row per stage per epoch (metrics: step = epoch)",
+    }
+    for table, columns in COLUMNS.items():
+        out += ["", f"## `{table}`: {titles[table]}", ""]
+        out.append("| column | type | null | meaning | MLflow |")
+        out.append("|---|---|---|---|---|")
+        for c in columns:
+            mlflow = [
+                f"param:{c.param}" if c.param else "",
+                f"metric:{c.metric}" if c.metric else "",
+            ]
+            mlflow.append("tag" if c.tag else "")
+            cell = ", ".join(m for m in mlflow if m)
+            out.append(
+                f"| {c.name} | {c.type} | {'yes' if c.nullable else 'no'} | {c.doc} | {cell} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -1,52 +1,11 @@
-"""Summary statistics for sweep reports: mean ± sd over seeds and paired Student-t intervals."""
+"""Summary statistics for sweep reports: mean ± sd over seeds, Student-t intervals and their
+reading."""
 
 from __future__ import annotations
-
-import math
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-
-
-@dataclass(frozen=True)
-class PairedCI:
-    """Mean of paired differences with a two-sided Student-t confidence interval.
-
-    With fewer than two differences the interval is undefined: `half_width`, `low` and
-    `high` are NaN.
-    """
-
-    mean: float
-    sd: float
-    n: int
-    half_width: float
-    low: float
-    high: float
-    level: float = 0.95
-
-    @property
-    def defined(self) -> bool:
-        return not math.isnan(self.half_width)
-
-
-def _finite(values: Iterable[float]) -> np.ndarray:
-    arr = np.asarray(list(values), dtype=float)
-    return arr[~np.isnan(arr)]
-
-
-def mean_std_n(values: Iterable[float]) -> tuple[float, float, int]:
-    """(mean, sample standard deviation (ddof=1), n) of the non-NaN values.
-
-    n = 0 gives (nan, nan, 0); n = 1 gives (value, nan, 1).
-    """
-    arr = _finite(values)
-    n = int(arr.size)
-    mean = float(arr.mean()) if n else math.nan
-    sd = float(arr.std(ddof=1)) if n > 1 else math.nan
-    return mean, sd, n
 
 
 def t_half_width(sd: np.ndarray | float, n: np.ndarray | int, level: float = 0.95) -> np.ndarray:
@@ -60,13 +19,6 @@ def t_half_width(sd: np.ndarray | float, n: np.ndarray | int, level: float = 0.9
     crit = sps.t.ppf(0.5 + level / 2, dof)
     half = crit * sd_arr / np.sqrt(np.where(ok, n_arr, 1.0))
     return np.where(ok, half, np.nan)
-
-
-def paired_ci(differences: Iterable[float], level: float = 0.95) -> PairedCI:
-    """Mean of `differences` (e.g. acc_A - acc_B per seed) with its t interval."""
-    mean, sd, n = mean_std_n(differences)
-    half = float(t_half_width(sd, n, level)) if n >= 2 else math.nan
-    return PairedCI(mean, sd, n, half, mean - half, mean + half, level)
 
 
 def grouped_ci(
@@ -88,12 +40,12 @@ def grouped_ci(
 SUPPORTED, INCONCLUSIVE, CONTRADICTED = "supported", "inconclusive", "contradicted"
 
 
-def verdict(low: float, high: float, n: int) -> str:
-    """Reading of a CI of a difference claimed to be positive."""
-    if n < 2 or math.isnan(low) or math.isnan(high):
-        return INCONCLUSIVE
-    if low > 0:
-        return SUPPORTED
-    if high < 0:
-        return CONTRADICTED
-    return INCONCLUSIVE
+def with_verdict(cis: pd.DataFrame) -> pd.DataFrame:
+    """Add ``verdict``: the reading of each interval of a difference claimed to be positive
+    (supported above 0, contradicted below 0, inconclusive otherwise and when n < 2)."""
+    cis["verdict"] = np.select(
+        [cis["n"] < 2, cis["low"] > 0, cis["high"] < 0],
+        [INCONCLUSIVE, SUPPORTED, CONTRADICTED],
+        INCONCLUSIVE,
+    )
+    return cis

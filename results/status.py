@@ -7,12 +7,14 @@ from typing import Any
 
 import pandas as pd
 
-from results.report import text_table
-from results.schema import STAGE_KINDS, STATUSES
+from results.schema import AXIS_COLUMNS
 from results.store import SweepStore
+from results.tables import text_table
+from trainables.stage import StageKind, StageStatus
 
-_FAILED = ("failed", "diverged")
-_DETAIL = ("dataset", "model", "pruner", "ratio", "preset", "schedule", "budget_epochs", "seed")
+STAGE_KINDS = tuple(k.value for k in StageKind)
+STATUSES = tuple(s.value for s in StageStatus)
+_FAILED = (StageStatus.FAILED, StageStatus.DIVERGED)
 
 
 def _plain(value: Any) -> Any:
@@ -32,23 +34,23 @@ def sweep_status(store: SweepStore) -> dict[str, Any]:
     """Counts of stored stages by stage_kind × status, and every failed or diverged stage.
 
     Returns ``{"sweep", "stages", "counts": {kind: {status: n}}, "by_status": {status: n},
-    "failed": [{"trial_id", "stage_kind", "status", "error", ...}]}`` (JSON-serialisable).
+    "failed": [{"stage_id", "stage_kind", "status", "error", ...}]}`` (JSON-serialisable).
     """
-    trials = store.read_trials()
+    stages = store.read_stages()
     counts = {kind: dict.fromkeys(STATUSES, 0) for kind in STAGE_KINDS}
-    for (kind, status), n in trials.groupby(["stage_kind", "status"]).size().items():
+    for (kind, status), n in stages.groupby(["stage_kind", "status"]).size().items():
         counts.setdefault(kind, dict.fromkeys(STATUSES, 0))[status] = int(n)
     by_status = {s: sum(c.get(s, 0) for c in counts.values()) for s in STATUSES}
-    bad = trials[trials["status"].isin(_FAILED)].sort_values(
-        ["stage_kind", "trial_id"], kind="stable"
+    bad = stages[stages["status"].isin(_FAILED)].sort_values(
+        ["stage_kind", "stage_id"], kind="stable"
     )
     failed = [
         {
-            "trial_id": r["trial_id"],
+            "stage_id": r["stage_id"],
             "stage_kind": r["stage_kind"],
             "status": r["status"],
             "error": _plain(r["error"]),
-            **{k: _plain(r[k]) for k in _DETAIL},
+            **{k: _plain(r[k]) for k in AXIS_COLUMNS},
             "node": _plain(r["node"]),
             "ended_at": _plain(r["ended_at"]),
         }
@@ -56,7 +58,7 @@ def sweep_status(store: SweepStore) -> dict[str, Any]:
     ]
     return {
         "sweep": store.sweep,
-        "stages": len(trials),
+        "stages": len(stages),
         "counts": counts,
         "by_status": by_status,
         "failed": failed,
@@ -81,7 +83,7 @@ def render_status(d: dict[str, Any], *, max_failures: int = 20) -> str:
             )
             error = (f["error"] or "(no error text)").strip().splitlines()
             first = error[-1] if error else ""  # the last line of a traceback names the error
-            lines.append(f"  {f['trial_id']}  {f['stage_kind']:<8} {f['status']:<8} {what}")
+            lines.append(f"  {f['stage_id']}  {f['stage_kind']:<8} {f['status']:<8} {what}")
             lines.append(f"      {first[:300]}")
         if len(failed) > max_failures:
             lines.append(f"  ... and {len(failed) - max_failures} more (see --json)")

@@ -1,24 +1,27 @@
 """The Parquet store: the source of truth of every sweep.
 
-Layout under a storage root (a local path or a URI such as ``s3://bucket/prefix``)::
+Layout under a storage root (a local path or a URI such as ``s3://bucket/prefix``; see
+trainables.layout)::
 
-    <storage>/sweeps/<sweep>/trials/<trial_id>.parquet   one row: the stage's outcome
-    <storage>/sweeps/<sweep>/epochs/<trial_id>.parquet   one row per epoch of that stage
+    <storage>/sweeps/<sweep>/stages/<stage_id>.parquet   one row: the stage's outcome
+    <storage>/sweeps/<sweep>/epochs/<stage_id>.parquet   one row per epoch of that stage
 
 One file per stage means a rerun of a stage replaces its file rather than appending, and workers
 never contend for a file. Each directory is a Parquet dataset:
 ``pandas.read_parquet('<dir>')``, ``pyarrow.dataset.dataset('<dir>')`` or, in DuckDB,
-``SELECT * FROM read_parquet('<storage>/sweeps/<sweep>/trials/*.parquet')``.
+``SELECT * FROM read_parquet('<storage>/sweeps/<sweep>/stages/*.parquet')``.
 Files are written atomically (temporary name in the same directory, then a rename; on object
 stores a single PUT is already atomic), and temporary names start with a dot and do not end in
 ``.parquet``, so every reader above skips them.
+
+Sweeps written with schema version 1 (``trials/<trial_id>.parquet``, key column ``trial_id``)
+are read as if they were current; a stage written again lands in the current layout.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,41 +32,17 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from results.schema import SCHEMAS, SchemaError, TableName, rows_to_table
-from trainables.storage import atomic_write_bytes, resolve_storage
+from results.schema import LEGACY_KEY, SCHEMAS, SchemaError, TableName, rows_to_table
+from trainables.layout import EPOCHS_TABLE, LEGACY_STAGES_TABLE, STAGES_TABLE, Layout, check_name
+from trainables.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def check_name(kind: str, name: str) -> str:
-    """Reject names that could escape the storage root or make awkward paths."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
-    if name.startswith(("/", "\\")) or os.path.isabs(name):
-        raise ValueError(f"{kind} name {name!r} must not be an absolute path")
-    if "/" in name or "\\" in name:
-        raise ValueError(f"{kind} name {name!r} must not contain a path separator")
-    if ".." in name:
-        raise ValueError(f"{kind} name {name!r} must not contain '..'")
-    if not _NAME_RE.match(name):
-        raise ValueError(
-            f"{kind} name {name!r} may only use letters, digits, '.', '_' and '-', "
-            "and must start with a letter or digit"
-        )
-    return name
-
-
-def list_sweeps(storage: str | os.PathLike[str]) -> list[str]:
-    """Names of the sweeps stored under `storage`."""
-    fs, root, _ = resolve_storage(storage)
-    infos = fs.get_file_info(pafs.FileSelector(f"{root}/sweeps", allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+_KEYS = ("sweep", "stage_id", "stage_kind")  # what an epoch row shares with its stage row
 
 
 class SweepStore:
-    """Reads and writes one sweep's `trials` and `epochs` tables."""
+    """Reads and writes one sweep's `stages` and `epochs` tables."""
 
     def __init__(
         self,
@@ -73,20 +52,17 @@ class SweepStore:
         filesystem: pafs.FileSystem | None = None,
     ) -> None:
         """`filesystem` replaces the one resolved from `storage` (tests, custom credentials)."""
+        self.layout = Layout(storage, filesystem=filesystem)
         self.sweep = check_name("sweep", sweep)
-        self.storage = os.fspath(storage)
-        if filesystem is None:
-            self.fs, self.root, self.local = resolve_storage(storage)
-        else:
-            self.fs, self.root = filesystem, self.storage.rstrip("/")
-            self.local = filesystem.type_name == "local"
-        self.sweep_dir = f"{self.root}/sweeps/{self.sweep}"
+        self.storage = self.layout.storage
+        self.fs, self.root, self.local = self.layout.fs, self.layout.root, self.layout.local
+        self.sweep_dir = self.layout.sweep_dir(sweep)
 
     def __repr__(self) -> str:
         return f"SweepStore({self.storage!r}, {self.sweep!r})"
 
     def table_dir(self, table: TableName) -> str:
-        return f"{self.sweep_dir}/{table}"
+        return self.layout.table_dir(self.sweep, table)
 
     @property
     def local_dir(self) -> Path | None:
@@ -96,49 +72,58 @@ class SweepStore:
     # -- writing ---------------------------------------------------------------------------
 
     def write_stage(
-        self, trial_row: Mapping[str, Any], epoch_rows: Iterable[Mapping[str, Any]] = ()
-    ) -> None:
-        """Store one stage's outcome, replacing any earlier outcome of the same stage.
+        self, stage_row: Mapping[str, Any], epoch_rows: Iterable[Mapping[str, Any]] = ()
+    ) -> tuple[pa.Table, pa.Table]:
+        """Store one stage's outcome, replacing any earlier outcome of the same stage, and
+        return the stage and epoch tables as stored.
 
-        `sweep`, `trial_id` and `stage_kind` may be left out of the epoch rows (they are taken
-        from the trial row). Everything is validated before anything is written.
+        `sweep`, `stage_id` and `stage_kind` may be left out of the epoch rows (they are taken
+        from the stage row). Everything is validated before anything is written.
         """
-        trial = dict(trial_row)
-        trial.setdefault("sweep", self.sweep)
-        if trial["sweep"] != self.sweep:
+        stage = {"sweep": self.sweep, **stage_row}
+        if stage["sweep"] != self.sweep:
             raise SchemaError(
-                f"trials row: column 'sweep' is {trial['sweep']!r} but the store is for "
+                f"stages row: column 'sweep' is {stage['sweep']!r} but the store is for "
                 f"sweep {self.sweep!r}"
             )
-        trial_table = rows_to_table("trials", [trial])
-        trial_id = check_name("trial_id", trial_table["trial_id"][0].as_py())
-        kind = trial_table["stage_kind"][0].as_py()
+        stage_table = rows_to_table(STAGES_TABLE, [stage])
+        keys = {k: stage_table[k][0].as_py() for k in _KEYS}
+        stage_id = check_name("stage_id", keys["stage_id"])
         epochs = []
         seen: set[Any] = set()
         for i, row in enumerate(epoch_rows):
-            row = {"sweep": self.sweep, "trial_id": trial_id, "stage_kind": kind, **row}
-            for key, want in (("sweep", self.sweep), ("trial_id", trial_id), ("stage_kind", kind)):
+            row = {**keys, **row}
+            for key, want in keys.items():
                 if row[key] != want:
                     raise SchemaError(
-                        f"epochs row {i}: column {key!r} is {row[key]!r} but the trial row "
+                        f"epochs row {i}: column {key!r} is {row[key]!r} but the stage row "
                         f"has {want!r}"
                     )
             if row.get("epoch") in seen:
                 raise SchemaError(f"epochs row {i}: duplicate epoch {row['epoch']!r}")
             seen.add(row.get("epoch"))
             epochs.append(row)
-        epoch_table = rows_to_table("epochs", epochs)
+        epoch_table = rows_to_table(EPOCHS_TABLE, epochs)
 
-        # Epochs first: a trial row on disk then always has its epochs next to it.
-        epoch_path = self._path("epochs", trial_id)
+        # Epochs first: a stage row on disk then always has its epochs next to it.
+        epoch_path = self.layout.table_file(self.sweep, EPOCHS_TABLE, stage_id)
         if epoch_table.num_rows:
             self._write_atomic(epoch_table, epoch_path)
         else:
             self._delete_if_exists(epoch_path)
-        self._write_atomic(trial_table, self._path("trials", trial_id))
+        self._write_atomic(stage_table, self.layout.table_file(self.sweep, STAGES_TABLE, stage_id))
+        legacy = self.layout.table_file(self.sweep, LEGACY_STAGES_TABLE, stage_id)
+        self._delete_if_exists(legacy)  # the current layout replaces a version-1 row
+        return stage_table, epoch_table
 
-    def _path(self, table: TableName, trial_id: str) -> str:
-        return f"{self.table_dir(table)}/{trial_id}.parquet"
+    def link_mlflow_run(self, stage_table: pa.Table, run_id: str) -> None:
+        """Rewrite a stage row `write_stage` returned with the id of its MLflow run."""
+        column = stage_table.schema.get_field_index("mlflow_run_id")
+        linked = stage_table.set_column(
+            column, stage_table.schema.field(column), pa.array([run_id], pa.string())
+        )
+        stage_id = stage_table["stage_id"][0].as_py()
+        self._write_atomic(linked, self.layout.table_file(self.sweep, STAGES_TABLE, stage_id))
 
     def _write_atomic(self, table: pa.Table, path: str) -> None:
         buf = pa.BufferOutputStream()
@@ -152,23 +137,23 @@ class SweepStore:
     # -- reading ---------------------------------------------------------------------------
 
     def _file_infos(self, table: TableName) -> list[pafs.FileInfo]:
-        infos = self.fs.get_file_info(
-            pafs.FileSelector(self.table_dir(table), allow_not_found=True)
-        )
-        return sorted(
-            (
-                i
-                for i in infos
-                if i.type == pafs.FileType.File
-                and i.base_name.endswith(".parquet")
-                and not i.base_name.startswith((".", "_"))
-            ),
-            key=lambda i: i.base_name,
-        )
+        """The table's stage files; for `stages`, version-1 files of stages not rewritten since."""
+        dirs = [table] + ([LEGACY_STAGES_TABLE] if table == STAGES_TABLE else [])
+        found: dict[str, pafs.FileInfo] = {}
+        for name in dirs:
+            selector = pafs.FileSelector(self.table_dir(name), allow_not_found=True)
+            for i in self.fs.get_file_info(selector):
+                if (
+                    i.type == pafs.FileType.File
+                    and i.base_name.endswith(".parquet")
+                    and not i.base_name.startswith((".", "_"))
+                ):
+                    found.setdefault(i.base_name, i)  # the current layout first
+        return [found[name] for name in sorted(found)]
 
-    def trial_ids(self) -> list[str]:
+    def stage_ids(self) -> list[str]:
         """Ids of the stages with a stored outcome (from file names; nothing is read)."""
-        return [i.base_name.removesuffix(".parquet") for i in self._file_infos("trials")]
+        return [i.base_name.removesuffix(".parquet") for i in self._file_infos(STAGES_TABLE)]
 
     def read_table(self, table: TableName) -> pa.Table:
         """The whole table as Arrow, with exactly the current schema.
@@ -183,7 +168,7 @@ class SweepStore:
         schema = SCHEMAS[table]
         if not infos:
             return schema.empty_table()
-        current = {i.base_name: (i.mtime_ns, i.size) for i in infos}
+        current = {self._key(i): (i.mtime_ns, i.size) for i in infos}
         cached = self._read_cache(table)
         if cached is not None:
             stamps = zip(
@@ -197,7 +182,7 @@ class SweepStore:
             have = set(kept[_FILE].to_pylist())
         else:
             kept, have = None, set()
-        fresh = [i for i in infos if i.base_name not in have]
+        fresh = [i for i in infos if self._key(i) not in have]
         parts = [kept] if kept is not None else []
         if fresh:
             parts.append(self._read_files(table, fresh))
@@ -206,28 +191,30 @@ class SweepStore:
             self._write_cache(table, combined)
         return combined.drop_columns([_FILE, _MTIME, _SIZE]).cast(schema)
 
+    def _key(self, info: pafs.FileInfo) -> str:
+        """A file's name in the cache: its path inside the sweep directory."""
+        return info.path.removeprefix(self.sweep_dir + "/")
+
     def _read_files(self, table: TableName, infos: list[pafs.FileInfo]) -> pa.Table:
         schema = SCHEMAS[table]
         cache_schema = _cache_schema(schema)
-        stamp = {i.path: (i.base_name, i.mtime_ns, i.size) for i in infos}
-        dataset = ds.dataset(list(stamp), schema=schema, format="parquet", filesystem=self.fs)
-        batches = []
-        for tagged in dataset.scanner().scan_batches():  # each batch knows its file
-            batch = tagged.record_batch
-            name, mtime, size = stamp[tagged.fragment.path]
-            n = batch.num_rows
+        stamp = {i.path: (self._key(i), i.mtime_ns, i.size) for i in infos}
+        dataset = ds.dataset(list(stamp), format="parquet", filesystem=self.fs)
+        parts = []
+        for fragment in dataset.get_fragments():
+            data = _current_layout(fragment.to_table(), schema)
+            name, mtime, size = stamp[fragment.path]
+            n = data.num_rows
             extra = [
                 pa.array([name] * n, pa.string()),
                 pa.array([mtime] * n, pa.int64()),
                 pa.array([size] * n, pa.int64()),
             ]
-            batches.append(
-                pa.RecordBatch.from_arrays([*batch.columns, *extra], schema=cache_schema)
-            )
-        return pa.Table.from_batches(batches, schema=cache_schema)
+            parts.append(pa.Table.from_arrays([*data.columns, *extra], schema=cache_schema))
+        return pa.concat_tables(parts) if parts else cache_schema.empty_table()
 
     def _cache_path(self, table: TableName) -> str:
-        return f"{self.sweep_dir}/{_CACHE_DIR}/{table}.parquet"
+        return self.layout.read_cache(self.sweep, table)
 
     def _read_cache(self, table: TableName) -> pa.Table | None:
         try:
@@ -244,15 +231,28 @@ class SweepStore:
         except (OSError, pa.ArrowException) as err:  # e.g. read-only storage: just slower
             log.debug("cannot write the read cache of %s: %s", self, err)
 
-    def read_trials(self) -> pd.DataFrame:
-        return _to_pandas(self.read_table("trials"))
+    def read_stages(self) -> pd.DataFrame:
+        return _to_pandas(self.read_table(STAGES_TABLE))
 
     def read_epochs(self) -> pd.DataFrame:
-        return _to_pandas(self.read_table("epochs"))
+        return _to_pandas(self.read_table(EPOCHS_TABLE))
 
 
-_CACHE_DIR = ".nptm-cache"
 _FILE, _MTIME, _SIZE = "__file", "__mtime_ns", "__size"
+
+
+def _current_layout(data: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A stage file's rows in the current schema: version 1's key column renamed, columns
+    added since then null."""
+    if LEGACY_KEY in data.column_names:
+        data = data.rename_columns(
+            ["stage_id" if n == LEGACY_KEY else n for n in data.column_names]
+        )
+    columns = [
+        data[f.name] if f.name in data.column_names else pa.nulls(data.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
 
 
 def _cache_schema(schema: pa.Schema) -> pa.Schema:

@@ -135,11 +135,20 @@ def sweep_with_fault(
 
 
 def trials(storage: Path, sweep: str = "tiny") -> pd.DataFrame:
-    return pd.read_parquet(storage / "sweeps" / sweep / "trials")
+    return pd.read_parquet(storage / "sweeps" / sweep / "stages")
 
 
 def executions(storage: Path, stage_id: str) -> int:
-    return len(list((storage / "stages" / stage_id).glob("exec-*")))
+    """How many times the stage was started (first run, retries, resumes and refused attempts
+    all count): the `attempts` of its row in the `stages` table of whichever sweep recorded it
+    last; 0 if none did."""
+    import pyarrow.parquet as pq
+
+    rows = [
+        pq.read_table(path, columns=["attempts"])["attempts"][0].as_py() or 0
+        for path in storage.glob(f"sweeps/*/stages/{stage_id}.parquet")
+    ]
+    return max(rows, default=0)
 
 
 def mlflow_stage_runs(uri: str, sweep: str = "tiny") -> list:
@@ -152,7 +161,7 @@ def mlflow_stage_runs(uri: str, sweep: str = "tiny") -> list:
     runs, token = [], None
     while True:
         page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
-        runs += [r for r in page if "nptm.trial_id" in r.data.tags]
+        runs += [r for r in page if "nptm.stage_id" in r.data.tags]
         token = page.token
         if not token:
             return runs

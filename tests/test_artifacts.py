@@ -11,9 +11,14 @@ import pytest
 import torch
 
 from trainables.artifacts import ArtifactStore, CorruptArtifactError
+from trainables.stage import EpochMetrics, StageOutcome
 from trainables.storage import atomic_write_bytes, is_local_storage, resolve_storage
 
 SID = "0123456789abcdef"
+
+
+def _outcome(**kw: object) -> StageOutcome:
+    return StageOutcome(SID, "retrain", "ok", **kw)  # type: ignore[arg-type]
 
 
 def _payload() -> dict:
@@ -79,8 +84,8 @@ def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path))
     for epoch in range(3):  # overwriting in place, as resume checkpoints do every epoch
         store.save(SID, "resume", {"epoch": epoch})
-    store.write_outcome(SID, {"status": "ok"})
-    store.mark_execution(SID)
+    store.write_outcome(_outcome())
+    store.start_attempt(SID)
     names = _files(tmp_path)
     assert not [n for n in names if Path(n).name.startswith(".")], names
     assert store.load(SID, "resume")["epoch"] == 2
@@ -133,8 +138,8 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path,
 def test_invalidate_forgets_the_outcome_but_keeps_the_weights(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path))
     store.save(SID, "model", _payload())
-    store.write_outcome(SID, {"status": "ok", "test_acc": 0.5})
-    assert store.read_outcome(SID) == {"status": "ok", "test_acc": 0.5}
+    store.write_outcome(_outcome(test_acc=0.5))
+    assert store.read_outcome(SID) == _outcome(test_acc=0.5)
     store.invalidate(SID)
     assert store.read_outcome(SID) is None
     assert store.exists(SID, "model")
@@ -144,25 +149,64 @@ def test_invalidate_forgets_the_outcome_but_keeps_the_weights(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     "content",
-    [b'{"status": "ok", "test_acc": 0.9', b"\x80\x81garbage", b"\xff\xfe{", b"[1, 2]", b"null"],
-    ids=["truncated", "not-utf8", "bom-garbage", "list", "null"],
+    [
+        b'{"status": "ok", "test_acc": 0.9',
+        b"\x80\x81garbage",
+        b"\xff\xfe{",
+        b"[1, 2]",
+        b"null",
+        b'{"status": "ok"}',
+        b'{"stage_id": "x", "kind": "retrain", "status": "finished"}',
+    ],
+    ids=["truncated", "not-utf8", "bom-garbage", "list", "null", "no-stage", "bad-status"],
 )
 def test_unreadable_outcome_means_not_done(tmp_path: Path, content: bytes) -> None:
     store = ArtifactStore(str(tmp_path))
-    store.write_outcome(SID, {"status": "ok"})
+    store.write_outcome(_outcome())
     (tmp_path / "stages" / SID / "outcome.json").write_bytes(content)
     assert store.read_outcome(SID) is None  # the stage is recomputed, never a crash
 
 
-def test_executions_counts_every_start(tmp_path: Path) -> None:
+def test_attempts_count_every_start(tmp_path: Path) -> None:
     store = ArtifactStore(str(tmp_path))
-    assert store.executions(SID) == 0  # no stage directory yet
-    for _ in range(3):
-        store.mark_execution(SID)
+    assert store.attempts(SID) == 0  # no stage directory yet
+    assert [store.start_attempt(SID) for _ in range(3)] == [1, 2, 3]
     store.save(SID, "model", _payload())
-    store.write_outcome(SID, {"status": "ok"})
-    assert store.executions(SID) == 3
-    assert len(list((tmp_path / "stages" / SID).glob("exec-*"))) == 3
+    store.write_outcome(_outcome(attempts=3))
+    assert store.attempts(SID) == 3 and store.read_outcome(SID).attempts == 3
+
+
+def test_outcome_round_trip_keeps_types_and_epochs(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path))
+    epoch = EpochMetrics(1, 0.1, 1.5, 0.4, None, None, 1.2, 0.5, 2.0, 64, 1.5)
+    written = _outcome(test_acc=0.5, params=1000, structured=True, epochs=(epoch,))
+    store.write_outcome(written)
+    back = store.read_outcome(SID)
+    assert back == written and back.epochs[0] == epoch
+    assert back.kind == "retrain" and back.status.finished
+
+
+def test_outcome_written_before_stage_outcome_is_read(tmp_path: Path) -> None:
+    # The untyped layout of earlier versions: trial_id, stage_kind and epoch_rows.
+    old = {
+        "status": "diverged",
+        "error": "training diverged",
+        "trial_id": SID,
+        "stage_kind": "pretrain",
+        "test_acc": 0.25,
+        "pretrain_id": SID,
+        "epoch_rows": [
+            {"epoch": 1, "lr": 0.1, "train_loss": 2.0, "train_acc": 0.2, "val_loss": None,
+             "val_acc": None, "test_loss": 2.1, "test_acc": 0.25, "wall_s": 1.0, "samples": 10,
+             "train_s": 0.5}
+        ],
+    }  # fmt: skip
+    (tmp_path / "stages" / SID).mkdir(parents=True)
+    (tmp_path / "stages" / SID / "outcome.json").write_text(json.dumps(old))
+    back = ArtifactStore(str(tmp_path)).read_outcome(SID)
+    assert back is not None and back.stage_id == SID and back.kind == "pretrain"
+    assert back.status == "diverged" and back.status.finished and back.test_acc == 0.25
+    assert [e.test_acc for e in back.epochs] == [0.25]
 
 
 @pytest.mark.parametrize(
@@ -171,7 +215,7 @@ def test_executions_counts_every_start(tmp_path: Path) -> None:
 )
 def test_addresses_outside_a_stage_directory_are_refused(stage_id: str, name: str, tmp_path):
     store = ArtifactStore(str(tmp_path))
-    with pytest.raises(ValueError, match="invalid artifact address"):
+    with pytest.raises(ValueError, match=r"(stage id|artifact) name"):
         store.save(stage_id, name, {"x": 1})
     assert _files(tmp_path) == []
 
@@ -184,11 +228,11 @@ def test_file_uri_storage_is_the_local_directory(tmp_path: Path) -> None:
     assert isinstance(fs, pafs.LocalFileSystem) and root == str(tmp_path)
     store = ArtifactStore(uri)
     store.save(SID, "model", _payload())
-    store.write_outcome(SID, {"status": "ok"})
+    store.write_outcome(_outcome())
     assert (tmp_path / "stages" / SID / "model.pt").is_file()
     # The same bytes are reachable through the plain path.
     plain = ArtifactStore(str(tmp_path))
-    assert plain.read_outcome(SID) == {"status": "ok"}
+    assert plain.read_outcome(SID) == _outcome()
     assert torch.equal(plain.load(SID, "model")["state_dict"]["b"], torch.arange(4))
 
 
@@ -197,10 +241,9 @@ def test_relative_storage_resolves_against_the_working_directory(tmp_path, monke
     fs, root, _ = resolve_storage("runs")
     assert root == str(tmp_path / "runs") and isinstance(fs, pafs.LocalFileSystem)
     assert not is_local_storage("s3://bucket/prefix")
-    ArtifactStore("runs").write_outcome(SID, {"status": "ok"})
-    assert json.loads((tmp_path / "runs" / "stages" / SID / "outcome.json").read_text()) == {
-        "status": "ok"
-    }
+    ArtifactStore("runs").write_outcome(_outcome())
+    stored = json.loads((tmp_path / "runs" / "stages" / SID / "outcome.json").read_text())
+    assert stored["stage_id"] == SID and stored["status"] == "ok"
 
 
 def test_corrupt_artifact_error_survives_pickling() -> None:

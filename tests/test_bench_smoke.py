@@ -188,10 +188,10 @@ def test_overhead_share() -> None:
 def test_in_stage_times_by_hand() -> None:
     overhead = _load("overhead")
     trials = pd.DataFrame(
-        {"trial_id": ["a", "b", "c"], "stage_kind": ["pretrain", "prune", "retrain"],
+        {"stage_id": ["a", "b", "c"], "stage_kind": ["pretrain", "prune", "retrain"],
          "wall_seconds": [10.0, 0.5, 4.0]}
     )  # fmt: skip
-    epochs = pd.DataFrame({"trial_id": ["a", "a", "c"], "wall_s": [4.0, 5.0, 3.5]})
+    epochs = pd.DataFrame({"stage_id": ["a", "a", "c"], "wall_s": [4.0, 5.0, 3.5]})
     got = overhead.in_stage_times(trials, epochs)
     assert got.loc["a", "loop_s"] == 9.0 and got.loc["a", "in_stage_s"] == 1.0
     assert got.loc["b", "loop_s"] == 0.0 and got.loc["b", "in_stage_s"] == 0.5
@@ -254,10 +254,10 @@ def test_summarise_by_hand() -> None:
         + _events("r2", "retrain", 200.0, False)
     )
     trials = pd.DataFrame(
-        {"trial_id": ["p0", "r1", "r2"], "stage_kind": ["pretrain", "retrain", "retrain"],
+        {"stage_id": ["p0", "r1", "r2"], "stage_kind": ["pretrain", "retrain", "retrain"],
          "wall_seconds": [5.0, 5.0, 5.0]}
     )  # fmt: skip
-    epochs = pd.DataFrame({"trial_id": ["p0", "r1", "r2"], "wall_s": [4.0, 4.5, 4.5]})
+    epochs = pd.DataFrame({"stage_id": ["p0", "r1", "r2"], "wall_s": [4.0, 4.5, 4.5]})
     s = overhead.summarise(trials, epochs, overhead.trace_phases(events), 40.0, 10.0)
     assert s["stages"] == 3 and s["per_stage_wall_s"] == pytest.approx(10.0)
     assert s["wall_over_loop"] == pytest.approx(30.0 / 13.0)

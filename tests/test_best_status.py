@@ -10,14 +10,16 @@ import pytest
 from mlflow import MlflowClient
 
 from results.best import best_runs, render_best
+from results.mlflow_uri import default_tracking_uri
+from results.schema import rows_to_table
 from results.status import render_status, sweep_status
 from results.store import SweepStore
-from results.tracking import MlflowRecorder, default_tracking_uri
+from results.tracking import MlflowRecorder
 
 
-def row(trial_id: str, **kw: object) -> dict:
+def row(stage_id: str, **kw: object) -> dict:
     r = {
-        "trial_id": trial_id,
+        "stage_id": stage_id,
         "stage_kind": "retrain",
         "parent_ids": [],
         "round": 1,
@@ -35,7 +37,7 @@ def row(trial_id: str, **kw: object) -> dict:
     return r
 
 
-# (sweep, trial_id, pruner, schedule, test_acc, extra)
+# (sweep, stage_id, pruner, schedule, test_acc, extra)
 RUNS = [
     ("s1", "a", "l1_filter", "ft", 0.80, {}),
     ("s1", "b", "l1_filter", "clr", 0.86, {}),
@@ -59,9 +61,8 @@ def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
         rec.start_sweep({"sweep": sweep})
         for sw, tid, pruner, sched, acc, extra in RUNS:
             if sw == sweep:
-                assert rec.record_stage(
-                    row(tid, pruner=pruner, schedule=sched, test_acc=acc, **extra)
-                )
+                stage = row(tid, sweep=sw, pruner=pruner, schedule=sched, test_acc=acc, **extra)
+                assert rec.record_stage(rows_to_table("stages", [stage]).to_pylist()[0])
         rec.end_sweep()
     # An unrelated experiment in the same store is ignored.
     client = MlflowClient(tracking_uri=uri)
@@ -73,7 +74,7 @@ def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_top_k_of_one_sweep(uri: str) -> None:
     df = best_runs(uri, sweep="s1", top=3)
-    assert df["trial_id"].tolist() == ["b", "d", "e"]
+    assert df["stage_id"].tolist() == ["b", "d", "e"]
     assert df["test_acc"].tolist() == pytest.approx([0.86, 0.84, 0.83])
     assert df["pruner"].tolist() == ["l1_filter", "random_filter", "random_filter"]
     assert set(df["sweep"]) == {"s1"}
@@ -82,18 +83,18 @@ def test_top_k_of_one_sweep(uri: str) -> None:
 
 def test_all_nptm_experiments(uri: str) -> None:
     df = best_runs(uri, top=2)
-    assert df["trial_id"].tolist() == ["h", "b"]
+    assert df["stage_id"].tolist() == ["h", "b"]
     assert df["sweep"].tolist() == ["s2", "s1"]
 
 
 def test_top_per_group(uri: str) -> None:
     df = best_runs(uri, sweep="s1", by=["pruner"], top=1)
-    assert df[["pruner", "trial_id"]].values.tolist() == [
+    assert df[["pruner", "stage_id"]].values.tolist() == [
         ["l1_filter", "b"],
         ["random_filter", "d"],
     ]
     df = best_runs(uri, sweep="s1", by=["pruner", "seed"], top=5)
-    assert df[["pruner", "seed", "trial_id"]].values.tolist() == [
+    assert df[["pruner", "seed", "stage_id"]].values.tolist() == [
         ["l1_filter", "0", "b"],
         ["l1_filter", "0", "a"],
         ["random_filter", "0", "d"],
@@ -163,7 +164,7 @@ def test_sweep_status(tmp_path: Path) -> None:
     assert d["counts"]["prune"] == {"ok": 1, "diverged": 0, "failed": 1, "skipped": 0}
     assert d["counts"]["retrain"] == {"ok": 2, "diverged": 1, "failed": 0, "skipped": 1}
     assert d["by_status"] == {"ok": 4, "diverged": 1, "failed": 1, "skipped": 1}
-    failed = {f["trial_id"]: f for f in d["failed"]}
+    failed = {f["stage_id"]: f for f in d["failed"]}
     assert sorted(failed) == ["q1", "r2"]
     assert failed["q1"]["error"].endswith("ValueError: bad mask")
     assert failed["r2"]["status"] == "diverged" and failed["r2"]["seed"] == 2

@@ -17,15 +17,8 @@ from torchvision import datasets as tv_datasets
 
 from tests.cifar_fixture import accept_checksums, write_cifar10, write_cifar100
 from trainables.catalog import DATASETS
-from trainables.data import (
-    InMemoryLoader,
-    crop_flip,
-    download_lock_path,
-    load_dataset,
-    make_loaders,
-    order_seed,
-    split_indices,
-)
+from trainables.datasets import download_lock_path, load_dataset, split_indices
+from trainables.loaders import InMemoryLoader, crop_flip, make_loaders, order_seed
 
 CIFAR_INFO = DATASETS["cifar10"]
 

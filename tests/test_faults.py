@@ -88,18 +88,18 @@ def _sync(capsys, sweep: str, storage: Path, uri: str) -> dict[str, int]:
 def _assert_parquet_complete(storage: Path, sweep: str, grid: Path) -> pd.DataFrame:
     """One untorn row per planned stage, every one ok, and the epochs each stage ran."""
     rows = trials(storage, sweep)
-    assert sorted(rows.trial_id) == sorted(plan_stage_ids(grid))
-    assert set(rows.status) == {"ok"}, rows[["trial_id", "status", "error"]]
-    for path in (storage / "sweeps" / sweep / "trials").iterdir():
+    assert sorted(rows.stage_id) == sorted(plan_stage_ids(grid))
+    assert set(rows.status) == {"ok"}, rows[["stage_id", "status", "error"]]
+    for path in (storage / "sweeps" / sweep / "stages").iterdir():
         assert not path.name.startswith("."), f"temporary file left behind: {path}"
         table = pq.read_table(path)  # each file reads on its own: nothing torn
-        assert table.num_rows == 1 and table["trial_id"][0].as_py() == path.stem
+        assert table.num_rows == 1 and table["stage_id"][0].as_py() == path.stem
     epochs = pd.read_parquet(storage / "sweeps" / sweep / "epochs")
-    assert set(epochs.trial_id) <= set(rows.trial_id)
+    assert set(epochs.stage_id) <= set(rows.stage_id)
     for row in rows.itertuples():
-        got = sorted(epochs[epochs.trial_id == row.trial_id].epoch)
+        got = sorted(epochs[epochs.stage_id == row.stage_id].epoch)
         want = {"pretrain": row.epochs_run, "prune": 0, "retrain": row.budget_epochs}
-        assert got == list(range(1, int(want[row.stage_kind]) + 1)), (row.trial_id, got)
+        assert got == list(range(1, int(want[row.stage_kind]) + 1)), (row.stage_id, got)
     return rows
 
 
@@ -297,8 +297,8 @@ def test_damaged_own_resume_checkpoint_restarts_the_stage_from_epoch_zero(
     resume = tmp_path / "runs" / "stages" / spec.id / "resume.pt"
     resume.write_bytes(resume.read_bytes()[:-7])  # truncated: the checksum no longer matches
     outcome = run_stage(spec, WorkerEnv(storage=str(tmp_path / "runs")))
-    assert outcome["status"] == "ok" and outcome["resumed_from_epoch"] == 0
-    assert [e["epoch"] for e in outcome["epoch_rows"]] == [1, 2]
+    assert outcome.status == "ok" and outcome.resumed_from_epoch == 0
+    assert [e.epoch for e in outcome.epochs] == [1, 2]
     assert not store.exists(spec.id, "resume") and store.load(spec.id, "model")
 
 
@@ -405,10 +405,10 @@ def test_mlflow_down_from_the_start_then_sync_restores_every_run(down_sweep, cle
     n = len(rows)
     assert _sync(capsys, "tiny", storage, uri) == {"created": n, "updated": 0, "unchanged": 0}
     runs = mlflow_stage_runs(uri)
-    assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(rows.trial_id)
-    by_id = rows.set_index("trial_id")
+    assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
+    by_id = rows.set_index("stage_id")
     for run in runs:
-        row = by_id.loc[run.data.tags["nptm.trial_id"]]
+        row = by_id.loc[run.data.tags["nptm.stage_id"]]
         assert run.info.status == "FINISHED"
         assert run.data.tags["nptm.stage_kind"] == row.stage_kind
         if row.stage_kind != "prune":
@@ -431,13 +431,13 @@ def damaged_rerun(down_sweep, ray_node) -> SimpleNamespace:
     shutil.copytree(down_sweep.storage, storage)
     rows = trials(storage)
     store = ArtifactStore(str(storage))
-    prune = _stage(rows, "prune", pruner="magnitude").trial_id
-    child = _stage(rows, "retrain", pruner="magnitude", schedule="ft").trial_id
-    sibling = _stage(rows, "retrain", pruner="magnitude", schedule="clr").trial_id
-    garbled = _stage(rows, "retrain", pruner="l1_filter", schedule="ft").trial_id
-    resumed = _stage(rows, "retrain", pruner="l1_filter", schedule="clr").trial_id
+    prune = _stage(rows, "prune", pruner="magnitude").stage_id
+    child = _stage(rows, "retrain", pruner="magnitude", schedule="ft").stage_id
+    sibling = _stage(rows, "retrain", pruner="magnitude", schedule="clr").stage_id
+    garbled = _stage(rows, "retrain", pruner="l1_filter", schedule="ft").stage_id
+    resumed = _stage(rows, "retrain", pruner="l1_filter", schedule="clr").stage_id
     before = {sid: json.loads((storage / "stages" / sid / "outcome.json").read_text())
-              for sid in rows.trial_id}  # fmt: skip
+              for sid in rows.stage_id}  # fmt: skip
     original_prune = store.load(prune, "model")
 
     model = storage / "stages" / prune / "model.pt"
@@ -476,7 +476,7 @@ def _rerun_ok(d: SimpleNamespace) -> pd.DataFrame:
 @pytest.mark.slow
 def test_truncated_prune_model_is_detected_and_recomputed(damaged_rerun) -> None:
     d = damaged_rerun
-    rows = _rerun_ok(d).set_index("trial_id")
+    rows = _rerun_ok(d).set_index("stage_id")
     store = ArtifactStore(str(d.storage))
     # The child found the checksum mismatch, the prune ran again (once), then the child.
     assert executions(d.storage, d.prune) == 2
@@ -488,8 +488,8 @@ def test_truncated_prune_model_is_detected_and_recomputed(damaged_rerun) -> None
         assert torch.equal(reloaded["state_dict"][key], tensor), key
     assert _same(store.load(d.child, "model")["plans"], reloaded["plans"])
     after = store.read_outcome(d.prune)
-    assert after["ended_at"] > d.before[d.prune]["ended_at"]
-    assert rows.loc[d.child, "acc_after_prune"] == pytest.approx(after["acc_after_prune"])
+    assert after.ended_at > d.before[d.prune]["ended_at"]
+    assert rows.loc[d.child, "acc_after_prune"] == pytest.approx(after.acc_after_prune)
 
 
 @pytest.mark.slow
@@ -497,10 +497,10 @@ def test_garbled_outcome_reruns_only_that_stage(damaged_rerun) -> None:
     d = damaged_rerun
     _rerun_ok(d)
     outcome = ArtifactStore(str(d.storage)).read_outcome(d.garbled)
-    assert outcome is not None and outcome["status"] == "ok"
-    assert outcome["ended_at"] > d.before[d.garbled]["ended_at"]
+    assert outcome is not None and outcome.status == "ok"
+    assert outcome.ended_at > d.before[d.garbled]["ended_at"]
     assert executions(d.storage, d.garbled) == 2
-    untouched = set(d.rows.trial_id) - {d.prune, d.child, d.garbled, d.resumed}
+    untouched = set(d.rows.stage_id) - {d.prune, d.child, d.garbled, d.resumed}
     assert {sid: executions(d.storage, sid) for sid in untouched} == dict.fromkeys(untouched, 1)
 
 
@@ -509,8 +509,8 @@ def test_truncated_resume_checkpoint_restarts_from_epoch_zero(damaged_rerun) -> 
     d = damaged_rerun
     _rerun_ok(d)
     outcome = ArtifactStore(str(d.storage)).read_outcome(d.resumed)
-    assert outcome["status"] == "ok" and outcome["resumed_from_epoch"] == 0
-    assert [e["epoch"] for e in outcome["epoch_rows"]] == [1, 2]
+    assert outcome.status == "ok" and outcome.resumed_from_epoch == 0
+    assert [e.epoch for e in outcome.epochs] == [1, 2]
     assert executions(d.storage, d.resumed) == 2  # no requeue loop: one more run
     assert not (d.storage / "stages" / d.resumed / "resume.pt").exists()
 
@@ -523,7 +523,7 @@ def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
     grid = write_grid(tmp_path / "tiny.yaml", pruners=(MAGNITUDE, L1), schedules="[ft, clr]")
     storage = tmp_path / "runs"
     db = tmp_path / "mlflow-server.db"
-    trials_dir = storage / "sweeps" / "tiny" / "trials"
+    trials_dir = storage / "sweeps" / "tiny" / "stages"
     with MlflowServer(db, tmp_path / "mlflow.log") as server:
         uri = server.wait()
         args = ["sweep", str(grid), "--storage", str(storage), "--mlflow-uri", uri,
@@ -553,7 +553,7 @@ def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
             assert counts["created"] >= 1  # what the dead server missed
             assert counts["unchanged"] >= recorded_before_kill  # what it had: not duplicated
             runs = mlflow_stage_runs(uri2)
-            assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(rows.trial_id)
+            assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
             assert {r.info.status for r in runs} == {"FINISHED"}
             assert _sync(capsys, "tiny", storage, uri2)["created"] == 0
             assert len(mlflow_stage_runs(uri2)) == n
@@ -587,15 +587,13 @@ def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path, ray_node) -> None:
     retrain = rows[rows.stage_kind == "retrain"]
     assert len(retrain) == 8
     assert peak["handed_out"] == 8, peak  # all eight retrains in flight together
-    # Physically parallel too: from each stage's execution marker to its outcome file.
+    # Physically parallel too: from each stage's start to its end, as its row records them.
     # (Tune starts a trial once its worker process has booted; seven workers booting on a
     # busy 2-core machine take long enough that the one reused actor finishes stages first,
     # so how many of the eight overlap depends on the machine's load.)
-    windows = []
-    for sid in retrain.trial_id:
-        stage = storage / "stages" / sid
-        start = min(p.stat().st_mtime for p in stage.glob("exec-*"))
-        windows.append((start, (stage / "outcome.json").stat().st_mtime))
+    windows = [
+        (row.started_at.timestamp(), row.ended_at.timestamp()) for row in retrain.itertuples()
+    ]
     overlap = _peak_overlap(windows)
     print(f"concurrency: {peak}, overlapping stage executions {overlap}")
     assert overlap >= 2 and peak["tune_running"] >= 2, (overlap, peak)
@@ -603,16 +601,16 @@ def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path, ray_node) -> None:
     import mlflow
 
     uri = f"sqlite:///{storage}/mlflow.db"
-    runs = {r.data.tags["nptm.trial_id"]: r for r in mlflow_stage_runs(uri, "conc")}
-    assert sorted(runs) == sorted(rows.trial_id)
+    runs = {r.data.tags["nptm.stage_id"]: r for r in mlflow_stage_runs(uri, "conc")}
+    assert sorted(runs) == sorted(rows.stage_id)
     epochs = pd.read_parquet(storage / "sweeps" / "conc" / "epochs")
     client = mlflow.MlflowClient(uri)
     for row in retrain.itertuples():
-        run = runs[row.trial_id]
+        run = runs[row.stage_id]
         assert run.info.status == "FINISHED" and run.info.run_id == row.mlflow_run_id
-        want = epochs[epochs.trial_id == row.trial_id].sort_values("epoch")
+        want = epochs[epochs.stage_id == row.stage_id].sort_values("epoch")
         for metric in ("train_loss", "val_acc", "lr"):
             history = sorted(client.get_metric_history(run.info.run_id, metric),
                              key=lambda m: m.step)  # fmt: skip
-            assert [m.step for m in history] == list(want.epoch), (row.trial_id, metric)
+            assert [m.step for m in history] == list(want.epoch), (row.stage_id, metric)
             assert [m.value for m in history] == pytest.approx(list(want[metric]))

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from orchestrator.render import render_inspect
 from trainables.catalog import IncompatibleError
-from trainables.inspect import inspect_model, render_inspect
+from trainables.inspect import inspect_model
 from trainables.macs import count_macs, count_nonzero_params, count_params_macs
 from trainables.models import build_model
 

@@ -20,6 +20,7 @@ import yaml
 
 from orchestrator.gpu_hours import describe, read_figures, shipped_figures
 from orchestrator.planner import Plan, build_plan, cumulative_ratio
+from orchestrator.render import render_plan
 from search_spaces import GridError, load_grid
 from trainables.catalog import PRUNERS
 from trainables.inspect import inspect_model
@@ -378,7 +379,9 @@ def test_planned_and_naive_epochs(tmp_path: Path) -> None:
     assert s["epochs"]["planned_by_kind"] == {"pretrain": 60, "prune": 0, "retrain": 240}
     assert s["sweep"] == "epochs"
     json.dumps(s)  # JSON-ready for `nptm plan --json`
-    table = plan.render_table()
+    from orchestrator.render import render_plan
+
+    table = render_plan(plan)
     for needle in ("'epochs'", "16 trials", "pretrain", "prune", "retrain", "300", "720"):
         assert needle in table
 
@@ -687,7 +690,7 @@ def _figures(tmp_path: Path, rows: list[dict[str, Any]]) -> Any:
 
 def test_plan_table_says_gpu_hours_of_the_shipped_figures(tmp_path: Path) -> None:
     plan = plan_of(tmp_path, HOURS_GRID.format(val=0))
-    assert plan.render_table().splitlines()[-1] == describe(plan.gpu_hours(shipped_figures()))
+    assert render_plan(plan).splitlines()[-1] == describe(plan.gpu_hours(shipped_figures()))
 
 
 def test_gpu_hours_are_planned_epochs_times_seconds_per_epoch(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from results.report import build_report, build_report_from_trials, final_round_retrain
-from results.schema import TRIALS_SCHEMA
-from results.stats import mean_std_n, paired_ci, t_half_width, verdict
+from results.analysis import final_round_retrain
+from results.report import build_report, build_report_from_stages
+from results.schema import STAGES_SCHEMA
+from results.stats import grouped_ci, t_half_width, with_verdict
 from results.store import SweepStore
 
 T_975_DF2 = 4.302653  # Student t quantile, 0.975, 2 degrees of freedom (tables)
@@ -21,33 +22,30 @@ T_975_DF2 = 4.302653  # Student t quantile, 0.975, 2 degrees of freedom (tables)
 # -- stats -------------------------------------------------------------------------------------
 
 
-def test_mean_std_n() -> None:
-    assert mean_std_n([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, math.sqrt(5 / 3), 4))
-    mean, sd, n = mean_std_n([0.7, float("nan")])  # NaN is not a value
-    assert (mean, n) == (0.7, 1) and math.isnan(sd)
-    mean, sd, n = mean_std_n([])
-    assert n == 0 and math.isnan(mean) and math.isnan(sd)
-
-
-def test_paired_ci_hand_computed() -> None:
-    ci = paired_ci([1.0, 2.0, 3.0])
-    assert (ci.mean, ci.sd, ci.n) == pytest.approx((2.0, 1.0, 3))
-    assert ci.half_width == pytest.approx(2.484138, abs=1e-6)  # 4.302653 / sqrt(3)
-    assert (ci.low, ci.high) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6)
+def test_grouped_ci_hand_computed() -> None:
+    frame = pd.DataFrame(
+        {
+            "g": ["a", "a", "a", "b", "b", "c", "c", "d", "d", "d", "d"],
+            "x": [1.0, 2.0, 3.0, 0.0, 2.0, 0.7, float("nan"), 1.0, 2.0, 3.0, 4.0],
+        }
+    )
+    ci = grouped_ci(frame, ["g"], "x").set_index("g")
+    # a: mean 2, sd 1, n 3; half-width t_{0.975, 2} / sqrt(3)
+    assert (ci.loc["a", "mean"], ci.loc["a", "sd"], ci.loc["a", "n"]) == pytest.approx((2, 1, 3))
+    assert ci.loc["a", "half_width"] == pytest.approx(T_975_DF2 / math.sqrt(3), abs=1e-6)
+    assert (ci.loc["a", "low"], ci.loc["a", "high"]) == pytest.approx(
+        (2 - 2.484138, 2 + 2.484138), abs=1e-6
+    )
+    # b, n = 2: t_{0.975, 1} = 12.706205; values [0, 2]: sd sqrt(2)
+    assert ci.loc["b", "half_width"] == pytest.approx(12.706205 * math.sqrt(2) / math.sqrt(2))
+    # c: NaN is not a value; one value leaves the interval undefined
+    assert ci.loc["c", "mean"] == 0.7 and ci.loc["c", "n"] == 1
+    assert math.isnan(ci.loc["c", "sd"]) and math.isnan(ci.loc["c", "low"])
+    # d: sd of 1..4 is sqrt(5/3)
+    assert ci.loc["d", "sd"] == pytest.approx(math.sqrt(5 / 3))
     # 90%: t_{0.95, 2} = 2.919986
-    assert paired_ci([1.0, 2.0, 3.0], level=0.90).half_width == pytest.approx(
-        2.919986 / math.sqrt(3), abs=1e-6
-    )
-    # n = 2: t_{0.975, 1} = 12.706205; differences [0, 2]: sd sqrt(2)
-    assert paired_ci([0.0, 2.0]).half_width == pytest.approx(
-        12.706205 * math.sqrt(2) / math.sqrt(2)
-    )
-
-
-def test_paired_ci_single_difference_is_undefined() -> None:
-    ci = paired_ci([0.5])
-    assert ci.mean == 0.5 and ci.n == 1 and not ci.defined
-    assert math.isnan(ci.low) and math.isnan(ci.high)
+    at_90 = grouped_ci(frame, ["g"], "x", level=0.90).set_index("g")
+    assert at_90.loc["a", "half_width"] == pytest.approx(2.919986 / math.sqrt(3), abs=1e-6)
 
 
 def test_t_half_width_vectorised_and_level_checked() -> None:
@@ -60,10 +58,20 @@ def test_t_half_width_vectorised_and_level_checked() -> None:
 
 
 def test_verdict() -> None:
-    assert verdict(0.1, 0.5, 3) == "supported"
-    assert verdict(-0.1, 0.5, 3) == "inconclusive"
-    assert verdict(-0.5, -0.1, 3) == "contradicted"
-    assert verdict(float("nan"), float("nan"), 1) == "inconclusive"
+    cis = pd.DataFrame(
+        {
+            "low": [0.1, -0.1, -0.5, float("nan"), 0.2],
+            "high": [0.5, 0.5, -0.1, float("nan"), 0.3],
+            "n": [3, 3, 3, 1, 1],
+        }
+    )
+    assert with_verdict(cis)["verdict"].tolist() == [
+        "supported",
+        "inconclusive",
+        "contradicted",
+        "inconclusive",
+        "inconclusive",  # n < 2: no interval, whatever the bounds say
+    ]
 
 
 # -- fixture sweep -----------------------------------------------------------------------------
@@ -105,7 +113,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
     for seed in SEEDS:
         store.write_stage(
             base(
-                trial_id=f"pre{seed}",
+                stage_id=f"pre{seed}",
                 stage_kind="pretrain",
                 parent_ids=[],
                 seed=seed,
@@ -118,7 +126,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
             pid = f"pr-{pruner}-{seed}"
             store.write_stage(
                 base(
-                    trial_id=pid,
+                    stage_id=pid,
                     stage_kind="prune",
                     parent_ids=[f"pre{seed}"],
                     seed=seed,
@@ -135,7 +143,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
                     a = acc(pruner, sched, budget, seed)
                     store.write_stage(
                         base(
-                            trial_id=f"rt-{pruner}-{sched}-{budget}-{seed}",
+                            stage_id=f"rt-{pruner}-{sched}-{budget}-{seed}",
                             stage_kind="retrain",
                             parent_ids=[pid],
                             seed=seed,
@@ -151,7 +159,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
     # Seed 3 only failed or diverged: it must be counted, never averaged.
     store.write_stage(
         base(
-            trial_id="bad1",
+            stage_id="bad1",
             stage_kind="retrain",
             parent_ids=[],
             seed=3,
@@ -164,7 +172,7 @@ def sweep_store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
     )
     store.write_stage(
         base(
-            trial_id="bad2",
+            stage_id="bad2",
             stage_kind="retrain",
             parent_ids=[],
             seed=3,
@@ -309,7 +317,7 @@ def test_final_round_only() -> None:
     for rnd, value in ((1, 0.5), (2, 0.7), (3, 0.9)):
         rows.append(
             base(
-                trial_id=f"r{rnd}",
+                stage_id=f"r{rnd}",
                 stage_kind="retrain",
                 parent_ids=[],
                 seed=0,
@@ -322,16 +330,16 @@ def test_final_round_only() -> None:
                 test_acc=value,
             )
         )
-    df = pd.DataFrame(rows).reindex(columns=TRIALS_SCHEMA.names)
+    df = pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names)
     final = final_round_retrain(df)
-    assert final["trial_id"].tolist() == ["r3"]
+    assert final["stage_id"].tolist() == ["r3"]
     assert final.iloc[0]["structure"] == "unstructured" and final.iloc[0]["sched"] == "ft"
 
 
 def test_overrides_make_separate_columns() -> None:
     rows = [
         base(
-            trial_id=f"r{i}",
+            stage_id=f"r{i}",
             stage_kind="retrain",
             parent_ids=[],
             seed=0,
@@ -343,7 +351,7 @@ def test_overrides_make_separate_columns() -> None:
         )
         for i, ov in enumerate(['{"lr":0.01}', "{}"])
     ]
-    final = final_round_retrain(pd.DataFrame(rows).reindex(columns=TRIALS_SCHEMA.names))
+    final = final_round_retrain(pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names))
     assert sorted(final["sched"]) == ["ft", 'ft {"lr":0.01}']
 
 
@@ -353,7 +361,7 @@ def test_single_seed_and_single_budget(tmp_path: Path) -> None:
         for sched in ("ft", "clr"):
             store.write_stage(
                 base(
-                    trial_id=f"{pruner}-{sched}",
+                    stage_id=f"{pruner}-{sched}",
                     stage_kind="retrain",
                     parent_ids=[],
                     seed=0,
@@ -407,7 +415,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
     grid["structured"] = [pruners[i][1] for i in grid["pi"]]
     grid["prune_id"] = "p" + grid.index.astype(str)
     prune = grid.assign(
-        trial_id=grid["prune_id"],
+        stage_id=grid["prune_id"],
         stage_kind="prune",
         parent_ids=[["pre"]] * len(grid),
         acc_before_prune=0.93,
@@ -422,7 +430,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
         ).to_frame(index=False),
         how="cross",
     )
-    retrain["trial_id"] = "r" + retrain.index.astype(str)
+    retrain["stage_id"] = "r" + retrain.index.astype(str)
     retrain["stage_kind"] = "retrain"
     retrain["parent_ids"] = [[p] for p in retrain["prune_id"]]
     retrain["structured"] = None
@@ -433,7 +441,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
     trials["round"] = 1
     trials["reused"] = False
     trials["status"] = trials["status"].fillna("ok")
-    return trials.reindex(columns=TRIALS_SCHEMA.names)
+    return trials.reindex(columns=STAGES_SCHEMA.names)
 
 
 def test_report_on_100k_rows(tmp_path: Path) -> None:
@@ -441,7 +449,7 @@ def test_report_on_100k_rows(tmp_path: Path) -> None:
     n_retrain = int((trials["stage_kind"] == "retrain").sum())
     assert n_retrain >= 98_000
     started = time.perf_counter()
-    rep = build_report_from_trials(trials, tmp_path, sweep="big")
+    rep = build_report_from_stages(trials, tmp_path, sweep="big")
     elapsed = time.perf_counter() - started
     print(
         f"\nreport on {len(trials)} trial rows ({n_retrain} retrain): {elapsed:.2f}s, "
@@ -456,7 +464,7 @@ def test_emptied_layers_and_pruner_options_are_flagged() -> None:
 
     rows = [
         base(
-            trial_id=f"r{i}",
+            stage_id=f"r{i}",
             stage_kind="retrain",
             parent_ids=[],
             seed=0,
@@ -477,7 +485,7 @@ def test_emptied_layers_and_pruner_options_are_flagged() -> None:
             ]
         )
     ]
-    df = pd.DataFrame(rows).reindex(columns=TRIALS_SCHEMA.names)
+    df = pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names)
     final = final_round_retrain(df)
     assert sorted(final["pruner"]) == ["magnitude", "magnitude[layers=conv+linear]"]
     line = _status_line(final)

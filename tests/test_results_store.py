@@ -19,11 +19,11 @@ import results.store as store_mod
 from results.schema import (
     EPOCHS_SCHEMA,
     SCHEMA_VERSION,
-    TRIALS_SCHEMA,
+    STAGES_SCHEMA,
     SchemaError,
-    validate_row,
+    rows_to_table,
 )
-from results.store import SweepStore, list_sweeps
+from results.store import SweepStore
 from trainables.storage import StorageError, check_writable
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -31,7 +31,7 @@ T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 def trial(trial_id: str = "a1b2c3", **kw: object) -> dict:
     row = {
-        "trial_id": trial_id,
+        "stage_id": trial_id,
         "stage_kind": "retrain",
         "parent_ids": ["p0", "p1"],
         "round": 1,
@@ -56,6 +56,11 @@ def trial(trial_id: str = "a1b2c3", **kw: object) -> dict:
     return row
 
 
+def validate_row(table: str, row: dict) -> dict:
+    """One row through the schema's check, as the store stores it."""
+    return rows_to_table(table, [row]).to_pylist()[0]
+
+
 def epochs(n: int, acc0: float = 0.5) -> list[dict]:
     return [{"epoch": e, "lr": 0.1 / (e + 1), "test_acc": acc0 + e / 100} for e in range(n)]
 
@@ -64,8 +69,8 @@ def epochs(n: int, acc0: float = 0.5) -> list[dict]:
 
 
 def test_validate_row_fills_nullable_and_normalises() -> None:
-    row = validate_row("trials", trial(sweep="s1"))
-    assert set(row) == set(TRIALS_SCHEMA.names)
+    row = validate_row("stages", trial(sweep="s1"))
+    assert set(row) == set(STAGES_SCHEMA.names)
     assert row["schema_version"] == SCHEMA_VERSION
     assert row["preset"] is None and row["error"] is None  # nullable and missing -> null
     assert row["overrides"] == '{"lr":0.05}'  # dict -> canonical JSON
@@ -74,27 +79,28 @@ def test_validate_row_fills_nullable_and_normalises() -> None:
 
 def test_unknown_column_is_named() -> None:
     with pytest.raises(SchemaError, match="unknown column 'tset_acc'"):
-        validate_row("trials", trial(sweep="s1", tset_acc=0.9))
+        validate_row("stages", trial(sweep="s1", tset_acc=0.9))
 
 
 def test_missing_required_column_is_named() -> None:
     row = trial(sweep="s1")
     del row["seed"]
     with pytest.raises(SchemaError, match="'seed' is required but missing"):
-        validate_row("trials", row)
+        validate_row("stages", row)
     with pytest.raises(SchemaError, match="'status' is required but null"):
-        validate_row("trials", trial(sweep="s1", status=None))
+        validate_row("stages", trial(sweep="s1", status=None))
 
 
 @pytest.mark.parametrize(
     ("column", "value", "message"),
     [
-        ("seed", "3", "'seed' expects an integer, got str '3'"),
-        ("seed", True, "'seed' expects an integer"),
-        ("budget_epochs", 10.5, "'budget_epochs' expects an integer, got float 10.5"),
-        ("ratio", "0.5", "'ratio' expects a number"),
-        ("structured", 1, "'structured' expects a bool"),
-        ("parent_ids", "p0", "'parent_ids' expects a list of strings"),
+        ("seed", "3", "'seed' expects int64, got str '3'"),
+        ("seed", True, "'seed' expects int64, got bool True"),
+        ("budget_epochs", 10.5, "'budget_epochs' expects int32, got float 10.5"),
+        ("ratio", "0.5", "'ratio' expects double, got str '0.5'"),
+        ("structured", 1, "'structured' expects bool, got int 1"),
+        ("parent_ids", "p0", "'parent_ids' expects list<item: string>, got str 'p0'"),
+        ("parent_ids", ["p0", 3], "'parent_ids' expects list<item: string>, got list"),
         ("status", "done", r"'status' must be one of \['ok', 'diverged', 'failed', 'skipped'\]"),
         ("stage_kind", "train", "'stage_kind' must be one of"),
         ("test_acc", 91.0, r"'test_acc' is a fraction in \[0, 1\], got 91.0"),
@@ -102,12 +108,12 @@ def test_missing_required_column_is_named() -> None:
         ("overrides", "[1]", "'overrides' expects a JSON object"),
         ("started_at", datetime(2025, 1, 1), "'started_at' needs a timezone"),
         ("started_at", "yesterday", "'started_at' expects an ISO-8601 timestamp"),
-        ("workers", 2**40, "'workers' expects an integer that fits int32"),
+        ("workers", 2**40, "'workers' expects int32, got int 1099511627776"),
     ],
 )
 def test_bad_values_name_column_and_value(column: str, value: object, message: str) -> None:
     with pytest.raises(SchemaError, match=message):
-        validate_row("trials", trial(sweep="s1", **{column: value}))
+        validate_row("stages", trial(sweep="s1", **{column: value}))
 
 
 def test_values_from_pandas_rows_are_accepted() -> None:
@@ -115,7 +121,7 @@ def test_values_from_pandas_rows_are_accepted() -> None:
     import numpy as np
 
     row = validate_row(
-        "trials",
+        "stages",
         trial(
             sweep="s1",
             epochs_run=float("nan"),
@@ -130,28 +136,30 @@ def test_values_from_pandas_rows_are_accepted() -> None:
     assert row["reused"] is True
     # NaN stays NaN in a float column (a diverged loss is a value, not a missing one).
     assert math.isnan(
-        validate_row("trials", trial(sweep="s1", test_loss=float("nan")))["test_loss"]
+        validate_row("stages", trial(sweep="s1", test_loss=float("nan")))["test_loss"]
     )
 
 
 def test_timestamps_are_converted_to_utc() -> None:
     plus2 = timezone(timedelta(hours=2))
     row = validate_row(
-        "trials", trial(sweep="s1", started_at=datetime(2025, 1, 1, 12, tzinfo=plus2))
+        "stages", trial(sweep="s1", started_at=datetime(2025, 1, 1, 12, tzinfo=plus2))
     )
     assert row["started_at"] == datetime(2025, 1, 1, 10, tzinfo=UTC)
     assert row["started_at"].utcoffset() == timedelta(0)
-    row = validate_row("trials", trial(sweep="s1", ended_at="2025-01-01T12:00:00+02:00"))
+    row = validate_row("stages", trial(sweep="s1", ended_at="2025-01-01T12:00:00+02:00"))
     assert row["ended_at"] == datetime(2025, 1, 1, 10, tzinfo=UTC)
 
 
-def test_schema_docstring_lists_every_column() -> None:
-    doc = schema_mod.__doc__ or ""
-    documented = {line.split()[0].rstrip(",") for line in doc.splitlines() if line[:1].isalpha()}
-    documented |= {"train_acc", "val_acc", "test_acc"}  # documented in pairs ("x_loss, x_acc")
-    for schema in (TRIALS_SCHEMA, EPOCHS_SCHEMA):
+def test_column_reference_is_current() -> None:
+    # docs/results.md is generated from the column declarations; regenerate it with
+    # `python -m results.schema > docs/results.md` after changing a column.
+    doc = Path(__file__).parents[1] / "docs" / "results.md"
+    assert doc.read_text() == schema_mod.reference()
+    documented = {line.split(" | ")[0].removeprefix("| ") for line in doc.read_text().splitlines()}
+    for schema in (STAGES_SCHEMA, EPOCHS_SCHEMA):
         missing = [n for n in schema.names if n not in documented]
-        assert not missing, f"columns missing from the schema docstring: {missing}"
+        assert not missing, f"columns missing from docs/results.md: {missing}"
 
 
 # -- store -------------------------------------------------------------------------------------
@@ -160,10 +168,10 @@ def test_schema_docstring_lists_every_column() -> None:
 def test_roundtrip(tmp_path: Path) -> None:
     store = SweepStore(tmp_path, "s1")
     store.write_stage(trial(), epochs(3))
-    df = store.read_trials()
+    df = store.read_stages()
     assert len(df) == 1
     r = df.iloc[0]
-    assert r["sweep"] == "s1" and r["trial_id"] == "a1b2c3"
+    assert r["sweep"] == "s1" and r["stage_id"] == "a1b2c3"
     assert list(r["parent_ids"]) == ["p0", "p1"]
     assert r["budget_epochs"] == 10 and r["seed"] == 3 and r["params"] == 123_456
     assert r["test_acc"] == pytest.approx(0.91)
@@ -172,14 +180,14 @@ def test_roundtrip(tmp_path: Path) -> None:
     ep = store.read_epochs().sort_values("epoch")
     assert ep["epoch"].tolist() == [0, 1, 2]
     assert ep["test_acc"].tolist() == pytest.approx([0.5, 0.51, 0.52])
-    assert set(ep["trial_id"]) == {"a1b2c3"} and set(ep["stage_kind"]) == {"retrain"}
-    assert store.trial_ids() == ["a1b2c3"]
-    # Layout: one file per stage under sweeps/<sweep>/{trials,epochs}/.
-    assert (tmp_path / "sweeps/s1/trials/a1b2c3.parquet").is_file()
+    assert set(ep["stage_id"]) == {"a1b2c3"} and set(ep["stage_kind"]) == {"retrain"}
+    assert store.stage_ids() == ["a1b2c3"]
+    # Layout: one file per stage under sweeps/<sweep>/{stages,epochs}/.
+    assert (tmp_path / "sweeps/s1/stages/a1b2c3.parquet").is_file()
     assert (tmp_path / "sweeps/s1/epochs/a1b2c3.parquet").is_file()
     # Files carry the exact schema.
-    assert pq.read_schema(tmp_path / "sweeps/s1/trials/a1b2c3.parquet").equals(
-        TRIALS_SCHEMA, check_metadata=False
+    assert pq.read_schema(tmp_path / "sweeps/s1/stages/a1b2c3.parquet").equals(
+        STAGES_SCHEMA, check_metadata=False
     )
 
 
@@ -187,7 +195,7 @@ def test_rerun_replaces_instead_of_duplicating(tmp_path: Path) -> None:
     store = SweepStore(tmp_path, "s1")
     store.write_stage(trial(status="failed", test_acc=None, error="boom"), epochs(5))
     store.write_stage(trial(test_acc=0.93), epochs(2, acc0=0.7))
-    df = store.read_trials()
+    df = store.read_stages()
     assert len(df) == 1
     assert df.iloc[0]["status"] == "ok" and df.iloc[0]["test_acc"] == pytest.approx(0.93)
     ep = store.read_epochs()
@@ -196,23 +204,23 @@ def test_rerun_replaces_instead_of_duplicating(tmp_path: Path) -> None:
     # A rerun with no epochs removes the stale epoch file too.
     store.write_stage(trial(stage_kind="prune", schedule=None, budget_epochs=None))
     assert store.read_epochs().empty
-    assert store.read_trials().iloc[0]["stage_kind"] == "prune"
+    assert store.read_stages().iloc[0]["stage_kind"] == "prune"
 
 
 def test_bad_row_writes_nothing(tmp_path: Path) -> None:
     store = SweepStore(tmp_path, "s1")
     bad_epochs = [*epochs(2), {"epoch": 2, "test_acc": "high"}]
-    with pytest.raises(SchemaError, match="'test_acc' expects a number"):
+    with pytest.raises(SchemaError, match="'test_acc' expects double, got str 'high'"):
         store.write_stage(trial(), bad_epochs)
     with pytest.raises(SchemaError, match="unknown column 'colour'"):
         store.write_stage(trial(colour="red"), epochs(2))
     with pytest.raises(SchemaError, match="duplicate epoch 1"):
         store.write_stage(trial(), [*epochs(2), {"epoch": 1}])
-    with pytest.raises(SchemaError, match="'trial_id' is 'zzz' but the trial row has 'a1b2c3'"):
-        store.write_stage(trial(), [{"epoch": 0, "trial_id": "zzz"}])
+    with pytest.raises(SchemaError, match="'stage_id' is 'zzz' but the stage row has 'a1b2c3'"):
+        store.write_stage(trial(), [{"epoch": 0, "stage_id": "zzz"}])
     with pytest.raises(SchemaError, match="'sweep' is 'other'"):
         store.write_stage(trial(sweep="other"))
-    assert store.trial_ids() == []
+    assert store.stage_ids() == []
     assert not (tmp_path / "sweeps/s1/epochs").exists() or not any(
         (tmp_path / "sweeps/s1/epochs").iterdir()
     )
@@ -232,7 +240,7 @@ def test_crash_mid_write_leaves_previous_file_intact(
     with pytest.raises(OSError, match="disk vanished"):
         store.write_stage(trial(test_acc=0.9), epochs(3))
     monkeypatch.undo()
-    assert store.read_trials().iloc[0]["test_acc"] == pytest.approx(0.8)
+    assert store.read_stages().iloc[0]["test_acc"] == pytest.approx(0.8)
     assert len(store.read_epochs()) == 2
     leftovers = [p.name for p in (tmp_path / "sweeps/s1").rglob("*.tmp")]
     assert leftovers == []
@@ -241,47 +249,46 @@ def test_crash_mid_write_leaves_previous_file_intact(
 def test_readers_ignore_temporary_files(tmp_path: Path) -> None:
     store = SweepStore(tmp_path, "s1")
     store.write_stage(trial(), epochs(1))
-    trials_dir = tmp_path / "sweeps/s1/trials"
-    (trials_dir / ".a1b2c3.parquet.123abc.tmp").write_bytes(b"PAR1 torn")
-    (trials_dir / ".hidden.parquet").write_bytes(b"PAR1 torn")
-    assert store.trial_ids() == ["a1b2c3"]
-    assert len(store.read_trials()) == 1
+    stages_dir = tmp_path / "sweeps/s1/stages"
+    (stages_dir / ".a1b2c3.parquet.123abc.tmp").write_bytes(b"PAR1 torn")
+    (stages_dir / ".hidden.parquet").write_bytes(b"PAR1 torn")
+    assert store.stage_ids() == ["a1b2c3"]
+    assert len(store.read_stages()) == 1
     # DuckDB's glob matches dot-files too: the store's own temporary names end in ".tmp".
-    (trials_dir / ".hidden.parquet").unlink()
+    (stages_dir / ".hidden.parquet").unlink()
     # The documented DuckDB glob and a plain pandas directory read skip them as well.
-    glob = f"{trials_dir}/*.parquet"
+    glob = f"{stages_dir}/*.parquet"
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}')").fetchall() == [(1,)]
-    assert len(pd.read_parquet(trials_dir)) == 1
+    assert len(pd.read_parquet(stages_dir)) == 1
 
 
 def test_many_stages_form_one_dataset(tmp_path: Path) -> None:
     store = SweepStore(tmp_path, "s1")
     for i in range(5):
         store.write_stage(trial(f"t{i}", seed=i, test_acc=0.8 + i / 100), epochs(i))
-    df = store.read_trials()
+    df = store.read_stages()
     assert sorted(df["seed"]) == [0, 1, 2, 3, 4]
     assert len(store.read_epochs()) == 0 + 1 + 2 + 3 + 4
-    glob = f"{tmp_path}/sweeps/s1/trials/*.parquet"
+    glob = f"{tmp_path}/sweeps/s1/stages/*.parquet"
     mean = duckdb.sql(f"SELECT avg(test_acc) FROM read_parquet('{glob}')").fetchall()[0][0]
     assert mean == pytest.approx(0.82)
 
 
 def test_empty_store_reads_typed_empty_frames(tmp_path: Path) -> None:
     store = SweepStore(tmp_path, "nothing")
-    assert store.trial_ids() == []
-    assert list(store.read_trials().columns) == TRIALS_SCHEMA.names
+    assert store.stage_ids() == []
+    assert list(store.read_stages().columns) == STAGES_SCHEMA.names
     assert list(store.read_epochs().columns) == EPOCHS_SCHEMA.names
 
 
 def test_file_uri_and_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     SweepStore(f"file://{tmp_path}", "s1").write_stage(trial())
-    assert SweepStore(tmp_path, "s1").trial_ids() == ["a1b2c3"]
+    assert SweepStore(tmp_path, "s1").stage_ids() == ["a1b2c3"]
     monkeypatch.chdir(tmp_path)
     store = SweepStore("rel-root", "s2")
     assert store.root == str(tmp_path / "rel-root")  # made absolute
     store.write_stage(trial())
-    assert (tmp_path / "rel-root/sweeps/s2/trials/a1b2c3.parquet").is_file()
-    assert list_sweeps(tmp_path / "rel-root") == ["s2"]
+    assert (tmp_path / "rel-root/sweeps/s2/stages/a1b2c3.parquet").is_file()
 
 
 def test_object_store_path_writes_directly(tmp_path: Path) -> None:
@@ -291,9 +298,9 @@ def test_object_store_path_writes_directly(tmp_path: Path) -> None:
     assert not store.local
     store.write_stage(trial(), epochs(2))
     store.write_stage(trial(test_acc=0.95), epochs(1))
-    assert store.read_trials()["test_acc"].tolist() == [0.95]
+    assert store.read_stages()["test_acc"].tolist() == [0.95]
     assert len(store.read_epochs()) == 1
-    assert (tmp_path / "bucket/sweeps/s1/trials/a1b2c3.parquet").is_file()
+    assert (tmp_path / "bucket/sweeps/s1/stages/a1b2c3.parquet").is_file()
 
 
 @pytest.mark.parametrize(
@@ -314,8 +321,8 @@ def test_sweep_names_cannot_escape_the_root(tmp_path: Path, name: str, message: 
         SweepStore(tmp_path, name)
 
 
-def test_trial_id_must_be_a_plain_file_name(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"trial_id name '\.\./x'"):
+def test_stage_id_must_be_a_plain_file_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"stage_id name '\.\./x'"):
         SweepStore(tmp_path, "s1").write_stage(trial("../x"))
 
 
@@ -352,42 +359,42 @@ def test_epoch_rows_keys_are_filled_from_trial(tmp_path: Path) -> None:
     store.write_stage(trial(stage_kind="pretrain", pruner=None, structured=None), epochs(2))
     ep = store.read_epochs()
     assert set(ep["stage_kind"]) == {"pretrain"} and set(ep["sweep"]) == {"s1"}
-    assert json.loads(store.read_trials().iloc[0]["overrides"]) == {"lr": 0.05}
+    assert json.loads(store.read_stages().iloc[0]["overrides"]) == {"lr": 0.05}
 
 
 def test_read_cache_follows_the_stage_files(tmp_path: Path) -> None:
     store = SweepStore(tmp_path, "s1")
     for i in range(3):
         store.write_stage(trial(f"t{i}", seed=i), epochs(2))
-    assert sorted(store.read_trials()["seed"]) == [0, 1, 2]
-    cache = tmp_path / "sweeps/s1/.nptm-cache/trials.parquet"
+    assert sorted(store.read_stages()["seed"]) == [0, 1, 2]
+    cache = tmp_path / "sweeps/s1/.nptm-cache/stages.parquet"
     assert cache.is_file()
     # New, rewritten and removed stage files are all picked up on the next read.
     store.write_stage(trial("t3", seed=3), epochs(1))
     store.write_stage(trial("t1", seed=1, test_acc=0.5), [])
-    (tmp_path / "sweeps/s1/trials/t0.parquet").unlink()
-    df = store.read_trials().set_index("trial_id")
+    (tmp_path / "sweeps/s1/stages/t0.parquet").unlink()
+    df = store.read_stages().set_index("stage_id")
     assert sorted(df.index) == ["t1", "t2", "t3"]
     assert df.loc["t1", "test_acc"] == pytest.approx(0.5)
     ep = store.read_epochs()
-    assert sorted(ep["trial_id"]) == ["t0", "t0", "t2", "t2", "t3"]  # t1's epochs were removed
+    assert sorted(ep["stage_id"]) == ["t0", "t0", "t2", "t2", "t3"]  # t1's epochs were removed
     # A second read opens no stage file at all: it is served from the cache.
     before = {p: p.stat().st_mtime_ns for p in cache.parent.iterdir()}
-    assert len(store.read_trials()) == 3
+    assert len(store.read_stages()) == 3
     assert {p: p.stat().st_mtime_ns for p in cache.parent.iterdir()} == before
 
 
 def test_read_cache_that_is_corrupt_is_rebuilt(tmp_path: Path) -> None:
     store = SweepStore(tmp_path, "s1")
     store.write_stage(trial("t0"), epochs(1))
-    store.read_trials()
-    cache = tmp_path / "sweeps/s1/.nptm-cache/trials.parquet"
+    store.read_stages()
+    cache = tmp_path / "sweeps/s1/.nptm-cache/stages.parquet"
     cache.write_bytes(b"not parquet")
-    assert store.read_trials()["trial_id"].tolist() == ["t0"]
+    assert store.read_stages()["stage_id"].tolist() == ["t0"]
     assert pq.read_table(cache).num_rows == 1  # rewritten
     # A cache of another shape (another schema version) is ignored as well.
     pq.write_table(pq.read_table(cache).drop_columns(["test_acc"]), cache)
-    assert store.read_trials()["test_acc"].tolist() == [pytest.approx(0.91)]
+    assert store.read_stages()["test_acc"].tolist() == [pytest.approx(0.91)]
 
 
 def test_cached_read_equals_the_file_read(tmp_path: Path) -> None:
@@ -397,13 +404,47 @@ def test_cached_read_equals_the_file_read(tmp_path: Path) -> None:
     for i in range(150):
         store.write_stage(trial(f"t{i:04d}", seed=i))
     started = time.perf_counter()
-    first = store.read_trials()
+    first = store.read_stages()
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    second = store.read_trials()
+    second = store.read_stages()
     warm = time.perf_counter() - started
     print(f"\nread 150 stages: {cold * 1000:.0f} ms from files, {warm * 1000:.0f} ms from cache")
     pd.testing.assert_frame_equal(
-        first.sort_values("trial_id", ignore_index=True),
-        second.sort_values("trial_id", ignore_index=True),
+        first.sort_values("stage_id", ignore_index=True),
+        second.sort_values("stage_id", ignore_index=True),
     )
+
+
+def test_reads_a_sweep_written_with_schema_version_1(tmp_path: Path) -> None:
+    # Version 1: stage rows under trials/, key column trial_id, no attempts column.
+    import pyarrow as pa
+
+    def v1(table: pa.Table) -> pa.Table:
+        table = table.drop_columns([c for c in ("attempts",) if c in table.column_names])
+        names = ["trial_id" if n == "stage_id" else n for n in table.column_names]
+        return table.rename_columns(names).set_column(
+            0, "schema_version", pa.array([1] * table.num_rows, pa.int16())
+        )
+
+    sweep = tmp_path / "sweeps/old"
+    (sweep / "trials").mkdir(parents=True)
+    (sweep / "epochs").mkdir()
+    for sid, acc in (("t0", 0.8), ("t1", 0.9)):
+        row = {**trial(sid, test_acc=acc), "sweep": "old"}
+        eps = [{**e, "sweep": "old", "stage_id": sid, "stage_kind": "retrain"} for e in epochs(2)]
+        pq.write_table(v1(rows_to_table("stages", [row])), sweep / f"trials/{sid}.parquet")
+        pq.write_table(v1(rows_to_table("epochs", eps)), sweep / f"epochs/{sid}.parquet")
+
+    store = SweepStore(tmp_path, "old")
+    assert store.stage_ids() == ["t0", "t1"]
+    df = store.read_stages().set_index("stage_id")
+    assert df.loc["t1", "test_acc"] == pytest.approx(0.9)
+    assert df["attempts"].isna().all() and set(df["schema_version"]) == {1}
+    assert sorted(store.read_epochs()["stage_id"]) == ["t0", "t0", "t1", "t1"]
+    # A stage recorded again moves to the current layout; the other stays readable.
+    store.write_stage(trial("t0", test_acc=0.85), epochs(1))
+    assert not (sweep / "trials/t0.parquet").exists() and (sweep / "stages/t0.parquet").is_file()
+    df = store.read_stages().set_index("stage_id")
+    assert df.loc["t0", "test_acc"] == pytest.approx(0.85) and len(df) == 2
+    assert df.loc["t0", "schema_version"] == SCHEMA_VERSION

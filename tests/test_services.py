@@ -76,7 +76,7 @@ def test_sweep_submitted_to_a_two_raylet_cluster_runs_on_both_nodes(
     cluster_sweep, cluster: RayCluster
 ) -> None:
     rows = trials(cluster_sweep.storage, "svc")
-    assert sorted(rows.trial_id) == sorted(plan_stage_ids(cluster_sweep.grid))
+    assert sorted(rows.stage_id) == sorted(plan_stage_ids(cluster_sweep.grid))
     assert set(rows.status) == {"ok"}
     nodes = {r.node_id for r in cluster.raylets()}
     assert len(nodes) == 2
@@ -91,7 +91,7 @@ def test_mlflow_server_receives_the_runs_and_best_reads_them_back(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rows = trials(cluster_sweep.storage, "svc")
     runs = mlflow_stage_runs(cluster_sweep.uri, "svc")
-    assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(rows.trial_id)
+    assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
     assert set(rows.mlflow_run_id) == {r.info.run_id for r in runs}
 
     argv = ["best", "--mlflow-uri", cluster_sweep.uri, "--sweep", "svc", "--json", "--top", "50"]
@@ -100,14 +100,14 @@ def test_mlflow_server_receives_the_runs_and_best_reads_them_back(
     # Independent expectation: the Parquet table's successful retrains, best first.
     want = rows[(rows.stage_kind == "retrain") & (rows.status == "ok")]
     want = want.sort_values("test_acc", ascending=False, kind="stable")
-    assert sorted(best.trial_id) == sorted(want.trial_id)
+    assert sorted(best.stage_id) == sorted(want.stage_id)
     assert list(best.test_acc) == pytest.approx(list(want.test_acc))
     assert list(best.test_acc) == sorted(best.test_acc, reverse=True)
-    by_id = want.set_index("trial_id")
+    by_id = want.set_index("stage_id")
     for rec in best.itertuples():
-        assert rec.test_acc == pytest.approx(by_id.loc[rec.trial_id, "test_acc"])
-        assert rec.schedule == by_id.loc[rec.trial_id, "schedule"]
-        assert int(rec.seed) == by_id.loc[rec.trial_id, "seed"]
+        assert rec.test_acc == pytest.approx(by_id.loc[rec.stage_id, "test_acc"])
+        assert rec.schedule == by_id.loc[rec.stage_id, "schedule"]
+        assert int(rec.seed) == by_id.loc[rec.stage_id, "seed"]
 
 
 def test_sweep_submitted_as_a_ray_job_completes(cluster: RayCluster, tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_sweep_submitted_as_a_ray_job_completes(cluster: RayCluster, tmp_path: P
     assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr
     assert "sweep job: ok 3" in submit.stdout  # the job's own log, streamed back
     rows = trials(storage, "job")
-    assert sorted(rows.trial_id) == sorted(plan_stage_ids(grid))
+    assert sorted(rows.stage_id) == sorted(plan_stage_ids(grid))
     assert set(rows.status) == {"ok"}
     assert set(rows.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
 
@@ -188,10 +188,10 @@ def test_worker_raylet_killed_mid_trial_resumes_from_its_last_epoch(
         ready=lambda: all(c.exists() for c in checkpoints), fault=kill_worker_node,
     )  # fmt: skip
     assert rc == 0, stderr[-3000:]
-    rows = trials(storage, "nodeloss").set_index("trial_id")
+    rows = trials(storage, "nodeloss").set_index("stage_id")
     assert sorted(rows.index) == sorted(plan.stages) and set(rows.status) == {"ok"}
     store = ArtifactStore(str(storage))
-    resumed = {s: store.read_outcome(s)["resumed_from_epoch"] for s in pretrains}
+    resumed = {s: store.read_outcome(s).resumed_from_epoch for s in pretrains}
     lost = [s for s, epoch in resumed.items() if epoch > 0]
     assert len(lost) == 1, resumed  # exactly the stage of the lost node resumed
     (lost_id,) = lost
@@ -201,4 +201,4 @@ def test_worker_raylet_killed_mid_trial_resumes_from_its_last_epoch(
     assert rows.loc[lost_id, "node"] == head[0].node_id  # the retry ran on the survivor
     assert rows.loc[lost_id, "epochs_run"] == 8
     epochs = pd.read_parquet(storage / "sweeps" / "nodeloss" / "epochs")
-    assert sorted(epochs[epochs.trial_id == lost_id].epoch) == list(range(1, 9))
+    assert sorted(epochs[epochs.stage_id == lost_id].epoch) == list(range(1, 9))

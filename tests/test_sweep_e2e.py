@@ -45,7 +45,7 @@ def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(tmp_path: Path,
     assert first.returncode == 0, first.stderr[-3000:]
     stage_ids = _plan_ids(grid)
     rows = trials(storage)
-    assert sorted(rows.trial_id) == sorted(stage_ids)  # every stage exactly once
+    assert sorted(rows.stage_id) == sorted(stage_ids)  # every stage exactly once
     assert set(rows.status) == {"ok"}
     retrain = rows[rows.stage_kind == "retrain"]
     assert retrain.test_acc.notna().all() and (retrain.epochs_run == 2).all()
@@ -55,7 +55,7 @@ def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(tmp_path: Path,
     assert "final test accuracy" in first.stdout  # the report's headline table closes the run
     uri = f"sqlite:///{storage}/mlflow.db"
     runs = mlflow_stage_runs(uri)
-    assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(stage_ids)
+    assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(stage_ids)
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert all(executions(storage, sid) == 1 for sid in stage_ids)
 
@@ -90,10 +90,10 @@ def test_driver_killed_mid_sweep_then_rerun_completes_without_repeats(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     stage_ids = _plan_ids(grid)
     rows = trials(storage)
-    assert sorted(rows.trial_id) == sorted(stage_ids) and set(rows.status) == {"ok"}
+    assert sorted(rows.stage_id) == sorted(stage_ids) and set(rows.status) == {"ok"}
     assert all(executions(storage, sid) == 1 for sid in finished_before)
     runs = mlflow_stage_runs(f"sqlite:///{storage}/mlflow.db")
-    assert sorted(r.data.tags["nptm.trial_id"] for r in runs) == sorted(stage_ids)
+    assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(stage_ids)
 
 
 def test_train_executor_runs_ddp_workers_and_recomputes_a_damaged_parent(
@@ -114,7 +114,7 @@ def test_train_executor_runs_ddp_workers_and_recomputes_a_damaged_parent(
 
     # The retrain's parent, damaged: a Ray Train worker finds it (Ray reports the rank's
     # exception inside its own error), and the producer is recomputed before the retrain.
-    prune, retrain = rows.loc["prune", "trial_id"], rows.loc["retrain", "trial_id"]
+    prune, retrain = rows.loc["prune", "stage_id"], rows.loc["retrain", "stage_id"]
     model = storage / "stages" / prune / "model.pt"
     model.write_bytes(model.read_bytes()[:100])
     (storage / "stages" / retrain / "outcome.json").unlink()
@@ -168,9 +168,9 @@ def test_failure_skips_descendants_divergence_is_recorded_and_the_rest_completes
     assert list(diverged.status) == ["diverged"] and "diverged" in diverged.error.iloc[0]
     assert set(digits[digits.lr_override.isna()].status) == {"ok"}
     uri = f"sqlite:///{storage}/mlflow.db"
-    runs = {r.data.tags["nptm.trial_id"]: r for r in mlflow_stage_runs(uri, "faults")}
-    assert runs[cifar.loc["pretrain", "trial_id"]].info.status == "FAILED"
-    assert runs[diverged.trial_id.iloc[0]].info.status == "FAILED"
+    runs = {r.data.tags["nptm.stage_id"]: r for r in mlflow_stage_runs(uri, "faults")}
+    assert runs[cifar.loc["pretrain", "stage_id"]].info.status == "FAILED"
+    assert runs[diverged.stage_id.iloc[0]].info.status == "FAILED"
 
 
 @pytest.mark.parametrize("fault", ["not writable", "out of space"])

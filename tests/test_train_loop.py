@@ -16,7 +16,8 @@ from torch.nn.utils import prune
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from trainables.catalog import DATASETS
-from trainables.data import DataBundle, TensorSplit, load_dataset, make_loaders, normalize
+from trainables.datasets import DataBundle, TensorSplit, load_dataset, normalize
+from trainables.loaders import make_loaders
 from trainables.recipe import default_recipe
 from trainables.schedules import lr_schedule
 from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit

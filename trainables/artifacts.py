@@ -1,10 +1,13 @@
 """Content-addressed artifact store for stage outputs (checkpoints, pruned models, outcomes).
 
-Layout under the storage root (a local path or any URI `pyarrow.fs` understands):
+Files of a stage's directory (`trainables.layout.Layout.stage_dir`) under the storage root (a
+local path or any URI `pyarrow.fs` understands):
 
-    stages/<stage_id>/<name>.pt          torch-serialised payload (tensors and plain types only)
-    stages/<stage_id>/<name>.pt.sha256   its SHA-256, written after the payload
-    stages/<stage_id>/outcome.json       the stage's result; written last, it marks completion
+    <name>.pt          torch-serialised payload (tensors and plain types only)
+    <name>.pt.sha256   its SHA-256, written after the payload
+    attempts           how many times the stage was started (retries and resumes included)
+    error.txt          why the last attempt failed
+    outcome.json       the stage's `StageOutcome`; written last, it marks completion
 
 Every file is written to a temporary name and then moved into place, so a reader sees either
 the old file or the new one, never a torn one. Every payload is verified against its checksum
@@ -18,12 +21,13 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from trainables.storage import atomic_write_bytes, is_local_storage, read_bytes, resolve_storage
+from trainables.layout import Layout
+from trainables.stage import StageOutcome
+from trainables.storage import atomic_write_bytes, is_local_storage, read_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +48,10 @@ class CorruptArtifactError(RuntimeError):
         return (type(self), (self.stage_id, self.name, self.reason))
 
 
+MODEL = "model"  # final weights of a stage
+RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
+
+
 def rewind_name(epoch: int) -> str:
     """Name of the weights a pre-training keeps at `epoch` for weight rewinding (`wr`)."""
     return f"epoch-{epoch:04d}"
@@ -52,12 +60,15 @@ def rewind_name(epoch: int) -> str:
 class ArtifactStore:
     def __init__(self, storage: str) -> None:
         self.storage = storage
-        self.fs, self.root, _ = resolve_storage(storage)
+        self.layout = Layout(storage)
+        self.fs = self.layout.fs
 
     def _path(self, stage_id: str, name: str) -> str:
-        if not stage_id.isalnum() or "/" in name or name.startswith("."):
-            raise ValueError(f"invalid artifact address {stage_id!r}/{name!r}")
-        return f"{self.root}/stages/{stage_id}/{name}"
+        return self.layout.stage_file(stage_id, name)
+
+    def model_path(self, stage_id: str, name: str) -> str:
+        """Where the payload `name` of `stage_id` is stored (for MLflow's model logging)."""
+        return self._path(stage_id, f"{name}.pt")
 
     # -- tensors -------------------------------------------------------------------------
     def save(self, stage_id: str, name: str, payload: dict[str, Any]) -> str:
@@ -99,28 +110,38 @@ class ArtifactStore:
                 self.fs.delete_file(path)
 
     # -- outcomes ------------------------------------------------------------------------
-    def write_outcome(self, stage_id: str, outcome: dict[str, Any]) -> None:
-        data = json.dumps(outcome, sort_keys=True, default=str).encode()
-        atomic_write_bytes(self.fs, self._path(stage_id, "outcome.json"), data)
+    def write_outcome(self, outcome: StageOutcome) -> None:
+        data = json.dumps(outcome.to_dict(), sort_keys=True, default=str).encode()
+        atomic_write_bytes(self.fs, self._path(outcome.stage_id, "outcome.json"), data)
 
-    def read_outcome(self, stage_id: str) -> dict[str, Any] | None:
+    def read_outcome(self, stage_id: str) -> StageOutcome | None:
+        """The stored outcome; None when there is none or it cannot be read (the stage is then
+        recomputed)."""
         data = read_bytes(self.fs, self._path(stage_id, "outcome.json"))
         if data is None:
             return None
         try:
-            outcome = json.loads(data)
-        except ValueError:  # not JSON, or not even UTF-8 (UnicodeDecodeError)
-            return None  # treated as not done: the stage is recomputed
-        return outcome if isinstance(outcome, dict) else None
+            return StageOutcome.from_dict(json.loads(data))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None  # not JSON, not UTF-8 or not an outcome: garbled
 
-    def mark_execution(self, stage_id: str) -> None:
-        """Record that a worker started executing `stage_id` (counted by `executions`)."""
-        atomic_write_bytes(self.fs, self._path(stage_id, f"exec-{uuid.uuid4().hex}"), b"")
+    def start_attempt(self, stage_id: str) -> int:
+        """Count one more start of `stage_id` and return the count (1 on the first start).
 
-    def executions(self, stage_id: str) -> int:
+        Only one attempt of a stage runs at a time (the driver's DAG searcher sees to it), so
+        read-then-write cannot lose a count.
+        """
+        attempts = self.attempts(stage_id) + 1
+        atomic_write_bytes(self.fs, self._path(stage_id, "attempts"), str(attempts).encode())
+        return attempts
+
+    def attempts(self, stage_id: str) -> int:
         """How many times `stage_id` was started (first attempts, retries and resumes)."""
-        selector = pafs.FileSelector(f"{self.root}/stages/{stage_id}", allow_not_found=True)
-        return sum(1 for f in self.fs.get_file_info(selector) if f.base_name.startswith("exec-"))
+        data = read_bytes(self.fs, self._path(stage_id, "attempts"))
+        try:
+            return int(data) if data is not None else 0
+        except ValueError:
+            return 0
 
     def write_error(self, stage_id: str, text: str) -> None:
         """Keep why the last attempt at `stage_id` failed, for the driver's records."""

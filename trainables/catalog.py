@@ -41,25 +41,25 @@ class DatasetInfo:
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
 for _d in (
-    # mean/std of the 1,437 training images after data.py's uint8 scaling, as fractions of 255.
+    # mean/std of the 1,437 training images after datasets.py's uint8 scaling, as fractions of 255.
     DatasetInfo(
         "digits", 1, 8, 10, 1437, 360, (0.3054,), (0.3760,), True, flip=False, crop_padding=1,
-        loader="trainables.data:load_digits_splits",
+        loader="trainables.datasets:load_digits_splits",
     ),
     DatasetInfo(
         "cifar10", 3, 32, 10, 50_000, 10_000,
         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-        True, flip=True, crop_padding=4, loader="trainables.data:load_cifar_splits",
+        True, flip=True, crop_padding=4, loader="trainables.datasets:load_cifar_splits",
     ),
     DatasetInfo(
         "cifar100", 3, 32, 100, 50_000, 10_000,
         (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-        True, flip=True, crop_padding=4, loader="trainables.data:load_cifar_splits",
+        True, flip=True, crop_padding=4, loader="trainables.datasets:load_cifar_splits",
     ),
     DatasetInfo(
         "imagenet", 3, 224, 1000, 1_281_167, 50_000,
         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-        False, flip=True, crop_padding=0, loader="trainables.data:load_imagenet_bundle",
+        False, flip=True, crop_padding=0, loader="trainables.datasets:load_imagenet_bundle",
     ),
 ):  # fmt: skip
     DATASETS.register(_d.name, _d)

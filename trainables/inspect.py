@@ -131,39 +131,3 @@ def inspect_model(
         for n, m in base_layers.items()
     ]
     return result
-
-
-def render_inspect(result: dict[str, Any]) -> str:
-    """A plain-text report of an `inspect_model` result."""
-    title = f"{result['model']} on {result['dataset']}"
-    if result["pruner"]:
-        target = f"preset {result['preset']}" if result["preset"] else f"ratio {result['ratio']}"
-        title += f", pruner {result['pruner']} ({target}, seed {result['seed']})"
-    lines = [title, ""]
-    base, pruned = result["base"], result["pruned"]
-    lines.append(f"{'':<16}{'params':>14}{'MACs':>18}")
-    lines.append(f"{'base':<16}{base['params']:>14,}{base['macs']:>18,}")
-    if pruned:
-        lines.append(f"{'pruned':<16}{pruned['params']:>14,}{pruned['macs']:>18,}")
-        lines.append(
-            f"{'reduction':<16}{pruned['params_reduction']:>14.1%}{pruned['macs_reduction']:>18.1%}"
-        )
-        lines.append(
-            f"{'nonzero params':<16}{pruned['nonzero_params']:>14,}"
-            f"   (sparsity {pruned['sparsity']:.1%})"
-        )
-        if result["importance_data"] == "synthetic":
-            lines.append("filter importance ranked on synthetic random-normal batches")
-    lines.append("")
-    width = max(len("layer"), *(len(layer["name"]) for layer in result["layers"]))
-    header = f"{'layer':<{width}}  {'type':<6}{'out':>7}"
-    if pruned:
-        header += f"{'pruned':>8}{'density':>9}"
-    lines.append(header)
-    for layer in result["layers"]:
-        row = f"{layer['name']:<{width}}  {layer['type']:<6}{layer['out_channels_base']:>7}"
-        if pruned:
-            mark = "" if layer["out_channels_pruned"] == layer["out_channels_base"] else " *"
-            row += f"{layer['out_channels_pruned']:>8}{layer['weight_density']:>9.1%}{mark}"
-        lines.append(row)
-    return "\n".join(lines)

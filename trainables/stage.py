@@ -1,17 +1,43 @@
-"""The unit of work the planner hands to a worker: one pretrain, prune or retrain stage."""
+"""The unit of work the planner hands to a worker (`StageSpec`: one pretrain, prune or retrain
+stage) and what the worker hands back (`StageOutcome`, with its `EpochMetrics`).
+
+Torch-free: the driver and Tune's trial actors import it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 from trainables.catalog import definition_revision
 from trainables.recipe import Recipe
 
-StageKind = Literal["pretrain", "prune", "retrain"]
+
+class StageKind(StrEnum):
+    """What a stage does. The values are what Parquet and MLflow store."""
+
+    PRETRAIN = "pretrain"
+    PRUNE = "prune"
+    RETRAIN = "retrain"
+
+
+class StageStatus(StrEnum):
+    """How a stage ended. The values are what Parquet and MLflow store."""
+
+    OK = "ok"
+    DIVERGED = "diverged"  # training produced a non-finite loss; its numbers are kept
+    FAILED = "failed"  # the stage raised (after its retries)
+    SKIPPED = "skipped"  # not run: an ancestor did not finish ok
+
+    @property
+    def finished(self) -> bool:
+        """The stage ran to its end: its outcome stands and a rerun does not repeat it."""
+        return self in (StageStatus.OK, StageStatus.DIVERGED)
 
 
 @dataclass(frozen=True)
@@ -46,10 +72,13 @@ class StageSpec:
     # Not part of the identity: it says what to keep, not what the stage computes.
     keep_epochs: tuple[int, ...] = field(default=(), compare=False)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", StageKind(self.kind))
+
     def identity(self) -> dict[str, Any]:
         """The settings that determine this stage's output, and nothing else."""
-        ident: dict[str, Any] = {"kind": self.kind, "parents": list(self.parents)}
-        if self.kind == "pretrain":
+        ident: dict[str, Any] = {"kind": self.kind.value, "parents": list(self.parents)}
+        if self.kind == StageKind.PRETRAIN:
             ident |= {
                 "dataset": self.dataset,
                 "model": self.model,
@@ -57,7 +86,7 @@ class StageSpec:
                 "recipe": self.recipe.model_dump(mode="json"),
                 "val_fraction": self.val_fraction,
             }
-        elif self.kind == "prune":
+        elif self.kind == StageKind.PRUNE:
             ident |= {
                 "pruner": self.pruner,
                 "ratio": self.ratio,
@@ -104,6 +133,7 @@ class StageSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["kind"] = self.kind.value
         d["recipe"] = self.recipe.model_dump(mode="json")
         d["overrides"] = dict(self.overrides)
         d["pruner_options"] = dict(self.pruner_options)
@@ -126,3 +156,94 @@ def stage_hash(identity: dict[str, Any]) -> str:
     """Stable content hash: canonical JSON (sorted keys, no whitespace), SHA-256, 16 hex chars."""
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch of a training stage, as the train loop measured it."""
+
+    epoch: int  # epochs completed, 1-based
+    lr: float  # lr of the last step of the epoch
+    train_loss: float  # mean over the epoch's training samples, with the augmentation used
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    test_loss: float
+    test_acc: float
+    wall_s: float  # whole epoch: training and evaluation
+    samples: int  # training samples processed, all ranks together
+    train_s: float = 0.0  # the training phase of the epoch alone
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What one run of a stage produced; `run_stage` returns it and the artifact store keeps
+    it as ``outcome.json``. Fields a stage kind does not produce stay None."""
+
+    stage_id: str
+    kind: StageKind
+    status: StageStatus
+    error: str | None = None
+    # accuracy (fractions in [0, 1]); test_acc after the final epoch is the headline
+    test_acc: float | None = None
+    test_loss: float | None = None
+    best_val_epoch: int | None = None
+    test_acc_at_best_val: float | None = None
+    best_test_acc_over_epochs: float | None = None
+    acc_before_prune: float | None = None
+    acc_after_prune: float | None = None
+    # size of the network the stage produced, and of its unpruned architecture
+    params: int | None = None
+    macs: int | None = None
+    nonzero_params: int | None = None
+    base_params: int | None = None
+    base_macs: int | None = None
+    params_reduction: float | None = None
+    macs_reduction: float | None = None
+    achieved_sparsity: float | None = None
+    # layers a global threshold left with no weight (recorded, never repaired), and the share
+    # of weights each pruned layer keeps
+    emptied_layers: int | None = None
+    emptied_layer_names: list[str] | None = None
+    layer_density: dict[str, float] | None = None
+    structured: bool | None = None
+    pretrain_id: str | None = None  # the pre-training at the root of the lineage
+    # the run itself
+    epochs_run: int | None = None
+    resumed_from_epoch: int | None = None
+    samples_per_second: float | None = None
+    started_at: float | None = None  # Unix time
+    ended_at: float | None = None
+    wall_seconds: float | None = None
+    device_hours: float | None = None
+    node: str | None = None
+    workers: int | None = None
+    attempts: int | None = None  # times the stage was started, this run included
+    # rewind checkpoints a finished pre-training re-made for a later grid (see stage_runner)
+    rewind_epochs_remade: list[int] | None = None
+    epochs: tuple[EpochMetrics, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", StageKind(self.kind))
+        object.__setattr__(self, "status", StageStatus(self.status))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: enums as their values, epochs as dicts."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["kind"], d["status"] = self.kind.value, self.status.value
+        d["epochs"] = [asdict(e) for e in self.epochs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageOutcome:
+        """Inverse of `to_dict`; also reads the untyped layout written before StageOutcome
+        (``trial_id``, ``stage_kind``, ``epoch_rows``), so older artifact stores resume."""
+        d = dict(d)
+        if "trial_id" in d:
+            d["stage_id"] = d.pop("trial_id")
+            d["kind"] = d.pop("stage_kind")
+            d["epochs"] = d.pop("epoch_rows", [])
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["epochs"] = tuple(EpochMetrics(**e) for e in d.get("epochs") or ())
+        return cls(**d)

@@ -20,18 +20,24 @@ import torch
 from torch import nn
 
 from trainables import schedules
-from trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
+from trainables.artifacts import MODEL, RESUME, ArtifactStore, CorruptArtifactError, rewind_name
 from trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
-from trainables.data import Loaders, load_dataset, make_loaders
+from trainables.datasets import load_dataset
+from trainables.loaders import Loaders, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
 from trainables.pruners import PrunePlan, apply_plan, compute_plan
 from trainables.pruners.unstructured import layer_density, sparsity
-from trainables.stage import StageSpec
-from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
+from trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
+from trainables.train_loop import Diverged, evaluate, fit
 
-MODEL = "model"  # final weights of a stage
-RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
+# Fields run_stage sets for every run; a re-used outcome does not carry them over.
+_RUN_FIELDS = (
+    "stage_id", "kind", "started_at", "ended_at", "wall_seconds", "device_hours", "node",
+    "workers", "attempts",
+)  # fmt: skip
+# What a retrain stage reports of the pruning it continues from.
+_FROM_PRUNE = ("acc_before_prune", "acc_after_prune", "emptied_layers", "pretrain_id", "structured")
 # A pre-training keeps its full training state (weights, optimizer, epoch) at this many evenly
 # spaced epochs, so a rewind checkpoint a later grid asks for is re-made from the nearest
 # earlier state (at most T / STATE_CHECKPOINTS epochs of training), not from epoch 0.
@@ -56,30 +62,38 @@ class WorkerEnv:
 EpochReporter = Callable[[dict[str, Any]], None]
 
 
-def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = None) -> dict:
+def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = None) -> StageOutcome:
     """Run `spec` to completion (resuming if a checkpoint exists) and return its outcome."""
     store = ArtifactStore(env.storage)
     started = time.time()
-    runner = {"pretrain": _pretrain, "prune": _prune, "retrain": _retrain}[spec.kind]
-    outcome: dict[str, Any] = {"status": "ok", "error": None}
+    # Rank 0 counts the start; every rank reads the same count back at the end.
+    attempts = store.start_attempt(spec.id) if env.rank == 0 else None
+    runner = {
+        StageKind.PRETRAIN: _pretrain,
+        StageKind.PRUNE: _prune,
+        StageKind.RETRAIN: _retrain,
+    }[spec.kind]
+    fields: dict[str, Any] = {"status": StageStatus.OK}
     try:
-        outcome |= runner(spec, env, store, report)
+        fields |= runner(spec, env, store, report)
     except Diverged as err:
-        outcome |= {"status": "diverged", "error": str(err), "epochs_run": err.epoch}
-    outcome |= {
-        "trial_id": spec.id,
-        "stage_kind": spec.kind,
-        "started_at": started,
-        "ended_at": time.time(),
-        "wall_seconds": time.time() - started,
-        "node": _node_id(),
-        "workers": env.world_size,
-        "precision": spec.precision,
-    }
-    outcome["device_hours"] = outcome["wall_seconds"] * env.world_size / 3600.0
+        fields |= {"status": StageStatus.DIVERGED, "error": str(err), "epochs_run": err.epoch}
+    ended = time.time()
+    outcome = StageOutcome(
+        stage_id=spec.id,
+        kind=spec.kind,
+        started_at=started,
+        ended_at=ended,
+        wall_seconds=ended - started,
+        device_hours=(ended - started) * env.world_size / 3600.0,
+        node=_node_id(),
+        workers=env.world_size,
+        attempts=attempts,
+        **fields,
+    )
     if env.rank == 0:
-        store.write_outcome(spec.id, outcome)
-        if outcome["status"] == "ok":
+        store.write_outcome(outcome)
+        if outcome.status == StageStatus.OK:
             store.delete(spec.id, RESUME)
     return outcome
 
@@ -186,7 +200,7 @@ def _train(
         "epochs_run": epochs,
         "resumed_from_epoch": resume["epoch"] if resume else 0,
         "samples_per_second": result.samples_per_second,
-        "epoch_rows": [vars(m) for m in result.history],
+        "epochs": tuple(result.history),
     }
 
 
@@ -243,10 +257,14 @@ def _size_fields(model: nn.Module, spec: StageSpec) -> dict[str, Any]:
 # -- the three stage kinds ----------------------------------------------------------------
 def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     previous = store.read_outcome(spec.id)
-    if previous and previous.get("status") == "ok" and store.exists(spec.id, MODEL):
+    if previous and previous.status == StageStatus.OK and store.exists(spec.id, MODEL):
         # A finished pre-training asked for rewind checkpoints it did not keep (a later grid
-        # added a `wr` budget): re-make just those, and keep the run's outcome.
-        return previous | {"rewind_epochs_remade": _remake_rewind_checkpoints(spec, env, store)}
+        # added a `wr` budget): re-make just those, and keep what the run measured.
+        remade = _remake_rewind_checkpoints(spec, env, store)
+        return {k: v for k, v in previous.to_dict().items() if k not in _RUN_FIELDS} | {
+            "epochs": previous.epochs,
+            "rewind_epochs_remade": remade,
+        }
     model = build_model(spec.model, spec.dataset, seed=spec.seed)
     fields = _train(
         spec,
@@ -312,7 +330,7 @@ def calibration_sizes(pruner: str, recipe_batch_size: int) -> tuple[int, int]:
 
 def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     parent_id = spec.parents[0]
-    parent = store.read_outcome(parent_id) or {}
+    parent = store.read_outcome(parent_id)  # None only if garbled since it finished
     model, plans = load_model(store, parent_id)
     bundle = load_dataset(
         spec.dataset,
@@ -347,22 +365,21 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, [*plans, plan]))
     return _size_fields(model, spec) | {
-        "acc_before_prune": parent.get("test_acc"),
+        "acc_before_prune": getattr(parent, "test_acc", None),
         "acc_after_prune": acc_after,
         "test_acc": acc_after,
-        "pretrain_id": parent.get("pretrain_id"),
+        "pretrain_id": getattr(parent, "pretrain_id", None),
         "structured": PRUNERS[spec.pruner].structured,
         "emptied_layers": len(emptied),
         "emptied_layer_names": emptied,
         "layer_density": density,
-        "epoch_rows": [],
     }
 
 
 def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dict:
     # parents[0] is the model to start from; `wr` also names the pretrain it rewinds to.
     parent_id = spec.parents[0]
-    parent = store.read_outcome(parent_id) or {}
+    parent = store.read_outcome(parent_id)  # None only if garbled since it finished
     model, plans = load_model(store, parent_id)
     budget = spec.budget
     assert budget is not None and spec.schedule is not None
@@ -397,17 +414,7 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
     )
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, plans))
-    return (
-        fields
-        | _size_fields(model, spec)
-        | {
-            "acc_before_prune": parent.get("acc_before_prune"),
-            "acc_after_prune": parent.get("acc_after_prune"),
-            "emptied_layers": parent.get("emptied_layers"),
-            "pretrain_id": parent.get("pretrain_id"),
-            "structured": parent.get("structured"),
-        }
-    )
+    return fields | _size_fields(model, spec) | {k: getattr(parent, k, None) for k in _FROM_PRUNE}
 
 
 def _node_id() -> str:

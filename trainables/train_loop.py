@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainables.data import BatchLoader, Loaders
+from trainables.loaders import BatchLoader, Loaders
 from trainables.recipe import Recipe
+from trainables.stage import EpochMetrics
 
 __all__ = ["Diverged", "EpochMetrics", "FitResult", "evaluate", "fit"]
 
@@ -62,21 +63,6 @@ class Diverged(RuntimeError):
 
     def __reduce__(self) -> tuple[type, tuple[int, int, float]]:  # picklable across processes
         return (Diverged, (self.epoch, self.step, self.loss))
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    epoch: int  # epochs completed, 1-based
-    lr: float  # lr of the last step of the epoch
-    train_loss: float  # mean over the epoch's training samples, with the augmentation used
-    train_acc: float
-    val_loss: float | None
-    val_acc: float | None
-    test_loss: float
-    test_acc: float
-    wall_s: float  # whole epoch: training and evaluation
-    samples: int  # training samples processed, all ranks together
-    train_s: float = 0.0  # the training phase of the epoch alone
 
 
 @dataclass(frozen=True)

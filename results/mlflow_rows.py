@@ -1,0 +1,141 @@
+"""A stage's rows as MLflow sees them (pure: no client, no I/O).
+
+One experiment per sweep, ``nptm/<sweep>``; one child run per stage, found again by its tag
+``nptm.stage_id`` (``nptm.trial_id`` on runs recorded before schema version 2). Params, metrics
+and tags come from the column declarations in results.schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from results.schema import EPOCHS_COLUMNS, STAGES_COLUMNS
+from trainables.layout import check_name
+from trainables.stage import StageStatus
+
+EXPERIMENT_PREFIX = "nptm/"
+STAGE_ID_TAG = "nptm.stage_id"
+LEGACY_STAGE_ID_TAG = "nptm.trial_id"  # runs recorded before schema version 2
+RUN_STATUS = {
+    StageStatus.OK: "FINISHED",
+    StageStatus.DIVERGED: "FAILED",
+    StageStatus.FAILED: "FAILED",
+    StageStatus.SKIPPED: "KILLED",
+}
+# column -> MLflow name
+PARAMS = {c.name: c.param for c in STAGES_COLUMNS if c.param}
+SUMMARY_METRICS = {c.name: c.metric for c in STAGES_COLUMNS if c.metric}
+EPOCH_METRICS = {c.name: c.metric for c in EPOCHS_COLUMNS if c.metric}
+TAGS = tuple(c.name for c in STAGES_COLUMNS if c.tag)
+MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # mlflow.utils.validation limits
+_ERROR_TAIL = 4000  # characters of an error kept in its tag
+
+
+def experiment_name(sweep: str) -> str:
+    return EXPERIMENT_PREFIX + check_name("sweep", sweep)
+
+
+def stage_id_of(tags: Mapping[str, str]) -> str | None:
+    """The stage a run records, under the current tag or the one before schema version 2."""
+    return tags.get(STAGE_ID_TAG) or tags.get(LEGACY_STAGE_ID_TAG)
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings as flat MLflow params (``a.b``); lists as JSON, None left out."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flatten_params(value, name + ".")
+        elif value is not None:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def clip(value: Any, limit: int) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def ms(ts: datetime | None) -> int | None:
+    return None if ts is None else int(ts.timestamp() * 1000)
+
+
+def row_hash(row: Mapping[str, Any], epochs: list[Mapping[str, Any]]) -> str:
+    """Fingerprint of a stage's normalised rows (mlflow_run_id excluded: it points back)."""
+    payload = {
+        "stage": {k: v for k, v in row.items() if k != "mlflow_run_id"},
+        "epochs": [dict(e) for e in epochs],
+    }
+    text = json.dumps(payload, sort_keys=True, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot fingerprint {type(value).__name__}")
+
+
+def run_name(row: Mapping[str, Any]) -> str:
+    target = f"r{row['ratio']:g}" if row["ratio"] is not None else row["preset"]
+    budget = f"b{row['budget_epochs']}" if row["budget_epochs"] is not None else None
+    parts = [row["model"], row["pruner"], target, row["schedule"], budget, f"s{row['seed']}"]
+    return f"{row['stage_kind']}:" + "/".join(str(p) for p in parts if p is not None)
+
+
+def stage_params(row: Mapping[str, Any]) -> dict[str, str]:
+    params = {name: str(row[col]) for col, name in PARAMS.items() if row[col] is not None}
+    if row["overrides"]:
+        for key, value in json.loads(row["overrides"]).items():
+            params[f"override.{key}"] = json.dumps(value) if not isinstance(value, str) else value
+    return params
+
+
+def stage_tags(row: Mapping[str, Any]) -> dict[str, str]:
+    """``nptm.<column>`` for every tagged column (empty values left out), and
+    ``nptm.diverged`` on a diverged stage."""
+    tags = {f"nptm.{col}": _tag_value(col, row[col]) for col in TAGS}
+    if row["status"] == StageStatus.DIVERGED:
+        tags["nptm.diverged"] = "true"
+    return {k: v for k, v in tags.items() if v is not None and v != ""}
+
+
+def _tag_value(column: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value)
+    if column == "error":
+        return value[-_ERROR_TAIL:]  # the end of a traceback names the error
+    return str(value)
+
+
+def stage_metrics(
+    row: Mapping[str, Any], epochs: list[Mapping[str, Any]], start_ms: int
+) -> list[tuple[str, float, int, int]]:
+    """(key, value, timestamp ms, step) for the per-epoch series and the summary metrics.
+
+    Summary metrics are logged at the last epoch's step, so where a series and a summary share
+    a key (test_acc, test_loss) the summary is the run's latest value and no step is doubled.
+    """
+    points: dict[tuple[str, int], tuple[float, int]] = {}
+    elapsed_s, ts = 0.0, start_ms - 1
+    for e in epochs:
+        elapsed_s += e["wall_s"] or 0.0
+        ts = max(start_ms + int(elapsed_s * 1000), ts + 1)  # strictly increasing
+        for col, key in EPOCH_METRICS.items():
+            if e[col] is not None:
+                points[(key, e["epoch"])] = (float(e[col]), ts)
+    last_step = epochs[-1]["epoch"] if epochs else 0
+    end_ms = max(ms(row["ended_at"]) or 0, ts + 1)
+    for col, key in SUMMARY_METRICS.items():
+        if row[col] is not None:
+            points[(key, last_step)] = (float(row[col]), end_ms)
+    return [(k, v, t, step) for (k, step), (v, t) in points.items()]

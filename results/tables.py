@@ -1,0 +1,47 @@
+"""The one table renderer of every command: plain text for the terminal (report headline,
+status, best, plan, inspect) and Markdown for report.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def text_table(
+    headers: Sequence[Any],
+    rows: Sequence[Sequence[Any]],
+    *,
+    right: Sequence[int] = (),
+    total: bool = False,
+) -> str:
+    """Columns padded to their widest cell and separated by two spaces, a rule under the header.
+
+    `right`: indices of right-aligned columns (numbers). `total`: the last row is a total,
+    set off by a second rule.
+    """
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        padded = (
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [line(r) for r in cells]
+    lines.insert(1, rule)
+    if total and len(lines) > 2:
+        lines.insert(len(lines) - 1, rule)
+    return "\n".join(lines)
+
+
+def md_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    def esc(x: Any) -> str:
+        return str(x).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |"]
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""trainables.layout: every path under a storage root, and the one name rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainables.layout import Layout, check_name
+
+
+def test_local_layout(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    assert layout.local and layout.root == str(tmp_path)
+    assert layout.stage_file("abc123", "model.pt") == f"{tmp_path}/stages/abc123/model.pt"
+    assert (
+        layout.table_file("s1", "stages", "abc123") == f"{tmp_path}/sweeps/s1/stages/abc123.parquet"
+    )
+    assert layout.report_dir("s1") == f"{tmp_path}/sweeps/s1/report"
+    assert layout.mlflow_db == f"{tmp_path}/mlflow.db"
+    assert layout.ray_dir == f"{tmp_path}/_ray"
+
+
+def test_uri_layout_needs_no_connection() -> None:
+    # Nothing here may resolve the bucket: there is no network in the tests.
+    layout = Layout("s3://bucket/prefix/")
+    assert layout.mlflow_db is None
+    assert layout.ray_dir == "s3://bucket/prefix/_ray"
+    assert layout.report_dir("s1") == "./nptm-report-s1"
+    assert layout.sweep_location("s1") == "s3://bucket/prefix/sweeps/s1"
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "/abs", "", ".hidden", "sp ace", "a..b"])
+def test_one_name_rule_for_sweeps_stages_and_artifacts(tmp_path: Path, name: str) -> None:
+    layout = Layout(tmp_path)
+    for call in (
+        lambda: check_name("sweep", name),
+        lambda: layout.sweep_dir(name),
+        lambda: layout.stage_dir(name),
+        lambda: layout.stage_file("abc123", name),
+    ):
+        with pytest.raises(ValueError, match="name"):
+            call()

@@ -1,0 +1,82 @@
+"""results.sink: a stage's outcome lands in Parquet first, then in MLflow, each row once."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from results.mlflow_uri import default_tracking_uri
+from results.sink import ResultSink
+from results.store import SweepStore
+from results.tracking import MlflowRecorder
+from trainables.artifacts import ArtifactStore
+from trainables.recipe import DEFAULT_RECIPES
+from trainables.stage import EpochMetrics, StageOutcome, StageSpec, StageStatus
+
+PRE = StageSpec("pretrain", "digits", "resnet20", 0, DEFAULT_RECIPES["digits"])
+PRUNE = StageSpec(
+    "prune", "digits", "resnet20", 0, DEFAULT_RECIPES["digits"], parents=(PRE.id,),
+    pruner="l1_filter", ratio=0.5,
+)  # fmt: skip
+EPOCHS = tuple(
+    EpochMetrics(e, 0.1, 1.0 / e, 0.5, None, None, 1.1, 0.4 + e / 100, 2.0, 64) for e in (1, 2)
+)
+
+
+def _outcome(spec: StageSpec, **kw: object) -> StageOutcome:
+    return StageOutcome(
+        spec.id, spec.kind, StageStatus.OK, started_at=1.7e9, ended_at=1.7e9 + 4, **kw
+    )  # type: ignore[arg-type]
+
+
+def _sink(storage: Path, uri: str | None, executor: str = "inline") -> ResultSink:
+    recorder = MlflowRecorder(uri, "s1")
+    recorder.start_sweep()
+    return ResultSink(SweepStore(storage, "s1"), recorder, ArtifactStore(str(storage)), executor)
+
+
+def test_outcome_to_rows_parquet_then_mlflow(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path)
+    sink = _sink(tmp_path, uri, executor="train")
+    sink.record(PRE, StageStatus.OK, _outcome(PRE, test_acc=0.4, attempts=2, epochs=EPOCHS), None)
+    row = SweepStore(tmp_path, "s1").read_stages().iloc[0]
+    assert row["stage_id"] == PRE.id and row["stage_kind"] == "pretrain" and row["status"] == "ok"
+    assert row["test_acc"] == pytest.approx(0.4) and row["attempts"] == 2
+    assert row["executor"] == "train" and row["ended_at"].timestamp() == pytest.approx(1.7e9 + 4)
+    epochs = SweepStore(tmp_path, "s1").read_epochs()
+    assert sorted(epochs["epoch"]) == [1, 2] and set(epochs["stage_id"]) == {PRE.id}
+    # The row names its MLflow run, which carries the same numbers.
+    run = MlflowClient(uri).get_run(row["mlflow_run_id"])
+    assert run.data.tags["nptm.stage_id"] == PRE.id
+    assert run.data.metrics["test_acc"] == pytest.approx(0.4)
+    assert sink.summary.counts == {"ok": 1} and sink.summary.executed == 1
+
+
+def test_failed_and_skipped_stages(tmp_path: Path) -> None:
+    sink = _sink(tmp_path, default_tracking_uri(tmp_path), executor="train")
+    ArtifactStore(str(tmp_path)).start_attempt(PRE.id)
+    ArtifactStore(str(tmp_path)).start_attempt(PRE.id)
+    sink.record(PRE, StageStatus.FAILED, None, "RuntimeError: boom\ntraceback")
+    sink.record(PRUNE, StageStatus.SKIPPED, None, f"skipped: failed ancestor {PRE.id}")
+    rows = SweepStore(tmp_path, "s1").read_stages().set_index("stage_id")
+    assert rows.loc[PRE.id, "attempts"] == 2  # counted by the artifact store: no outcome
+    assert rows.loc[PRUNE.id, "executor"] == "task"  # a prune stage of a train sweep
+    assert rows.loc[PRUNE.id, "attempts"] == 0 and rows.loc[PRUNE.id, "status"] == "skipped"
+    # Only the failure is a failure of the sweep; a skipped stage is counted, not blamed.
+    assert sink.summary.failures == [(PRE.id, "pretrain", "RuntimeError: boom")]
+    assert sink.summary.counts == {"failed": 1, "skipped": 1} and sink.summary.executed == 1
+
+
+def test_parquet_is_written_when_mlflow_is_down(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sink = _sink(tmp_path, f"http://127.0.0.1:{port}")
+    sink.record(PRE, StageStatus.OK, _outcome(PRE, test_acc=0.4), None, reused=True)
+    row = SweepStore(tmp_path, "s1").read_stages().iloc[0]
+    assert row["reused"] and pd.isna(row["mlflow_run_id"]) and row["test_acc"] == 0.4
+    assert sink.recorder.degraded and sink.summary.executed == 0

@@ -1,0 +1,129 @@
+"""Where everything lives under a storage root, and the one rule for names used in paths.
+
+    <root>/stages/<stage_id>/<file>          a stage's artifacts and outcome (trainables.artifacts)
+    <root>/sweeps/<sweep>/stages/<id>.parquet  one row per stage (results.store)
+    <root>/sweeps/<sweep>/epochs/<id>.parquet  one row per epoch of that stage
+    <root>/sweeps/<sweep>/.nptm-cache/       the store's read cache of both tables
+    <root>/sweeps/<sweep>/report/            `nptm report`'s default output (local storage)
+    <root>/mlflow.db                         embedded MLflow store (local storage)
+    <root>/_ray                              Ray Tune / Ray Train storage
+
+Sweeps written before schema version 2 keep their stage rows in ``sweeps/<sweep>/trials/``;
+`LEGACY_STAGES_TABLE` names that directory for readers.
+
+Torch-free: the driver, Tune's trial actors and the results package import it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+
+import pyarrow.fs as pafs
+
+from trainables.storage import is_local_storage, resolve_storage
+
+STAGES_TABLE, EPOCHS_TABLE = "stages", "epochs"
+LEGACY_STAGES_TABLE = "trials"  # schema version 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """`name` if it is safe as one path component (sweep, stage id, artifact), else ValueError.
+
+    Letters, digits, '.', '_' and '-', starting with a letter or digit, no '..': nothing that
+    could escape the storage root or hide from a directory listing.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
+    if name.startswith(("/", "\\")) or os.path.isabs(name):
+        raise ValueError(f"{kind} name {name!r} must not be an absolute path")
+    if "/" in name or "\\" in name:
+        raise ValueError(f"{kind} name {name!r} must not contain a path separator")
+    if ".." in name:
+        raise ValueError(f"{kind} name {name!r} must not contain '..'")
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"{kind} name {name!r} may only use letters, digits, '.', '_' and '-', "
+            "and must start with a letter or digit"
+        )
+    return name
+
+
+class Layout:
+    """The paths of one storage root: `storage` as given, `root` the path inside `fs`.
+
+    The filesystem is resolved on first use: deciding where MLflow or Ray live needs no
+    connection to an object store.
+    """
+
+    def __init__(
+        self, storage: str | os.PathLike[str], *, filesystem: pafs.FileSystem | None = None
+    ) -> None:
+        """`filesystem` replaces the one resolved from `storage` (tests, custom credentials)."""
+        self.storage = os.fspath(storage)
+        if filesystem is not None:
+            local = filesystem.type_name == "local"
+            self.__dict__["_resolved"] = (filesystem, self.storage.rstrip("/"), local)
+
+    @cached_property
+    def _resolved(self) -> tuple[pafs.FileSystem, str, bool]:
+        return resolve_storage(self.storage)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self._resolved[0]
+
+    @property
+    def root(self) -> str:
+        return self._resolved[1]
+
+    @property
+    def local(self) -> bool:
+        return self._resolved[2]
+
+    # -- stages ----------------------------------------------------------------------------
+    def stage_dir(self, stage_id: str) -> str:
+        return f"{self.root}/stages/{check_name('stage id', stage_id)}"
+
+    def stage_file(self, stage_id: str, name: str) -> str:
+        return f"{self.stage_dir(stage_id)}/{check_name('artifact', name)}"
+
+    # -- sweeps ----------------------------------------------------------------------------
+    def sweep_dir(self, sweep: str) -> str:
+        return f"{self.root}/sweeps/{check_name('sweep', sweep)}"
+
+    def sweep_location(self, sweep: str) -> str:
+        """The sweep directory as a user names it: under the storage as given, so a URI keeps
+        its scheme and nothing is resolved."""
+        return f"{self.storage.rstrip('/')}/sweeps/{check_name('sweep', sweep)}"
+
+    def table_dir(self, sweep: str, table: str) -> str:
+        return f"{self.sweep_dir(sweep)}/{table}"
+
+    def table_file(self, sweep: str, table: str, stage_id: str) -> str:
+        return f"{self.table_dir(sweep, table)}/{check_name('stage_id', stage_id)}.parquet"
+
+    def read_cache(self, sweep: str, table: str) -> str:
+        """The store's consolidated copy of a table (a dot-directory: dataset globs skip it)."""
+        return f"{self.sweep_dir(sweep)}/.nptm-cache/{table}.parquet"
+
+    def report_dir(self, sweep: str) -> str:
+        """Beside the sweep's tables on local storage; else under the working directory."""
+        if is_local_storage(self.storage):
+            return f"{self.sweep_dir(sweep)}/report"
+        return f"./nptm-report-{check_name('sweep', sweep)}"
+
+    # -- services --------------------------------------------------------------------------
+    @property
+    def mlflow_db(self) -> str | None:
+        """The embedded MLflow sqlite file, or None when the storage is not local."""
+        return f"{self.root}/mlflow.db" if is_local_storage(self.storage) else None
+
+    @property
+    def ray_dir(self) -> str:
+        """Ray's storage path: a local path, or a URI that Ray resolves itself."""
+        if "://" in self.storage:
+            return f"{self.storage.rstrip('/')}/_ray"
+        return f"{self.root}/_ray"
