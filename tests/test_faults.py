@@ -327,13 +327,13 @@ def test_a_rewind_epoch_added_later_is_remade_without_pre_training_again(
     runs = str(tmp_path / "runs")
     store = ArtifactStore(runs)
     done = run_stage(first, WorkerEnv(storage=runs))
-    assert done["status"] == "ok" and not store.exists(first.id, rewind_name(1))
+    assert done.status == "ok" and not store.exists(first.id, rewind_name(1))
     store.delete(first.id, state_name(1))  # the state at epoch 1 too: train epoch 0 again
     model_before = store.load(first.id, "model")
 
     remade = run_stage(later, WorkerEnv(storage=runs))
-    assert remade["status"] == "ok" and remade["rewind_epochs_remade"] == [1]
-    assert remade["test_acc"] == done["test_acc"] and remade["epoch_rows"] == done["epoch_rows"]
+    assert remade.status == "ok" and remade.rewind_epochs_remade == [1]
+    assert remade.test_acc == done.test_acc and remade.epochs == done.epochs
     weights = store.load(later.id, rewind_name(1))["state_dict"]
     for k, v in store.load(first.id, "model")["state_dict"].items():  # the final model is kept
         assert torch.equal(v, model_before["state_dict"][k])

@@ -414,7 +414,7 @@ def test_prune_stage_records_an_emptied_layer_and_keeps_the_classifier(tmp_path)
     from trainables.artifacts import ArtifactStore
     from trainables.models import build_model
     from trainables.recipe import default_recipe
-    from trainables.stage import StageSpec
+    from trainables.stage import StageOutcome, StageSpec
     from trainables.stage_runner import MODEL, WorkerEnv, model_payload, run_stage
 
     recipe = default_recipe("digits")
@@ -424,14 +424,14 @@ def test_prune_stage_records_an_emptied_layer_and_keeps_the_classifier(tmp_path)
         model.layer2[1].conv1.weight.mul_(1e-6)
     store = ArtifactStore(str(tmp_path))
     store.save(pre.id, MODEL, model_payload(pre, model, []))
-    store.write_outcome(pre.id, {"status": "ok", "test_acc": 0.5})
+    store.write_outcome(StageOutcome(pre.id, "pretrain", "ok", test_acc=0.5))
     spec = StageSpec(
         "prune", "digits", "resnet20", 0, recipe, parents=(pre.id,), pruner="magnitude",
         ratio=0.5, pruner_options=(("layers", "conv"), ("min_keep", 0.0)),
     )  # fmt: skip
     outcome = run_stage(spec, WorkerEnv(storage=str(tmp_path)))
-    assert outcome["status"] == "ok"
-    assert outcome["emptied_layers"] == 1
-    assert outcome["emptied_layer_names"] == ["layer2.1.conv1"]
-    assert outcome["layer_density"]["fc"] == 1.0
-    assert outcome["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert outcome.status == "ok"
+    assert outcome.emptied_layers == 1
+    assert outcome.emptied_layer_names == ["layer2.1.conv1"]
+    assert outcome.layer_density["fc"] == 1.0
+    assert outcome.achieved_sparsity == pytest.approx(0.5, abs=1e-4)
