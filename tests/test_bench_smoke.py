@@ -67,6 +67,7 @@ def test_json_line_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # -- plan_scaling ----------------------------------------------------------------------------
+@pytest.mark.bench
 def test_plan_scaling_quick() -> None:
     stdout, res = _run("plan_scaling.py")
     assert "build_plan s" in stdout
@@ -138,6 +139,7 @@ def test_dedup_rates_given_and_mac_scaled() -> None:
         dedup.parse_rates(["resnet56=-1"])
 
 
+@pytest.mark.bench
 def test_dedup_quick() -> None:
     stdout, res = _run("dedup.py", "--samples-per-sec", "resnet20=1000")
     assert "naive/planned" in stdout and "NOTE" not in stdout  # a figure was given
