@@ -152,6 +152,7 @@ def test_dedup_quick() -> None:
 
 
 # -- throughput ------------------------------------------------------------------------------
+@pytest.mark.bench
 def test_throughput_core_tiny() -> None:
     throughput = _load("throughput")
     threads = torch.get_num_threads()
@@ -282,3 +283,13 @@ def test_noop_grid_plans_exactly_n_stages(n: int) -> None:
     ratios, budgets = scheduling.SHAPES[n]
     assert plan.count_by_kind() == {"pretrain": 1, "prune": ratios, "retrain": ratios * 5 * budgets}
     assert len(plan.stages) == n
+
+
+# -- concurrency -----------------------------------------------------------------------------
+def test_peak_overlap_by_hand() -> None:
+    peak_overlap = _load("concurrency").peak_overlap
+    assert peak_overlap([]) == 0
+    assert peak_overlap([(0, 1), (2, 3)]) == 1
+    assert peak_overlap([(0, 2), (1, 3), (1.5, 4)]) == 3
+    assert peak_overlap([(0, 1), (1, 2)]) == 1  # one ends as the other starts
+    assert peak_overlap([(0, 10), (1, 2), (3, 4), (5, 6)]) == 2

@@ -282,6 +282,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes of torch.distributed
 def test_ddp_two_workers_equal_one_worker_with_twice_the_batch(tmp_path: Path) -> None:
     """Without BatchNorm: BN would normalise each worker's half batch with its own statistics,
     which is not the big batch's forward pass, so the gradients would legitimately differ."""
