@@ -145,7 +145,9 @@ def test_sweep_submitted_as_a_ray_job_completes(
     rows = trials(storage, "job")
     assert sorted(rows.trial_id) == sorted(plan_stage_ids(grid))
     assert set(rows.status) == {"ok"}
-    assert set(rows.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
+    ran = rows[~rows.reused]  # the pre-training is the session's: it ran elsewhere
+    assert list(rows[rows.reused].stage_kind) == ["pretrain"] and len(ran) == 2
+    assert set(ran.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
 
 
 # Last in this module: it takes the cluster's second node away.
