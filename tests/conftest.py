@@ -48,7 +48,7 @@ def mlflow_server(tmp_path_factory):
 def tiny_sweep(tmp_path_factory) -> SimpleNamespace:
     """The README's path, once per session: `nptm sweep tiny.yaml` as a user runs it (the
     console entry point, in a fresh process that starts and stops its own local Ray), with a
-    relative storage path. 7 stages: 1 pre-training, 2 prunes, 4 retrains.
+    relative storage path. 9 stages: 1 pre-training, 2 prunes, 6 retrains.
 
     Tests that need a finished sweep copy its storage (`copy_storage`); sweeps of other grids
     start from its pre-training (`seed_stages`): stage ids are content hashes, so theirs is
@@ -57,7 +57,7 @@ def tiny_sweep(tmp_path_factory) -> SimpleNamespace:
     from tests.sweep_helpers import nptm, write_grid
 
     tmp = tmp_path_factory.mktemp("tiny")
-    grid = write_grid(tmp / "tiny.yaml", schedules="[ft, clr]")
+    grid = write_grid(tmp / "tiny.yaml")
     result = nptm("sweep", str(grid), "--storage", "runs", cwd=tmp, console=True)
     return SimpleNamespace(grid=grid, storage=tmp / "runs", result=result)
 

@@ -146,10 +146,14 @@ def seed_stages(
     would reuse a colleague's stages in shared storage. Returns the copied stage ids."""
     from orchestrator.planner import build_plan
     from search_spaces import load_grid
+    from trainables.artifacts import ArtifactStore, rewind_name
 
-    copied = []
+    copied, have = [], ArtifactStore(str(source))
     for sid, spec in build_plan(load_grid(grid)).stages.items():
         if spec.kind in kinds and (source / "stages" / sid / "outcome.json").is_file():
+            # A pre-training is reusable only with every rewind checkpoint `grid` needs.
+            missing = [e for e in spec.keep_epochs if not have.exists(sid, rewind_name(e))]
+            assert not missing, f"{source} lacks rewind epochs {missing} of {sid}"
             shutil.copytree(source / "stages" / sid, storage / "stages" / sid)
             copied.append(sid)
     assert copied, f"no stage of {grid} to reuse from {source}"
