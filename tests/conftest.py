@@ -1,5 +1,6 @@
 """Shared pytest setup: the session's Ray node, MLflow server and finished tiny sweep."""
 
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from tests.ray_cluster import use_test_ray_env  # noqa: E402
 
 # Before anything imports Ray: one token, the loopback address and a private temp dir for
 # every Ray process of the session (see tests/ray_cluster.py).
-use_test_ray_env()
+RAY_TMPDIR = use_test_ray_env()
 
 # The test machines have 2 cores; more intra-op threads only oversubscribe them.
 if torch.get_num_threads() > 2:
@@ -67,3 +68,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("bench") or item.get_closest_marker("scale"):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's Ray temp dir (logs of every cluster it started), once they are stopped."""
+    if RAY_TMPDIR is not None:
+        shutil.rmtree(RAY_TMPDIR, ignore_errors=True)

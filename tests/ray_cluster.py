@@ -36,8 +36,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def use_test_ray_env() -> None:
-    """Set this process's environment (inherited by every process it starts) for test Ray."""
+def use_test_ray_env() -> str | None:
+    """Set this process's environment (inherited by every process it starts) for test Ray.
+    Returns the Ray temp dir it made, if it made one (for the caller to remove at the end)."""
     os.environ.pop("RAY_ADDRESS", None)  # never attach to a Ray the environment points at
     os.environ["RAY_AUTH_MODE"] = "token"
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
@@ -55,6 +56,8 @@ def use_test_ray_env() -> None:
         tmp = tempfile.mkdtemp(prefix="nptm-ray-", dir="/tmp")
         os.makedirs(f"{tmp}/ray")
         os.environ["RAY_TMPDIR"] = tmp
+        return tmp
+    return None
 
 
 def client_env() -> dict[str, str]:
