@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -75,14 +78,18 @@ def nptm(
     timeout: float = 600,
     env: dict[str, str] | None = None,
     cwd: Path = ROOT,
+    console: bool = False,
     **kw,
 ):
-    """Run the CLI in a fresh process (each starts and stops its own local Ray)."""
+    """Run the CLI in a fresh process: `python -m orchestrator`, or with `console` the
+    installed `nptm` script. Kept for what needs a process of its own (the entry points, a
+    driver that gets killed); everything else calls `sweep_in_process`."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     full_env.pop("RAY_ADDRESS", None)  # never attach to a Ray the environment points at
     full_env.update(env or {})
+    command = [str(Path(sys.executable).parent / "nptm")] if console else NPTM
     return subprocess.run(
-        [*NPTM, *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -92,13 +99,71 @@ def nptm(
     )
 
 
-def sweep_on(node, grid: Path, storage: Path, *args: str, timeout: float = 600):
-    """`nptm sweep GRID` in a fresh process, joined to the running Ray `node` (a
-    tests.ray_cluster.RayCluster) with its address and token."""
-    return nptm(
-        "sweep", str(grid), "--storage", str(storage), "--address", node.address, "--no-report",
-        *args, env=node.env, timeout=timeout,
-    )  # fmt: skip
+def cli_in_process(argv: list[str], env: dict[str, str] | None = None) -> CliResult:
+    """`nptm ARGV` in this process, as a user's shell would see it: exit code, stdout, and
+    stderr with the warnings nptm logs (a fresh process prints them there). The environment
+    is restored afterwards: nptm sets process-wide defaults (Tune's pending-trial limit,
+    MLflow's HTTP retries) that must not leak into the next sweep."""
+    import logging
+
+    from orchestrator.cli import main
+
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)  # what logging's last resort does in a fresh process
+    handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(argv)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        os.environ.clear()
+        os.environ.update(saved)
+    return CliResult(rc, out.getvalue(), err.getvalue())
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def sweep_on(node, grid: Path, storage: Path, *args: str, env: dict[str, str] | None = None):
+    """`nptm sweep GRID` in this process, joined to the running Ray `node` (a
+    tests.ray_cluster.RayCluster)."""
+    argv = ["sweep", str(grid), "--storage", str(storage), "--address", node.address, "--no-report"]
+    return cli_in_process([*argv, *args], env=env)
+
+
+def seed_stages(
+    source: Path, storage: Path, grid: Path, kinds: tuple[str, ...] = ("pretrain",)
+) -> list[str]:
+    """Copy into `storage` the finished stages of `source` (a sweep's storage root) that
+    `grid`'s plan shares with it, of the given kinds: the sweep then reuses them, as it
+    would reuse a colleague's stages in shared storage. Returns the copied stage ids."""
+    from orchestrator.planner import build_plan
+    from search_spaces import load_grid
+    from trainables.artifacts import ArtifactStore, rewind_name
+
+    copied, have = [], ArtifactStore(str(source))
+    for sid, spec in build_plan(load_grid(grid)).stages.items():
+        if spec.kind in kinds and (source / "stages" / sid / "outcome.json").is_file():
+            # A pre-training is reusable only with every rewind checkpoint `grid` needs.
+            missing = [e for e in spec.keep_epochs if not have.exists(sid, rewind_name(e))]
+            assert not missing, f"{source} lacks rewind epochs {missing} of {sid}"
+            shutil.copytree(source / "stages" / sid, storage / "stages" / sid)
+            copied.append(sid)
+    assert copied, f"no stage of {grid} to reuse from {source}"
+    return copied
+
+
+def copy_storage(source: Path, storage: Path) -> Path:
+    """A finished sweep's whole storage root (stages, tables, MLflow store), copied."""
+    shutil.copytree(source, storage)
+    return storage
 
 
 def sweep_with_fault(
@@ -238,20 +303,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-PEAKS_TAG = "NPTM-PEAKS"
-
-
-def watched_main(argv: list[str]) -> int:
-    """`nptm` with the DAG searcher and Tune's trial table watched; on exit, prints
-    `NPTM-PEAKS {"handed_out": n, "tune_running": m}` on stderr: the most stages handed out
-    to Tune at once, and the most trials Tune had RUNNING at once.
-
-    Run it in a fresh process (`python -c "...watched_main(sys.argv[1:])" sweep ...`), as
-    the CLI is: Ray reads its authentication settings once per process.
-    """
-    import json
-
-    from orchestrator.cli import main
+@contextlib.contextmanager
+def watched_concurrency():
+    """While inside, the DAG searcher and Tune's trial table of in-process sweeps are watched;
+    yields `{"handed_out": n, "tune_running": m}`, filled in as the sweep runs: the most
+    stages handed out to Tune at once, and the most trials Tune had RUNNING at once."""
     from orchestrator.dag_search import RUNNING, DagSearcher
     from orchestrator.progress import ProgressPrinter
 
@@ -271,26 +327,6 @@ def watched_main(argv: list[str]) -> int:
     DagSearcher.suggest = watched_suggest
     ProgressPrinter.on_step_end = watched_step_end
     try:
-        return main(argv)
+        yield peaks
     finally:
-        print(PEAKS_TAG, json.dumps(peaks), file=sys.stderr, flush=True)
-
-
-def nptm_watched(*args: str, timeout: float = 600, env: dict[str, str] | None = None):
-    """`nptm(*args)` through `watched_main`; returns (completed process, peaks)."""
-    import json
-
-    code = (
-        "import sys; from tests.sweep_helpers import watched_main; "
-        "sys.exit(watched_main(sys.argv[1:]))"
-    )
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    full_env.pop("RAY_ADDRESS", None)
-    full_env.update(env or {})
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT,
-    )  # fmt: skip
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith(PEAKS_TAG)]
-    peaks = json.loads(lines[-1].removeprefix(PEAKS_TAG)) if lines else {}
-    return result, peaks
+        DagSearcher.suggest, ProgressPrinter.on_step_end = suggest, step_end

@@ -67,6 +67,7 @@ def test_json_line_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # -- plan_scaling ----------------------------------------------------------------------------
+@pytest.mark.bench
 def test_plan_scaling_quick() -> None:
     stdout, res = _run("plan_scaling.py")
     assert "build_plan s" in stdout
@@ -138,6 +139,7 @@ def test_dedup_rates_given_and_mac_scaled() -> None:
         dedup.parse_rates(["resnet56=-1"])
 
 
+@pytest.mark.bench
 def test_dedup_quick() -> None:
     stdout, res = _run("dedup.py", "--samples-per-sec", "resnet20=1000")
     assert "naive/planned" in stdout and "NOTE" not in stdout  # a figure was given
@@ -150,6 +152,7 @@ def test_dedup_quick() -> None:
 
 
 # -- throughput ------------------------------------------------------------------------------
+@pytest.mark.bench
 def test_throughput_core_tiny() -> None:
     throughput = _load("throughput")
     threads = torch.get_num_threads()
@@ -280,3 +283,13 @@ def test_noop_grid_plans_exactly_n_stages(n: int) -> None:
     ratios, budgets = scheduling.SHAPES[n]
     assert plan.count_by_kind() == {"pretrain": 1, "prune": ratios, "retrain": ratios * 5 * budgets}
     assert len(plan.stages) == n
+
+
+# -- concurrency -----------------------------------------------------------------------------
+def test_peak_overlap_by_hand() -> None:
+    peak_overlap = _load("concurrency").peak_overlap
+    assert peak_overlap([]) == 0
+    assert peak_overlap([(0, 1), (2, 3)]) == 1
+    assert peak_overlap([(0, 2), (1, 3), (1.5, 4)]) == 3
+    assert peak_overlap([(0, 1), (1, 2)]) == 1  # one ends as the other starts
+    assert peak_overlap([(0, 10), (1, 2), (3, 4), (5, 6)]) == 2

@@ -611,6 +611,7 @@ def test_shipped_grid_matches_reference_expansion(path: Path) -> None:
     assert s["epochs"]["naive"] == naive
 
 
+@pytest.mark.scale
 def test_plans_100k_trials(tmp_path: Path) -> None:
     ratios = [round(0.035 * i, 3) for i in range(1, 26)]  # 25 sparsities up to 0.875
     text = f"""\

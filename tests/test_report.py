@@ -444,6 +444,7 @@ def synthetic_trials(n_seeds: int = 35, seed: int = 0) -> pd.DataFrame:
     return trials.reindex(columns=STAGES_SCHEMA.names)
 
 
+@pytest.mark.scale
 def test_report_on_100k_rows(tmp_path: Path) -> None:
     trials = synthetic_trials()
     n_retrain = int((trials["stage_kind"] == "retrain").sum())

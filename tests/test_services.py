@@ -1,8 +1,9 @@
-"""Against real services: an `mlflow server` over HTTP, a two-raylet Ray cluster, Ray Jobs,
+"""Against real services: an `mlflow server` over HTTP, a two-node Ray cluster, Ray Jobs,
 and the loss of one of the cluster's nodes mid-trial.
 
-Everything listens on 127.0.0.1, is started by these tests and stopped by PID (never
-`ray stop`, which would also stop clusters that are not ours).
+Everything listens on 127.0.0.1 and is started by these tests: the cluster is a
+`ray.cluster_utils.Cluster` whose nodes are children of this process (never `ray stop`, which
+would also stop clusters that are not ours); the MLflow server is the session's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
-import psutil
 import pytest
 
 from orchestrator.cli import main as cli_main
@@ -24,11 +24,11 @@ from search_spaces import load_grid
 from tests.ray_cluster import VENV_BIN, RayCluster, ray_cluster
 from tests.sweep_helpers import (
     ROOT,
-    MlflowServer,
     executions,
     mlflow_stage_runs,
-    nptm,
     plan_stage_ids,
+    seed_stages,
+    sweep_on,
     sweep_with_fault,
     trials,
     write_grid,
@@ -42,15 +42,8 @@ MAGNITUDE = "{name: magnitude, ratio: 0.5}"
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow")
-    with MlflowServer(tmp / "mlflow.db", tmp / "server.log") as server:
-        yield server  # started; `wait()` before use (it comes up while the cluster does)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with ray_cluster(tmp_path_factory.mktemp("cluster"), cpus=(1, 1)) as c:
+def cluster(mlflow_server):  # the session's MLflow server comes up while the cluster does
+    with ray_cluster(cpus=(1, 1), dashboard=True) as c:
         yield c
 
 
@@ -59,15 +52,12 @@ def cluster_sweep(mlflow_server, cluster: RayCluster, tmp_path_factory) -> Simpl
     """Two seeds on two 1-CPU nodes (the pre-trainings run side by side), MLflow over HTTP."""
     tmp = tmp_path_factory.mktemp("svc")
     grid = write_grid(
-        tmp / "svc.yaml", name="svc", seeds="[0, 1]", pruners=(MAGNITUDE,), schedules="[ft, clr]"
-    )
+        tmp / "svc.yaml", name="svc", seeds="[0, 1]", pruners=(MAGNITUDE,), schedules="[ft, clr]",
+        budget="1", pretrain_epochs=2, milestones="[1]",
+    )  # fmt: skip
     storage = tmp / "runs"
     uri = mlflow_server.wait()
-    result = nptm(
-        "sweep", str(grid), "--address", cluster.address, "--storage", str(storage),
-        "--mlflow-uri", uri, "--no-report",
-        env={**cluster.env, "NPTM_SHARED_FS": "1"}, timeout=SWEEP_TIMEOUT,
-    )  # fmt: skip
+    result = sweep_on(cluster, grid, storage, "--mlflow-uri", uri, env={"NPTM_SHARED_FS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return SimpleNamespace(grid=grid, storage=storage, uri=uri, result=result)
 
@@ -110,9 +100,12 @@ def test_mlflow_server_receives_the_runs_and_best_reads_them_back(
         assert int(rec.seed) == by_id.loc[rec.stage_id, "seed"]
 
 
-def test_sweep_submitted_as_a_ray_job_completes(cluster: RayCluster, tmp_path: Path) -> None:
+def test_sweep_submitted_as_a_ray_job_completes(
+    cluster: RayCluster, tmp_path: Path, tiny_sweep
+) -> None:
     grid = write_grid(tmp_path / "job.yaml", name="job", pruners=(MAGNITUDE,), schedules="[ft]")
     storage = tmp_path / "runs"
+    seed_stages(tiny_sweep.storage, storage, grid)
     job_id = f"nptm-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"NPTM_SHARED_FS": "1", "PYTHONPATH": str(ROOT)}}
     argv = [
@@ -152,7 +145,9 @@ def test_sweep_submitted_as_a_ray_job_completes(cluster: RayCluster, tmp_path: P
     rows = trials(storage, "job")
     assert sorted(rows.stage_id) == sorted(plan_stage_ids(grid))
     assert set(rows.status) == {"ok"}
-    assert set(rows.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
+    ran = rows[~rows.reused]  # the pre-training is the session's: it ran elsewhere
+    assert list(rows[rows.reused].stage_kind) == ["pretrain"] and len(ran) == 2
+    assert set(ran.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
 
 
 # Last in this module: it takes the cluster's second node away.
@@ -165,7 +160,7 @@ def test_worker_raylet_killed_mid_trial_resumes_from_its_last_epoch(
     from its checkpoint."""
     grid = write_grid(
         tmp_path / "node.yaml", name="nodeloss", seeds="[0, 1]", pruners=(MAGNITUDE,),
-        schedules="[ft]", pretrain_epochs=8, milestones="[4, 6]",
+        schedules="[ft]", budget="1", pretrain_epochs=8, milestones="[4, 6]",
     )  # fmt: skip
     plan = build_plan(load_grid(grid))
     pretrains = [s for s, spec in plan.stages.items() if spec.kind == "pretrain"]
@@ -179,7 +174,7 @@ def test_worker_raylet_killed_mid_trial_resumes_from_its_last_epoch(
 
     def kill_worker_node() -> None:
         assert not any(o.exists() for o in outcomes), "a pre-training already ended"
-        psutil.Process(worker[0].pid).kill()
+        cluster.kill_worker_raylet()  # SIGKILL, as a crashed machine would
 
     rc, stderr = sweep_with_fault(
         ["sweep", str(grid), "--address", cluster.address, "--storage", str(storage),

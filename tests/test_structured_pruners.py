@@ -399,8 +399,9 @@ def test_zeroing_filters_equals_removing_them() -> None:
         ("resnet20", "digits", {"ratio": 0.5}),
         ("resnet56", "cifar10", {"preset": "B"}),
         ("vgg16", "cifar10", {"preset": "A"}),
-        ("resnet18", "imagenet", {"ratio": 0.3}),
-        ("mobilenet_v2", "imagenet", {"ratio": 0.3}),
+        # ImageNet-sized models take seconds each: the slow tier.
+        pytest.param("resnet18", "imagenet", {"ratio": 0.3}, marks=pytest.mark.slow),
+        pytest.param("mobilenet_v2", "imagenet", {"ratio": 0.3}, marks=pytest.mark.slow),
     ],
 )
 def test_rebuild_from_plan_and_state_dict_is_exact(name: str, dataset: str, target: dict) -> None:
@@ -450,6 +451,7 @@ def test_apply_structured_rejects_bad_plans() -> None:
         apply_structured(bare, {"0": [0]})
 
 
+@pytest.mark.slow  # a Taylor plan and eight SGD steps
 def test_pruned_model_still_trains() -> None:
     model = build_model("resnet20", "digits", seed=0)
     plan = structured_plan(model, "resnet20", "taylor_conv_oneshot", ratio=0.5, batches=batches())

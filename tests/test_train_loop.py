@@ -291,6 +291,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes of torch.distributed
 def test_ddp_two_workers_equal_one_worker_at_the_same_global_batch(tmp_path: Path) -> None:
     """The recipe's batch is the global batch: 2 workers take half of it each and run the same
     steps at the same lr as 1 worker, with the same updates. Without BatchNorm: BN would
