@@ -63,6 +63,7 @@ def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
         sink.summary.mlflow_uri = uri
         done = _finished_stages(plan, artifacts)
         recorded = set(store.stage_ids())
+        sink.record_missing_runs()
         for sid, outcome in done.items():
             if sid not in recorded:
                 sink.record(plan.stages[sid], outcome.status, outcome, outcome.error, reused=True)

@@ -11,11 +11,15 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from results.schema import EPOCHS_SCHEMA, STAGES_SCHEMA
 from results.store import SweepStore
-from results.tracking import MlflowRecorder
+from results.tracking import MlflowRecorder, epochs_by_stage
 from trainables.artifacts import MODEL, ArtifactStore
 from trainables.catalog import PRUNERS
+from trainables.layout import EPOCHS_TABLE, STAGES_TABLE
 from trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
 
 # The outcome's and an epoch's fields that are columns of their own.
@@ -79,15 +83,34 @@ class ResultSink:
         )
         row["attempts"] = attempts
         stage_table, epoch_table = self.store.write_stage(row, epochs)  # validated here, once
-        model_path = None
-        if status == StageStatus.OK and spec.kind == StageKind.RETRAIN:
-            model_path = self.artifacts.model_path(spec.id, MODEL)
+        self._record_run(stage_table, epoch_table.to_pylist())
+        self._tally(spec, status, error, reused)
+
+    def record_missing_runs(self) -> int:
+        """Give an MLflow run to every stored stage row that has none yet; returns how many.
+
+        Parquet is written first, so a driver stopped between a stage's row and its run (or an
+        MLflow outage) leaves rows without a run: a rerun fills them before it starts."""
+        stages = self.store.read_table(STAGES_TABLE)
+        missing = stages.filter(pc.is_null(stages["mlflow_run_id"]))
+        if not missing.num_rows:
+            return 0
+        epochs_of = epochs_by_stage(self.store.read_table(EPOCHS_TABLE))
+        for i in range(missing.num_rows):
+            row = missing.slice(i, 1)
+            self._record_run(row, epochs_of(row["stage_id"][0].as_py()))
+        return missing.num_rows
+
+    def _record_run(self, stage_table: pa.Table, epochs: list[dict[str, Any]]) -> None:
+        """MLflow run of one stored stage row; the row then learns the run's id."""
         stored = stage_table.to_pylist()[0]
-        run_id = self.recorder.record_stage(stored, epoch_table.to_pylist(), model_path)
+        model_path = None
+        if stored["status"] == StageStatus.OK and stored["stage_kind"] == StageKind.RETRAIN:
+            model_path = self.artifacts.model_path(stored["stage_id"], MODEL)
+        run_id = self.recorder.record_stage(stored, epochs, model_path)
         if run_id is not None:
             # Parquet first: the row learns its MLflow run only once the run exists.
             self.store.link_mlflow_run(stage_table, run_id)
-        self._tally(spec, status, error, reused)
 
     def _tally(self, spec: StageSpec, status: StageStatus, error: str | None, reused: bool) -> None:
         summary = self.summary

@@ -347,7 +347,7 @@ class MlflowRecorder:
             client.log_artifact(run_id, path, artifact_path="model")
 
 
-def _epochs_by_stage(table: pa.Table) -> Callable[[str], list[dict[str, Any]]]:
+def epochs_by_stage(table: pa.Table) -> Callable[[str], list[dict[str, Any]]]:
     """Per-stage epoch rows, materialised one stage at a time (a sweep may hold millions)."""
     if table.num_rows == 0:
         return lambda stage_id: []
@@ -373,7 +373,7 @@ def sync_mlflow(store: SweepStore, uri: str) -> SyncResult:
     sweep driver is writing the same experiment (single writer).
     """
     recorder = MlflowRecorder(uri, store.sweep)
-    epochs_of = _epochs_by_stage(store.read_table(EPOCHS_TABLE))
+    epochs_of = epochs_by_stage(store.read_table(EPOCHS_TABLE))
     counts = {"created": 0, "updated": 0, "unchanged": 0}
     recorder.adopt_sweep()
     for row in store.read_table(STAGES_TABLE).to_pylist():

@@ -576,7 +576,9 @@ def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
         assert rc == 0, stderr[-3000:]
         assert stderr.count(f"MLflow at {uri} failed") == 1, stderr[-3000:]
         rows = _assert_parquet_complete(storage, "tiny", grid)
-        assert rows.mlflow_run_id.notna().sum() >= recorded_before_kill
+        # Parquet comes first: of the rows on disk at the kill, the one the single-writer driver
+        # was landing may still have been waiting for its MLflow run.
+        assert rows.mlflow_run_id.notna().sum() >= recorded_before_kill - 1
 
     # What the dead server stored, read from its store directly (sqlite, as a restarted
     # server would serve it; tracking over HTTP is test_mlflow_down_from_the_start's).

@@ -132,11 +132,11 @@ def test_train_executor_runs_ddp_workers_and_recomputes_a_damaged_parent(
 
 
 def test_stage_that_fits_no_node_is_refused_instead_of_hanging(tmp_path: Path, ray_node) -> None:
-    grid = write_grid(tmp_path / "big.yaml", name="big", executor="train", workers=3, cpus=1)
+    grid = write_grid(tmp_path / "big.yaml", name="big", executor="train", workers=4, cpus=1)
     started = time.time()
     result = sweep_on(ray_node, grid, tmp_path / "runs")  # a 2-CPU node
     assert result.returncode == 2
-    assert "cannot be scheduled" in result.stderr and "CPU needs 3.1" in result.stderr
+    assert "cannot be scheduled" in result.stderr and "CPU needs 4.1" in result.stderr
     assert time.time() - started < 180
     assert not list((tmp_path / "runs").glob("stages/*"))  # nothing ran
 
