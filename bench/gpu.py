@@ -72,6 +72,7 @@ PACKED = 4  # stages sharing the GPU: gpus_per_worker 0.25
 FIGURES = _common.ROOT / "orchestrator" / "gpu_figures.json"
 BUDGET_S = 390.0  # seconds for all checks; with GRACE_S and start-up the run stays < 8 min
 GRACE_S = 45.0
+CHECKS = ("throughput", "epoch_seconds", "packing", "ddp", "compile")
 _T0 = time.monotonic()
 
 
@@ -664,7 +665,7 @@ def markdown(results: dict[str, Any]) -> str:
     def row(check: str, what: str, figure: str) -> None:
         lines.append(f"| {check} | {what} | {figure} |")
 
-    for name in ("throughput", "epoch_seconds", "packing", "ddp", "compile"):
+    for name in CHECKS:
         r = results.get(name)
         if r is None:
             continue
@@ -725,7 +726,21 @@ def main(argv: list[str] | None = None) -> int:
         help=f"seconds for all checks (default {BUDGET_S:g}, dry run 3600); "
         "later checks are skipped once spent",
     )
+    p.add_argument(
+        "--checks",
+        default=",".join(CHECKS),
+        help=f"comma-separated subset of {','.join(CHECKS)} (default: all, in that order)",
+    )
     args = p.parse_args(argv)
+    wanted = [c for c in args.checks.split(",") if c]
+    unknown = sorted(set(wanted) - set(CHECKS))
+    if unknown or not wanted:
+        print(f"--checks: {args.checks!r} names no check or unknown ones {unknown}; "
+              f"choose from {','.join(CHECKS)}", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.write_figures and "epoch_seconds" not in wanted:
+        print("--write-figures: needs the epoch_seconds check", file=sys.stderr)
+        return 2
     if args.dry_run and args.write_figures:
         print("--write-figures: not with --dry-run (CPU figures are no GPU figures)",
               file=sys.stderr)  # fmt: skip
@@ -763,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
             ("compile", sizes.compile_timeout_s, lambda d: check_compile(sizes, device, d)),
         ]
         for name, seconds, check in checks:
+            if name not in wanted:
+                continue
             if whole.left() <= 0:
                 results[name] = {"skipped": "the run's --budget-s was spent"}
                 log(f"{name}: skipped (budget spent)")

@@ -345,14 +345,14 @@ def test_sync_into_empty_store_creates_finished_parent(storage: Path) -> None:
 def test_epochs_are_grouped_per_stage() -> None:
     import pyarrow as pa
 
-    from results.tracking import _epochs_by_stage
+    from results.tracking import epochs_by_stage
 
     rows = [
         {"sweep": "s", "stage_id": tid, "stage_kind": "retrain", "epoch": e, "test_acc": v}
         for tid, e, v in [("b", 1, 0.2), ("a", 0, 0.5), ("b", 0, 0.1), ("c", 0, 0.9), ("a", 1, 0.6)]
     ]
     table = pa.concat_tables([rows_to_table("epochs", rows[:2]), rows_to_table("epochs", rows[2:])])
-    epochs_of = _epochs_by_stage(table)
+    epochs_of = epochs_by_stage(table)
     assert [(e["epoch"], e["test_acc"]) for e in epochs_of("a")] == [(0, 0.5), (1, 0.6)]
     assert [(e["epoch"], e["test_acc"]) for e in epochs_of("b")] == [(0, 0.1), (1, 0.2)]
     assert [e["test_acc"] for e in epochs_of("c")] == [0.9]
