@@ -1,5 +1,6 @@
-"""The paper's figure: accuracy vs retraining budget, one panel per pruner, one line per
-schedule (matplotlib's object API: no pyplot, no global state, no GUI backend)."""
+"""The report's figures (matplotlib's object API: no pyplot, no global state, no GUI backend):
+the paper's accuracy vs retraining budget, one panel per pruner, one line per schedule; and the
+paper's Figure 1, the learning rate of every schedule over a budget, as the stages ran it."""
 
 from __future__ import annotations
 
@@ -79,3 +80,53 @@ def plot_budget_curves(
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def schedule_lines(
+    final: pd.DataFrame, epochs: pd.DataFrame
+) -> dict[tuple[str, int], dict[str, tuple[list[int], list[float]]]]:
+    """(dataset, budget) -> schedule -> (epochs, lr at each epoch's last step), as the train
+    loop recorded them for the lowest-seed successful retrain of that schedule and budget."""
+    ok = final[(final["status"] == "ok") & final["budget"].notna()]
+    runs = epochs.dropna(subset=["lr"]).sort_values("epoch").groupby("stage_id")
+    lines: dict[tuple[str, int], dict[str, tuple[list[int], list[float]]]] = {}
+    for (dataset, budget), sub in ok.groupby(["dataset", "budget"], sort=True):
+        for sched in order(sub["schedule"], SCHEDULES):
+            first = sub[sub["schedule"] == sched].sort_values("seed").iloc[0]["stage_id"]
+            if first in runs.groups:
+                run = runs.get_group(first)
+                lines.setdefault((str(dataset), int(budget)), {})[sched] = (
+                    run["epoch"].astype(int).tolist(),
+                    run["lr"].astype(float).tolist(),
+                )
+    return lines
+
+
+def plot_schedules(
+    final: pd.DataFrame, epochs: pd.DataFrame, fig_dir: Path, max_figures: int
+) -> list[Path]:
+    """The paper's Figure 1 for the recipe the sweep really used: one figure per (dataset,
+    budget), the learning rate of each schedule per epoch (`schedule_lines`)."""
+    lines = schedule_lines(final, epochs) if len(epochs) else {}
+    if not lines:
+        return []
+    from matplotlib.figure import Figure
+
+    paths: list[Path] = []
+    for (dataset, budget), scheds in list(lines.items())[:max_figures]:
+        fig = Figure(figsize=(5.2, 2.8))
+        ax = fig.subplots()
+        fig.subplots_adjust(left=0.14, right=0.78, bottom=0.18, top=0.86)
+        for i, (sched, (x, lr)) in enumerate(scheds.items()):
+            ax.step(x, lr, where="pre", label=sched, color=f"C{i % 10}")  # lr closes its epoch
+        ax.set_yscale("log")
+        ax.set_xlabel("retraining epoch", fontsize=8)
+        ax.set_ylabel("learning rate (epoch's last step)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, title="schedule")
+        fig.suptitle(f"{dataset} / budget {budget}: learning rate as run", fontsize=9)
+        path = fig_dir / f"schedules__{_slug(dataset)}__b{budget}.png"
+        fig.savefig(path, dpi=80)
+        paths.append(path)
+    return paths

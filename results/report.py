@@ -23,7 +23,7 @@ from results.analysis import (
     random_vs_methodical,
     status_counts,
 )
-from results.figures import plot_budget_curves
+from results.figures import plot_budget_curves, plot_schedules
 from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED
 from results.store import SweepStore
 from results.tables import md_table, text_table
@@ -43,7 +43,12 @@ def build_report(
 ) -> Report:
     """Analyse `store`'s sweep; write ``report.md``, figures and CSV tables under `out_dir`."""
     return build_report_from_stages(
-        store.read_stages(), out_dir, sweep=store.sweep, max_figures=max_figures, level=level
+        store.read_stages(),
+        out_dir,
+        sweep=store.sweep,
+        max_figures=max_figures,
+        level=level,
+        epochs=store.read_epochs(),
     )
 
 
@@ -54,8 +59,10 @@ def build_report_from_stages(
     sweep: str = "",
     max_figures: int = 6,
     level: float = 0.95,
+    epochs: pd.DataFrame | None = None,
 ) -> Report:
-    """`build_report` on a stages table already in memory (as `SweepStore.read_stages`)."""
+    """`build_report` on a stages table already in memory (as `SweepStore.read_stages`);
+    with its `epochs` table, the report also draws the learning rate each schedule ran."""
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     final = final_round_retrain(stages)
@@ -72,15 +79,18 @@ def build_report_from_stages(
     if ok["test_acc_at_best_val"].notna().any():
         tables["val_selected"] = cell_stats(ok, "test_acc_at_best_val")
     figures, fig_note = plot_budget_curves(cells, out / "figures", max_figures)
+    schedule_figures = (
+        [] if epochs is None else plot_schedules(final, epochs, out / "figures", max_figures)
+    )
 
     pivots = pivot_tables(cells)
     headline = _headline_text(sweep, final, pivots, tables)
-    md = _markdown(sweep, final, pivots, tables, figures, fig_note, out, level)
+    md = _markdown(sweep, final, pivots, tables, figures, fig_note, out, level, schedule_figures)
     md_path = out / "report.md"
     md_path.write_text(md)
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
-    return Report(md_path, headline, figures, tables)
+    return Report(md_path, headline, figures + schedule_figures, tables)
 
 
 def _pct(x: float) -> str:
@@ -201,6 +211,7 @@ def _markdown(
     fig_note: str,
     out: Path,
     level: float,
+    schedule_figures: list[Path] | None = None,
 ) -> str:
     lvl = f"{level * 100:g}%"
     md = [f"# Sweep report: {sweep}", ""]
@@ -227,6 +238,9 @@ def _markdown(
         md.append("No figure drawn.")
     if fig_note:
         md += ["", f"Note: {fig_note}."]
+    if schedule_figures:
+        md += ["", "## Learning rate of each schedule, as run (the paper's Figure 1)", ""]
+        md += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in schedule_figures]
 
     md += ["", "## Random pruning with its best schedule vs methodical pruning with ft", ""]
     md.append(

@@ -492,3 +492,34 @@ def test_emptied_layers_and_pruner_options_are_flagged() -> None:
     line = _status_line(final)
     assert "WARNING: 1 of them" in line and "resnet20 magnitude ratio=0.95" in line
     assert "WARNING" not in _status_line(final[final["emptied_layers"] == 0])
+
+
+def test_schedules_figure_draws_the_lr_each_schedule_ran(tmp_path: Path) -> None:
+    """Figure 1 as run: per (dataset, budget), the recorded lr of the lowest-seed successful
+    retrain of each schedule; a failed run and a higher seed are not drawn."""
+    from results.figures import plot_schedules, schedule_lines
+
+    final = pd.DataFrame(
+        [
+            {"stage_id": "ft1", "dataset": "digits", "budget": 3, "schedule": "ft", "seed": 1,
+             "status": "ok"},
+            {"stage_id": "ft0", "dataset": "digits", "budget": 3, "schedule": "ft", "seed": 0,
+             "status": "ok"},
+            {"stage_id": "clr0", "dataset": "digits", "budget": 3, "schedule": "clr", "seed": 0,
+             "status": "failed"},
+            {"stage_id": "clr1", "dataset": "digits", "budget": 3, "schedule": "clr", "seed": 1,
+             "status": "ok"},
+        ]
+    )  # fmt: skip
+    lrs = {"ft0": [0.001] * 3, "ft1": [0.5] * 3, "clr0": [9.0] * 3, "clr1": [0.001, 0.1, 0.05]}
+    epochs = pd.DataFrame(
+        [{"stage_id": sid, "epoch": e + 1, "lr": lr} for sid, v in lrs.items()
+         for e, lr in reversed(list(enumerate(v)))]  # stored out of order on purpose
+    )  # fmt: skip
+    assert schedule_lines(final, epochs) == {
+        ("digits", 3): {"ft": ([1, 2, 3], [0.001] * 3), "clr": ([1, 2, 3], [0.001, 0.1, 0.05])}
+    }
+    (path,) = plot_schedules(final, epochs, tmp_path, max_figures=4)
+    assert path.name == "schedules__digits__b3.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_schedules(final, epochs.iloc[:0], tmp_path, max_figures=4) == []
