@@ -56,32 +56,14 @@ def run(storage: Path) -> dict[str, Any]:
     import pandas as pd
 
     from orchestrator.cli import main
-    from orchestrator.dag_search import RUNNING, DagSearcher
-    from orchestrator.progress import ProgressPrinter
+    from tests.sweep_helpers import watched_concurrency  # the same watch the test suite uses
 
     grid = storage.parent / "conc.yaml"
     grid.write_text(GRID.format())
-    peaks = {"handed_out": 0, "tune_running": 0}
-    suggest, step_end = DagSearcher.suggest, ProgressPrinter.on_step_end
-
-    def watched_suggest(self, trial_id):
-        config = suggest(self, trial_id)
-        peaks["handed_out"] = max(peaks["handed_out"], self.count(RUNNING))
-        return config
-
-    def watched_step_end(self, iteration, trials, **info):
-        running = sum(1 for t in trials if t.status == "RUNNING")
-        peaks["tune_running"] = max(peaks["tune_running"], running)
-        return step_end(self, iteration, trials, **info)
-
-    DagSearcher.suggest, ProgressPrinter.on_step_end = watched_suggest, watched_step_end
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            rc = main(["sweep", str(grid), "--storage", str(storage), "--no-report"])
-    finally:
-        DagSearcher.suggest, ProgressPrinter.on_step_end = suggest, step_end
+    with watched_concurrency() as peaks, contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["sweep", str(grid), "--storage", str(storage), "--no-report"])
     assert rc == 0, f"the sweep failed (exit {rc})"
-    rows = pd.read_parquet(storage / "sweeps" / "conc" / "trials")
+    rows = pd.read_parquet(storage / "sweeps" / "conc" / "stages")
     retrain = rows[rows.stage_kind == "retrain"]
     windows = [(r.started_at.timestamp(), r.ended_at.timestamp()) for r in retrain.itertuples()]
     return {**peaks, "overlap": peak_overlap(windows), "retrains": len(retrain)}

@@ -29,7 +29,7 @@ the structured-pruning surgery use for their dummy forward pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -87,26 +87,34 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    def __init__(self, depth: int, in_channels: int, num_classes: int) -> None:
+class _CifarResNetTrunk(nn.Module):
+    """The CIFAR ResNet layout both code bases share: a 3x3 stem of 16 channels, three stages
+    of n blocks at 16/32/64 planes (stride 2 at the start of the second and third), global
+    average pooling and one Linear classifier; He-normal convs (fan-out), BN at (1, 0)."""
+
+    def __init__(
+        self,
+        n: int,
+        in_channels: int,
+        num_classes: int,
+        block: Callable[[int, int, int], nn.Module],
+        expansion: int,
+    ) -> None:
         super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got depth={depth}")
-        n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         stages, in_planes = [], 16
         for i, planes in enumerate((16, 32, 64)):
             blocks = []
             for j in range(n):
-                blocks.append(BasicBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
-                in_planes = planes
+                blocks.append(block(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+                in_planes = planes * expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # AvgPool2d(8) on the 8x8 map of a 32 px input
+        self.fc = nn.Linear(in_planes, num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d):  # normal(0, sqrt(2 / (k * k * out_channels)))
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -116,6 +124,20 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _depth_blocks(depth: int, what: str) -> int:
+    if (depth - 2) % 6:
+        raise ValueError(f"{what} depth must be 6n+2, got depth={depth}")
+    return (depth - 2) // 6
+
+
+class CifarResNet(_CifarResNetTrunk):
+    """The PFEC code base's CIFAR ResNet: depth 6n+2 names n BasicBlocks per stage."""
+
+    def __init__(self, depth: int, in_channels: int, num_classes: int) -> None:
+        n = _depth_blocks(depth, "CIFAR ResNet")
+        super().__init__(n, in_channels, num_classes, BasicBlock, 1)
 
 
 class CifarVGG(nn.Module):
@@ -186,41 +208,16 @@ class WeightLevelBottleneck(nn.Module):
         return F.relu(out + residual)
 
 
-class WeightLevelResNet(nn.Module):
+class WeightLevelResNet(_CifarResNetTrunk):
     """The CIFAR ResNet of the weight-level code base (models/cifar/resnet.py of the rethinking
     study, after bearpaw's pytorch-classification): depth 6n+2 names n Bottleneck blocks per
     stage (16/32/64 planes, 4x expansion), so ResNet-56 has 9 blocks per stage and a Linear(256)
     classifier."""
 
     def __init__(self, depth: int, in_channels: int, num_classes: int) -> None:
-        super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"weight-level ResNet depth must be 6n+2, got depth={depth}")
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        stages, in_planes = [], 16
-        for i, planes in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(WeightLevelBottleneck(in_planes, planes, stride))
-                in_planes = planes * WeightLevelBottleneck.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)  # AvgPool2d(8) on the 8x8 map of a 32 px input
-        self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # normal(0, sqrt(2 / (k * k * out_channels)))
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        n = _depth_blocks(depth, "weight-level ResNet")
+        expansion = WeightLevelBottleneck.expansion
+        super().__init__(n, in_channels, num_classes, WeightLevelBottleneck, expansion)
 
 
 class WeightLevelVGG(nn.Module):

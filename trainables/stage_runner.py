@@ -22,7 +22,7 @@ from torch import nn
 from trainables import schedules
 from trainables.artifacts import MODEL, RESUME, ArtifactStore, CorruptArtifactError, rewind_name
 from trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
-from trainables.datasets import load_dataset
+from trainables.datasets import DataBundle, load_dataset
 from trainables.loaders import Loaders, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
@@ -204,16 +204,20 @@ def _train(
     }
 
 
-def _loaders(spec: StageSpec, env: WorkerEnv) -> Loaders:
-    bundle = load_dataset(
+def _bundle(spec: StageSpec, env: WorkerEnv) -> DataBundle:
+    """The stage's dataset with the train/validation split its lineage trains on."""
+    return load_dataset(
         spec.dataset,
         env.data_root,
         val_fraction=spec.val_fraction,
         split_seed=spec.data_split_seed,
         download=env.download,
     )
+
+
+def _loaders(spec: StageSpec, env: WorkerEnv) -> Loaders:
     return make_loaders(
-        bundle,
+        _bundle(spec, env),
         batch_size=spec.recipe.batch_size,
         device=torch.device(env.device),
         seed=spec.seed,
@@ -332,13 +336,7 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
     parent_id = spec.parents[0]
     parent = store.read_outcome(parent_id)  # None only if garbled since it finished
     model, plans = load_model(store, parent_id)
-    bundle = load_dataset(
-        spec.dataset,
-        env.data_root,
-        val_fraction=spec.val_fraction,
-        split_seed=spec.data_split_seed,
-        download=env.download,
-    )
+    bundle = _bundle(spec, env)
     batches = None
     info = PRUNERS[spec.pruner]
     if info.needs_data:
