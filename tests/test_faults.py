@@ -586,7 +586,8 @@ def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
     counts = _sync(capsys, "tiny", storage, uri2)
     assert counts["created"] + counts["updated"] + counts["unchanged"] == n
     assert counts["created"] >= 1  # what the dead server missed
-    assert counts["unchanged"] >= recorded_before_kill  # what it had: not duplicated
+    # what it had is not duplicated (all but, at most, the row in flight at the kill)
+    assert counts["unchanged"] >= recorded_before_kill - 1
     runs = mlflow_stage_runs(uri2)
     assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
     assert {r.info.status for r in runs} == {"FINISHED"}
