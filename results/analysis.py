@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from results.schema import LINEAGE_COLUMNS
+from results.schema import LINEAGE_COLUMNS, STATUSES
 from results.stats import grouped_ci, with_verdict
 from trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
-from trainables.stage import StageKind, StageStatus
+from trainables.stage import StageKind
 
 GROUP = ["dataset", "model", "structure", "target"]
 # structure -> (random pruner, methodical pruners it is compared with)
@@ -32,7 +32,6 @@ RANDOM_VS_METHODICAL = {
 LARGE_LR_SCHEDULES = ("lrw", "slr", "clr")
 # Columns a retrain row inherits from its prune parent when it lacks them.
 FROM_PRUNE = ("structured", *LINEAGE_COLUMNS)
-STATUSES = tuple(s.value for s in StageStatus)
 
 
 def final_round_retrain(stages: pd.DataFrame) -> pd.DataFrame:

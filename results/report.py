@@ -13,7 +13,6 @@ import pandas as pd
 
 from results.analysis import (
     GROUP,
-    STATUSES,
     cell_stats,
     claim_random_clr,
     claim_schedules,
@@ -24,6 +23,7 @@ from results.analysis import (
     status_counts,
 )
 from results.figures import plot_budget_curves, plot_schedules
+from results.schema import STATUSES
 from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED
 from results.store import SweepStore
 from results.tables import md_table, text_table

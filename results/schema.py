@@ -73,8 +73,9 @@ def _measure(name: str, typ: pa.DataType, doc: str, **kw: Any) -> Column:
     return Column(name, typ, True, doc, metric=name, **kw)
 
 
-_KINDS = tuple(k.value for k in StageKind)
-_STATUSES = tuple(s.value for s in StageStatus)
+# The values the stage_kind and status columns hold, in the enums' order.
+STAGE_KINDS: tuple[str, ...] = tuple(k.value for k in StageKind)
+STATUSES: tuple[str, ...] = tuple(s.value for s in StageStatus)
 
 
 def _one_of(values: tuple[str, ...]) -> str:
@@ -85,7 +86,15 @@ STAGES_COLUMNS: tuple[Column, ...] = (
     _c("schema_version", pa.int16(), False, f"version of this schema ({SCHEMA_VERSION})"),
     _c("sweep", _STR, False, "sweep name", tag=True),
     _c("stage_id", _STR, False, "content hash of the stage (StageSpec.id)"),
-    _c("stage_kind", _STR, False, _one_of(_KINDS), values=_KINDS, param="stage_kind", tag=True),
+    _c(
+        "stage_kind",
+        _STR,
+        False,
+        _one_of(STAGE_KINDS),
+        values=STAGE_KINDS,
+        param="stage_kind",
+        tag=True,
+    ),
     _c("parent_ids", pa.list_(_STR), False, "ids of the stages this one consumed", tag=True),
     _c("round", _I32, False, "iterative pruning round, 1-based", param="round"),
     _c("dataset", _STR, False, "dataset name", axis=True, param="dataset", tag=True),
@@ -177,7 +186,7 @@ STAGES_COLUMNS: tuple[Column, ...] = (
     _measure("epochs_run", _I32, "epochs actually run"),
     _measure("wall_seconds", _F64, "wall time of the stage"),
     _measure("device_hours", _F64, "accelerator (or CPU-worker) hours used"),
-    _c("status", _STR, False, _one_of(_STATUSES), values=_STATUSES, tag=True),
+    _c("status", _STR, False, _one_of(STATUSES), values=STATUSES, tag=True),
     _c("error", _STR, True, "error text of a failed or skipped stage", tag=True),
     _c("node", _STR, True, "Ray node id that ran the stage (else host)", tag=True),
     _c(
@@ -202,7 +211,7 @@ EPOCHS_COLUMNS: tuple[Column, ...] = (
     _c("schema_version", pa.int16(), False, f"version of this schema ({SCHEMA_VERSION})"),
     _c("sweep", _STR, False, "sweep name"),
     _c("stage_id", _STR, False, "stage id (joins stages.stage_id)"),
-    _c("stage_kind", _STR, False, _one_of(_KINDS), values=_KINDS),
+    _c("stage_kind", _STR, False, _one_of(STAGE_KINDS), values=STAGE_KINDS),
     _c("epoch", _I32, False, "epoch index as reported by the training loop"),
     _measure("lr", _F64, "learning rate of the epoch's last step"),
     _measure("train_loss", _F64, "training loss"),

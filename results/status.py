@@ -7,13 +7,11 @@ from typing import Any
 
 import pandas as pd
 
-from results.schema import AXIS_COLUMNS
+from results.schema import AXIS_COLUMNS, STAGE_KINDS, STATUSES
 from results.store import SweepStore
 from results.tables import text_table
-from trainables.stage import StageKind, StageStatus
+from trainables.stage import StageStatus
 
-STAGE_KINDS = tuple(k.value for k in StageKind)
-STATUSES = tuple(s.value for s in StageStatus)
 _FAILED = (StageStatus.FAILED, StageStatus.DIVERGED)
 
 
