@@ -10,7 +10,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.cluster import Cluster, check_fit, connect, disconnect, stage_bundles
+from orchestrator.cluster import (
+    Cluster,
+    check_fit,
+    connect,
+    disconnect,
+    plugin_packages,
+    stage_bundles,
+)
 from orchestrator.dag_search import DagSearcher, StageResolution
 from orchestrator.errors import UsageError
 from orchestrator.progress import ProgressPrinter
@@ -51,7 +58,8 @@ def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
         store = SweepStore(opts.storage, grid.name)
     except (OSError, ValueError, StorageError) as err:
         raise UsageError(str(err)) from err
-    cluster = connect(opts.address, num_cpus=opts.num_cpus)
+    plugins = list(grid.plugins)
+    cluster = connect(opts.address, num_cpus=opts.num_cpus, py_modules=plugin_packages(plugins))
     try:
         _check_cluster(cluster, grid, plan, opts)
         artifacts = ArtifactStore(opts.storage)
@@ -124,6 +132,8 @@ def _tune(
         "workers_per_trial": res.workers_per_trial,
         "cpus_per_worker": res.cpus_per_worker,
         "gpus_per_worker": res.gpus_per_worker,
+        # Imported by every worker before it builds anything (trainables.plugins).
+        "plugins": list(grid.plugins),
     }
 
     def resolve(spec: StageSpec, result: dict | None, error: bool) -> StageResolution:

@@ -7,6 +7,8 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
 
     name: quickstart          # sweep name, ^[a-z0-9][a-z0-9_-]{0,63}$ (it names a directory)
     max_trials: 5000          # larger grids need --confirm-large (build_plan(confirm_large=True))
+    plugins: [my_lab.nptm]    # modules imported first: they register models, datasets, pruners
+                              # and schedules (docs/plugins.md); workers import them too
     data:
       root: null              # dataset root; the CLI's --data-root / NPTM_DATA override it
       val_fraction: 0         # in [0, 0.5]: share of the training set held out for selection

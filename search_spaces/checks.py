@@ -43,6 +43,7 @@ from search_spaces.schema import (
     SeedsSection,
 )
 from trainables import catalog
+from trainables.plugins import PluginError, load_plugins
 from trainables.recipe import DEFAULT_RECIPES, Recipe
 from trainables.registry import Registry
 from trainables.schedules import KNOWN_OVERRIDES, check_override, rewind_epoch
@@ -86,6 +87,11 @@ class CheckedGrid:
     def rounds(self) -> int:
         return self.grid.iterative.rounds
 
+    @property
+    def plugins(self) -> tuple[str, ...]:
+        """The plugin modules every process imports before looking names up."""
+        return tuple(self.grid.plugins)
+
     def recipe(self, dataset: str) -> Recipe:
         """The pre-training recipe of `dataset`: its default with the grid's `pretrain` applied."""
         return self.recipes[dataset]
@@ -94,6 +100,7 @@ class CheckedGrid:
 def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> CheckedGrid:
     """Validate `grid` (parsed from `raw`) beyond its shape; see the module docstring."""
     _check_name(grid.name)
+    _load_plugins(grid, raw)
     _check_resources(grid)
     axes = grid.axes
     for axis, known in (
@@ -155,6 +162,19 @@ def _not_known(kind: str, value: Any, known: Registry) -> str:
     return f"{show(value)} is not a known {kind}" + did_you_mean(value, known)
 
 
+def _load_plugins(grid: Grid, raw: dict[str, Any]) -> None:
+    """Installed entry points, then the grid's plugin modules, so their names are known."""
+    for i, module in enumerate(grid.plugins):
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+            raise GridIssue(_at(raw, "plugins", i), f"{show(module)} is not a module name")
+    _check_unique(raw, ("plugins",), grid.plugins)
+    try:
+        load_plugins(grid.plugins)
+    except PluginError as err:
+        at = "plugins" if err.index is None else _at(raw, "plugins", err.index)
+        raise GridIssue(at, err.detail) from None
+
+
 def _check_name(name: str) -> None:
     if not re.fullmatch(SWEEP_NAME_PATTERN, name):
         raise GridIssue(
@@ -211,7 +231,7 @@ def _check_batch_split(grid: Grid, recipes: dict[str, Recipe]) -> None:
             )
 
 
-def _check_unique(raw: dict[str, Any], where: tuple[str, str], values: list[Any]) -> None:
+def _check_unique(raw: dict[str, Any], where: tuple[str, ...], values: list[Any]) -> None:
     first: dict[Any, int] = {}
     for i, value in enumerate(values):
         if value in first:
@@ -530,7 +550,7 @@ def _check_trial(grid: Grid, recipes: dict[str, Recipe], key: TrialKey, where: s
 
 
 def _check_rewind(recipe: Recipe, ds: str, schedule: str, budget: int, path: str) -> None:
-    if schedule not in catalog.REWINDING_SCHEDULES:
+    if not catalog.SCHEDULES[schedule].rewinds:
         return
     try:
         rewind_epoch(recipe, budget)

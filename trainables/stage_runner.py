@@ -26,6 +26,7 @@ from trainables.datasets import DataBundle, load_dataset
 from trainables.loaders import Loaders, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
+from trainables.plugins import load_plugins
 from trainables.pruners import PrunePlan, apply_plan, compute_plan
 from trainables.pruners.unstructured import layer_density, sparsity
 from trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
@@ -57,6 +58,7 @@ class WorkerEnv:
     device: str = "cpu"
     rank: int = 0
     world_size: int = 1
+    plugins: tuple[str, ...] = ()  # the grid's plugin modules (trainables.plugins)
 
 
 EpochReporter = Callable[[dict[str, Any]], None]
@@ -64,6 +66,7 @@ EpochReporter = Callable[[dict[str, Any]], None]
 
 def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = None) -> StageOutcome:
     """Run `spec` to completion (resuming if a checkpoint exists) and return its outcome."""
+    load_plugins(env.plugins)  # this worker may know none of the grid's plugin names yet
     store = ArtifactStore(env.storage)
     started = time.time()
     # Rank 0 counts the start; every rank reads the same count back at the end.
