@@ -34,18 +34,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepOptions:
-    storage: str
-    address: str | None = None
-    mlflow_uri: str | None = None
-    data_root: str | None = None
-    log_models: bool = False
-    max_retries: int = 2
+    """How `run_sweep` runs a plan; each field is the `nptm sweep` option of the same name."""
+
+    storage: str  # storage root: a local path, or a URI such as s3://bucket/prefix
+    address: str | None = None  # Ray cluster to join; None starts a local Ray for the sweep
+    mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a store under `storage`
+    data_root: str | None = None  # overrides the grid's data.root
+    log_models: bool = False  # also log each final model to MLflow
+    max_retries: int = 2  # retries of a failed stage
     num_cpus: int | None = None  # local Ray only
     min_free_gb: float = DEFAULT_MIN_FREE_GB  # of a local storage root, checked at start
 
 
 def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
-    """Run every unfinished stage of `plan`; resume whatever earlier runs left."""
+    """Run every unfinished stage of `plan` (`orchestrator.planner.build_plan(grid)`) on Ray;
+    resume whatever earlier runs left, reuse stages already in `opts.storage`.
+
+    `grid` is the `search_spaces.CheckedGrid` the plan was built from. Every finished stage
+    lands in the Parquet tables of ``<storage>/sweeps/<grid.name>/`` (open them with
+    `results.api.load_sweep`) and in MLflow. Returns the `results.sink.SweepSummary`
+    (`.ok`, `.counts`, `.failures`). Raises `orchestrator.errors.UsageError` for a storage
+    root or cluster the sweep cannot use (the CLI's exit code 2).
+    """
     from results.mlflow_uri import resolve_tracking_uri
     from results.sink import ResultSink
     from results.store import SweepStore
