@@ -21,6 +21,10 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
                               # (the paper's protocol); retraining keeps its train/val split
       shared_seed: 0          # the seed of that shared pre-training and pruning
     pretrain:                 # overrides of each dataset's default recipe (trainables.recipe)
+      from: null              #   existing weights instead of pre-training: a state_dict file,
+                              #   an unpruned nptm model.pt (path or URI), or torchvision (the
+                              #   local torch cache); one (dataset, model) pair, no wr; the
+                              #   recipe then states how those weights were trained (lrw, ft)
       epochs: 30              #   a Recipe field here applies to every dataset ...
       cifar10: {lr: 0.05}     #   ... one under a dataset name to that dataset only
       batch_size: 64          #   the GLOBAL batch of one optimizer step: each of the

@@ -12,6 +12,8 @@ models with presets that only some of them have and exclude the rest, e.g.
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +49,14 @@ from trainables.plugins import PluginError, load_plugins
 from trainables.recipe import DEFAULT_RECIPES, Recipe
 from trainables.registry import Registry
 from trainables.schedules import KNOWN_OVERRIDES, check_override, rewind_epoch
+from trainables.start_weights import (
+    TORCHVISION,
+    StartWeights,
+    StartWeightsError,
+    load_state_dict,
+    read_source,
+    sha256,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,8 @@ class CheckedGrid:
     recipes: Mapping[str, Recipe]  # each dataset's pre-training recipe, overrides applied
     space: Space  # the product of the axes, with the compiled exclude rules
     includes: tuple[TrialKey, ...]  # the include trials
+    # `pretrain.from`: existing weights every trial starts from instead of pre-training
+    start_weights: StartWeights | None = None
 
     @property
     def name(self) -> str:
@@ -118,6 +130,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
         _check_unique(raw, ("axes", axis), values)
     _check_unique(raw, ("axes", "budget"), axes.budget)
     _check_unique(raw, ("axes", "seed"), axes.seed)
+    start = _start_weights(grid, raw)
     targets, target_paths = _pruner_targets(grid, raw)
     overrides = _override_dims(grid, raw)
 
@@ -126,7 +139,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
         ds = entry.get("dataset") if isinstance(entry, dict) else None
         if isinstance(ds, str) and ds in catalog.DATASETS:
             datasets.setdefault(ds)
-    recipes = _recipes(grid.pretrain, datasets)
+    recipes = _recipes({k: v for k, v in grid.pretrain.items() if k != "from"}, datasets)
     _check_batch_split(grid, recipes)
 
     space = Space(
@@ -148,7 +161,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
         _check_trial(grid, recipes, key, f"include[{i}]")
     if space.count() == 0 and not includes:
         raise GridIssue("exclude", "the exclude rules remove every trial of the axes")
-    return CheckedGrid(grid, source, MappingProxyType(recipes), space, tuple(includes))
+    return CheckedGrid(grid, source, MappingProxyType(recipes), space, tuple(includes), start)
 
 
 # --- single fields ----------------------------------------------------------------------------
@@ -173,6 +186,48 @@ def _load_plugins(grid: Grid, raw: dict[str, Any]) -> None:
     except PluginError as err:
         at = "plugins" if err.index is None else _at(raw, "plugins", err.index)
         raise GridIssue(at, err.detail) from None
+
+
+def _start_weights(grid: Grid, raw: dict[str, Any]) -> StartWeights | None:
+    """`pretrain.from`: one (dataset, model) pair, no `wr`, weights that load into the model."""
+    if "from" not in grid.pretrain:
+        return None
+    source, axes = grid.pretrain["from"], grid.axes
+    if not isinstance(source, str) or not source:
+        raise GridIssue("pretrain.from", f"{show(source)} is not a path, URI or 'torchvision'")
+    if source != TORCHVISION and "://" not in source:  # workers run in other directories
+        source = os.path.abspath(os.path.expanduser(source))
+    named = {(e.get("dataset"), e.get("model")) for e in grid.include if isinstance(e, dict)}
+    pairs = {(d, m) for d in axes.dataset for m in axes.model} | named
+    if len(pairs) != 1:
+        raise GridIssue(
+            "pretrain.from",
+            f"existing weights are one model trained on one dataset, but the grid names "
+            f"{len(pairs)} (dataset, model) pairs; sweep each pair with its own grid",
+        )
+    ((dataset, model),) = pairs
+    if source == TORCHVISION and catalog.MODELS[model].family != "torchvision":
+        raise GridIssue("pretrain.from", f"model {model!r} is not a torchvision model")
+    for i, schedule in enumerate(axes.schedule):
+        if schedule == "wr":
+            raise GridIssue(
+                _at(raw, "axes", "schedule", i),
+                "'wr' rewinds to the pre-training's weights of epoch T - budget, which "
+                "weights loaded with pretrain.from do not come with; use lrw, ft or clr",
+            )
+    for i, entry in enumerate(grid.include):
+        if isinstance(entry, dict) and entry.get("schedule") == "wr":
+            raise GridIssue(f"include[{i}].schedule", "'wr' cannot rewind loaded weights")
+    try:
+        data = read_source(source, model)
+        state = load_state_dict(data)
+        from trainables.models import build_model
+
+        build_model(model, dataset).load_state_dict(state, strict=True)
+    except (StartWeightsError, RuntimeError, OSError, pickle.UnpicklingError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GridIssue("pretrain.from", f"{show(source)}: {detail}") from None
+    return StartWeights(source, sha256(data))
 
 
 def _check_name(name: str) -> None:

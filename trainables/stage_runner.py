@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainables import schedules
+from trainables import schedules, start_weights
 from trainables.artifacts import MODEL, RESUME, ArtifactStore, CorruptArtifactError, rewind_name
 from trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
 from trainables.datasets import DataBundle, load_dataset
@@ -272,6 +272,8 @@ def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> 
             "epochs": previous.epochs,
             "rewind_epochs_remade": remade,
         }
+    if not spec.trains:
+        return _load_start_weights(spec, env, store)
     model = build_model(spec.model, spec.dataset, seed=spec.seed)
     fields = _train(
         spec,
@@ -287,6 +289,27 @@ def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> 
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, []))
     return fields | _size_fields(model, spec) | {"pretrain_id": spec.id}
+
+
+def _load_start_weights(spec: StageSpec, env: WorkerEnv, store: ArtifactStore) -> dict:
+    """A pretrain stage of existing weights (`pretrain.from`): load them, record their test
+    (and validation) accuracy, store them as this stage's model. No epoch is trained."""
+    assert spec.start_from is not None
+    data = start_weights.read_source(spec.start_from, spec.model)
+    model = build_model(spec.model, spec.dataset)
+    model.load_state_dict(start_weights.load_state_dict(data, spec.start_sha256), strict=True)
+    device = torch.device(env.device)
+    model.to(device)
+    loaders = _loaders(spec, env)
+    test_loss, test_acc = evaluate(model, loaders.test, device, spec.precision)
+    if env.rank == 0:
+        store.save(spec.id, MODEL, model_payload(spec, model.cpu(), []))
+    return {
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "epochs_run": 0,
+        "pretrain_id": spec.id,
+    } | _size_fields(model, spec)
 
 
 def _remake_rewind_checkpoints(spec: StageSpec, env: WorkerEnv, store: ArtifactStore) -> list:
