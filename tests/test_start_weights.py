@@ -132,3 +132,22 @@ def test_ft_lrw_clr_retrain_from_a_checkpoint(checkpoint: Path, tmp_path: Path) 
     retrains = [o for o in outcomes.values() if o.kind == "retrain"]
     assert sorted(plan.stages[o.stage_id].schedule for o in retrains) == ["clr", "ft", "lrw"]
     assert all(o.status == "ok" and o.epochs_run == 1 for o in retrains)
+
+
+@pytest.mark.slow
+def test_sweep_from_a_checkpoint_on_ray(
+    checkpoint: Path, tmp_path: Path, ray_node, monkeypatch
+) -> None:
+    """The same grid as `nptm sweep` runs it on Ray workers, its `from` relative to where
+    nptm runs: no pre-training epoch anywhere in the stages table."""
+    from tests.sweep_helpers import sweep_on, trials
+
+    path = tmp_path / "g.yaml"
+    path.write_text(GRID.format(source=checkpoint.name, dataset="digits", model="resnet20",
+                                schedules="[ft, lrw, clr]", seeds="0"))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    result = sweep_on(ray_node, path, tmp_path / "store")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = trials(tmp_path / "store", "fromckpt").set_index("stage_kind")
+    assert rows.loc["pretrain", "epochs_run"] == 0
+    assert set(rows["status"]) == {"ok"} and len(rows.loc["retrain"]) == 3
