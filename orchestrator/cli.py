@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--ratio", type=float)
     target.add_argument("--preset")
+    p.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE",
+        help="import MODULE first, registering its models, datasets and pruners (repeatable; "
+        "installed nptm entry points are always loaded)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser(

@@ -41,8 +41,11 @@ class Cluster:
         return len(self.nodes) > 1
 
 
-def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:
-    """Start a local Ray (no address) or join the cluster at `address`."""
+def connect(
+    address: str | None, *, num_cpus: int | None = None, py_modules: list[str] | None = None
+) -> Cluster:
+    """Start a local Ray (no address) or join the cluster at `address`. `py_modules`
+    (package directories) are shipped to every worker through Ray's runtime_env."""
     import ray
 
     # Keep worker processes quiet on the terminal: nptm prints its own progress.
@@ -50,6 +53,8 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if py_modules:
+        kwargs["runtime_env"] = {"py_modules": py_modules}
     try:
         if address:
             _use_token_auth()
@@ -78,6 +83,24 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> Cluster:
         dashboard_url=f"http://{dashboard}" if dashboard else None,
         nodes=nodes,
     )
+
+
+def plugin_packages(modules: list[str]) -> list[str]:
+    """Directories of the top-level packages of a grid's plugin modules (already imported by
+    the grid check), for Ray's runtime_env `py_modules`: workers on every node import them
+    from there. A single-file module has no directory to ship: it must be installed on every
+    node, as must a package that is found through an entry point only (docs/plugins.md)."""
+    import sys
+
+    dirs: list[str] = []
+    for module in modules:
+        top = sys.modules.get(module.split(".")[0])
+        paths = list(getattr(top, "__path__", []))
+        if len(paths) == 1 and paths[0] not in dirs:  # namespace packages span several
+            dirs.append(paths[0])
+        elif not paths:
+            log.warning("plugin module %r is not a package: install it on every Ray node", module)
+    return dirs
 
 
 def _use_token_auth() -> None:

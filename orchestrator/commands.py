@@ -109,9 +109,14 @@ def inspect(args: argparse.Namespace) -> int:
     from orchestrator.render import render_inspect
     from trainables.catalog import IncompatibleError
     from trainables.inspect import inspect_model
+    from trainables.plugins import PluginError, load_plugins
 
     if args.pruner is None and (args.ratio is not None or args.preset is not None):
         raise UsageError("--ratio/--preset need --pruner")
+    try:
+        load_plugins(args.plugin)
+    except PluginError as err:
+        raise UsageError(err.detail if err.index is None else f"--plugin: {err.detail}") from err
     try:
         result = inspect_model(
             args.dataset, args.model, pruner=args.pruner, ratio=args.ratio, preset=args.preset

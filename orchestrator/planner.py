@@ -151,6 +151,8 @@ class Plan:
         rounds = self.grid.rounds
         per_dataset = Counter(t.dataset for t in self.trials)
         pretrain = sum(self.grid.recipe(ds).epochs * n for ds, n in per_dataset.items())
+        if self.grid.start_weights is not None:  # loaded, not trained
+            pretrain = 0
         return {
             "pretrain": pretrain,
             "prune": 0,
@@ -228,6 +230,7 @@ class _Builder:
         recipes = {ds: grid.recipe(ds) for ds in {k.dataset for k in keys}}
         val_fraction = grid.data.val_fraction
         precision = grid.resources.precision
+        start = grid.start_weights
         trials = []
         seen: set[TrialKey] = set()
         for k in keys:
@@ -243,6 +246,8 @@ class _Builder:
                     recipe,
                     val_fraction=val_fraction,
                     precision=precision,
+                    start_from=None if start is None else start.source,
+                    start_sha256=None if start is None else start.sha256,
                 ),
             )
             if k.schedule in FULL_LENGTH_SCHEDULES:
@@ -355,7 +360,7 @@ class _Builder:
 
 def _stage_epochs(spec: StageSpec) -> int:
     if spec.kind == "pretrain":
-        return spec.recipe.epochs
+        return spec.recipe.epochs if spec.trains else 0
     if spec.kind == "retrain":
         return spec.budget or 0
     return 0

@@ -10,7 +10,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.cluster import Cluster, check_fit, connect, disconnect, stage_bundles
+from orchestrator.cluster import (
+    Cluster,
+    check_fit,
+    connect,
+    disconnect,
+    plugin_packages,
+    stage_bundles,
+)
 from orchestrator.dag_search import DagSearcher, StageResolution
 from orchestrator.errors import UsageError
 from orchestrator.progress import ProgressPrinter
@@ -27,18 +34,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepOptions:
-    storage: str
-    address: str | None = None
-    mlflow_uri: str | None = None
-    data_root: str | None = None
-    log_models: bool = False
-    max_retries: int = 2
+    """How `run_sweep` runs a plan; each field is the `nptm sweep` option of the same name."""
+
+    storage: str  # storage root: a local path, or a URI such as s3://bucket/prefix
+    address: str | None = None  # Ray cluster to join; None starts a local Ray for the sweep
+    mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a store under `storage`
+    data_root: str | None = None  # overrides the grid's data.root
+    log_models: bool = False  # also log each final model to MLflow
+    max_retries: int = 2  # retries of a failed stage
     num_cpus: int | None = None  # local Ray only
     min_free_gb: float = DEFAULT_MIN_FREE_GB  # of a local storage root, checked at start
 
 
 def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
-    """Run every unfinished stage of `plan`; resume whatever earlier runs left."""
+    """Run every unfinished stage of `plan` (`orchestrator.planner.build_plan(grid)`) on Ray;
+    resume whatever earlier runs left, reuse stages already in `opts.storage`.
+
+    `grid` is the `search_spaces.CheckedGrid` the plan was built from. Every finished stage
+    lands in the Parquet tables of ``<storage>/sweeps/<grid.name>/`` (open them with
+    `results.api.load_sweep`) and in MLflow. Returns the `results.sink.SweepSummary`
+    (`.ok`, `.counts`, `.failures`). Raises `orchestrator.errors.UsageError` for a storage
+    root or cluster the sweep cannot use (the CLI's exit code 2).
+    """
     from results.mlflow_uri import resolve_tracking_uri
     from results.sink import ResultSink
     from results.store import SweepStore
@@ -51,7 +68,8 @@ def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
         store = SweepStore(opts.storage, grid.name)
     except (OSError, ValueError, StorageError) as err:
         raise UsageError(str(err)) from err
-    cluster = connect(opts.address, num_cpus=opts.num_cpus)
+    plugins = list(grid.plugins)
+    cluster = connect(opts.address, num_cpus=opts.num_cpus, py_modules=plugin_packages(plugins))
     try:
         _check_cluster(cluster, grid, plan, opts)
         artifacts = ArtifactStore(opts.storage)
@@ -124,6 +142,8 @@ def _tune(
         "workers_per_trial": res.workers_per_trial,
         "cpus_per_worker": res.cpus_per_worker,
         "gpus_per_worker": res.gpus_per_worker,
+        # Imported by every worker before it builds anything (trainables.plugins).
+        "plugins": list(grid.plugins),
     }
 
     def resolve(spec: StageSpec, result: dict | None, error: bool) -> StageResolution:

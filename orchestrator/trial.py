@@ -99,6 +99,7 @@ def _env(runtime: dict[str, Any], **kw: Any) -> WorkerEnv:
         storage=runtime["storage"],
         data_root=runtime.get("data_root"),
         download=runtime.get("download", False),
+        plugins=tuple(runtime.get("plugins", ())),
         **kw,
     )
 

@@ -7,6 +7,8 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
 
     name: quickstart          # sweep name, ^[a-z0-9][a-z0-9_-]{0,63}$ (it names a directory)
     max_trials: 5000          # larger grids need --confirm-large (build_plan(confirm_large=True))
+    plugins: [my_lab.nptm]    # modules imported first: they register models, datasets, pruners
+                              # and schedules (docs/plugins.md); workers import them too
     data:
       root: null              # dataset root; the CLI's --data-root / NPTM_DATA override it
       val_fraction: 0         # in [0, 0.5]: share of the training set held out for selection
@@ -19,6 +21,10 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
                               # (the paper's protocol); retraining keeps its train/val split
       shared_seed: 0          # the seed of that shared pre-training and pruning
     pretrain:                 # overrides of each dataset's default recipe (trainables.recipe)
+      from: null              #   existing weights instead of pre-training: a state_dict file,
+                              #   an unpruned nptm model.pt (path or URI), or torchvision (the
+                              #   local torch cache); one (dataset, model) pair, no wr; the
+                              #   recipe then states how those weights were trained (lrw, ft)
       epochs: 30              #   a Recipe field here applies to every dataset ...
       cifar10: {lr: 0.05}     #   ... one under a dataset name to that dataset only
       batch_size: 64          #   the GLOBAL batch of one optimizer step: each of the

@@ -12,6 +12,8 @@ models with presets that only some of them have and exclude the rest, e.g.
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,9 +45,18 @@ from search_spaces.schema import (
     SeedsSection,
 )
 from trainables import catalog
+from trainables.plugins import PluginError, load_plugins
 from trainables.recipe import DEFAULT_RECIPES, Recipe
 from trainables.registry import Registry
 from trainables.schedules import KNOWN_OVERRIDES, check_override, rewind_epoch
+from trainables.start_weights import (
+    TORCHVISION,
+    StartWeights,
+    StartWeightsError,
+    load_state_dict,
+    read_source,
+    sha256,
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,8 @@ class CheckedGrid:
     recipes: Mapping[str, Recipe]  # each dataset's pre-training recipe, overrides applied
     space: Space  # the product of the axes, with the compiled exclude rules
     includes: tuple[TrialKey, ...]  # the include trials
+    # `pretrain.from`: existing weights every trial starts from instead of pre-training
+    start_weights: StartWeights | None = None
 
     @property
     def name(self) -> str:
@@ -86,6 +99,11 @@ class CheckedGrid:
     def rounds(self) -> int:
         return self.grid.iterative.rounds
 
+    @property
+    def plugins(self) -> tuple[str, ...]:
+        """The plugin modules every process imports before looking names up."""
+        return tuple(self.grid.plugins)
+
     def recipe(self, dataset: str) -> Recipe:
         """The pre-training recipe of `dataset`: its default with the grid's `pretrain` applied."""
         return self.recipes[dataset]
@@ -94,6 +112,7 @@ class CheckedGrid:
 def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> CheckedGrid:
     """Validate `grid` (parsed from `raw`) beyond its shape; see the module docstring."""
     _check_name(grid.name)
+    _load_plugins(grid, raw)
     _check_resources(grid)
     axes = grid.axes
     for axis, known in (
@@ -111,6 +130,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
         _check_unique(raw, ("axes", axis), values)
     _check_unique(raw, ("axes", "budget"), axes.budget)
     _check_unique(raw, ("axes", "seed"), axes.seed)
+    start = _start_weights(grid, raw)
     targets, target_paths = _pruner_targets(grid, raw)
     overrides = _override_dims(grid, raw)
 
@@ -119,7 +139,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
         ds = entry.get("dataset") if isinstance(entry, dict) else None
         if isinstance(ds, str) and ds in catalog.DATASETS:
             datasets.setdefault(ds)
-    recipes = _recipes(grid.pretrain, datasets)
+    recipes = _recipes({k: v for k, v in grid.pretrain.items() if k != "from"}, datasets)
     _check_batch_split(grid, recipes)
 
     space = Space(
@@ -141,7 +161,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
         _check_trial(grid, recipes, key, f"include[{i}]")
     if space.count() == 0 and not includes:
         raise GridIssue("exclude", "the exclude rules remove every trial of the axes")
-    return CheckedGrid(grid, source, MappingProxyType(recipes), space, tuple(includes))
+    return CheckedGrid(grid, source, MappingProxyType(recipes), space, tuple(includes), start)
 
 
 # --- single fields ----------------------------------------------------------------------------
@@ -153,6 +173,61 @@ def _not_known(kind: str, value: Any, known: Registry) -> str:
     if f"{kind} {value!r} " in reason and "unknown" not in reason:  # retired: names successor
         return f"{show(value)}: {reason}"
     return f"{show(value)} is not a known {kind}" + did_you_mean(value, known)
+
+
+def _load_plugins(grid: Grid, raw: dict[str, Any]) -> None:
+    """Installed entry points, then the grid's plugin modules, so their names are known."""
+    for i, module in enumerate(grid.plugins):
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+            raise GridIssue(_at(raw, "plugins", i), f"{show(module)} is not a module name")
+    _check_unique(raw, ("plugins",), grid.plugins)
+    try:
+        load_plugins(grid.plugins)
+    except PluginError as err:
+        at = "plugins" if err.index is None else _at(raw, "plugins", err.index)
+        raise GridIssue(at, err.detail) from None
+
+
+def _start_weights(grid: Grid, raw: dict[str, Any]) -> StartWeights | None:
+    """`pretrain.from`: one (dataset, model) pair, no `wr`, weights that load into the model."""
+    if "from" not in grid.pretrain:
+        return None
+    source, axes = grid.pretrain["from"], grid.axes
+    if not isinstance(source, str) or not source:
+        raise GridIssue("pretrain.from", f"{show(source)} is not a path, URI or 'torchvision'")
+    if source != TORCHVISION and "://" not in source:  # workers run in other directories
+        source = os.path.abspath(os.path.expanduser(source))
+    named = {(e.get("dataset"), e.get("model")) for e in grid.include if isinstance(e, dict)}
+    pairs = {(d, m) for d in axes.dataset for m in axes.model} | named
+    if len(pairs) != 1:
+        raise GridIssue(
+            "pretrain.from",
+            f"existing weights are one model trained on one dataset, but the grid names "
+            f"{len(pairs)} (dataset, model) pairs; sweep each pair with its own grid",
+        )
+    ((dataset, model),) = pairs
+    if source == TORCHVISION and catalog.MODELS[model].family != "torchvision":
+        raise GridIssue("pretrain.from", f"model {model!r} is not a torchvision model")
+    for i, schedule in enumerate(axes.schedule):
+        if schedule == "wr":
+            raise GridIssue(
+                _at(raw, "axes", "schedule", i),
+                "'wr' rewinds to the pre-training's weights of epoch T - budget, which "
+                "weights loaded with pretrain.from do not come with; use lrw, ft or clr",
+            )
+    for i, entry in enumerate(grid.include):
+        if isinstance(entry, dict) and entry.get("schedule") == "wr":
+            raise GridIssue(f"include[{i}].schedule", "'wr' cannot rewind loaded weights")
+    try:
+        data = read_source(source, model)
+        state = load_state_dict(data)
+        from trainables.models import build_model
+
+        build_model(model, dataset).load_state_dict(state, strict=True)
+    except (StartWeightsError, RuntimeError, OSError, pickle.UnpicklingError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise GridIssue("pretrain.from", f"{show(source)}: {detail}") from None
+    return StartWeights(source, sha256(data))
 
 
 def _check_name(name: str) -> None:
@@ -211,7 +286,7 @@ def _check_batch_split(grid: Grid, recipes: dict[str, Recipe]) -> None:
             )
 
 
-def _check_unique(raw: dict[str, Any], where: tuple[str, str], values: list[Any]) -> None:
+def _check_unique(raw: dict[str, Any], where: tuple[str, ...], values: list[Any]) -> None:
     first: dict[Any, int] = {}
     for i, value in enumerate(values):
         if value in first:
@@ -530,7 +605,7 @@ def _check_trial(grid: Grid, recipes: dict[str, Recipe], key: TrialKey, where: s
 
 
 def _check_rewind(recipe: Recipe, ds: str, schedule: str, budget: int, path: str) -> None:
-    if schedule not in catalog.REWINDING_SCHEDULES:
+    if not catalog.SCHEDULES[schedule].rewinds:
         return
     try:
         rewind_epoch(recipe, budget)

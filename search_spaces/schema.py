@@ -102,6 +102,9 @@ class Grid(_Section):
 
     name: str
     max_trials: int = Field(default=DEFAULT_MAX_TRIALS, ge=1)
+    # Modules imported before any name is looked up; importing one registers its models,
+    # datasets, pruners and schedules (trainables.plugins, docs/plugins.md).
+    plugins: list[str] = Field(default_factory=list)
     data: DataSection = Field(default_factory=DataSection)
     # Recipe-field overrides for every dataset, or under a dataset name for that dataset only.
     pretrain: dict[str, Any] = Field(default_factory=dict)

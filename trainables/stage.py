@@ -68,6 +68,10 @@ class StageSpec:
     # pre-training keeps the split the shared network was trained on.
     split_seed: int | None = None
     precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes)
+    # Pretrain only: load these weights (a grid's `pretrain.from`) instead of training;
+    # the stage is then identified by the file's SHA-256, not by a seed and a recipe.
+    start_from: str | None = None
+    start_sha256: str | None = None
     # Pre-training epochs whose end-of-epoch weights must be kept for weight rewinding.
     # Not part of the identity: it says what to keep, not what the stage computes.
     keep_epochs: tuple[int, ...] = field(default=(), compare=False)
@@ -78,7 +82,14 @@ class StageSpec:
     def identity(self) -> dict[str, Any]:
         """The settings that determine this stage's output, and nothing else."""
         ident: dict[str, Any] = {"kind": self.kind.value, "parents": list(self.parents)}
-        if self.kind == StageKind.PRETRAIN:
+        if self.kind == StageKind.PRETRAIN and self.start_sha256 is not None:
+            ident |= {
+                "dataset": self.dataset,
+                "model": self.model,
+                "weights_sha256": self.start_sha256,
+                "val_fraction": self.val_fraction,  # the split its children calibrate on
+            }
+        elif self.kind == StageKind.PRETRAIN:
             ident |= {
                 "dataset": self.dataset,
                 "model": self.model,
@@ -117,6 +128,11 @@ class StageSpec:
         if self.precision != "fp32" and self.kind != "prune":
             ident["precision"] = self.precision
         return ident
+
+    @property
+    def trains(self) -> bool:
+        """False for a pretrain stage that loads existing weights (0 epochs)."""
+        return self.start_sha256 is None
 
     @property
     def data_split_seed(self) -> int:

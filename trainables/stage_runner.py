@@ -19,13 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainables import schedules
+from trainables import schedules, start_weights
 from trainables.artifacts import MODEL, RESUME, ArtifactStore, CorruptArtifactError, rewind_name
 from trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
 from trainables.datasets import DataBundle, load_dataset
 from trainables.loaders import Loaders, make_loaders
 from trainables.macs import count_nonzero_params, count_params_macs
 from trainables.models import build_model
+from trainables.plugins import load_plugins
 from trainables.pruners import PrunePlan, apply_plan, compute_plan
 from trainables.pruners.unstructured import layer_density, sparsity
 from trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
@@ -57,6 +58,7 @@ class WorkerEnv:
     device: str = "cpu"
     rank: int = 0
     world_size: int = 1
+    plugins: tuple[str, ...] = ()  # the grid's plugin modules (trainables.plugins)
 
 
 EpochReporter = Callable[[dict[str, Any]], None]
@@ -64,6 +66,7 @@ EpochReporter = Callable[[dict[str, Any]], None]
 
 def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = None) -> StageOutcome:
     """Run `spec` to completion (resuming if a checkpoint exists) and return its outcome."""
+    load_plugins(env.plugins)  # this worker may know none of the grid's plugin names yet
     store = ArtifactStore(env.storage)
     started = time.time()
     # Rank 0 counts the start; every rank reads the same count back at the end.
@@ -269,6 +272,8 @@ def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> 
             "epochs": previous.epochs,
             "rewind_epochs_remade": remade,
         }
+    if not spec.trains:
+        return _load_start_weights(spec, env, store)
     model = build_model(spec.model, spec.dataset, seed=spec.seed)
     fields = _train(
         spec,
@@ -284,6 +289,27 @@ def _pretrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> 
     if env.rank == 0:
         store.save(spec.id, MODEL, model_payload(spec, model, []))
     return fields | _size_fields(model, spec) | {"pretrain_id": spec.id}
+
+
+def _load_start_weights(spec: StageSpec, env: WorkerEnv, store: ArtifactStore) -> dict:
+    """A pretrain stage of existing weights (`pretrain.from`): load them, record their test
+    (and validation) accuracy, store them as this stage's model. No epoch is trained."""
+    assert spec.start_from is not None
+    data = start_weights.read_source(spec.start_from, spec.model)
+    model = build_model(spec.model, spec.dataset)
+    model.load_state_dict(start_weights.load_state_dict(data, spec.start_sha256), strict=True)
+    device = torch.device(env.device)
+    model.to(device)
+    loaders = _loaders(spec, env)
+    test_loss, test_acc = evaluate(model, loaders.test, device, spec.precision)
+    if env.rank == 0:
+        store.save(spec.id, MODEL, model_payload(spec, model.cpu(), []))
+    return {
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "epochs_run": 0,
+        "pretrain_id": spec.id,
+    } | _size_fields(model, spec)
 
 
 def _remake_rewind_checkpoints(spec: StageSpec, env: WorkerEnv, store: ArtifactStore) -> list:

@@ -50,8 +50,6 @@ from trainables.registry import resolve
 Batch = tuple[torch.Tensor, torch.Tensor]
 Importance = dict[str, torch.Tensor]  # conv name -> one score per filter, higher = keep
 
-STRUCTURED_PRUNERS = tuple(name for name, info in PRUNERS.items() if info.structured)
-
 
 def filter_counts(
     model: nn.Module, model_name: str, *, ratio: float | None, preset: str | None
@@ -214,8 +212,9 @@ def structured_plan(
     seed: int = 0,
 ) -> PrunePlan:
     """Which filters of which convs to remove. The model is left unchanged."""
-    if pruner not in STRUCTURED_PRUNERS:
-        raise ValueError(f"unknown structured pruner {pruner!r}; known: {list(STRUCTURED_PRUNERS)}")
+    structured = [name for name, info in PRUNERS.items() if info.structured]  # plugins' too
+    if pruner not in structured:
+        raise ValueError(f"unknown structured pruner {pruner!r}; known: {structured}")
     if PRUNERS[pruner].needs_data:
         _require_batches(pruner, batches)
     counts = filter_counts(model, model_name, ratio=ratio, preset=preset)
