@@ -140,22 +140,30 @@ class CifarResNet(_CifarResNetTrunk):
         super().__init__(n, in_channels, num_classes, BasicBlock, 1)
 
 
+def _vgg_features(
+    cfg: list[int | str], in_channels: int, conv_bias: bool
+) -> tuple[nn.Sequential, int]:
+    """VGG's feature extractor: conv3x3 + BN + ReLU per number of `cfg`, a 2x2 max-pool per
+    "M"; returns it with the channels it ends with."""
+    layers: list[nn.Module] = []
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            assert isinstance(v, int)
+            layers += [
+                nn.Conv2d(in_channels, v, 3, padding=1, bias=conv_bias),
+                nn.BatchNorm2d(v),
+                nn.ReLU(inplace=True),
+            ]
+            in_channels = v
+    return nn.Sequential(*layers), in_channels
+
+
 class CifarVGG(nn.Module):
     def __init__(self, cfg: list[int | str], in_channels: int, num_classes: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                assert isinstance(v, int)
-                layers += [
-                    nn.Conv2d(in_channels, v, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(v),
-                    nn.ReLU(inplace=True),
-                ]
-                in_channels = v
-        self.features = nn.Sequential(*layers)
+        self.features, in_channels = _vgg_features(cfg, in_channels, conv_bias=False)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(
             nn.Linear(in_channels, 512),
@@ -226,19 +234,7 @@ class WeightLevelVGG(nn.Module):
 
     def __init__(self, cfg: list[int | str], in_channels: int, num_classes: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                assert isinstance(v, int)
-                layers += [
-                    nn.Conv2d(in_channels, v, 3, padding=1),
-                    nn.BatchNorm2d(v),
-                    nn.ReLU(inplace=True),
-                ]
-                in_channels = v
-        self.features = nn.Sequential(*layers)
+        self.features, in_channels = _vgg_features(cfg, in_channels, conv_bias=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # AvgPool2d(2) on the 2x2 map of a 32 px input
         self.classifier = nn.Linear(in_channels, num_classes)
         for m in self.modules():
