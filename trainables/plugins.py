@@ -20,6 +20,7 @@ a different entry under a taken name is refused.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 from typing import Any
@@ -124,14 +125,21 @@ def register_schedule(info: ScheduleInfo) -> ScheduleInfo:
 
 
 _loaded_entry_points: set[tuple[str, str, str]] = set()
+# sys.path of the last complete scan: installed distributions are found through it, so an
+# unchanged path means nothing new to load (every stage of a worker calls load_plugins).
+_scanned_path: tuple[str, ...] | None = None
 
 
 def load_entry_points() -> list[str]:
     """Call every installed nptm entry point not called yet in this process; return
     "group:name" of each one called. Raises PluginError naming a failing entry point."""
+    global _scanned_path
+    if _scanned_path == tuple(sys.path):
+        return []
+    installed = entry_points()  # one scan of the installed distributions for every group
     called = []
     for group, registry in ENTRY_POINT_GROUPS.items():
-        for ep in entry_points(group=group):
+        for ep in installed.select(group=group):
             key = (group, ep.name, ep.value)
             if key in _loaded_entry_points:
                 continue
@@ -146,6 +154,7 @@ def load_entry_points() -> list[str]:
                 raise PluginError(f"{where} registered no {registry.kind} named {ep.name!r}")
             _loaded_entry_points.add(key)
             called.append(f"{group}:{ep.name}")
+    _scanned_path = tuple(sys.path)
     return called
 
 
