@@ -15,7 +15,7 @@ from typing import Any
 
 from results.schema import EPOCHS_COLUMNS, STAGES_COLUMNS
 from trainables.layout import check_name
-from trainables.stage import StageStatus
+from trainables.stage import StageStatus, stage_label, target_label
 
 EXPERIMENT_PREFIX = "nptm/"
 STAGE_ID_TAG = "nptm.stage_id"
@@ -82,10 +82,17 @@ def _json_default(value: Any) -> Any:
 
 
 def run_name(row: Mapping[str, Any]) -> str:
-    target = f"r{row['ratio']:g}" if row["ratio"] is not None else row["preset"]
-    budget = f"b{row['budget_epochs']}" if row["budget_epochs"] is not None else None
-    parts = [row["model"], row["pruner"], target, row["schedule"], budget, f"s{row['seed']}"]
-    return f"{row['stage_kind']}:" + "/".join(str(p) for p in parts if p is not None)
+    """The stage's label (`trainables.stage.stage_label`) from its stored row."""
+    return stage_label(
+        kind=row["stage_kind"],
+        dataset=row["dataset"],
+        model=row["model"],
+        pruner=row["pruner"],
+        target=target_label(row["ratio"], row["preset"]),
+        schedule=row["schedule"],
+        budget=row["budget_epochs"],
+        seed=row["seed"],
+    )
 
 
 def stage_params(row: Mapping[str, Any]) -> dict[str, str]:

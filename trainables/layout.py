@@ -5,6 +5,8 @@
     <root>/sweeps/<sweep>/epochs/<id>.parquet  one row per epoch of that stage
     <root>/sweeps/<sweep>/.nptm-cache/       the store's read cache of both tables
     <root>/sweeps/<sweep>/report/            `nptm report`'s default output (local storage)
+    <root>/sweeps/<sweep>/run/               the record of what ran: grid file, plan.json,
+                                             versions; progress.json while a sweep runs
     <root>/mlflow.db                         embedded MLflow store (local storage)
     <root>/_ray                              Ray Tune / Ray Train storage
 
@@ -108,6 +110,13 @@ class Layout:
     def read_cache(self, sweep: str, table: str) -> str:
         """The store's consolidated copy of a table (a dot-directory: dataset globs skip it)."""
         return f"{self.sweep_dir(sweep)}/.nptm-cache/{table}.parquet"
+
+    def run_dir(self, sweep: str) -> str:
+        """The record of what ran (written by `nptm sweep`, read by `nptm status`)."""
+        return f"{self.sweep_dir(sweep)}/run"
+
+    def run_file(self, sweep: str, name: str) -> str:
+        return f"{self.run_dir(sweep)}/{check_name('run record', name)}"
 
     def report_dir(self, sweep: str) -> str:
         """Beside the sweep's tables on local storage; else under the working directory."""

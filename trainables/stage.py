@@ -144,6 +144,30 @@ class StageSpec:
         return stage_hash(self.identity())
 
     @property
+    def target(self) -> str | None:
+        """What the pruner aims at, as one label: ``ratio=0.5`` or ``preset=B``."""
+        return target_label(self.ratio, self.preset)
+
+    @property
+    def label(self) -> str:
+        """``kind/dataset/model/pruner/target/schedule/budget/seed``, the parts that apply."""
+        return stage_label(
+            kind=self.kind,
+            dataset=self.dataset,
+            model=self.model,
+            pruner=self.pruner,
+            target=self.target,
+            schedule=self.schedule,
+            budget=self.budget,
+            seed=self.seed,
+        )
+
+    @property
+    def display_name(self) -> str:
+        """`label` plus a short hash of the id: unique, and short enough for the Ray dashboard."""
+        return f"{self.label}-{self.id[:6]}"
+
+    @property
     def override_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
 
@@ -166,6 +190,31 @@ class StageSpec:
         for key in ("parents", "keep_epochs"):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)
+
+
+def target_label(ratio: float | None, preset: str | None) -> str | None:
+    """The one label of a pruning target; a stage has a ratio or a preset, never both."""
+    if ratio is not None:
+        return f"ratio={ratio:g}"
+    return f"preset={preset}" if preset is not None else None
+
+
+def stage_label(
+    *,
+    kind: str,
+    dataset: str,
+    model: str,
+    pruner: str | None,
+    target: str | None,
+    schedule: str | None,
+    budget: int | None,
+    seed: int,
+) -> str:
+    """A stage in words, e.g. ``retrain/cifar10/resnet56/l1_filter/preset=B/clr/b40/s1``."""
+    budget_part = f"b{budget}" if budget is not None else None
+    parts = [StageKind(kind).value, dataset, model, pruner, target, schedule, budget_part]
+    parts.append(f"s{seed}")
+    return "/".join(str(p) for p in parts if p is not None)
 
 
 def stage_hash(identity: dict[str, Any]) -> str:
