@@ -54,7 +54,7 @@ from trainables.recipe import Recipe
 from trainables.schedules import rewind_epoch, run_epochs
 from trainables.stage import StageSpec
 
-__all__ = ["KINDS", "Plan", "Trial", "build_plan", "cumulative_ratio"]
+__all__ = ["KINDS", "Plan", "Trial", "build_plan", "cumulative_ratio", "stage_epochs"]
 
 KINDS: tuple[str, ...] = ("pretrain", "prune", "retrain")
 # Digits kept of a computed cumulative ratio, so its hash cannot depend on the platform's pow().
@@ -128,14 +128,14 @@ class Plan:
         """Training epochs per kind over the unique stages (prune: 0)."""
         out = dict.fromkeys(KINDS, 0)
         for spec in self.stages.values():
-            out[spec.kind] += _stage_epochs(spec)
+            out[spec.kind] += stage_epochs(spec)
         return out
 
     def planned_epochs_by_pair(self) -> dict[tuple[str, str], int]:
         """Training epochs per (model, dataset) over the unique stages."""
         out: Counter[tuple[str, str]] = Counter()
         for spec in self.stages.values():
-            out[(spec.model, spec.dataset)] += _stage_epochs(spec)
+            out[(spec.model, spec.dataset)] += stage_epochs(spec)
         return dict(out)
 
     def gpu_hours(self, figures: GpuFigures | None = None) -> dict[str, Any]:
@@ -358,7 +358,8 @@ class _Builder:
         )
 
 
-def _stage_epochs(spec: StageSpec) -> int:
+def stage_epochs(spec: StageSpec) -> int:
+    """Training epochs the stage runs (prune, and a pre-training that loads weights: 0)."""
     if spec.kind == "pretrain":
         return spec.recipe.epochs if spec.trains else 0
     if spec.kind == "retrain":
