@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -10,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -131,9 +134,34 @@ class CliResult:
     stderr: str
 
 
+@functools.cache
+def _migrated_empty_mlflow_db() -> Path:
+    """An empty MLflow sqlite store, made by MLflow itself once per session: a new store runs
+    every schema migration (seconds on 2 cores), a copy of this one costs nothing."""
+    from mlflow import MlflowClient
+
+    directory = Path(tempfile.mkdtemp(prefix="nptm-mlflow-template-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def empty_mlflow_store(storage: Path) -> str:
+    """Give `storage` the embedded MLflow store a first sweep would create there (unless it
+    has one); returns its tracking URI. `tiny_sweep` still has nptm create its own."""
+    db = storage / "mlflow.db"
+    if not db.exists():
+        storage.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_migrated_empty_mlflow_db(), db)
+    return f"sqlite:///{db}"
+
+
 def sweep_on(node, grid: Path, storage: Path, *args: str, env: dict[str, str] | None = None):
     """`nptm sweep GRID` in this process, joined to the running Ray `node` (a
-    tests.ray_cluster.RayCluster)."""
+    tests.ray_cluster.RayCluster). Its embedded MLflow store starts as `empty_mlflow_store`."""
+    if "--mlflow-uri" not in args:
+        empty_mlflow_store(storage)
     argv = ["sweep", str(grid), "--storage", str(storage), "--address", node.address, "--no-report"]
     return cli_in_process([*argv, *args], env=env)
 

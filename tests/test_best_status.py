@@ -10,11 +10,11 @@ import pytest
 from mlflow import MlflowClient
 
 from results.best import best_runs, render_best
-from results.mlflow_uri import default_tracking_uri
 from results.schema import rows_to_table
 from results.status import render_status, sweep_status
 from results.store import SweepStore
 from results.tracking import MlflowRecorder
+from tests.sweep_helpers import empty_mlflow_store
 
 
 def row(stage_id: str, **kw: object) -> dict:
@@ -55,7 +55,7 @@ RUNS = [
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     storage = tmp_path_factory.mktemp("best")
-    uri = default_tracking_uri(storage)
+    uri = empty_mlflow_store(storage)
     for sweep in ("s1", "s2"):
         rec = MlflowRecorder(uri, sweep)
         rec.start_sweep({"sweep": sweep})

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from results.mlflow_uri import default_tracking_uri
 from results.sink import ResultSink
 from results.store import SweepStore
 from results.tracking import MlflowRecorder
+from tests.sweep_helpers import empty_mlflow_store
 from trainables.artifacts import ArtifactStore
 from trainables.recipe import DEFAULT_RECIPES
 from trainables.stage import EpochMetrics, StageOutcome, StageSpec, StageStatus
@@ -40,7 +40,7 @@ def _sink(storage: Path, uri: str | None, executor: str = "inline") -> ResultSin
 
 
 def test_outcome_to_rows_parquet_then_mlflow(tmp_path: Path) -> None:
-    uri = default_tracking_uri(tmp_path)
+    uri = empty_mlflow_store(tmp_path)
     sink = _sink(tmp_path, uri, executor="train")
     sink.record(PRE, StageStatus.OK, _outcome(PRE, test_acc=0.4, attempts=2, epochs=EPOCHS), None)
     row = SweepStore(tmp_path, "s1").read_stages().iloc[0]
@@ -57,7 +57,7 @@ def test_outcome_to_rows_parquet_then_mlflow(tmp_path: Path) -> None:
 
 
 def test_failed_and_skipped_stages(tmp_path: Path) -> None:
-    sink = _sink(tmp_path, default_tracking_uri(tmp_path), executor="train")
+    sink = _sink(tmp_path, empty_mlflow_store(tmp_path), executor="train")
     ArtifactStore(str(tmp_path)).start_attempt(PRE.id)
     ArtifactStore(str(tmp_path)).start_attempt(PRE.id)
     sink.record(PRE, StageStatus.FAILED, None, "RuntimeError: boom\ntraceback")

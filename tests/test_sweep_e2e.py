@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.planner import build_plan
+from search_spaces import load_grid
 from tests.sweep_helpers import (
     NPTM,
     ROOT,
@@ -100,34 +102,32 @@ def test_driver_killed_mid_sweep_then_rerun_completes_without_repeats(
 
 
 def test_train_executor_runs_ddp_workers_and_recomputes_a_damaged_parent(
-    tmp_path: Path, ray_node
+    tiny_sweep, tmp_path: Path, ray_node
 ) -> None:
+    """A retrain as a two-rank Ray Train group whose parent prune is damaged: a rank finds it
+    (Ray reports the rank's exception inside its own error), the prune is recomputed as a Ray
+    task, and the retrain runs again. The pre-training and the prune are the session's."""
     grid = write_grid(
         tmp_path / "ddp.yaml", name="ddp", executor="train", workers=2, cpus=0.5,
         pruners=("{name: l1_filter, ratio: 0.5}",), schedules="[ft]", budget="1",
-        pretrain_epochs=2, milestones="[1]",
     )  # fmt: skip
     storage = tmp_path / "runs"
+    seed_stages(tiny_sweep.storage, storage, grid, kinds=("pretrain", "prune"))
+    plan = build_plan(load_grid(grid))
+    (prune,) = (sid for sid, spec in plan.stages.items() if spec.kind == "prune")
+    (retrain,) = (sid for sid, spec in plan.stages.items() if spec.kind == "retrain")
+    model = storage / "stages" / prune / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+
     result = sweep_on(ray_node, grid, storage)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = trials(storage, "ddp").set_index("stage_kind")
     assert set(rows.status) == {"ok"}
-    assert rows.loc["pretrain", "workers"] == 2 and rows.loc["retrain", "workers"] == 2
-    assert rows.loc["pretrain", "executor"] == "train"
-    assert rows.loc["prune", "executor"] == "task"
-
-    # The retrain's parent, damaged: a Ray Train worker finds it (Ray reports the rank's
-    # exception inside its own error), and the producer is recomputed before the retrain.
-    prune, retrain = rows.loc["prune", "stage_id"], rows.loc["retrain", "stage_id"]
-    model = storage / "stages" / prune / "model.pt"
-    model.write_bytes(model.read_bytes()[:100])
-    (storage / "stages" / retrain / "outcome.json").unlink()
-    again = sweep_on(ray_node, grid, storage)
-    assert again.returncode == 0, again.stderr[-3000:]
-    after = trials(storage, "ddp").set_index("stage_kind")
-    assert set(after.status) == {"ok"} and after.loc["retrain", "executor"] == "train"
-    # prune: first sweep + recompute; retrain: first sweep, refused parent, rerun
-    assert executions(storage, prune) == 2 and executions(storage, retrain) == 3
+    assert rows.loc["retrain", "workers"] == 2 and rows.loc["retrain", "executor"] == "train"
+    assert rows.loc["prune", "executor"] == "task" and not rows.loc["prune", "reused"]
+    assert rows.loc["pretrain", "reused"]
+    # prune: the recomputation only; retrain: the refused parent, then the run
+    assert executions(storage, prune) == 1 and executions(storage, retrain) == 2
     ArtifactStore(str(storage)).load(prune, "model")  # verifies the checksum again
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import threading
 import time
@@ -17,21 +16,14 @@ from results.mlflow_uri import HTTP_ENV_DEFAULTS, default_tracking_uri, resolve_
 from results.schema import rows_to_table
 from results.store import SweepStore
 from results.tracking import MlflowRecorder, sync_mlflow
+from tests.sweep_helpers import empty_mlflow_store
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An initialised MLflow sqlite store; copying it is much faster than migrating anew."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def storage(tmp_path: Path, template_db: Path) -> Path:
-    shutil.copy(template_db, tmp_path / "mlflow.db")
+def storage(tmp_path: Path) -> Path:
+    empty_mlflow_store(tmp_path)
     return tmp_path
 
 
