@@ -551,9 +551,11 @@ def test_truncated_resume_checkpoint_restarts_from_epoch_zero(damaged_rerun) -> 
 def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
     tmp_path, clean_env, capsys, ray_node, tiny_sweep
 ):
-    grid = write_grid(tmp_path / "tiny.yaml", pruners=(MAGNITUDE, L1), schedules="[ft, clr]")
+    grid = write_grid(
+        tmp_path / "tiny.yaml", pruners=(MAGNITUDE, L1), schedules="[ft, clr]", budget="1"
+    )
     storage = tmp_path / "runs"
-    seed_stages(tiny_sweep.storage, storage, grid)
+    seed_stages(tiny_sweep.storage, storage, grid, kinds=("pretrain", "prune"))
     db = tmp_path / "mlflow-server.db"
     trials_dir = storage / "sweeps" / "tiny" / "stages"
     with MlflowServer(db, tmp_path / "mlflow.log") as server:
@@ -568,11 +570,12 @@ def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
 
         rc, stderr = sweep_with_fault(
             args, ray_node.env, log=tmp_path / "sweep.err", fault=kill_server,
-            ready=lambda: len(list(trials_dir.glob("*.parquet"))) >= 2,
+            # the 3 reused stages, and a retrain that ran
+            ready=lambda: len(list(trials_dir.glob("*.parquet"))) >= 4,
         )  # fmt: skip
         (recorded_before_kill,) = recorded
         n = len(plan_stage_ids(grid))
-        assert 2 <= recorded_before_kill < n, "the server must die while stages remain"
+        assert 4 <= recorded_before_kill < n, "the server must die while stages remain"
         assert rc == 0, stderr[-3000:]
         assert stderr.count(f"MLflow at {uri} failed") == 1, stderr[-3000:]
         rows = _assert_parquet_complete(storage, "tiny", grid)
@@ -598,17 +601,18 @@ def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
 # -- 4. many stages at once ---------------------------------------------------------------
 @pytest.mark.slow
 def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path, ray_node, tiny_sweep) -> None:
-    """Eight retrains become runnable at once (one prune, four schedules, two budgets) with
-    eight slots of 0.25 CPU on 2 cores; the searcher and Tune's trial table are watched.
+    """Eight retrains are runnable at once (the session's two prunes, four schedules, one
+    epoch each) with eight slots of 0.25 CPU on 2 cores; the searcher and Tune's trial table
+    are watched.
 
     (How many of the eight then run physically at the same moment depends on how fast the
     machine boots Tune's worker processes; that is not asserted here.)"""
     grid = write_grid(
-        tmp_path / "conc.yaml", name="conc", pruners=(MAGNITUDE,),
-        schedules="[ft, slr, clr, scratch]", budget="[1, 2]", cpus=0.25, max_concurrent=8,
+        tmp_path / "conc.yaml", name="conc", pruners=(MAGNITUDE, L1),
+        schedules="[ft, slr, clr, scratch]", budget="1", cpus=0.25, max_concurrent=8,
     )  # fmt: skip
     storage = tmp_path / "runs"
-    seed_stages(tiny_sweep.storage, storage, grid)
+    seed_stages(tiny_sweep.storage, storage, grid, kinds=("pretrain", "prune"))
     with watched_concurrency() as peak:
         result = sweep_on(ray_node, grid, storage)
     assert result.returncode == 0, result.stderr[-3000:]
