@@ -31,6 +31,26 @@ def _mlflow_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_points(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"expected accuracy points in (0, 100), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nptm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nptm {__version__}")
@@ -95,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep")
     _storage_arg(p)
     p.add_argument("--out", help="report directory (default: <storage>/<sweep>/report)")
+    p.add_argument("--latex", action="store_true", help="also write every table as a .tex file")
+    p.add_argument(
+        "--equivalence-margin", type=_positive_points, default=0.5, metavar="POINTS",
+        help="claim 2's equivalence margin (TOST), in accuracy points (default %(default)g)",
+    )  # fmt: skip
 
     p = sub.add_parser("best", help="best runs from MLflow")
     p.add_argument("--sweep")
@@ -105,10 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("status", help="stage counts and failures of a sweep")
+    p = sub.add_parser(
+        "status", help="progress of a sweep against its plan: done, running, failures, ETA"
+    )
     p.add_argument("sweep")
     _storage_arg(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--watch", nargs="?", type=_positive_seconds, const=5.0, metavar="SECONDS",
+        help="refresh every SECONDS (default 5) until the sweep's driver stops",
+    )  # fmt: skip
 
     p = sub.add_parser("sync-mlflow", help="fill MLflow from a sweep's Parquet tables")
     p.add_argument("sweep")
