@@ -63,11 +63,15 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="where the PNGs go")
     p.add_argument("--grid", type=Path, help="grid to sweep (default: a small digits grid)")
     p.add_argument("--chromium", default=None, help="Chromium binary (default: found on PATH)")
-    p.add_argument("--size", default="1400,900", help="browser window, W,H (default %(default)s)")
-    p.add_argument("--render-ms", type=int, default=8000, help="JS render budget per page")
+    p.add_argument("--size", default="1600,1000", help="browser window, W,H (default %(default)s)")
+    p.add_argument(
+        "--render-ms", type=int, default=30000,
+        help="virtual time the pages' JS gets before each shot (default %(default)s)",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary sweep directory")
     args = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines as they happen, also in a log
 
     chromium = args.chromium or next(
         (
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace, chromium: str, work: Path, deadline: float) ->
         wait_for(lambda: db.is_file(), deadline, "the sweep's MLflow store", sweep)
         port = free_port()
         ui_cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{db}",
-                  "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
         with started(ui_cmd, env, work / "mlflow-ui.log"):
             ui = f"http://127.0.0.1:{port}"
             wait_for(lambda: http_ok(f"{ui}/health"), deadline, "mlflow ui", None)
@@ -124,14 +128,15 @@ def run(args: argparse.Namespace, chromium: str, work: Path, deadline: float) ->
             # A stage run with a few epochs logged: RUNNING if the live MLflow runs exist,
             # else the first finished one.
             run_id = wait_for(lambda: run_with_history(ui, exp_id), deadline, "a run", sweep)
+            print(f"MLflow UI {ui}: experiment {exp_id}, run {run_id}")
             dashboard = wait_for(lambda: dashboard_address(work), deadline, "Ray dashboard", sweep)
             dash = f"http://{dashboard}"
             wait_for(lambda: http_ok(dash), deadline, "the Ray dashboard", sweep)
+            print(f"Ray dashboard {dash}")
             pages = [
                 ("mlflow-runs.png", f"{ui}/#/experiments/{exp_id}/runs", "MLflow: runs"),
-                ("mlflow-run-metrics.png",
-                 f"{ui}/#/experiments/{exp_id}/runs/{run_id}/model-metrics",
-                 f"MLflow: metric charts of run {run_id}"),
+                ("mlflow-run-chart.png", metric_page(ui, exp_id, run_id),
+                 f"MLflow: accuracy per epoch of run {run_id}"),
                 ("ray-jobs.png", f"{dash}/#/jobs", "Ray dashboard: jobs"),
                 ("ray-actors.png", f"{dash}/#/actors", "Ray dashboard: actors (trial names)"),
                 ("ray-train.png", f"{dash}/#/train", "Ray dashboard: Ray Train runs"),
@@ -229,6 +234,20 @@ def run_with_history(ui: str, exp_id: str) -> str | None:
     return min(candidates)[1] if candidates else None
 
 
+def metric_page(ui: str, exp_id: str, run_id: str) -> str:
+    """MLflow's metric page (the route its run page links "Plot chart" to): test, validation
+    and training accuracy of one run per epoch."""
+    keys = ["test_acc", "val_acc", "train_acc"]
+    query = {
+        "runs": json.dumps([run_id]), "metric": json.dumps(keys[0]),
+        "experiments": json.dumps([exp_id]), "plot_metric_keys": json.dumps(keys),
+        "plot_layout": "{}", "x_axis": "step", "y_axis_scale": "linear",
+        "line_smoothness": "1", "show_point": "true", "deselected_curves": "[]",
+        "last_linear_y_axis_range": "[]",
+    }  # fmt: skip
+    return f"{ui}/#/metric?{urllib.parse.urlencode(query)}"
+
+
 def dashboard_address(work: Path) -> str | None:
     """host:port of the dashboard of the Ray session under `work` (its log names it)."""
     for log in sorted(work.glob("ray/session_*/logs/dashboard.log")):
@@ -239,15 +258,24 @@ def dashboard_address(work: Path) -> str | None:
 
 
 def shoot(chromium: str, url: str, path: Path, size: str, render_ms: int) -> bool:
-    """One headless Chromium screenshot of `url`; the JS apps render within `render_ms`."""
+    """One headless Chromium screenshot of `url`. Both UIs are JS apps that fetch their data
+    after the page loads: `--virtual-time-budget` lets them run that long (in virtual time)
+    before the shot. A server slowed down by the sweep can stall a page: one retry."""
     path.unlink(missing_ok=True)
     cmd = [
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
         "--disable-dev-shm-usage", f"--window-size={size}",
         f"--virtual-time-budget={render_ms}", f"--screenshot={path}", url,
     ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    return result.returncode == 0 and path.is_file()
+    for attempt in (1, 2):
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        except subprocess.TimeoutExpired:
+            print(f"warning: Chromium timed out on {url} (try {attempt})", file=sys.stderr)
+            continue
+        if result.returncode == 0 and path.is_file():
+            return True
+    return False
 
 
 def _grid_name(grid: Path) -> str:

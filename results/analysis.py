@@ -161,7 +161,7 @@ def random_vs_methodical(ok: pd.DataFrame, cells: pd.DataFrame, level: float) ->
 
 def _empty_ci(keys: list[str], extra: tuple[str, ...] = ()) -> pd.DataFrame:
     cols = [*keys, "mean", "sd", "n", "half_width", "low", "high", *extra, "verdict"]
-    return pd.DataFrame({c: pd.Series(dtype=float if c.startswith("p") else object) for c in cols})
+    return pd.DataFrame({c: pd.Series(dtype=float if c in extra else object) for c in cols})
 
 
 def claim_schedules(ok: pd.DataFrame, level: float) -> pd.DataFrame:

@@ -340,3 +340,12 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
     with pytest.raises(SystemExit) as bad:  # argparse refuses it
         build_parser().parse_args([*argv, "--watch", "0"])
     assert bad.value.code == 2 and "positive number of seconds, got '0'" in capsys.readouterr().err
+
+    # The report of the same sweep, with its options: LaTeX next to the Markdown, the margin.
+    out = tmp_path / "report"
+    rep = cli_in_process(["report", "tiny", "--storage", str(storage), "--out", str(out),
+                          "--latex", "--equivalence-margin", "1.5"])  # fmt: skip
+    assert rep.returncode == 0 and "LaTeX tables: status.tex, headline.tex" in rep.stdout
+    assert (out / "headline.tex").read_text().startswith("\\begin{table}")
+    md = (out / "report.md").read_text()
+    assert "margin ±1.5 points" in md and "](figures/acc_bars__" in md  # one budget: bars
