@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from orchestrator import __version__
 from orchestrator.errors import EXIT_USAGE, UsageError
@@ -31,24 +32,21 @@ def _mlflow_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+def _number_in(low: float, high: float, unit: str) -> Callable[[str], float]:
+    """An argparse type: a number strictly between `low` and `high`."""
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value < high:
+            raise argparse.ArgumentTypeError(
+                f"expected {unit} in ({low:g}, {high:g}), got {text!r}"
+            )
+        return value
 
-def _positive_points(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 100:
-        raise argparse.ArgumentTypeError(f"expected accuracy points in (0, 100), got {text!r}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report directory (default: <storage>/<sweep>/report)")
     p.add_argument("--latex", action="store_true", help="also write every table as a .tex file")
     p.add_argument(
-        "--equivalence-margin", type=_positive_points, default=0.5, metavar="POINTS",
+        "--equivalence-margin", type=_number_in(0, 100, "accuracy points"), default=0.5,
+        metavar="POINTS",
         help="claim 2's equivalence margin (TOST), in accuracy points (default %(default)g)",
     )  # fmt: skip
 
@@ -137,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arg(p)
     p.add_argument("--json", action="store_true")
     p.add_argument(
-        "--watch", nargs="?", type=_positive_seconds, const=5.0, metavar="SECONDS",
+        "--watch", nargs="?", type=_number_in(0, math.inf, "seconds"), const=5.0, metavar="SECONDS",
         help="refresh every SECONDS (default 5) until the sweep's driver stops",
     )  # fmt: skip
 

@@ -184,18 +184,21 @@ def status(args: argparse.Namespace) -> int:
 
     store = _sweep_store(args, planned=True)  # a sweep that has only started has a plan
     clear = args.watch is not None and sys.stdout.isatty() and not args.json
-    while True:
-        result = sweep_status(store)
-        if clear:
-            print("\033[H\033[2J", end="")  # home, clear screen
-        if args.json:
-            print_json(result)
-        else:
-            print(render_status(result))
-        if args.watch is None or not is_running(result):
-            return EXIT_OK
-        sys.stdout.flush()
-        time.sleep(args.watch)
+    try:
+        while True:
+            result = sweep_status(store)
+            if clear:
+                print("\033[H\033[2J", end="")  # home, clear screen
+            if args.json:
+                print_json(result)
+            else:
+                print(render_status(result))
+            if args.watch is None or not is_running(result):
+                return EXIT_OK
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch; the sweep itself goes on
+        return EXIT_OK
 
 
 def best(args: argparse.Namespace) -> int:

@@ -339,7 +339,9 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
     assert as_json["plan"]["remaining_epochs"] == 0 and as_json["stages"] == 9
     with pytest.raises(SystemExit) as bad:  # argparse refuses it
         build_parser().parse_args([*argv, "--watch", "0"])
-    assert bad.value.code == 2 and "positive number of seconds, got '0'" in capsys.readouterr().err
+    assert (
+        bad.value.code == 2 and "expected seconds in (0, inf), got '0'" in capsys.readouterr().err
+    )
 
     # The report of the same sweep, with its options: LaTeX next to the Markdown, the margin.
     out = tmp_path / "report"
