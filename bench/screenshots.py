@@ -9,10 +9,10 @@ store, waits for a stage to be running, shoots every page, then stops what it st
     .venv/bin/python bench/screenshots.py [--out docs/img] [--grid GRID] [--keep]
 
 Needs Chromium (Debian/Ubuntu: `apt-get install chromium`; or give its path with
---chromium). The sweep's Ray runs with a private temp dir and without token authentication
-(RAY_AUTH_MODE unset, Ray's own default), on 127.0.0.1 only: under token auth the dashboard
-asks the browser for the token, which a headless command line cannot type (its login is a
-POST with an Authorization header that sets a cookie).
+--chromium). The sweep's Ray runs with a private temp dir, on 127.0.0.1 only, with token
+authentication off (RAY_AUTH_MODE=disabled; a local Ray 2.60 turns it on by default): under
+token auth the dashboard asks the browser for the token, which a headless command line cannot
+type (its login is a POST with an Authorization header that sets a cookie).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, chromium: str, work: Path, deadline: float) ->
     (work / "ray").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(work)  # this sweep's Ray session, found below, apart from others
-    env.pop("RAY_AUTH_MODE", None)
+    env["RAY_AUTH_MODE"] = "disabled"  # this Ray only, loopback only: see the module doc
     sweep_log = work / "sweep.log"
     shots: list[tuple[Path, str]] = []
     with (
@@ -139,8 +139,10 @@ def run(args: argparse.Namespace, chromium: str, work: Path, deadline: float) ->
                  f"MLflow: accuracy per epoch of run {run_id}"),
                 ("ray-jobs.png", f"{dash}/#/jobs", "Ray dashboard: jobs"),
                 ("ray-actors.png", f"{dash}/#/actors", "Ray dashboard: actors (trial names)"),
-                ("ray-train.png", f"{dash}/#/train", "Ray dashboard: Ray Train runs"),
             ]  # fmt: skip
+            job = driver_job(dash)
+            if job:  # the sweep's driver: its tasks and actors, with their names
+                pages.append(("ray-job.png", f"{dash}/#/jobs/{job}", f"Ray dashboard: job {job}"))
             for name, url, what in pages:
                 path = args.out / name
                 if shoot(chromium, url, path, args.size, args.render_ms):
@@ -246,6 +248,17 @@ def metric_page(ui: str, exp_id: str, run_id: str) -> str:
         "last_linear_y_axis_range": "[]",
     }  # fmt: skip
     return f"{ui}/#/metric?{urllib.parse.urlencode(query)}"
+
+
+def driver_job(dash: str) -> str | None:
+    """Id of the running job (the sweep's driver) as the dashboard's job API lists it."""
+    try:
+        with urllib.request.urlopen(f"{dash}/api/jobs/", timeout=10) as r:
+            jobs = json.load(r)
+    except (urllib.error.URLError, TimeoutError, ValueError):
+        return None
+    running = [j.get("job_id") for j in jobs if j.get("status") == "RUNNING" and j.get("job_id")]
+    return running[0] if running else None
 
 
 def dashboard_address(work: Path) -> str | None:
