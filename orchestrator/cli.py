@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from orchestrator import __version__
 from orchestrator.errors import EXIT_USAGE, UsageError
@@ -29,6 +30,23 @@ def _mlflow_arg(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("MLFLOW_TRACKING_URI"),
         help="MLflow tracking URI (env MLFLOW_TRACKING_URI); default: sqlite in the storage root",
     )
+
+
+def _number_in(low: float, high: float, unit: str) -> Callable[[str], float]:
+    """An argparse type: a number strictly between `low` and `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value < high:
+            raise argparse.ArgumentTypeError(
+                f"expected {unit} in ({low:g}, {high:g}), got {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep")
     _storage_arg(p)
     p.add_argument("--out", help="report directory (default: <storage>/<sweep>/report)")
+    p.add_argument("--latex", action="store_true", help="also write every table as a .tex file")
+    p.add_argument(
+        "--equivalence-margin", type=_number_in(0, 100, "accuracy points"), default=0.5,
+        metavar="POINTS",
+        help="claim 2's equivalence margin (TOST), in accuracy points (default %(default)g)",
+    )  # fmt: skip
 
     p = sub.add_parser("best", help="best runs from MLflow")
     p.add_argument("--sweep")
@@ -105,10 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("status", help="stage counts and failures of a sweep")
+    p = sub.add_parser(
+        "status", help="progress of a sweep against its plan: done, running, failures, ETA"
+    )
     p.add_argument("sweep")
     _storage_arg(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--watch", nargs="?", type=_number_in(0, math.inf, "seconds"), const=5.0, metavar="SECONDS",
+        help="refresh every SECONDS (default 5) until the sweep's driver stops",
+    )  # fmt: skip
 
     p = sub.add_parser("sync-mlflow", help="fill MLflow from a sweep's Parquet tables")
     p.add_argument("sweep")

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
@@ -146,14 +147,18 @@ def schedules(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _sweep_store(args: argparse.Namespace):
+def _sweep_store(args: argparse.Namespace, *, planned: bool = False):
+    """The sweep's store; refused when it has no results (`planned`: nor a saved plan)."""
+    from results.run_record import PLAN_FILE, RunRecord
     from results.store import SweepStore
 
     try:
         store = SweepStore(args.storage, args.sweep)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    if not store.stage_ids():
+    if not store.stage_ids() and not (
+        planned and RunRecord(store.layout, store.sweep).exists(PLAN_FILE)
+    ):
         raise UsageError(f"no results for sweep {args.sweep!r} under {args.storage!r}")
     return store
 
@@ -161,21 +166,39 @@ def _sweep_store(args: argparse.Namespace):
 def report(args: argparse.Namespace) -> int:
     from results.report import build_report
 
-    result = build_report(_sweep_store(args), _report_dir(args, args.sweep))
+    result = build_report(
+        _sweep_store(args),
+        _report_dir(args, args.sweep),
+        margin=args.equivalence_margin / 100,  # points -> accuracy
+        latex=args.latex,
+    )
     print(result.headline)
     print(f"\nreport: {result.markdown_path}")
+    if result.latex:
+        print(f"LaTeX tables: {', '.join(p.name for p in result.latex)}")
     return EXIT_OK
 
 
 def status(args: argparse.Namespace) -> int:
-    from results.status import render_status, sweep_status
+    from results.status import is_running, render_status, sweep_status
 
-    result = sweep_status(_sweep_store(args))
-    if args.json:
-        print_json(result)
-    else:
-        print(render_status(result))
-    return EXIT_OK
+    store = _sweep_store(args, planned=True)  # a sweep that has only started has a plan
+    clear = args.watch is not None and sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            result = sweep_status(store)
+            if clear:
+                print("\033[H\033[2J", end="")  # home, clear screen
+            if args.json:
+                print_json(result)
+            else:
+                print(render_status(result))
+            if args.watch is None or not is_running(result):
+                return EXIT_OK
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch; the sweep itself goes on
+        return EXIT_OK
 
 
 def best(args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ groupby, so a sweep of 100k stages is analysed in seconds.
 
 Statistics: cells are mean ± sample sd over seeds. Comparisons are paired on seed (the same
 pre-trained network) and budget; the interval is a two-sided Student-t interval over seeds, read
-by `results.stats.with_verdict`.
+by `results.stats.with_verdict`. The claims' verdicts come from their t-test (and, for claim 2,
+TOST equivalence) p-values after Holm's correction over all the claims' tests
+(`results.stats.holm_verdicts`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from results.schema import LINEAGE_COLUMNS, STATUSES
-from results.stats import grouped_ci, with_verdict
+from results.stats import grouped_ci, holm_verdicts, t_pvalue, tost_paired, with_verdict
 from trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
 from trainables.stage import StageKind
 
@@ -110,11 +112,17 @@ def status_counts(final: pd.DataFrame) -> pd.DataFrame:
     return counts.reset_index()
 
 
-def cell_stats(ok: pd.DataFrame, column: str) -> pd.DataFrame:
-    """mean, sd, n of `column` per (group, budget, pruner, schedule)."""
-    return grouped_ci(ok[ok[column].notna()], [*GROUP, "budget", "pruner", "sched"], column)[
-        [*GROUP, "budget", "pruner", "sched", "mean", "sd", "n"]
-    ]
+CELL = [*GROUP, "budget", "pruner", "sched"]
+SIZE_COLUMNS = ("achieved_sparsity", "macs_reduction")  # x of the trade-off curves
+
+
+def cell_stats(ok: pd.DataFrame, column: str, level: float = 0.95) -> pd.DataFrame:
+    """mean, sd, n and the `level` interval's half_width of `column` per (group, budget,
+    pruner, schedule), with the mean sparsity and MACs reduction the cell's runs achieved."""
+    have = ok[ok[column].notna()]
+    stats = grouped_ci(have, CELL, column, level)[[*CELL, "mean", "sd", "n", "half_width"]]
+    sizes = have.groupby(CELL, dropna=False, sort=True)[list(SIZE_COLUMNS)].mean()
+    return stats.merge(sizes.reset_index(), on=CELL, how="left")
 
 
 def _seed_means(frame: pd.DataFrame, keys: list[str], name: str) -> pd.DataFrame:
@@ -151,9 +159,9 @@ def random_vs_methodical(ok: pd.DataFrame, cells: pd.DataFrame, level: float) ->
     return res.sort_values(keys, key=sort_key, kind="stable").reset_index(drop=True)
 
 
-def _empty_ci(keys: list[str]) -> pd.DataFrame:
-    cols = [*keys, "mean", "sd", "n", "half_width", "low", "high", "verdict"]
-    return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+def _empty_ci(keys: list[str], extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    cols = [*keys, "mean", "sd", "n", "half_width", "low", "high", *extra, "verdict"]
+    return pd.DataFrame({c: pd.Series(dtype=float if c in extra else object) for c in cols})
 
 
 def claim_schedules(ok: pd.DataFrame, level: float) -> pd.DataFrame:
@@ -175,15 +183,17 @@ def claim_schedules(ok: pd.DataFrame, level: float) -> pd.DataFrame:
     out_keys = [*GROUP, "budget", "schedule"]
     pairs = pd.concat(parts, ignore_index=True)
     if pairs.empty:
-        return _empty_ci(out_keys)
+        return _empty_ci(out_keys, ("p",))
     pairs["diff"] = pairs["acc_s"] - pairs["acc_ft"]
     per_seed = pairs.groupby([*out_keys, "seed"], dropna=False)["diff"].mean().reset_index()
-    res = with_verdict(grouped_ci(per_seed, out_keys, "diff", level))
+    res = with_verdict(_with_p(grouped_ci(per_seed, out_keys, "diff", level)))
     return res.sort_values(out_keys, key=sort_key, kind="stable").reset_index(drop=True)
 
 
-def claim_random_clr(ok: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Claim 2: random pruner + clr minus each methodical pruner + ft (same budget and seed)."""
+def claim_random_clr(ok: pd.DataFrame, level: float, margin: float) -> pd.DataFrame:
+    """Claim 2: random pruner + clr minus each methodical pruner + ft (same budget and seed),
+    with ``p_tost``: the paired TOST p-value that the two are equivalent within ±`margin`
+    (accuracy, 0-1)."""
     plain = ok[ok["variant"] == ""]
     parts = []
     for structure, (rnd, methods) in RANDOM_VS_METHODICAL.items():
@@ -204,10 +214,33 @@ def claim_random_clr(ok: pd.DataFrame, level: float) -> pd.DataFrame:
     keys = [*GROUP, "budget", "random", "pruner"]
     pairs = pd.concat(parts, ignore_index=True)
     if pairs.empty:
-        return _empty_ci(keys)
+        return _empty_ci(keys, ("p", "p_tost"))
     pairs["diff"] = pairs["acc_random"] - pairs["acc_methodical"]
-    res = with_verdict(grouped_ci(pairs, keys, "diff", level))
+    res = with_verdict(_with_p(grouped_ci(pairs, keys, "diff", level)))
+    tost = (
+        pairs.groupby(keys, dropna=False, sort=False)[["acc_random", "acc_methodical"]]
+        .apply(lambda g: tost_paired(g["acc_random"], g["acc_methodical"], margin))
+        .rename("p_tost")
+        .reset_index()
+    )
+    res = res.merge(tost, on=keys, how="left")  # merge matches NaN keys (no budget)
     return res.sort_values(keys, key=sort_key, kind="stable").reset_index(drop=True)
+
+
+def claim_tables(ok: pd.DataFrame, level: float, margin: float) -> dict[str, pd.DataFrame]:
+    """Claims 1 and 2, their verdicts read from Holm-adjusted p-values: every test of both
+    claims (t-tests and claim 2's TOST) is one family at alpha = 1 - `level`."""
+    tables = {
+        "claim_schedules": claim_schedules(ok, level),
+        "claim_random_clr": claim_random_clr(ok, level, margin),
+    }
+    holm_verdicts(list(tables.values()), 1 - level)
+    return tables
+
+
+def _with_p(cis: pd.DataFrame) -> pd.DataFrame:
+    cis["p"] = t_pvalue(cis["mean"].to_numpy(), cis["sd"].to_numpy(), cis["n"].to_numpy())
+    return cis
 
 
 def pruning_effect(ok: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:

@@ -1,15 +1,18 @@
 """The report's figures (matplotlib's object API: no pyplot, no global state, no GUI backend):
-the paper's accuracy vs retraining budget, one panel per pruner, one line per schedule; and the
-paper's Figure 1, the learning rate of every schedule over a budget, as the stages ran it."""
+the paper's accuracy vs retraining budget, one panel per pruner, one line per schedule; for a
+group with one budget, a bar chart of every pruner × schedule; for several pruning ratios, the
+accuracy vs sparsity and vs MACs reduction trade-off; and the paper's Figure 1, the learning
+rate of every schedule over a budget, as the stages ran it."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from results.analysis import GROUP, order
+from results.analysis import GROUP, SIZE_COLUMNS, order
 from trainables.catalog import PRUNERS, SCHEDULES
 
 
@@ -72,10 +75,154 @@ def plot_budget_curves(
         paths.append(path)
     notes = []
     if single:
-        notes.append(f"{single} group(s) have a single budget, so no curve is drawn for them")
+        notes.append(f"{single} group(s) have a single budget: a bar chart shows them")
     if capped:
         notes.append(f"{capped} more group(s) not drawn (limit max_figures={max_figures})")
     return paths, "; ".join(notes)
+
+
+def plot_budget_bars(
+    cells: pd.DataFrame, fig_dir: Path, max_figures: int, level: float = 0.95
+) -> tuple[list[Path], str]:
+    """Mean ± `level` interval over seeds of every pruner × schedule, one figure per (dataset,
+    model, structure, target) with a single budget (`plot_budget_curves` draws the others)."""
+    n_budgets = cells.groupby(GROUP, sort=True)["budget"].nunique(dropna=False)
+    keys = list(n_budgets[n_budgets == 1].index)
+    paths = [
+        _save(bar_figure(cells_of(cells, key), key, level), fig_dir, "acc_bars", key)
+        for key in keys[:max_figures]
+    ]
+    capped = len(keys) - len(paths)
+    return paths, (f"{capped} more bar chart(s) not drawn (limit {max_figures})" if capped else "")
+
+
+def cells_of(cells: pd.DataFrame, key: tuple, columns: list[str] = GROUP) -> pd.DataFrame:
+    """The cells whose `columns` hold `key` (NaN matches NaN, as in groupby's keys)."""
+    mask = pd.Series(True, index=cells.index)
+    for col, value in zip(columns, key, strict=True):
+        mask &= cells[col].isna() if pd.isna(value) else cells[col] == value
+    return cells[mask]
+
+
+def bar_figure(sub: pd.DataFrame, key: tuple, level: float):
+    """Grouped bars: one group per pruner, one bar per schedule, the interval as error bar."""
+    from matplotlib.figure import Figure
+
+    pruners = order(sub["pruner"], tuple(PRUNERS))
+    scheds = order(sub["sched"], SCHEDULES)
+    width = 0.8 / len(scheds)
+    fig = Figure(figsize=(max(5.0, 1.0 + 0.35 * len(pruners) * len(scheds) + 1.6), 3.2))
+    ax = fig.subplots()
+    w = fig.get_figwidth()
+    fig.subplots_adjust(left=0.8 / w, right=1 - 1.4 / w, bottom=0.14, top=0.8)
+    lows, highs = [], []
+    for i, sched in enumerate(scheds):
+        mine = sub[sub["sched"] == sched].set_index("pruner")
+        xs = [
+            j + (i - (len(scheds) - 1) / 2) * width
+            for j, p in enumerate(pruners)
+            if p in mine.index
+        ]
+        here = [p for p in pruners if p in mine.index]
+        y = mine.loc[here, "mean"].to_numpy(dtype=float) * 100
+        err = mine.loc[here, "half_width"].to_numpy(dtype=float) * 100
+        ax.bar(xs, y, width, yerr=err, capsize=2, color=f"C{i % 10}", label=sched)
+        lows.append((y - np.nan_to_num(err)).min())  # n = 1: no interval
+        highs.append((y + np.nan_to_num(err)).max())
+    # Accuracies of one group differ by points, not tens of points: zoom on them.
+    span = max(max(highs) - min(lows), 1.0)
+    ax.set_ylim(max(0.0, min(lows) - 0.3 * span), min(100.0, max(highs) + 0.15 * span))
+    ax.set_xticks(range(len(pruners)), pruners, fontsize=7)
+    ax.set_ylabel("test accuracy (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, title="schedule")
+    budget = sub["budget"].iloc[0]
+    where = " / ".join(map(str, key)) + ("" if pd.isna(budget) else f" / budget {int(budget)}")
+    fig.suptitle(f"{where}\nmean ± {level * 100:g}% CI over seeds (axis not from 0)", fontsize=9)
+    return fig
+
+
+TRADEOFF_X = {"achieved_sparsity": "sparsity (%)", "macs_reduction": "MACs reduction (%)"}
+
+
+def plot_tradeoff_curves(
+    cells: pd.DataFrame, fig_dir: Path, max_figures: int, level: float = 0.95
+) -> tuple[list[Path], str]:
+    """The pruning trade-off: accuracy vs achieved sparsity and vs MACs reduction, one panel
+    per pruner, one line per schedule (mean ± interval over seeds, x the mean of the runs'
+    stored columns), one figure per (dataset, model, structure, budget) with at least two
+    pruning targets."""
+    keys = ["dataset", "model", "structure", "budget"]
+    n_targets = cells.groupby(keys, sort=True, dropna=False)["target"].nunique()
+    chosen = list(n_targets[n_targets >= 2].index)
+    paths = []
+    for key in chosen[:max_figures]:
+        fig = tradeoff_figure(cells_of(cells, key, keys), key, level)
+        if fig is not None:
+            paths.append(_save(fig, fig_dir, "acc_vs_size", key))
+    capped = len(chosen) - min(len(chosen), max_figures)
+    note = f"{capped} more trade-off figure(s) not drawn (limit {max_figures})" if capped else ""
+    return paths, note
+
+
+def tradeoff_figure(sub: pd.DataFrame, key: tuple, level: float):
+    """Rows: the size measures `sub` has; columns: pruners; lines: schedules."""
+    from matplotlib.figure import Figure
+
+    measures = [m for m in SIZE_COLUMNS if sub[m].notna().any()]
+    if not measures:
+        return None
+    pruners = order(sub["pruner"], tuple(PRUNERS))
+    scheds = order(sub["sched"], SCHEDULES)
+    colour = {s: f"C{i % 10}" for i, s in enumerate(scheds)}
+    fig = Figure(figsize=(2.6 * len(pruners) + 1.9, 2.4 * len(measures) + 0.4))
+    axes = fig.subplots(len(measures), len(pruners), sharey=True, squeeze=False)
+    w, h = fig.get_figwidth(), fig.get_figheight()
+    fig.subplots_adjust(
+        left=0.9 / w, right=1 - 1.1 / w, bottom=0.55 / h, top=1 - 0.55 / h, wspace=0.08,
+        hspace=0.45,
+    )  # fmt: skip
+    handles = {}
+    for row, measure in zip(axes, measures, strict=True):
+        for ax, pruner in zip(row, pruners, strict=True):
+            mine = sub[sub["pruner"] == pruner]
+            for sched in scheds:
+                line = mine[mine["sched"] == sched].dropna(subset=[measure])
+                line = line.sort_values(measure)
+                if line.empty:
+                    continue
+                handles[sched] = ax.errorbar(
+                    line[measure].to_numpy(dtype=float) * 100,
+                    line["mean"].to_numpy(dtype=float) * 100,
+                    yerr=line["half_width"].to_numpy(dtype=float) * 100,
+                    marker="o", markersize=3, capsize=2, color=colour[sched],
+                )  # fmt: skip
+            ax.set_title(pruner, fontsize=9)
+            ax.set_xlabel(TRADEOFF_X[measure], fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("test accuracy (%)", fontsize=8)
+    fig.legend(
+        [handles[s] for s in scheds if s in handles],
+        [s for s in scheds if s in handles],
+        loc="center right",
+        fontsize=7,
+        title="schedule",
+        title_fontsize=7,
+    )
+    dataset, model, structure, budget = key
+    where = f"{dataset} / {model} / {structure}" + (
+        "" if pd.isna(budget) else f" / budget {int(budget)}"
+    )
+    fig.suptitle(f"{where}: accuracy vs size (mean ± {level * 100:g}% CI over seeds)", fontsize=9)
+    return fig
+
+
+def _save(fig, fig_dir: Path, prefix: str, key: tuple) -> Path:
+    path = fig_dir / (f"{prefix}__" + _slug("__".join(map(str, key))) + ".png")
+    fig.savefig(path, dpi=80)
+    return path
 
 
 def _slug(text: str) -> str:

@@ -1,5 +1,6 @@
 """Summary statistics for sweep reports: mean ± sd over seeds, Student-t intervals and their
-reading."""
+reading, t-test and TOST equivalence p-values, and Holm's correction over a family of claims
+(statsmodels: scipy has Benjamini-Hochberg's false_discovery_control, not Holm)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,69 @@ def with_verdict(cis: pd.DataFrame) -> pd.DataFrame:
         INCONCLUSIVE,
     )
     return cis
+
+
+def t_pvalue(mean: np.ndarray | float, sd: np.ndarray | float, n: np.ndarray | int) -> np.ndarray:
+    """Two-sided p-value of the one-sample t-test of mean = 0 (the test the interval of
+    `t_half_width` inverts), elementwise; NaN where n < 2."""
+    mean_arr = np.asarray(mean, dtype=float)
+    n_arr = np.asarray(n, dtype=float)
+    ok = n_arr >= 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = mean_arr / (np.asarray(sd, dtype=float) / np.sqrt(np.where(ok, n_arr, 1.0)))
+    p = 2 * sps.t.sf(np.abs(t), np.where(ok, n_arr - 1, 1.0))
+    return np.where(ok, p, np.nan)
+
+
+def tost_paired(a: np.ndarray, b: np.ndarray, margin: float) -> float:
+    """p-value of the paired two one-sided t-tests (TOST, statsmodels) that the mean of a - b
+    lies within (-margin, +margin): small means equivalent. NaN with fewer than 2 pairs."""
+    if len(a) < 2:
+        return float("nan")
+    from statsmodels.stats.weightstats import ttost_paired
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p, _, _ = ttost_paired(np.asarray(a, float), np.asarray(b, float), -margin, margin)
+    return float(p)
+
+
+def holm(pvalues: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment (statsmodels' multipletests) of one family of p-values;
+    NaN entries (no test) are not members of the family and stay NaN."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    tested = ~np.isnan(p)
+    if tested.any():
+        out[tested] = multipletests(p[tested], method="holm")[1]
+    return out
+
+
+def holm_verdicts(claims: list[pd.DataFrame], alpha: float) -> None:
+    """Adjust every test of `claims` (each table's ``p`` and, where present, ``p_tost``) as
+    one family with Holm's method, in place: adds ``p_holm`` / ``p_tost_holm`` and sets
+    ``verdict`` from them. Supported: the difference is significantly above 0, or (with a
+    TOST) significantly within the equivalence margin; contradicted: significantly below 0
+    and not equivalent; inconclusive otherwise."""
+    columns = [(t, c) for t in claims for c in ("p", "p_tost") if c in t]
+    if not columns:
+        return
+    sizes = [len(t) for t, _ in columns]
+    flat = np.concatenate([t[c].to_numpy(dtype=float) for t, c in columns])
+    adjusted = np.split(holm(flat), np.cumsum(sizes)[:-1])
+    for (table, col), adj in zip(columns, adjusted, strict=True):
+        table[f"{col}_holm"] = adj
+    for table in claims:
+        significant = table["p_holm"].to_numpy(dtype=float) < alpha
+        mean = table["mean"].to_numpy(dtype=float)
+        equivalent = (
+            table["p_tost_holm"].to_numpy(dtype=float) < alpha
+            if "p_tost_holm" in table
+            else np.zeros(len(table), bool)
+        )
+        table["verdict"] = np.select(
+            [significant & (mean > 0) | equivalent, significant & (mean < 0)],
+            [SUPPORTED, CONTRADICTED],
+            INCONCLUSIVE,
+        )

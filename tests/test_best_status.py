@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from results.best import best_runs, render_best
+from results.run_record import (
+    FORMAT,
+    PLAN_FILE,
+    DriverState,
+    PlannedStage,
+    Progress,
+    RunningStage,
+    RunRecord,
+    plan_record,
+)
 from results.schema import rows_to_table
-from results.status import render_status, sweep_status
+from results.status import is_running, render_status, sweep_status
 from results.store import SweepStore
 from results.tracking import MlflowRecorder
 from tests.sweep_helpers import empty_mlflow_store
+from trainables.layout import Layout
 
 
 def row(stage_id: str, **kw: object) -> dict:
@@ -193,3 +207,147 @@ def test_status_of_empty_sweep(tmp_path: Path) -> None:
     d = sweep_status(SweepStore(tmp_path, "none"))
     assert d["stages"] == 0 and d["failed"] == [] and d["by_status"]["ok"] == 0
     assert "0 stages" in render_status(d)
+
+
+# -- status against the saved plan (results.run_record) ----------------------------------------
+
+
+def planned(kind: str, epochs: int, *parents: str) -> PlannedStage:
+    return PlannedStage(kind, f"{kind}/digits/{len(parents)}", parents, epochs)
+
+
+PLAN = {
+    "p0": planned("pretrain", 4),
+    "q0": planned("prune", 0, "p0"),
+    "q1": planned("prune", 0, "p0"),
+    **{f"r{i}": planned("retrain", 2, "q0") for i in range(4)},
+}
+
+
+def write_record(storage: Path, sweep: str, plan: dict, progress: Progress | None) -> None:
+    """A run record as `nptm sweep` writes it (plan.json in plan_record's format)."""
+    record = RunRecord(Layout(str(storage)), sweep)
+    stages = {sid: asdict(stage) for sid, stage in plan.items()}
+    record.write_json(PLAN_FILE, {"format": FORMAT, "sweep": sweep, "stages": stages})
+    if progress is not None:
+        record.write_progress(progress)
+
+
+def test_status_against_the_plan(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "pl")
+    store.write_stage(row("p0", stage_kind="pretrain", pruner=None, ratio=None, schedule=None))
+    store.write_stage(row("q0", stage_kind="prune", schedule=None))
+    store.write_stage(row("q1", stage_kind="prune", schedule=None, status="failed", error="x"))
+    store.write_stage(row("r0"))
+    store.write_stage(row("r3", status="failed", error="first try"))  # retried: running again
+    store.write_stage(row("zz"))  # stored by another grid of the same name: not in this plan
+    running = {
+        "r1": RunningStage("retrain", "retrain/r1", 2, epoch=1, started_at=1005.0),
+        "r3": RunningStage("retrain", "retrain/r3", 2, epoch=1, started_at=1001.0),
+    }
+    progress = Progress("pl", 42, "node-a", 1000.0, 1020.0, running=running, epochs_done=10)
+    write_record(tmp_path, "pl", PLAN, progress)
+
+    d = sweep_status(store, now=1030.0)
+    p = d["plan"]
+    # done: p0, q0, q1 (failed is finished), r0; r3 runs again, so it is not done.
+    assert (p["done"], p["planned"]) == (4, 7)
+    assert p["by_kind"]["pretrain"] == {"planned": 1, "done": 1, "ok": 1, "diverged": 0,
+                                        "failed": 0, "skipped": 0}  # fmt: skip
+    assert (p["by_kind"]["prune"]["done"], p["by_kind"]["prune"]["failed"]) == (2, 1)
+    assert (p["by_kind"]["retrain"]["planned"], p["by_kind"]["retrain"]["done"]) == (4, 1)
+    assert [r["stage_id"] for r in p["running"]] == ["r3", "r1"]  # oldest first
+    # Epochs to go: r1, r2, r3 plan 2 each; r1 and r3 have finished 1 each: 6 - 2 = 4.
+    assert p["remaining_epochs"] == 4
+    assert p["epochs_per_s"] == pytest.approx(10 / 20)  # epochs_done / (updated - started)
+    assert p["eta_s"] == pytest.approx(4 / 0.5)
+    assert p["driver"]["state"] == "running" and p["driver"]["seconds_since_update"] == 10
+    assert not p["driver"]["may_be_gone"] and is_running(d)
+    json.dumps(d)
+
+    text = render_status(d)
+    assert text.splitlines()[0] == "sweep pl: 4 of 7 planned stages done (57.1%)"
+    assert "retrain/r1  epoch 1/2" in text and "retrain/r3  epoch 1/2" in text
+    assert "rate: 0.5 epochs/s; 4 planned epochs to go; ETA 8s" in text
+    assert "last heard from 10s ago" in text and "may be gone" not in text
+    assert next(x for x in text.splitlines() if x.startswith("retrain")).split() == [
+        "retrain", "1/4", "1", "0", "0", "0",
+    ]  # fmt: skip
+    assert "first try" in text  # failures still listed
+
+    # 61 s of silence from a driver that says it runs: it may be gone; --watch stops.
+    stale = sweep_status(store, now=1020.0 + 61)
+    assert stale["plan"]["driver"]["may_be_gone"] and not is_running(stale)
+    assert "may be gone" in render_status(stale)
+    # A finished driver: no ETA, not running.
+    progress.state, progress.running = DriverState.FINISHED, {}
+    write_record(tmp_path, "pl", PLAN, progress)
+    done = sweep_status(store, now=5000.0)
+    assert done["plan"]["eta_s"] is None and not is_running(done)
+    assert done["plan"]["remaining_epochs"] == 2 * 2  # r1, r2 (r3 stored as failed)
+    assert "last heard from 1h06m ago" in render_status(done)
+
+
+def test_status_plan_without_progress(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "np")
+    write_record(tmp_path, "np", PLAN, None)
+    p = sweep_status(store, now=0.0)["plan"]
+    assert (p["done"], p["planned"], p["remaining_epochs"]) == (0, 7, 4 + 4 * 2)
+    assert p["driver"] is None and p["eta_s"] is None
+    assert "no progress recorded" in render_status(sweep_status(store))
+
+
+@pytest.mark.slow
+def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
+    tiny_sweep, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nptm status` on a real sweep's storage: today's counts without a run record; with the
+    plan of its grid, done/planned; `--watch` refreshes until the driver says it finished."""
+    from orchestrator.cli import build_parser
+    from orchestrator.planner import build_plan, stage_epochs
+    from search_spaces import load_grid
+    from tests.sweep_helpers import cli_in_process, copy_storage
+
+    storage = copy_storage(tiny_sweep.storage, tmp_path / "runs")
+    record = RunRecord(Layout(str(storage)), "tiny")
+    shutil.rmtree(record.layout.run_dir("tiny"), ignore_errors=True)  # an older sweep
+    argv = ["status", "tiny", "--storage", str(storage)]
+    old = cli_in_process(argv)
+    assert old.returncode == 0 and "9 stages stored" in old.stdout
+
+    stages = build_plan(load_grid(tiny_sweep.grid)).stages
+    record.write_json(PLAN_FILE, plan_record("tiny", stages, stage_epochs))
+    now = time.time()
+    record.write_progress(Progress("tiny", 1, "h", now - 8, now, epochs_done=16))
+    finish = threading.Timer(
+        0.5,
+        lambda: record.write_progress(
+            Progress("tiny", 1, "h", now - 8, time.time(), DriverState.FINISHED, epochs_done=16)
+        ),
+    )
+    finish.start()
+    watched = cli_in_process([*argv, "--watch", "0.2"])
+    finish.join()
+    assert watched.returncode == 0
+    frames = watched.stdout.count("sweep tiny: 9 of 9 planned stages done (100.0%)")
+    assert frames >= 2 and "driver: finished" in watched.stdout.split("sweep tiny:")[-1]
+    assert "rate: 2 epochs/s; 0 planned epochs to go" in watched.stdout  # 16 epochs in 8 s
+
+    as_json = json.loads(cli_in_process([*argv, "--json"]).stdout)
+    # 1 pre-training of 4 epochs, 2 prunes, 6 retrains of 2 epochs: all stored.
+    assert as_json["plan"]["by_kind"]["retrain"]["done"] == 6
+    assert as_json["plan"]["remaining_epochs"] == 0 and as_json["stages"] == 9
+    with pytest.raises(SystemExit) as bad:  # argparse refuses it
+        build_parser().parse_args([*argv, "--watch", "0"])
+    assert (
+        bad.value.code == 2 and "expected seconds in (0, inf), got '0'" in capsys.readouterr().err
+    )
+
+    # The report of the same sweep, with its options: LaTeX next to the Markdown, the margin.
+    out = tmp_path / "report"
+    rep = cli_in_process(["report", "tiny", "--storage", str(storage), "--out", str(out),
+                          "--latex", "--equivalence-margin", "1.5"])  # fmt: skip
+    assert rep.returncode == 0 and "LaTeX tables: status.tex, headline.tex" in rep.stdout
+    assert (out / "headline.tex").read_text().startswith("\\begin{table}")
+    md = (out / "report.md").read_text()
+    assert "margin ±1.5 points" in md and "](figures/acc_bars__" in md  # one budget: bars

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 
 from results.analysis import final_round_retrain
 from results.report import build_report, build_report_from_stages
 from results.schema import STAGES_SCHEMA
-from results.stats import grouped_ci, t_half_width, with_verdict
+from results.stats import grouped_ci, holm_verdicts, t_half_width, tost_paired, with_verdict
 from results.store import SweepStore
 
 T_975_DF2 = 4.302653  # Student t quantile, 0.975, 2 degrees of freedom (tables)
@@ -246,8 +247,10 @@ def test_claim_1_schedules_beat_ft(report) -> None:
             row = c1[(c1.schedule == sched) & (c1.budget == budget)].iloc[0]
             assert (row["mean"], row["low"], row["high"]) == pytest.approx((mean, low, high))
             assert row["n"] == 3
-    # lrw: diffs 0.012, 0.008, 0.010 -> CI [0.00503, 0.01497]: above 0.
-    assert set(c1[c1.schedule == "lrw"]["verdict"]) == {"supported"}
+    # lrw: diffs 0.012, 0.008, 0.010 -> CI [0.00503, 0.01497]: above 0 (raw p 0.013), but
+    # not after Holm over the 12 tests of both claims (test_claims_are_one_holm_family).
+    assert (c1[c1.schedule == "lrw"]["p"] < 0.05).all()
+    assert set(c1[c1.schedule == "lrw"]["verdict"]) == {"inconclusive"}
     # clr: diffs 0.015, 0.025, 0.010 -> CI [-0.0023, 0.0356]: contains 0.
     assert set(c1[c1.schedule == "clr"]["verdict"]) == {"inconclusive"}
     md = report.markdown_path.read_text()
@@ -257,7 +260,8 @@ def test_claim_1_schedules_beat_ft(report) -> None:
 def test_claim_2_random_clr_vs_methodical_ft(report) -> None:
     c2 = report.tables["claim_random_clr"]
     assert set(c2["pruner"]) == {"l1_filter", "hrank"} and set(c2["random"]) == {"random_filter"}
-    for pruner, expected in (("l1_filter", "inconclusive"), ("hrank", "contradicted")):
+    # hrank: CI below 0 (raw p 0.017) but not after Holm; l1_filter: CI contains 0.
+    for pruner, expected in (("l1_filter", "inconclusive"), ("hrank", "inconclusive")):
         for budget in B:
             diffs = [
                 acc("random_filter", "clr", budget, s) - acc(pruner, "ft", budget, s) for s in SEEDS
@@ -266,6 +270,85 @@ def test_claim_2_random_clr_vs_methodical_ft(report) -> None:
             row = c2[(c2.pruner == pruner) & (c2.budget == budget)].iloc[0]
             assert (row["mean"], row["low"], row["high"]) == pytest.approx((mean, low, high))
             assert row["verdict"] == expected
+
+
+def holm_by_hand(ps: list[float]) -> list[float]:
+    """Holm's step-down: the k-th smallest p times (m - k + 1), made monotone, capped at 1."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def tost_by_hand(diffs: list[float], margin: float) -> float:
+    """Two one-sided t-tests of mean(diffs) > -margin and < +margin: the larger p."""
+    n, mean, sd = len(diffs), statistics.mean(diffs), statistics.stdev(diffs)
+    se = sd / math.sqrt(n)
+    return max(sps.t.sf((mean + margin) / se, n - 1), sps.t.cdf((mean - margin) / se, n - 1))
+
+
+def test_claims_are_one_holm_family(report) -> None:
+    """p: scipy's one-sample t-test of the paired differences; p_tost: the TOST at the
+    default margin of 0.5 points; Holm over the 4 + 4 t-tests and 4 TOSTs of both claims."""
+    c1, c2 = report.tables["claim_schedules"], report.tables["claim_random_clr"]
+    expected, got = [], []
+    for r in c1.itertuples():
+        diffs = [
+            statistics.mean(
+                acc(p, r.schedule, r.budget, s) - acc(p, "ft", r.budget, s)
+                for p in ("l1_filter", "random_filter")
+            )
+            for s in SEEDS
+        ]
+        expected.append(sps.ttest_1samp(diffs, 0.0).pvalue)
+        got.append((r.p, r.p_holm))
+    for r in c2.itertuples():
+        diffs = [
+            acc("random_filter", "clr", r.budget, s) - acc(r.pruner, "ft", r.budget, s)
+            for s in SEEDS
+        ]
+        expected.append(sps.ttest_1samp(diffs, 0.0).pvalue)
+        got.append((r.p, r.p_holm))
+    for r in c2.itertuples():
+        diffs = [
+            acc("random_filter", "clr", r.budget, s) - acc(r.pruner, "ft", r.budget, s)
+            for s in SEEDS
+        ]
+        expected.append(tost_by_hand(diffs, 0.005))
+        got.append((r.p_tost, r.p_tost_holm))
+    assert len(expected) == 12
+    assert [raw for raw, _ in got] == pytest.approx(expected, rel=1e-9)
+    assert [adj for _, adj in got] == pytest.approx(holm_by_hand(expected), rel=1e-9)
+    assert min(expected) < 0.05 and min(holm_by_hand(expected)) > 0.05
+    md = report.markdown_path.read_text()
+    assert "All 12 tests of both claims form one family" in md and "p TOST (Holm)" in md
+
+
+def test_tost_and_holm_verdicts() -> None:
+    """statsmodels' paired TOST against two one-sided t-tests by hand; Holm's verdicts on a
+    family where some tests survive the correction."""
+    a = np.array([0.801, 0.799, 0.803, 0.800])
+    b = np.array([0.800, 0.800, 0.800, 0.801])
+    assert tost_paired(a, b, 0.005) == pytest.approx(tost_by_hand(list(a - b), 0.005), rel=1e-9)
+    assert tost_paired(a, b, 0.005) < 0.05  # the mean difference, 0.0005, is well inside ±0.005
+    assert tost_paired(a, b, 0.0005) > 0.5  # ... and not inside ±0.0005
+    assert math.isnan(tost_paired(a[:1], b[:1], 0.005))
+
+    c1 = pd.DataFrame({"mean": [0.02, -0.03, 0.01, 0.01], "p": [0.001, 0.004, 0.3, np.nan]})
+    c2 = pd.DataFrame({"mean": [-0.001, -0.04], "p": [0.5, 0.002], "p_tost": [0.011, 0.9]})
+    holm_verdicts([c1, c2], alpha=0.05)
+    # Family of 7 tests (the NaN is no test): 0.001 0.002 0.004 0.011 0.3 0.5 0.9.
+    family = [0.001, 0.004, 0.3, 0.5, 0.002, 0.011, 0.9]
+    want = holm_by_hand(family)  # 0.007 0.02 0.6 0.6 0.012 0.044 0.9
+    assert c1["p_holm"].tolist()[:3] == pytest.approx(want[:3])
+    assert math.isnan(c1["p_holm"].iloc[3])
+    assert c2["p_holm"].tolist() == pytest.approx(want[3:5])
+    assert c2["p_tost_holm"].tolist() == pytest.approx(want[5:])
+    assert c1["verdict"].tolist() == ["supported", "contradicted", "inconclusive", "inconclusive"]
+    # Equivalent within the margin (Holm p 0.044); significantly worse and not equivalent.
+    assert c2["verdict"].tolist() == ["supported", "contradicted"]
 
 
 def test_random_best_schedule_vs_methodical_ft(report) -> None:
@@ -374,12 +457,146 @@ def test_single_seed_and_single_budget(tmp_path: Path) -> None:
                 )
             )
     rep = build_report(store, tmp_path / "out")
-    assert rep.figures == []
+    (bars,) = rep.figures  # one budget: a bar chart instead of budget curves
+    assert bars.name == "acc_bars__digits__resnet20__unstructured__ratio-0.9.png"
     md = rep.markdown_path.read_text()
-    assert "single budget" in md and "undefined (n=1)" in md
+    assert "](figures/acc_bars__digits__resnet20__unstructured__ratio-0.9.png)" in md
+    assert "Accuracy vs retraining budget" not in md and "undefined (n=1)" in md
     c2 = rep.tables["claim_random_clr"].iloc[0]
     assert c2["mean"] == pytest.approx(0.1) and c2["n"] == 1 and c2["verdict"] == "inconclusive"
     assert "70.00 (n=1)" in rep.headline
+
+
+def test_bar_chart_draws_mean_and_interval_of_every_cell() -> None:
+    """Bar heights are the cells' means, error bars their t intervals (in %)."""
+    from matplotlib.container import BarContainer
+
+    from results.figures import bar_figure
+
+    rows = [
+        {"pruner": p, "sched": sched, "mean": m, "half_width": hw, "budget": 6}
+        for p, sched, m, hw in [
+            ("magnitude", "ft", 0.90, 0.01), ("magnitude", "clr", 0.93, 0.02),
+            ("random", "ft", 0.85, float("nan")), ("random", "clr", 0.88, 0.005),
+        ]
+    ]  # fmt: skip
+    fig = bar_figure(pd.DataFrame(rows), ("digits", "resnet20", "unstructured", "ratio=0.9"), 0.95)
+    ax = fig.axes[0]
+    drawn = {}
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    for container, sched in zip(bars, ("ft", "clr"), strict=True):
+        segments = container.errorbar.lines[2][0].get_segments()
+        lengths = [abs(seg[1][1] - seg[0][1]) / 2 for seg in segments if len(seg)]
+        drawn[sched] = ([bar.get_height() for bar in container.patches], lengths)
+    assert drawn["ft"][0] == pytest.approx([90.0, 85.0])
+    assert drawn["clr"][0] == pytest.approx([93.0, 88.0])
+    assert drawn["clr"][1] == pytest.approx([2.0, 0.5])
+    assert drawn["ft"][1] == pytest.approx([1.0])  # n = 1 (NaN interval): no error bar
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["magnitude", "random"]
+
+
+def tradeoff_stages() -> pd.DataFrame:
+    """Two pruners at ratios 0.5 and 0.8, ft and clr, 3 seeds, one budget; the sparsity and
+    MACs reduction each run achieved vary with the seed."""
+    rows = []
+    for pruner in ("magnitude", "random"):
+        for ratio in (0.5, 0.8):
+            for sched in ("ft", "clr"):
+                for seed in SEEDS:
+                    rows.append(
+                        base(
+                            stage_id=f"{pruner}-{ratio}-{sched}-{seed}",
+                            stage_kind="retrain",
+                            parent_ids=[],
+                            seed=seed,
+                            pruner=pruner,
+                            structured=False,
+                            ratio=ratio,
+                            schedule=sched,
+                            budget_epochs=6,
+                            test_acc=0.9
+                            - ratio / 10
+                            + (0.01 if sched == "clr" else 0)
+                            + seed / 1000,
+                            achieved_sparsity=ratio + seed / 100,
+                            macs_reduction=ratio / 2 + seed / 100,
+                        )
+                    )
+    return pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names)
+
+
+def test_tradeoff_curves_over_pruning_ratios(tmp_path: Path) -> None:
+    from results.figures import tradeoff_figure
+
+    rep = build_report_from_stages(tradeoff_stages(), tmp_path, sweep="ratios")
+    names = sorted(p.name for p in rep.figures)
+    # One budget per ratio group: bars; two ratios per (dataset, model, structure, budget):
+    # one trade-off figure.
+    assert names == [
+        "acc_bars__digits__resnet20__unstructured__ratio-0.5.png",
+        "acc_bars__digits__resnet20__unstructured__ratio-0.8.png",
+        "acc_vs_size__digits__resnet20__unstructured__6.png",
+    ]
+    cells = rep.tables["headline"]
+    cell = cells[
+        (cells.pruner == "random") & (cells.sched == "clr") & (cells.target == "ratio=0.8")
+    ]
+    # x: mean over seeds 0, 1, 2 of ratio + seed / 100 and ratio / 2 + seed / 100
+    assert cell["achieved_sparsity"].iloc[0] == pytest.approx(0.81)
+    assert cell["macs_reduction"].iloc[0] == pytest.approx(0.41)
+    fig = tradeoff_figure(cells, ("digits", "resnet20", "unstructured", 6), 0.95)
+    sparsity_random = fig.axes[1]  # row 1: sparsity; columns: magnitude, random
+    assert sparsity_random.get_title() == "random"
+    ft_line, clr_line = (c.lines[0] for c in sparsity_random.containers)
+    assert ft_line.get_xdata() == pytest.approx([51.0, 81.0])
+    assert clr_line.get_ydata() == pytest.approx([(0.86 + 0.001) * 100, (0.83 + 0.001) * 100])
+    assert fig.axes[2].get_xlabel() == "MACs reduction (%)"  # row 2: MACs, magnitude first
+    md = rep.markdown_path.read_text()
+    assert "](figures/acc_vs_size__digits__resnet20__unstructured__6.png)" in md
+
+
+def test_quickstart_grid_gets_figures(tmp_path: Path) -> None:
+    """The quickstart grid (one budget; one ratio per pruner) as a finished sweep would store
+    it: its report draws a bar chart per pruning target."""
+    from orchestrator.planner import build_plan
+    from search_spaces import load_grid
+
+    plan = build_plan(load_grid(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml"))
+    rows = [
+        base(
+            stage_id=sid, stage_kind="retrain", parent_ids=[], seed=spec.seed, pruner=spec.pruner,
+            structured=None, ratio=spec.ratio, schedule=spec.schedule,
+            budget_epochs=spec.budget, test_acc=0.9 + spec.seed / 100,
+        )
+        for sid, spec in plan.stages.items()
+        if spec.kind == "retrain"
+    ]  # fmt: skip
+    rep = build_report_from_stages(
+        pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names), tmp_path
+    )
+    assert sorted(p.name for p in rep.figures) == [
+        "acc_bars__digits__resnet20__structured__ratio-0.5.png",
+        "acc_bars__digits__resnet20__unstructured__ratio-0.9.png",
+    ]
+
+
+def test_latex_tables(sweep_store: SweepStore, report, tmp_path: Path) -> None:
+    """`latex=True`: every table of report.md also as a .tex file, the same cells escaped."""
+    rep = build_report(sweep_store, tmp_path, latex=True)
+    assert sorted(p.name for p in rep.latex) == sorted(
+        f"{n}.tex"
+        for n in ("status", "headline", "random_vs_methodical", "claim_schedules",
+                  "claim_random_clr", "pruning", "val_selected")
+    )  # fmt: skip
+    headline = (tmp_path / "headline.tex").read_text()
+    assert headline.count("\\begin{tabular}") == 2  # one per budget, as in report.md
+    l1_ft_10 = [acc("l1_filter", "ft", 10, s) * 100 for s in SEEDS]
+    cell = f"{sum(l1_ft_10) / 3:.2f} $\\pm$ {statistics.stdev(l1_ft_10):.2f} (n=3)"
+    assert f"l1\\_filter & {cell}" in headline
+    assert "\\caption{digits / resnet20 / structured / ratio=0.5 / budget 10}" in headline
+    pruning = (tmp_path / "pruning.tex").read_text()
+    assert "params $\\downarrow$ \\%" in pruning  # header escaped and symbol made math
+    assert report.latex == []  # only on request
 
 
 def test_empty_sweep(tmp_path: Path) -> None:
@@ -457,7 +674,10 @@ def test_report_on_100k_rows(tmp_path: Path) -> None:
         f"{len(rep.figures)} figures"
     )
     assert len(rep.tables["headline"]) == 2 * 2 * 7 * 4 * 5 * 5
-    assert len(rep.figures) == 6  # the default cap; 32 groups have several budgets
+    # The default cap of 6 per kind: 32 groups have several budgets (budget curves), 40
+    # (dataset, model, structure, budget) have several ratios (trade-off curves).
+    kinds = [p.name.split("__")[0] for p in rep.figures]
+    assert (kinds.count("acc_vs_budget"), kinds.count("acc_vs_size"), len(kinds)) == (6, 6, 12)
 
 
 def test_emptied_layers_and_pruner_options_are_flagged() -> None:
