@@ -124,7 +124,8 @@ def _print_banner(start) -> None:
 
 
 def _print_summary(summary, storage: str) -> None:
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "nothing to do"
+    nothing = "nothing finished" if summary.interrupted is not None else "nothing to do"
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or nothing
     print(
         f"sweep {summary.sweep}: {counts}; executed {summary.executed}, reused {summary.reused} "
         f"in {summary.wall_seconds:.1f}s"

@@ -165,7 +165,8 @@ def epoch_points(epoch: Mapping[str, Any]) -> list[tuple[str, float, int]]:
 def headline_metrics(stages: Any) -> dict[str, float]:
     """The sweep's summary metrics for its parent run, from its `stages` table (pandas):
     stage counts by status and the mean final test accuracy of each retraining cell
-    (``test_acc_mean/<pruner>/<target>/<schedule>/b<budget>``, ok stages only)."""
+    (``test_acc_mean/<pruner>/<target>/<schedule>/b<budget>``, ok stages only; the
+    target as ``ratio:0.5``)."""
     out: dict[str, float] = {
         f"stages_{status}": float(n) for status, n in stages["status"].value_counts().items()
     }
@@ -176,5 +177,6 @@ def headline_metrics(stages: Any) -> dict[str, float]:
         cells = ok.groupby(["pruner", "target", "schedule", "budget_epochs"], dropna=False)
         cells = cells["test_acc"]
         for (pruner, target, schedule, budget), acc in cells.mean().items():
-            out[f"test_acc_mean/{pruner}/{target}/{schedule}/b{budget}"] = float(acc)
+            name = f"test_acc_mean/{pruner}/{target}/{schedule}/b{budget}"
+            out[name.replace("=", ":")] = float(acc)  # "=" is not allowed in a metric name
     return out

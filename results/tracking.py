@@ -387,10 +387,12 @@ class MlflowRecorder:
             )
             run_id, have = run.info.run_id, {}
             self._points[run_id] = set()
-        else:
+        else:  # an earlier attempt's run: its points are known, so none is logged twice
             run_id = ref.run_id
             client.update_run(run_id, status="RUNNING")
-            have = client.get_run(run_id).data.params
+            data = client.get_run(run_id).data
+            have = data.params
+            self._points[run_id] = self._known_points(run_id, set(data.metrics))
         params = [
             Param(k, clip(v, MAX_PARAM_LEN)) for k, v in stage_params(row).items() if k not in have
         ]
@@ -408,12 +410,12 @@ class MlflowRecorder:
         if ref is None or stage_id not in self._open:
             return
         now = int(time.time() * 1000)
-        points = epoch_points(epoch)
-        metrics = [Metric(key, value, now, step) for key, value, step in points]
-        self._get_client().log_batch(ref.run_id, metrics=metrics, synchronous=True)
-        known = self._points.get(ref.run_id)
-        if known is not None:
-            known.update((key, step, value) for key, value, step in points)
+        known = self._points.setdefault(ref.run_id, set())
+        points = [(k, step, v) for k, v, step in epoch_points(epoch) if (k, step, v) not in known]
+        metrics = [Metric(key, value, now, step) for key, step, value in points]
+        if metrics:
+            self._get_client().log_batch(ref.run_id, metrics=metrics, synchronous=True)
+        known.update(points)
 
     def _end_open(self, status: str) -> int:
         client, ended = self._get_client(), 0
