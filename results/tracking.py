@@ -111,6 +111,9 @@ class MlflowRecorder:
         if uri and urlparse(uri).scheme in ("http", "https"):
             for key, value in mlflow_uri.HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
+            # MLflow prints a "View run ... at" line for every run it ends on a server: one
+            # per stage; the start-up banner gives the experiment's link once.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     @property
     def degraded(self) -> bool:
