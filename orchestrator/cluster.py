@@ -35,6 +35,8 @@ class Cluster:
     started_here: bool
     dashboard_url: str | None
     nodes: list[dict[str, float]]  # resources of each alive node
+    token_auth: bool = False  # the cluster asks for Ray's token (dashboard included)
+    token_source: str | None = None  # where this driver's token comes from
 
     @property
     def multi_node(self) -> bool:
@@ -77,12 +79,32 @@ def connect(
         raise UsageError(f"cannot connect to Ray at {address or 'local'}: {err}.{hint}") from err
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     dashboard = getattr(ctx, "dashboard_url", None)
+    token_auth = _token_auth_enabled()
     return Cluster(
         address=ctx.address_info.get("address", address or "local"),
         started_here=not address,
         dashboard_url=f"http://{dashboard}" if dashboard else None,
         nodes=nodes,
+        token_auth=token_auth,
+        token_source=_token_source() if token_auth else None,
     )
+
+
+def _token_auth_enabled() -> bool:
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        return bool(is_token_auth_enabled())
+    except Exception:  # a private module: absent or changed in another Ray version
+        return os.environ.get("RAY_AUTH_MODE") == "token"
+
+
+def _token_source() -> str:
+    """Where Ray reads the token from, in its order of precedence (RAY_AUTH_TOKEN, then
+    RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token); `ray get-auth-token` prints it."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the environment variable RAY_AUTH_TOKEN"
+    return str(Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser())
 
 
 def plugin_packages(modules: list[str]) -> list[str]:

@@ -65,39 +65,106 @@ def sweep(args: argparse.Namespace) -> int:
             max_retries=args.max_retries,
             min_free_gb=args.min_free_gb,
         ),
+        on_start=_print_banner,
     )
     _print_summary(summary, args.storage)
+    if summary.interrupted is not None:
+        return 128 + summary.interrupted  # the shell's convention: 130 SIGINT, 143 SIGTERM
     if not args.no_report and summary.counts.get("ok"):
         from results.report import build_report
         from results.store import SweepStore
 
-        report = build_report(SweepStore(args.storage, grid.name), _report_dir(args, grid.name))
+        store = SweepStore(args.storage, grid.name)
+        report = build_report(store, _report_dir(args, grid.name))
         print(report.headline)
         print(f"\nreport: {report.markdown_path}")
+        _log_report(summary, store, report.markdown_path.parent)
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _log_report(summary, store, report_dir) -> None:
+    """The report's files and the headline metrics on the sweep's MLflow parent run."""
+    if summary.mlflow_degraded or not summary.mlflow_uri or not summary.mlflow_parent_run_id:
+        return
+    from results.mlflow_rows import headline_metrics
+    from results.tracking import MlflowRecorder
+
+    recorder = MlflowRecorder(summary.mlflow_uri, summary.sweep)
+    recorder.log_sweep_artifacts(report_dir, "report")
+    recorder.log_sweep_metrics(headline_metrics(store.read_stages()))
 
 
 def _report_dir(args: argparse.Namespace, sweep_name: str) -> str:
     return getattr(args, "out", None) or Layout(args.storage).report_dir(sweep_name)
 
 
+def _print_banner(start) -> None:
+    """Where to watch the sweep, before its first stage (orchestrator.live.SweepStart)."""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in start.planned.items())
+    lines = [f"sweep {start.sweep}: {sum(start.planned.values())} stages ({kinds}); "
+             f"{start.to_run} to run"]  # fmt: skip
+    if start.dashboard_url:
+        state = "answers" if start.dashboard_answers else "not answering yet"
+        where = "nptm's local Ray, up while the sweep runs" if start.dashboard_local else "cluster"
+        lines.append(f"  Ray dashboard: {start.dashboard_url} ({where}; {state})")
+        if start.token_auth:
+            lines.append(
+                f"    it asks for Ray's token: `ray get-auth-token` prints it "
+                f"(read from {start.token_source})"
+            )
+    if start.mlflow_uri:
+        down = " (unreachable: results go to Parquet only)" if start.mlflow_degraded else ""
+        lines.append(f"  MLflow: {start.mlflow_uri}, experiment {start.experiment_name}{down}")
+        if start.mlflow_command:
+            lines.append(f"    UI: {start.mlflow_command}")
+        if start.runs_url:
+            lines.append(f"    runs: {start.runs_url}")
+    lines.append(f"  results: {start.storage}")
+    lines.append(f"  run record: {start.run_record} (`nptm status {start.sweep}`)")
+    print("\n".join(lines), flush=True)
+
+
 def _print_summary(summary, storage: str) -> None:
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "nothing to do"
+    nothing = "nothing finished" if summary.interrupted is not None else "nothing to do"
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or nothing
     print(
         f"sweep {summary.sweep}: {counts}; executed {summary.executed}, reused {summary.reused} "
         f"in {summary.wall_seconds:.1f}s"
     )
     for sid, kind, error in summary.failures:
         print(f"  FAILED {kind} {sid}: {error}", file=sys.stderr)
+    if summary.interrupted is not None:
+        import signal
+
+        not_run = summary.planned - summary.reused - summary.executed
+        print(
+            f"sweep {summary.sweep} INTERRUPTED by {signal.Signals(summary.interrupted).name}: "
+            f"{not_run} of {summary.planned} stages did not run; rerun the same command to "
+            "resume (finished stages are kept)",
+            file=sys.stderr,
+        )
     sweep_dir = Layout(storage).sweep_location(summary.sweep)
     print(f"results: {sweep_dir}/{{{STAGES_TABLE},{EPOCHS_TABLE}}}/*.parquet")
     if summary.dashboard_url:
-        print(f"Ray dashboard (while the sweep runs): {summary.dashboard_url}")
+        state = (
+            "gone: nptm's local Ray stopped with the sweep"
+            if summary.dashboard_local
+            else "the cluster's, still up"
+        )
+        print(f"Ray dashboard ({state}): {summary.dashboard_url}")
     if summary.mlflow_uri:
+        runs = (
+            f"/#/experiments/{summary.mlflow_experiment_id}/runs"
+            if summary.mlflow_experiment_id
+            else ""
+        )
         if summary.mlflow_uri.startswith("sqlite"):
-            print(f"MLflow UI: mlflow ui --backend-store-uri {summary.mlflow_uri} --host 127.0.0.1")
+            print(
+                f"MLflow UI: mlflow ui --backend-store-uri {summary.mlflow_uri} --host 127.0.0.1 "
+                f"--port 5000, then http://127.0.0.1:5000{runs}"
+            )
         else:
-            print(f"MLflow: {summary.mlflow_uri}")
+            print(f"MLflow: {summary.mlflow_uri.rstrip('/')}{runs}")
     if summary.mlflow_degraded:
         print(
             "warning: MLflow was unreachable; everything is in Parquet. Fill MLflow later with "

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from orchestrator.cluster import (
 )
 from orchestrator.dag_search import DagSearcher, StageResolution
 from orchestrator.errors import UsageError
+from orchestrator.live import LiveTracker, StopSignals, SweepInterrupted, SweepStart, new_progress
 from orchestrator.progress import ProgressPrinter
 from orchestrator.trial import stage_trial
 from trainables.artifacts import ArtifactStore, node_local_path_warning, rewind_name
@@ -46,20 +48,30 @@ class SweepOptions:
     min_free_gb: float = DEFAULT_MIN_FREE_GB  # of a local storage root, checked at start
 
 
-def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
+def run_sweep(
+    grid: Any,
+    plan: Any,
+    opts: SweepOptions,
+    on_start: Callable[[SweepStart], None] | None = None,
+) -> SweepSummary:
     """Run every unfinished stage of `plan` (`orchestrator.planner.build_plan(grid)`) on Ray;
     resume whatever earlier runs left, reuse stages already in `opts.storage`.
 
     `grid` is the `search_spaces.CheckedGrid` the plan was built from. Every finished stage
     lands in the Parquet tables of ``<storage>/sweeps/<grid.name>/`` (open them with
-    `results.api.load_sweep`) and in MLflow. Returns the `results.sink.SweepSummary`
-    (`.ok`, `.counts`, `.failures`). Raises `orchestrator.errors.UsageError` for a storage
-    root or cluster the sweep cannot use (the CLI's exit code 2).
+    `results.api.load_sweep`) and in MLflow; the run record (grid, plan, versions, progress)
+    under its ``run/``. `on_start` is told where to watch the sweep before its first stage.
+    SIGINT / SIGTERM stop the sweep within seconds: the summary's `interrupted` says which
+    (rerunning resumes). Returns the `results.sink.SweepSummary` (`.ok`, `.counts`,
+    `.failures`). Raises `orchestrator.errors.UsageError` for a storage root or cluster the
+    sweep cannot use (the CLI's exit code 2).
     """
     from results.mlflow_uri import resolve_tracking_uri
+    from results.run_record import DriverState, RunRecord
     from results.sink import ResultSink
     from results.store import SweepStore
     from results.tracking import MlflowRecorder
+    from trainables.layout import Layout
 
     started = time.time()
     opts = replace(opts, storage=_absolute(opts.storage))
@@ -70,31 +82,136 @@ def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
         raise UsageError(str(err)) from err
     plugins = list(grid.plugins)
     cluster = connect(opts.address, num_cpus=opts.num_cpus, py_modules=plugin_packages(plugins))
+    live: LiveTracker | None = None
+    recorder: MlflowRecorder | None = None
     try:
-        _check_cluster(cluster, grid, plan, opts)
-        artifacts = ArtifactStore(opts.storage)
-        uri = resolve_tracking_uri(opts.storage, opts.mlflow_uri)
-        recorder = MlflowRecorder(uri, grid.name, log_models=opts.log_models)
-        recorder.start_sweep(_sweep_params(grid, plan))
-        sink = ResultSink(store, recorder, artifacts, grid.resources.executor)
-        sink.summary.dashboard_url = cluster.dashboard_url
-        sink.summary.mlflow_uri = uri
-        done = _finished_stages(plan, artifacts)
-        recorded = set(store.stage_ids())
-        sink.record_missing_runs()
-        for sid, outcome in done.items():
-            if sid not in recorded:
-                sink.record(plan.stages[sid], outcome.status, outcome, outcome.error, reused=True)
-        sink.summary.reused = len(done)
-        if len(done) < len(plan.stages):
-            _tune(grid, plan, opts, cluster, artifacts, sink, set(done))
-        summary = sink.summary
-        summary.mlflow_degraded = recorder.degraded
-        recorder.end_sweep("FINISHED" if summary.ok else "FAILED")
+        with StopSignals() as stop:
+            _check_cluster(cluster, grid, plan, opts)
+            artifacts = ArtifactStore(opts.storage)
+            uri = resolve_tracking_uri(opts.storage, opts.mlflow_uri)
+            recorder = MlflowRecorder(uri, grid.name, log_models=opts.log_models)
+            recorder.start_sweep(_sweep_params(grid, plan))
+            sink = ResultSink(store, recorder, artifacts, grid.resources.executor)
+            summary = sink.summary
+            summary.dashboard_url = cluster.dashboard_url
+            summary.dashboard_local = cluster.started_here
+            summary.mlflow_uri = uri
+            summary.planned = len(plan.stages)
+            record = RunRecord(Layout(opts.storage), grid.name)
+            _write_run_record(record, grid, plan, recorder)
+            live = LiveTracker(plan.stages, sink, record, new_progress(grid.name), stop)
+            live.write(force=True)
+            done = _finished_stages(plan, artifacts)
+            if on_start is not None:
+                on_start(_start_info(grid, plan, cluster, recorder, record, len(done)))
+            recorded = set(store.stage_ids())
+            sink.record_missing_runs()
+            for sid, outcome in done.items():
+                if sid not in recorded:
+                    sink.record(
+                        plan.stages[sid], outcome.status, outcome, outcome.error, reused=True
+                    )
+            summary.reused = len(done)
+            stop.check()
+            if len(done) < len(plan.stages):
+                _tune(grid, plan, opts, cluster, artifacts, sink, set(done), live)
+            stop.check()  # a signal after the last stage's step
+    except SweepInterrupted as interrupt:
+        if live is None or recorder is None:
+            raise KeyboardInterrupt from interrupt  # before anything started: nothing to end
+        sink.closed = True  # trials stopped on the way out are not outcomes
+        summary.interrupted = interrupt.signum
+        _end(recorder, live, summary, "KILLED", DriverState.INTERRUPTED)
+    except BaseException:
+        if live is not None and recorder is not None:
+            sink.closed = True
+            _end(recorder, live, summary, "FAILED", DriverState.FAILED)
+        raise
+    else:
+        _end(recorder, live, summary, "FINISHED" if summary.ok else "FAILED", DriverState.FINISHED)
     finally:
         disconnect()
     summary.wall_seconds = time.time() - started
     return summary
+
+
+def _end(recorder: Any, live: LiveTracker, summary: SweepSummary, status: str, state: Any) -> None:
+    """Close the sweep's MLflow runs and progress.json: how the driver ended."""
+    recorder.end_open_stages(status)
+    summary.mlflow_experiment_id = recorder.experiment_id
+    summary.mlflow_parent_run_id = recorder.parent_run_id
+    metrics = {
+        "stages_planned": summary.planned,
+        "stages_executed": summary.executed,
+        "stages_reused": summary.reused,
+        "wall_seconds": time.time() - live.progress.started_at,
+    }
+    recorder.end_sweep(status, metrics)
+    summary.mlflow_degraded = recorder.degraded
+    live.finish(state)
+
+
+def _write_run_record(record: Any, grid: Any, plan: Any, recorder: Any) -> None:
+    """grid.yaml, plan.json and versions.json under the sweep's run/, also as artifacts
+    (``run/``) and tags of the MLflow parent run."""
+    import json
+    import tempfile
+
+    from orchestrator.planner import stage_epochs
+    from results.run_record import GRID_FILE, PLAN_FILE, VERSIONS_FILE, plan_record
+    from results.sink import code_versions
+
+    versions = code_versions()
+    files = {
+        GRID_FILE: _grid_text(grid),
+        PLAN_FILE: json.dumps(plan_record(grid.name, plan.stages, stage_epochs), indent=1),
+        VERSIONS_FILE: json.dumps(versions, indent=1, sort_keys=True),
+    }
+    for name, text in files.items():
+        record.write_bytes(name, text.encode())
+    recorder.set_sweep_tags({f"nptm.version.{k}": v for k, v in versions.items()})
+    with tempfile.TemporaryDirectory(prefix="nptm-run-") as tmp:
+        for name, text in files.items():
+            Path(tmp, name).write_text(text)
+        recorder.log_sweep_artifacts(tmp, "run")
+
+
+def _grid_text(grid: Any) -> str:
+    """The grid file as given (a grid built in memory: its settings as YAML)."""
+    source = getattr(grid, "source", None)
+    if source and Path(source).is_file():
+        return Path(source).read_text()
+    import yaml
+
+    return yaml.safe_dump(grid.grid.model_dump(mode="json"), sort_keys=False)
+
+
+def _start_info(
+    grid: Any, plan: Any, cluster: Cluster, recorder: Any, record: Any, done: int
+) -> SweepStart:
+    from orchestrator.live import url_answers
+    from results.run_record import PLAN_FILE
+
+    counts: dict[str, int] = {}
+    for spec in plan.stages.values():
+        counts[spec.kind.value] = counts.get(spec.kind.value, 0) + 1
+    url = cluster.dashboard_url
+    return SweepStart(
+        sweep=grid.name,
+        storage=record.layout.sweep_location(grid.name),
+        run_record=record.location(PLAN_FILE).rsplit("/", 1)[0],
+        planned=counts,
+        to_run=len(plan.stages) - done,
+        dashboard_url=url,
+        dashboard_local=cluster.started_here,
+        dashboard_answers=bool(url) and url_answers(url),
+        token_auth=cluster.token_auth,
+        token_source=cluster.token_source,
+        mlflow_uri=recorder.uri,
+        experiment_name=recorder.experiment_name,
+        experiment_id=recorder.experiment_id,
+        mlflow_degraded=recorder.degraded,
+    )
 
 
 def _check_cluster(cluster: Cluster, grid: Any, plan: Any, opts: SweepOptions) -> None:
@@ -129,6 +246,7 @@ def _tune(
     artifacts: ArtifactStore,
     sink: ResultSink,
     done: set[str],
+    live: LiveTracker,
 ) -> None:
     from ray import tune
 
@@ -180,7 +298,7 @@ def _tune(
             name=f"sweep-{grid.name}",
             storage_path=runtime["ray_storage"],
             verbose=0,
-            callbacks=[progress],
+            callbacks=[progress, live],
             failure_config=tune.FailureConfig(max_failures=opts.max_retries),
         ),
     )

@@ -31,6 +31,9 @@ PARAMS = {c.name: c.param for c in STAGES_COLUMNS if c.param}
 SUMMARY_METRICS = {c.name: c.metric for c in STAGES_COLUMNS if c.metric}
 EPOCH_METRICS = {c.name: c.metric for c in EPOCHS_COLUMNS if c.metric}
 TAGS = tuple(c.name for c in STAGES_COLUMNS if c.tag)
+# Tags a stage's run carries only in some outcomes: cleared when a re-record drops them.
+OUTCOME_TAGS = ("nptm.error", "nptm.diverged", "nptm.node")
+RUNNING_STATUS_TAG = "running"  # nptm.status of a run whose stage is running now
 MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # mlflow.utils.validation limits
 _ERROR_TAIL = 4000  # characters of an error kept in its tag
 
@@ -146,3 +149,34 @@ def stage_metrics(
         if row[col] is not None:
             points[(key, last_step)] = (float(row[col]), end_ms)
     return [(k, v, t, step) for (k, step), (v, t) in points.items()]
+
+
+def epoch_points(epoch: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """(key, value, step) of one epoch's metrics as the train loop reports them live (the
+    `epochs` table's column names; anything else in the report is left out)."""
+    step = int(epoch["epoch"])
+    return [
+        (key, float(epoch[col]), step)
+        for col, key in EPOCH_METRICS.items()
+        if isinstance(epoch.get(col), int | float)
+    ]
+
+
+def headline_metrics(stages: Any) -> dict[str, float]:
+    """The sweep's summary metrics for its parent run, from its `stages` table (pandas):
+    stage counts by status and the mean final test accuracy of each retraining cell
+    (``test_acc_mean/<pruner>/<target>/<schedule>/b<budget>``, ok stages only; the
+    target as ``ratio:0.5``)."""
+    out: dict[str, float] = {
+        f"stages_{status}": float(n) for status, n in stages["status"].value_counts().items()
+    }
+    ok = stages[(stages["stage_kind"] == "retrain") & (stages["status"] == StageStatus.OK)]
+    ok = ok[ok["test_acc"].notna()]
+    if len(ok):
+        out["test_acc_max"] = float(ok["test_acc"].max())
+        cells = ok.groupby(["pruner", "target", "schedule", "budget_epochs"], dropna=False)
+        cells = cells["test_acc"]
+        for (pruner, target, schedule, budget), acc in cells.mean().items():
+            name = f"test_acc_mean/{pruner}/{target}/{schedule}/b{budget}"
+            out[name.replace("=", ":")] = float(acc)  # "=" is not allowed in a metric name
+    return out

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from results.schema import EPOCHS_SCHEMA, STAGES_SCHEMA
+from results.schema import EPOCHS_SCHEMA, STAGES_SCHEMA, rows_to_table
 from results.store import SweepStore
 from results.tracking import MlflowRecorder, epochs_by_stage
 from trainables.artifacts import MODEL, ArtifactStore
@@ -40,12 +42,22 @@ class SweepSummary:
     reused: int = 0
     wall_seconds: float = 0.0
     dashboard_url: str | None = None
+    dashboard_local: bool = True  # nptm's own local Ray: the dashboard ends with the sweep
     mlflow_uri: str | None = None
     mlflow_degraded: bool = False
+    mlflow_experiment_id: str | None = None
+    mlflow_parent_run_id: str | None = None
+    planned: int = 0  # stages in the plan
+    interrupted: int | None = None  # the signal that stopped the sweep (SIGINT, SIGTERM)
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and self.interrupted is None
+
+    @property
+    def landed(self) -> int:
+        """Stages with a stored row: finished, failed or skipped."""
+        return sum(self.counts.values())
 
 
 class ResultSink:
@@ -63,6 +75,21 @@ class ResultSink:
         self.artifacts = artifacts
         self.executor = executor
         self.summary = SweepSummary(store.sweep)
+        # Set when the sweep is interrupted: trials Tune stops on the way out are not outcomes.
+        self.closed = False
+
+    def start_stage(self, spec: StageSpec) -> None:
+        """Open the stage's MLflow run as RUNNING, with the params and tags of its row."""
+        if self.closed:
+            return
+        row, _ = stage_rows(
+            self.store.sweep, spec, StageStatus.SKIPPED, None, None, reused=False,
+            executor=self._executor(spec),
+        )  # fmt: skip
+        row["attempts"] = self.artifacts.attempts(spec.id)
+        # Normalised as the store will write it: MLflow params cannot change value later.
+        (stored,) = rows_to_table(STAGES_TABLE, [row]).to_pylist()
+        self.recorder.start_stage(stored)
 
     def record(
         self,
@@ -73,10 +100,10 @@ class ResultSink:
         *,
         reused: bool = False,
     ) -> None:
+        if self.closed:
+            return
         status = StageStatus(status)
-        executor = self.executor
-        if spec.kind == StageKind.PRUNE and executor == "train":
-            executor = "task"
+        executor = self._executor(spec)
         attempts = outcome.attempts if outcome else self.artifacts.attempts(spec.id)
         row, epochs = stage_rows(
             self.store.sweep, spec, status, outcome, error, reused=reused, executor=executor
@@ -85,6 +112,11 @@ class ResultSink:
         stage_table, epoch_table = self.store.write_stage(row, epochs)  # validated here, once
         self._record_run(stage_table, epoch_table.to_pylist())
         self._tally(spec, status, error, reused)
+
+    def _executor(self, spec: StageSpec) -> str:
+        if spec.kind == StageKind.PRUNE and self.executor == "train":
+            return "task"
+        return self.executor
 
     def record_missing_runs(self) -> int:
         """Give an MLflow run to every stored stage row that has none yet; returns how many.
@@ -157,6 +189,8 @@ def stage_rows(
         "val_fraction": spec.val_fraction,
         "precision": spec.precision,
         "seed": spec.seed,
+        "target": spec.target,
+        **recipe_columns(spec),
         "status": StageStatus(status).value,
         "error": error,
         "reused": reused,
@@ -169,18 +203,95 @@ def stage_rows(
     return row, epochs
 
 
+def recipe_columns(spec: StageSpec) -> dict[str, Any]:
+    """The recipe a stage trains with, as its schedule resolves it (results.schema)."""
+    from orchestrator.planner import stage_epochs
+
+    epochs = stage_epochs(spec)
+    if not epochs:  # a prune, or a pre-training that loads its weights
+        return {"epochs": epochs}
+    recipe = spec.recipe
+    return {
+        "epochs": epochs,
+        "lr_peak": _peak_lr(spec, epochs),
+        "milestones": list(recipe.milestones),
+        "batch_size": recipe.batch_size,
+        "weight_decay": recipe.weight_decay,
+        "momentum": recipe.momentum,
+    }
+
+
+def _peak_lr(spec: StageSpec, epochs: int) -> float:
+    if spec.kind == StageKind.PRETRAIN:
+        return spec.recipe.lr
+    from trainables import schedules
+
+    # Any steps-per-epoch shows each curve's peak; 100 puts every phase boundary on a step.
+    curve = schedules.lr_schedule(
+        spec.schedule,
+        budget=epochs,
+        steps_per_epoch=100,
+        recipe=spec.recipe,
+        overrides={k: v for k, v in spec.overrides if k == "lr"},
+    )
+    return float(curve.max())
+
+
 @cache
-def versions() -> dict[str, str]:
+def versions() -> dict[str, str | None]:
+    """The code-version columns of every stage row."""
+    v = code_versions()
+    return {
+        "nptm_version": v["nptm"],
+        "git_commit": v["git_commit"],
+        "torch_version": v["torch"],
+        "ray_version": v["ray"],
+    }
+
+
+@cache
+def code_versions() -> dict[str, Any]:
+    """nptm's version and git commit, and the versions it runs on (run/versions.json).
+
+    An editable install reports the same package version for every commit: the commit of
+    the checkout nptm is imported from, when it is one, says which code ran."""
+    import platform
+
+    import mlflow
     import ray
     import torch
 
     from orchestrator import __version__
 
+    commit, dirty = _git_state(Path(__file__).resolve().parents[1])
     return {
-        "nptm_version": __version__,
-        "torch_version": torch.__version__,
-        "ray_version": ray.__version__,
+        "nptm": __version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "mlflow": mlflow.__version__,
     }
+
+
+def _git_state(root: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, uncommitted changes?) of the git checkout at `root`; (None, None) if the
+    package is not in one (a wheel install) or git is missing."""
+    if not (root / ".git").exists():
+        return None, None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        changes = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return head or None, bool(changes)
 
 
 def _timestamp(value: Any) -> datetime | None:

@@ -8,9 +8,15 @@ one lock serialises every MLflow call, and the client is `MlflowClient` (no glob
 Layout in MLflow: one experiment per sweep, ``nptm/<sweep>``; one parent run for the sweep
 (tag ``nptm.role=sweep``); one child run per stage, found again by its tag ``nptm.stage_id``
 (see results.mlflow_rows for what a run holds).
+
+Live: a stage's run is opened RUNNING when the stage starts (`start_stage`), its epochs are
+logged as they arrive (`log_epoch`), and `record_stage` ends it with the stored outcome.
 Each child run also carries ``nptm.row_hash``, a fingerprint of the stored rows it mirrors, so
-recording the same outcome twice changes nothing and a different outcome of the same stage
-replaces the old run (the old one is deleted) instead of adding a duplicate.
+recording the same outcome twice changes nothing, and a different outcome of the same stage
+updates its run in place: params it lacks, tags (a user's own tags and notes are kept), the
+metric points it lacks (MLflow cannot delete points: a changed value is a newer point at the
+same step, which MLflow then reports as the latest), and its status. Runs a killed driver
+left RUNNING are ended as KILLED when the next driver of the sweep starts (`start_sweep`).
 
 MLflow is never on the critical path: if the tracking server is unreachable or errors, the
 recorder logs one warning, marks itself degraded and turns every later call into a no-op;
@@ -36,9 +42,12 @@ from results import mlflow_uri
 from results.mlflow_rows import (
     MAX_PARAM_LEN,
     MAX_TAG_LEN,
+    OUTCOME_TAGS,
     RUN_STATUS,
+    RUNNING_STATUS_TAG,
     STAGE_ID_TAG,
     clip,
+    epoch_points,
     experiment_name,
     flatten_params,
     ms,
@@ -94,10 +103,17 @@ class MlflowRecorder:
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
         self._runs: dict[str, _RunRef] | None = None
+        self._open: set[str] = set()  # stages whose run this recorder opened and not ended
+        # (key, step, value) of every metric point on a run, for the runs this recorder
+        # created; other runs' points are read from the server when first needed.
+        self._points: dict[str, set[tuple[str, int, float]]] = {}
         self._model_warned = False
         if uri and urlparse(uri).scheme in ("http", "https"):
             for key, value in mlflow_uri.HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)
+            # MLflow prints a "View run ... at" line for every run it ends on a server: one
+            # per stage; the start-up banner gives the experiment's link once.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     @property
     def degraded(self) -> bool:
@@ -132,12 +148,55 @@ class MlflowRecorder:
         result = self._guarded("record_stage", lambda: self._upsert(stage_row, epochs, model_path))
         return result[0] if result else None
 
-    def end_sweep(self, status: str = "FINISHED") -> None:
-        """Close the parent run. `status`: FINISHED, FAILED, KILLED (or ok/failed/...)."""
-        status = RUN_STATUS.get(status, status).upper()
-        if status not in ("FINISHED", "FAILED", "KILLED"):
-            raise ValueError(f"end_sweep status must be FINISHED, FAILED or KILLED, got {status!r}")
-        self._guarded("end_sweep", lambda: self._end_sweep(status))
+    def start_stage(self, stage_row: Mapping[str, Any]) -> str | None:
+        """Open the stage's run as RUNNING, with the params and tags of its row (as the store
+        normalises it; its outcome columns empty): a new run, or the one an earlier attempt
+        left. Returns the run id (None when degraded)."""
+        return self._guarded("start_stage", lambda: self._start_stage(stage_row))
+
+    def log_epoch(self, stage_id: str, epoch: Mapping[str, Any]) -> None:
+        """Log one epoch's metrics (the `epochs` table's columns, `epoch` the step) on the
+        stage's open run, as they arrive."""
+        self._guarded("log_epoch", lambda: self._log_epoch(stage_id, epoch))
+
+    def end_open_stages(self, status: str) -> int:
+        """End every stage run opened here and not recorded since (an interrupted sweep:
+        KILLED; a driver error: FAILED); returns how many."""
+        status = _run_status(status)
+        return self._guarded("end_open_stages", lambda: self._end_open(status)) or 0
+
+    def end_sweep(
+        self, status: str = "FINISHED", metrics: Mapping[str, float] | None = None
+    ) -> None:
+        """Close the parent run, with the sweep's summary `metrics`. `status`: FINISHED,
+        FAILED, KILLED (or ok/failed/...)."""
+        status = _run_status(status)
+        self._guarded("end_sweep", lambda: self._end_sweep(status, metrics or {}))
+
+    def log_sweep_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Summary metrics on the parent run (e.g. the report's headline)."""
+        self._guarded("log_sweep_metrics", lambda: self._log_parent_metrics(metrics))
+
+    def log_sweep_artifacts(self, local_dir: str | os.PathLike[str], artifact_path: str) -> None:
+        """The files under `local_dir` as artifacts of the parent run, under `artifact_path`."""
+        self._guarded(
+            "log_sweep_artifacts",
+            lambda: self._get_client().log_artifacts(
+                self._ensure_parent(reopen=False), os.fspath(local_dir), artifact_path
+            ),
+        )
+
+    def set_sweep_tags(self, tags: Mapping[str, Any]) -> None:
+        """Tags of the parent run (values that may change between runs of the sweep)."""
+        from mlflow.entities import RunTag
+
+        def set_tags() -> None:
+            items = [RunTag(k, clip(v, MAX_TAG_LEN)) for k, v in tags.items() if v is not None]
+            self._get_client().log_batch(
+                self._ensure_parent(reopen=False), tags=items, synchronous=True
+            )
+
+        self._guarded("set_sweep_tags", set_tags)
 
     # -- public, raising on MLflow errors (sync-mlflow) ---------------------------------------
 
@@ -266,6 +325,7 @@ class MlflowRecorder:
         return self._parent_run_id
 
     def _start_sweep(self, params: Mapping[str, Any]) -> str:
+        self._end_leftovers()
         run_id = self._ensure_parent(reopen=True)
         client = self._get_client()
         existing = client.get_run(run_id).data.params
@@ -277,9 +337,110 @@ class MlflowRecorder:
             client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_TAGS], synchronous=True)
         return run_id
 
-    def _end_sweep(self, status: str) -> None:
+    def _end_leftovers(self) -> None:
+        """Runs left RUNNING by a driver that died (SIGKILL, a lost machine): KILLED."""
+        self._ensure_experiment()
+        assert self._runs is not None
+        client = self._get_client()
+        left = [sid for sid, ref in self._runs.items() if ref.status == "RUNNING"]
+        for sid in left:
+            client.set_terminated(self._runs[sid].run_id, status="KILLED")
+            self._runs[sid].status = "KILLED"
+        parent = self._parent_run_id
+        if parent is not None and client.get_run(parent).info.status == "RUNNING":
+            client.set_terminated(parent, status="KILLED")
+            left.append(parent)
+        if left:
+            log.warning(
+                "MLflow: ended %d run(s) an earlier driver of sweep %s left RUNNING as KILLED",
+                len(left),
+                self.sweep,
+            )
+
+    def _end_sweep(self, status: str, metrics: Mapping[str, float]) -> None:
         if self._parent_run_id is not None:
+            self._log_parent_metrics(metrics)
             self._get_client().set_terminated(self._parent_run_id, status=status)
+
+    def _log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        if not metrics:
+            return
+        parent, now = self._ensure_parent(reopen=False), int(time.time() * 1000)
+        items = [Metric(k[:250], float(v), now, 0) for k, v in sorted(metrics.items())]
+        for i in range(0, len(items), _MAX_METRICS):
+            self._get_client().log_batch(
+                parent, metrics=items[i : i + _MAX_METRICS], synchronous=True
+            )
+
+    def _start_stage(self, row: Mapping[str, Any]) -> str:
+        from mlflow.entities import Param, RunTag
+
+        parent = self._ensure_parent(reopen=False)
+        assert self._runs is not None
+        client = self._get_client()
+        stage_id = row["stage_id"]
+        ref = self._runs.get(stage_id)
+        if ref is None:
+            run = client.create_run(
+                self._experiment_id,
+                tags={"mlflow.parentRunId": parent, STAGE_ID_TAG: stage_id},
+                run_name=run_name(row),
+            )
+            run_id, have = run.info.run_id, {}
+            self._points[run_id] = set()
+        else:  # an earlier attempt's run: its points are known, so none is logged twice
+            run_id = ref.run_id
+            client.update_run(run_id, status="RUNNING")
+            data = client.get_run(run_id).data
+            have = data.params
+            self._points[run_id] = self._known_points(run_id, set(data.metrics))
+        params = [
+            Param(k, clip(v, MAX_PARAM_LEN)) for k, v in stage_params(row).items() if k not in have
+        ]
+        tags = stage_tags(row) | {"nptm.status": RUNNING_STATUS_TAG}
+        items = [RunTag(k, clip(v, MAX_TAG_LEN)) for k, v in tags.items()]
+        client.log_batch(run_id, params=params, tags=items, synchronous=True)
+        self._runs[stage_id] = _RunRef(run_id, None, "RUNNING")
+        self._open.add(stage_id)
+        return run_id
+
+    def _log_epoch(self, stage_id: str, epoch: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        ref = (self._runs or {}).get(stage_id)
+        if ref is None or stage_id not in self._open:
+            return
+        now = int(time.time() * 1000)
+        known = self._points.setdefault(ref.run_id, set())
+        points = [(k, step, v) for k, v, step in epoch_points(epoch) if (k, step, v) not in known]
+        metrics = [Metric(key, value, now, step) for key, step, value in points]
+        if metrics:
+            self._get_client().log_batch(ref.run_id, metrics=metrics, synchronous=True)
+        known.update(points)
+
+    def _end_open(self, status: str) -> int:
+        client, ended = self._get_client(), 0
+        for stage_id in sorted(self._open):
+            ref = (self._runs or {}).get(stage_id)
+            if ref is not None:
+                client.set_terminated(ref.run_id, status=status)
+                ref.status = status
+                ended += 1
+        self._open.clear()
+        return ended
+
+    def _known_points(self, run_id: str, keys: set[str]) -> set[tuple[str, int, float]]:
+        known = self._points.get(run_id)
+        if known is None:
+            client = self._get_client()
+            known = {
+                (m.key, m.step, m.value)
+                for key in sorted(keys)
+                for m in client.get_metric_history(run_id, key)
+            }
+        return known
 
     def _upsert(
         self,
@@ -287,6 +448,8 @@ class MlflowRecorder:
         epochs: list[Mapping[str, Any]],
         model_path: str | os.PathLike[str] | None = None,
     ) -> tuple[str, str]:
+        from mlflow.entities import Metric, Param, RunTag
+
         parent = self._ensure_parent(reopen=False)
         assert self._runs is not None
         client = self._get_client()
@@ -294,28 +457,39 @@ class MlflowRecorder:
         digest = row_hash(row, epochs)
         status = RUN_STATUS[row["status"]]
         ref = self._runs.get(stage_id)
+        self._open.discard(stage_id)
         if ref is not None and ref.row_hash == digest and ref.status == status:
             return ref.run_id, "unchanged"
-        action = "created"
-        if ref is not None:
-            client.delete_run(ref.run_id)  # a different outcome replaces the old record
-            del self._runs[stage_id]
-            action = "updated"
-
-        from mlflow.entities import Metric, Param, RunTag
-
         start_ms = ms(row["started_at"]) or int(time.time() * 1000)
-        run = client.create_run(
-            self._experiment_id,
-            start_time=start_ms,
-            tags={"mlflow.parentRunId": parent, STAGE_ID_TAG: stage_id},
-            run_name=run_name(row),
-        )
-        run_id = run.info.run_id
-        params = [Param(k, clip(v, MAX_PARAM_LEN)) for k, v in stage_params(row).items()]
-        tags = [RunTag(k, clip(v, MAX_TAG_LEN)) for k, v in stage_tags(row).items()]
         points = stage_metrics(row, epochs, start_ms)
-        metrics = [Metric(k, v, ts, step) for k, v, ts, step in points]
+        if ref is None:
+            action, have_params, have_tags = "created", {}, {}
+            run = client.create_run(
+                self._experiment_id,
+                start_time=start_ms,
+                tags={"mlflow.parentRunId": parent, STAGE_ID_TAG: stage_id},
+                run_name=run_name(row),
+            )
+            run_id = run.info.run_id
+            known: set[tuple[str, int, float]] = set()
+        else:  # updated in place: what a user added to the run stays
+            action, run_id = "updated", ref.run_id
+            data = client.get_run(run_id).data
+            have_params, have_tags = data.params, data.tags
+            known = self._known_points(run_id, {key for key, *_ in points})
+        # A param keeps its first value (MLflow refuses changes); a stage's params are its
+        # spec's, the same every time.
+        params = [
+            Param(k, clip(v, MAX_PARAM_LEN))
+            for k, v in stage_params(row).items()
+            if k not in have_params
+        ]
+        tag_values = stage_tags(row)
+        tags = [RunTag(k, clip(v, MAX_TAG_LEN)) for k, v in tag_values.items()]
+        for stale in OUTCOME_TAGS:
+            if stale in have_tags and stale not in tag_values:
+                client.delete_tag(run_id, stale)
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in points if (k, step, v) not in known]
         # As few log_batch calls as MLflow's per-batch limits allow (usually exactly one).
         first = _MAX_METRICS - len(params) - len(tags)
         client.log_batch(
@@ -325,10 +499,11 @@ class MlflowRecorder:
             client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS], synchronous=True)
         if model_path is not None and self.log_models:
             self._log_model(run_id, os.fspath(model_path))
-        # The fingerprint goes last: a run without it (crash mid-way) is replaced next time.
+        # The fingerprint goes last: a run without it (crash mid-way) is updated next time.
         client.set_tag(run_id, "nptm.row_hash", digest)
         client.set_terminated(run_id, status=status, end_time=ms(row["ended_at"]))
         self._runs[stage_id] = _RunRef(run_id, digest, status)
+        self._points.pop(run_id, None)
         return run_id, action
 
     def _log_model(self, run_id: str, path: str) -> None:
@@ -345,6 +520,13 @@ class MlflowRecorder:
             client.log_artifacts(run_id, path, artifact_path="model")
         else:
             client.log_artifact(run_id, path, artifact_path="model")
+
+
+def _run_status(status: str) -> str:
+    status = RUN_STATUS.get(status, status).upper()
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"a run ends FINISHED, FAILED or KILLED, got {status!r}")
+    return status
 
 
 def epochs_by_stage(table: pa.Table) -> Callable[[str], list[dict[str, Any]]]:

@@ -53,14 +53,15 @@ def tiny_sweep(tmp_path_factory) -> SimpleNamespace:
 
     Tests that need a finished sweep copy its storage (`copy_storage`); sweeps of other grids
     start from its pre-training (`seed_stages`): stage ids are content hashes, so theirs is
-    the same stage.
+    the same stage. `dashboard` (a sweep_helpers.DashboardProbe): the dashboard URL its
+    start-up banner printed, and whether it answered while the sweep ran.
     """
-    from tests.sweep_helpers import nptm, write_grid
+    from tests.sweep_helpers import nptm_probing_dashboard, write_grid
 
     tmp = tmp_path_factory.mktemp("tiny")
     grid = write_grid(tmp / "tiny.yaml")
-    result = nptm("sweep", str(grid), "--storage", "runs", cwd=tmp, console=True)
-    return SimpleNamespace(grid=grid, storage=tmp / "runs", result=result)
+    result, dashboard = nptm_probing_dashboard("sweep", str(grid), "--storage", "runs", cwd=tmp)
+    return SimpleNamespace(grid=grid, storage=tmp / "runs", result=result, dashboard=dashboard)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

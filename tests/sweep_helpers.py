@@ -102,6 +102,56 @@ def nptm(
     )
 
 
+@dataclass
+class DashboardProbe:
+    """What the banner's dashboard line said, and whether the URL answered HTTP (any status:
+    without the token, Ray's dashboard answers 401) while the sweep was still running."""
+
+    url: str | None = None
+    answered_while_running: bool = False
+
+
+def nptm_probing_dashboard(*args: str, cwd: Path, timeout: float = 600):
+    """`nptm ARGS` from the console script, as `nptm(..., console=True)`; as soon as its
+    start-up banner names the Ray dashboard, a request to that URL is made while the sweep
+    still runs. Returns (the CompletedProcess, a DashboardProbe)."""
+    import re
+    import tempfile
+    import urllib.error
+    import urllib.request
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    probe, out_lines = DashboardProbe(), []
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "nptm"), *args], cwd=cwd, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=err,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out_lines.append(line)
+                found = probe.url is None and re.search(r"Ray dashboard: (http://\S+)", line)
+                if found:
+                    probe.url = found.group(1)
+                    try:
+                        urllib.request.urlopen(probe.url, timeout=10).close()
+                        answered = True
+                    except urllib.error.HTTPError:
+                        answered = True
+                    except OSError:
+                        answered = False
+                    probe.answered_while_running = answered and proc.poll() is None
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err.seek(0)
+        result = subprocess.CompletedProcess(proc.args, rc, "".join(out_lines), err.read())
+    return result, probe
+
+
 def cli_in_process(argv: list[str], env: dict[str, str] | None = None) -> CliResult:
     """`nptm ARGV` in this process, as a user's shell would see it: exit code, stdout, and
     stderr with the warnings nptm logs (a fresh process prints them there). The environment

@@ -80,3 +80,37 @@ def test_parquet_is_written_when_mlflow_is_down(tmp_path: Path) -> None:
     row = SweepStore(tmp_path, "s1").read_stages().iloc[0]
     assert row["reused"] and pd.isna(row["mlflow_run_id"]) and row["test_acc"] == 0.4
     assert sink.recorder.degraded and sink.summary.executed == 0
+
+
+def test_recipe_columns_are_what_each_schedule_runs() -> None:
+    """The recipe fields of a stage row, against the paper's CIFAR recipe by hand: lr 0.1,
+    /10 at epochs 80 and 120 of 160, batch 64, wd 1e-4, momentum 0.9."""
+    from results.sink import recipe_columns
+
+    cifar = DEFAULT_RECIPES["cifar10"]
+
+    def retrain(schedule: str, budget: int, **kw: object) -> StageSpec:
+        return StageSpec(
+            "retrain", "cifar10", "resnet56", 0, cifar, parents=("p",), pruner="l1_filter",
+            preset="B", schedule=schedule, budget=budget, **kw,
+        )  # type: ignore[arg-type]  # fmt: skip
+
+    peaks = {
+        ("ft", 40): 0.001,  # the last pre-training lr
+        ("lrw", 40): 0.001,  # replays epochs 120-159
+        ("lrw", 80): 0.01,  # replays epochs 80-159
+        ("wr", 160): 0.1,  # replays the whole run
+        ("slr", 40): 0.1,
+        ("clr", 40): 0.1,
+        ("scratch", 40): 0.1,
+    }
+    for (schedule, budget), peak in peaks.items():
+        cols = recipe_columns(retrain(schedule, budget))
+        assert cols["lr_peak"] == pytest.approx(peak), schedule
+        assert cols["epochs"] == budget and cols["milestones"] == [80, 120]
+        assert (cols["batch_size"], cols["weight_decay"], cols["momentum"]) == (64, 1e-4, 0.9)
+    override = recipe_columns(retrain("clr", 40, overrides=(("lr", 0.05),)))
+    assert override["lr_peak"] == pytest.approx(0.05)
+    pretrain = recipe_columns(PRE)  # the digits recipe: 30 epochs at lr 0.1, wd 5e-4
+    assert (pretrain["epochs"], pretrain["lr_peak"], pretrain["weight_decay"]) == (30, 0.1, 5e-4)
+    assert recipe_columns(PRUNE) == {"epochs": 0}  # pruning trains nothing

@@ -9,13 +9,16 @@ the killed driver runs in a process of its own: its death is the subject.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from orchestrator.planner import build_plan
 from search_spaces import load_grid
@@ -59,6 +62,7 @@ def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(
     assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(stage_ids)
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert all(executions(storage, sid) == 1 for sid in stage_ids)
+    _check_banner_and_record(tiny_sweep, rows, runs, uri)
 
     storage = copy_storage(storage, tmp_path / "runs")  # the session's copy stays as it was
     uri = f"sqlite:///{storage}/mlflow.db"
@@ -70,35 +74,189 @@ def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(
     assert len(mlflow_stage_runs(uri)) == len(stage_ids)
 
 
-def test_driver_killed_mid_sweep_then_rerun_completes_without_repeats(
-    tiny_sweep, tmp_path: Path, ray_node
-) -> None:
-    grid = write_grid(tmp_path / "tiny.yaml", pruners=("{name: magnitude, ratio: 0.5}",))
-    storage = tmp_path / "runs"
-    seed_stages(tiny_sweep.storage, storage, grid)  # a prune and 3 retrains left to run
-    proc = subprocess.Popen(
-        [*NPTM, "sweep", str(grid), "--storage", str(storage), "--address", ray_node.address,
-         "--no-report"],
-        cwd=ROOT, env={**ray_node.env, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(storage.glob("stages/*/outcome.json"))) < 3:
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # Ray then ends the trials the driver owned
-    proc.wait()
-    finished_before = {p.parent.name for p in storage.glob("stages/*/outcome.json")}
-    assert len(finished_before) >= 3  # the pre-training, the prune, a retrain
-    assert len(finished_before) < len(plan_stage_ids(grid)), "the driver died after the sweep"
+def _check_banner_and_record(tiny_sweep, rows, runs, uri: str) -> None:
+    """What the README's sweep showed at start (the banner, a dashboard that answered while it
+    ran) and recorded: the recipe of each stage, the run record, the parent run's files."""
+    import json
 
-    rerun = sweep_on(ray_node, grid, storage)
+    import mlflow
+    import yaml
+
+    out, storage = tiny_sweep.result.stdout, tiny_sweep.storage
+    assert tiny_sweep.dashboard.url and tiny_sweep.dashboard.answered_while_running, out[:2000]
+    assert "ray get-auth-token" in out and "experiment nptm/tiny" in out
+    assert out.index("Ray dashboard: http") < out.index("sweep tiny: ok")  # banner first
+    assert "9 stages (1 pretrain, 2 prune, 6 retrain); 9 to run" in out.splitlines()[0]
+    assert "runs: http://127.0.0.1:5000/#/experiments/" in out
+    assert "Ray dashboard (gone: nptm's local Ray stopped with the sweep)" in out
+    # Each stage's recipe as its schedule resolves it: the grid's 4-epoch pre-training recipe
+    # (digits defaults: lr 0.1, batch 64, wd 5e-4, momentum 0.9), /10 at epochs 2 and 3.
+    retrain = rows[rows.stage_kind == "retrain"].set_index("schedule")
+    peak = {"ft": 0.1 * 0.1**2, "clr": 0.1, "wr": 0.1 * 0.1}  # wr replays epochs 2-3
+    for schedule, lr in peak.items():
+        assert list(retrain.loc[schedule, "lr_peak"]) == pytest.approx([lr, lr]), schedule
+    assert set(retrain.epochs) == {2} and set(retrain.batch_size) == {64}
+    assert set(retrain.weight_decay) == {5e-4} and set(retrain.momentum) == {0.9}
+    assert all(list(m) == [2, 3] for m in retrain.milestones)
+    assert set(rows.target.dropna()) == {"ratio=0.5"}
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    assert set(rows.git_commit) == {head or None}
+    by_id = {r.data.tags["nptm.stage_id"]: r for r in runs}
+    pretrain = rows[rows.stage_kind == "pretrain"].iloc[0]
+    params = by_id[pretrain.stage_id].data.params
+    assert params["epochs"] == "4" and params["lr_peak"] == "0.1" and "target" not in params
+    # The run record and the parent run: grid as given, plan, versions, report, headline.
+    run_dir = storage / "sweeps" / "tiny" / "run"
+    assert (run_dir / "grid.yaml").read_text() == tiny_sweep.grid.read_text()
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["counts"] == {"pretrain": 1, "prune": 2, "retrain": 6}
+    versions = json.loads((run_dir / "versions.json").read_text())
+    assert versions["git_commit"] == (head or None) and versions["ray"] and versions["torch"]
+    assert json.loads((run_dir / "progress.json").read_text())["state"] == "finished"
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("nptm/tiny")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`nptm.role` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    parent_id = parent.info.run_id
+    files = {a.path for d in ("run", "report") for a in client.list_artifacts(parent_id, d)}
+    assert {"run/grid.yaml", "run/plan.json", "run/versions.json", "report/report.md"} <= files
+    cells = retrain.groupby(["pruner", "schedule"]).test_acc.mean()
+    metrics = parent.data.metrics
+    for (pruner, schedule), acc in cells.items():
+        assert metrics[f"test_acc_mean/{pruner}/ratio:0.5/{schedule}/b2"] == pytest.approx(acc)
+    assert metrics["stages_ok"] == 9 and metrics["stages_planned"] == 9
+    assert yaml.safe_load((run_dir / "grid.yaml").read_text())["name"] == "tiny"
+
+
+def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
+    tiny_sweep, tmp_path: Path, ray_node, mlflow_server
+) -> None:
+    """Three drivers of one sweep, against a real `mlflow server`: the first is sent SIGINT
+    while a retrain's run is RUNNING with part of its epochs in MLflow, the second SIGTERM
+    (what `ray job stop` sends), the third SIGKILL; then a fourth completes the sweep."""
+    grid = write_grid(
+        tmp_path / "live.yaml", name="live", pruners=("{name: magnitude, ratio: 0.5}",),
+        schedules="[ft, clr]", budget="3",
+    )  # fmt: skip
+    storage = tmp_path / "runs"
+    seed_stages(tiny_sweep.storage, storage, grid)  # a prune and 2 retrains left to run
+    stage_ids, n = plan_stage_ids(grid), len(plan_stage_ids(grid))
+    uri = mlflow_server.wait()
+    client = MlflowClient(uri)
+    progress = storage / "sweeps" / "live" / "run" / "progress.json"
+
+    def outcomes() -> set[str]:
+        return {p.parent.name for p in storage.glob("stages/*/outcome.json")}
+
+    def runs(status: str | None = None) -> list:
+        exp = client.get_experiment_by_name("nptm/live")
+        found = client.search_runs([exp.experiment_id]) if exp else []
+        return [r for r in found if status is None or r.info.status == status]
+
+    def parent():
+        (run,) = [r for r in runs() if r.data.tags.get("nptm.role") == "sweep"]
+        return run
+
+    def partial_retrain() -> str | None:
+        """A retrain's run that is RUNNING with 1 of its 3 epochs logged."""
+        for run in runs("RUNNING"):
+            if run.data.tags.get("nptm.stage_kind") == "retrain":
+                steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
+                if len(steps) == 1:
+                    return run.info.run_id
+        return None
+
+    def driver(ready, signum: int, name: str) -> tuple[int, float, str]:
+        """Start a driver, wait for `ready()`, send `signum`: (exit code, seconds to exit,
+        stdout + stderr)."""
+        log = tmp_path / f"{name}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [*NPTM, "sweep", str(grid), "--storage", str(storage), "--address",
+                 ray_node.address, "--mlflow-uri", uri],
+                cwd=ROOT, env={**ray_node.env, "PYTHONPATH": str(ROOT)},
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+            try:
+                deadline = time.time() + 300
+                while time.time() < deadline and proc.poll() is None and not ready():
+                    time.sleep(0.2)
+                assert proc.poll() is None, f"{name}: ended before the signal\n{log.read_text()}"
+                sent = time.time()
+                os.killpg(proc.pid, signum) if signum == signal.SIGKILL else proc.send_signal(
+                    signum
+                )
+                rc = proc.wait(timeout=120)
+                return rc, time.time() - sent, log.read_text()
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    def check_interrupted(rc: int, seconds: float, out: str, code: int) -> None:
+        assert rc == code, out[-3000:]
+        assert seconds < 60, f"took {seconds:.0f}s to stop"  # measured under load
+        assert re.search(rf"\d+ of {n} stages did not run; rerun the same command", out), out
+        assert "Tuner.restore" not in out
+        assert parent().info.status == "KILLED" and not runs("RUNNING")
+        assert json.loads(progress.read_text())["state"] == "interrupted"
+        assert set(trials(storage, "live").status) == {"ok"}  # a stopped stage is no failure
+        # No report that reads as final (the sweep writes one when it completes).
+        assert "report: " not in out and not (storage / "sweeps" / "live" / "report").exists()
+
+    # 1. SIGINT (Ctrl-C) while a retrain is live in MLflow: RUNNING, 1 of its 3 epochs in.
+    live: list[str] = []
+
+    def retrain_is_live() -> bool:
+        live.extend(filter(None, [partial_retrain()]))
+        return bool(live)
+
+    rc, seconds, out = driver(retrain_is_live, signal.SIGINT, "sigint")
+    check_interrupted(rc, seconds, out, 130)
+    live_id = live[0]
+    assert client.get_run(live_id).info.status == "KILLED"
+    print(f"SIGINT: exit 130 after {seconds:.1f}s; SIGTERM: ", end="")
+
+    # 2. SIGTERM (`ray job stop`, a scheduler) as soon as this driver has a stage running.
+    before = time.time()
+
+    def stage_running() -> bool:  # as this driver's progress.json says
+        try:
+            now = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            return False
+        return now["started_at"] > before and bool(now["running"])
+
+    rc, seconds, out = driver(stage_running, signal.SIGTERM, "sigterm")
+    check_interrupted(rc, seconds, out, 143)
+    print(f"exit 143 after {seconds:.1f}s")
+
+    # 3. SIGKILL while a stage runs: the driver can end nothing.
+    before = time.time()
+    driver(stage_running, signal.SIGKILL, "sigkill")
+    finished_before = outcomes()
+    assert len(finished_before) < n, "the driver died after the sweep"
+    assert parent().info.status == "RUNNING"  # left by the killed driver
+    assert json.loads(progress.read_text())["state"] == "running"
+    attempts = {sid: executions(storage, sid) for sid in finished_before}
+
+    # 4. The same command resumes: nothing finished runs again, no run is left RUNNING.
+    rerun = sweep_on(ray_node, grid, storage, "--mlflow-uri", uri)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    stage_ids = plan_stage_ids(grid)
-    rows = trials(storage)
+    rows = trials(storage, "live")
     assert sorted(rows.stage_id) == sorted(stage_ids) and set(rows.status) == {"ok"}
-    assert all(executions(storage, sid) == 1 for sid in finished_before)
-    runs = mlflow_stage_runs(f"sqlite:///{storage}/mlflow.db")
-    assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(stage_ids)
+    assert {sid: executions(storage, sid) for sid in finished_before} == attempts
+    assert not runs("RUNNING") and parent().info.status == "FINISHED"
+    stage_runs = mlflow_stage_runs(uri, "live")
+    assert sorted(r.data.tags["nptm.stage_id"] for r in stage_runs) == sorted(stage_ids)
+    assert {r.info.status for r in stage_runs} == {"FINISHED"}
+    # The run that was live at the SIGINT is the stage's run still, now with every epoch.
+    final = client.get_run(live_id)
+    row = rows.set_index("stage_id").loc[final.data.tags["nptm.stage_id"]]
+    assert final.info.status == "FINISHED" and row.mlflow_run_id == live_id
+    steps = {m.step for m in client.get_metric_history(live_id, "train_loss")}
+    assert steps == {1, 2, 3} and final.data.metrics["test_acc"] == pytest.approx(row.test_acc)
+    assert json.loads(progress.read_text())["state"] == "finished"
 
 
 def test_train_executor_runs_ddp_workers_and_recomputes_a_damaged_parent(

@@ -188,7 +188,7 @@ def test_concurrent_producers(storage: Path) -> None:
     assert len(child_runs(uri, "conc")) == n_threads * per_thread
 
 
-def test_rerun_with_new_outcome_replaces_the_run(storage: Path) -> None:
+def test_rerun_with_new_outcome_updates_the_run_in_place(storage: Path) -> None:
     uri = sqlite_uri(storage)
     rec = MlflowRecorder(uri, "s1")
     rec.start_sweep()
@@ -198,17 +198,90 @@ def test_rerun_with_new_outcome_replaces_the_run(storage: Path) -> None:
     assert client.get_run(failed).data.tags["nptm.error"].endswith("RuntimeError: boom")
     # A crash of the driver, then a fresh recorder records the retried stage.
     ok = MlflowRecorder(uri, "s1").record_stage(*stage("t1", acc=0.95))
-    assert ok != failed
+    assert ok == failed
     runs = child_runs(uri, "s1")
     assert [r.info.run_id for r in runs] == [ok]
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["test_acc"] == pytest.approx(0.95)
-    assert client.get_run(failed).info.lifecycle_stage == "deleted"
-    # A run left half-written (no fingerprint, still RUNNING) is replaced as well.
+    assert "nptm.error" not in runs[0].data.tags  # the failure's tag went with it
+    # A run left half-written (no fingerprint, still RUNNING) is completed, not duplicated;
+    # points it already has are not logged twice.
     client.delete_tag(ok, "nptm.row_hash")
     client.update_run(ok, status="RUNNING")
     again = MlflowRecorder(uri, "s1").record_stage(*stage("t1", acc=0.95))
-    assert again != ok and [r.info.run_id for r in child_runs(uri, "s1")] == [again]
+    assert again == ok and [r.info.run_id for r in child_runs(uri, "s1")] == [ok]
+    assert client.get_run(ok).info.status == "FINISHED"
+    history = client.get_metric_history(ok, "train_loss")
+    assert sorted(h.step for h in history) == [0, 1, 2, 3]
+
+
+def test_stage_run_is_live_from_start_to_end(storage: Path) -> None:
+    """RUNNING with the epochs so far while the stage trains; then the stored outcome ends it,
+    without doubling the points logged live."""
+    uri = sqlite_uri(storage)
+    rec = MlflowRecorder(uri, "live")
+    parent = rec.start_sweep()
+    row, eps = stage("t1", sweep="live", n_epochs=3, acc=0.9)
+    run_id = rec.start_stage({**row, "status": "skipped"})  # outcome columns not known yet
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["nptm.status"] == "running"
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params["budget"] == "3"
+    for e in eps[:2]:
+        rec.log_epoch("t1", {**e, "epoch_done": 1, "training_iteration": 7})
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(h.step for h in history) == [0, 1]
+    assert "training_iteration" not in client.get_run(run_id).data.metrics
+    rec.log_epoch("t1", eps[2])
+    assert rec.record_stage(row, eps) == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["nptm.status"] == "ok"
+    for key in ("train_loss", "test_acc", "lr"):
+        steps = sorted(h.step for h in client.get_metric_history(run_id, key))
+        assert steps == [0, 1, 2], (key, steps)
+    assert rec.end_open_stages("KILLED") == 0  # nothing left open
+
+
+def test_interrupted_and_killed_drivers_leave_no_running_run(storage: Path) -> None:
+    uri = sqlite_uri(storage)
+    client = MlflowClient(tracking_uri=uri)
+    # An interrupted driver ends what it opened.
+    rec = MlflowRecorder(uri, "int")
+    parent = rec.start_sweep()
+    row, _ = stage("t1", sweep="int")
+    run_id = rec.start_stage(row)
+    assert rec.end_open_stages("KILLED") == 1
+    rec.end_sweep("KILLED")
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.get_run(parent).info.status == "KILLED"
+    # A killed driver ends nothing: the next driver of the sweep does, then reopens the parent.
+    dead = MlflowRecorder(uri, "int")
+    dead.start_sweep()
+    left = dead.start_stage(stage("t2", sweep="int")[0])
+    assert client.get_run(left).info.status == "RUNNING"
+    MlflowRecorder(uri, "int").start_sweep()
+    assert client.get_run(left).info.status == "KILLED"
+    assert client.get_run(parent).info.status == "RUNNING"  # reopened by the new driver
+
+
+@pytest.mark.slow
+def test_a_users_tag_and_note_survive_a_re_record(mlflow_server) -> None:
+    """Against a real `mlflow server`: a re-recorded stage keeps its run, and what a user
+    added to it in the UI (a tag, a note)."""
+    uri = mlflow_server.wait()
+    rec = MlflowRecorder(uri, "usertag")
+    rec.start_sweep()
+    run_id = rec.record_stage(*stage("t1", sweep="usertag", status="failed"))
+    client = MlflowClient(tracking_uri=uri)
+    client.set_tag(run_id, "reviewed", "yes")
+    client.set_tag(run_id, "mlflow.note.content", "odd loss spike at epoch 2")
+    again = MlflowRecorder(uri, "usertag").record_stage(*stage("t1", sweep="usertag", acc=0.93))
+    run = client.get_run(again)
+    assert again == run_id and run.info.status == "FINISHED"
+    assert run.data.tags["reviewed"] == "yes"
+    assert run.data.tags["mlflow.note.content"] == "odd loss spike at epoch 2"
+    assert run.data.metrics["test_acc"] == pytest.approx(0.93)
+    assert [r.info.run_id for r in child_runs(uri, "usertag")] == [run_id]
 
 
 def test_status_mapping(storage: Path) -> None:

@@ -1,0 +1,234 @@
+"""A sweep as it runs: each stage's MLflow run opened when it starts and fed every epoch, the
+run record's progress.json, the start-up facts a user needs (where the dashboard and MLflow
+are), and a prompt, orderly stop on SIGINT / SIGTERM.
+
+Everything here runs in the driver (Tune callbacks run in the driver's Tune loop): MLflow keeps
+its single writer, and the run record one writer per sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from ray.tune import Callback
+
+from orchestrator.planner import stage_epochs
+from results.run_record import DriverState, Progress, RunningStage, RunRecord
+from trainables.stage import StageSpec
+
+if TYPE_CHECKING:
+    from results.sink import ResultSink
+
+PROGRESS_INTERVAL_S = 2.0  # progress.json is rewritten at most this often between events
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stage_id_of(config: dict[str, Any]) -> str:
+    """The stage a Tune trial runs, from its config."""
+    return config["stage"]["id"]
+
+
+class SweepInterrupted(BaseException):
+    """SIGINT or SIGTERM reached the driver. A BaseException, like KeyboardInterrupt: it must
+    pass through Tune's and nptm's `except Exception` handlers on its way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """While inside, SIGINT and SIGTERM ask the sweep to stop: the Tune loop raises
+    `SweepInterrupted` at its next step (a tenth of a second), never in the middle of a
+    stage's Parquet or MLflow write; a second signal raises it at once. Tune's own SIGINT
+    handler (which would end the run as if complete and print a `Tuner.restore` hint: nptm
+    resumes by rerunning its command) is switched off, as is Ray's SIGTERM handler (exit 15).
+    Outside the main thread signals cannot be caught: the context does nothing there."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not first:
+            raise SweepInterrupted(signum)
+        name = signal.Signals(signum).name
+        print(
+            f"\n[nptm] {name} received: stopping the sweep (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise SweepInterrupted(self.signum)
+
+
+class LiveTracker(Callback):
+    """Tune callback of a sweep's driver: opens each stage's MLflow run when its trial starts,
+    logs each epoch when it arrives, keeps progress.json current, and stops the Tune loop when
+    a stop signal came in. (The stage's row and the end of its run come from the result sink,
+    when the DAG searcher learns the stage's outcome.)"""
+
+    def __init__(
+        self,
+        stages: dict[str, StageSpec],
+        sink: ResultSink,
+        record: RunRecord,
+        progress: Progress,
+        stop: StopSignals,
+        interval: float = PROGRESS_INTERVAL_S,
+    ) -> None:
+        self.stages = stages
+        self.sink = sink
+        self.record = record
+        self.progress = progress
+        self.stop = stop
+        self.interval = interval
+        self._written = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks into its experiment state; nptm resumes from its own store.
+        return {"interval": self.interval}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        spec = self.stages.get(stage_id_of(trial.config))
+        if spec is None:
+            return
+        self.sink.start_stage(spec)
+        self.progress.running[spec.id] = RunningStage(
+            spec.kind.value, spec.label, stage_epochs(spec)
+        )
+        self.write(force=True)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if not result.get("epoch_done") or "epoch" not in result:
+            return
+        sid = stage_id_of(trial.config)
+        self.sink.recorder.log_epoch(sid, result)
+        running = self.progress.running.get(sid)
+        if running is not None:
+            running.epoch = int(result["epoch"])
+        self.progress.epochs_done += 1
+        self.write()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.stop.check()
+        self.write()
+
+    def _ended(self, trial: Any) -> None:
+        self.progress.running.pop(stage_id_of(trial.config), None)
+        self.write(force=True)
+
+    def write(self, *, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self._written >= self.interval:
+            self._written = now
+            self.progress.updated_at = now
+            self.record.write_progress(self.progress)
+
+    def finish(self, state: DriverState) -> None:
+        """The driver's final state; stages still listed as running are not any more."""
+        self.progress.state = state
+        self.progress.running.clear()
+        self.write(force=True)
+
+
+def new_progress(sweep: str) -> Progress:
+    now = time.time()
+    return Progress(sweep=sweep, pid=os.getpid(), host=socket.gethostname(), started_at=now,
+                    updated_at=now)  # fmt: skip
+
+
+# -- what the start-up banner says ----------------------------------------------------------
+
+
+@dataclass
+class SweepStart:
+    """Where a user watches the sweep that is starting (printed before its first stage)."""
+
+    sweep: str
+    storage: str  # the sweep's directory in storage
+    run_record: str  # its run record (grid, plan, versions, progress)
+    planned: dict[str, int]  # stages per kind
+    to_run: int  # stages without a finished outcome yet
+    dashboard_url: str | None = None
+    dashboard_local: bool = True  # nptm's own local Ray: gone when the sweep ends
+    dashboard_answers: bool = False
+    token_auth: bool = False
+    token_source: str | None = None  # where the token comes from
+    mlflow_uri: str | None = None
+    experiment_name: str | None = None
+    experiment_id: str | None = None
+    mlflow_degraded: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mlflow_ui(self) -> str | None:
+        """The MLflow UI's base URL, or None when it must be started first (`mlflow_command`)."""
+        uri = self.mlflow_uri or ""
+        return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+    @property
+    def mlflow_command(self) -> str | None:
+        """The command that serves the UI of a store without a server (sqlite, files)."""
+        if not self.mlflow_uri or self.mlflow_ui:
+            return None
+        return f"mlflow ui --backend-store-uri {self.mlflow_uri} --host 127.0.0.1 --port 5000"
+
+    @property
+    def runs_url(self) -> str | None:
+        """The experiment's runs table: MLflow 3's UI otherwise opens an experiment on its
+        GenAI overview ("Traces: 0")."""
+        if self.experiment_id is None or not self.mlflow_uri:
+            return None
+        base = self.mlflow_ui or "http://127.0.0.1:5000"
+        return f"{base}/#/experiments/{self.experiment_id}/runs"
+
+
+def url_answers(url: str, timeout: float = 10.0) -> bool:
+    """Whether an HTTP server answers at `url` within `timeout` seconds; any status counts
+    (a dashboard behind token auth answers 401 to a request without the token)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
