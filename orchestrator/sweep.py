@@ -22,7 +22,12 @@ from orchestrator.dag_search import DagSearcher, StageResolution
 from orchestrator.errors import UsageError
 from orchestrator.progress import ProgressPrinter
 from orchestrator.trial import stage_trial
-from trainables.artifacts import ArtifactStore, node_local_path_warning, rewind_name
+from trainables.artifacts import (
+    ArtifactStore,
+    checksum_name,
+    node_local_path_warning,
+    rewind_name,
+)
 from trainables.stage import StageOutcome, StageSpec, StageStatus
 from trainables.storage import DEFAULT_MIN_FREE_GB, StorageError, check_writable
 
@@ -90,6 +95,7 @@ def run_sweep(grid: Any, plan: Any, opts: SweepOptions) -> SweepSummary:
             _tune(grid, plan, opts, cluster, artifacts, sink, set(done))
         summary = sink.summary
         summary.mlflow_degraded = recorder.degraded
+        _persist(artifacts, store)
         recorder.end_sweep("FINISHED" if summary.ok else "FAILED")
     finally:
         disconnect()
@@ -107,18 +113,29 @@ def _check_cluster(cluster: Cluster, grid: Any, plan: Any, opts: SweepOptions) -
 
 def _finished_stages(plan: Any, artifacts: ArtifactStore) -> dict[str, StageOutcome]:
     """Stages with a finished stored outcome (and, for pre-training, every checkpoint children
-    need), with that outcome."""
+    need), with that outcome.
+
+    One listing of the artifact store and its outcome index answer for every stage whose
+    outcome.json is unchanged since it was indexed; only the others are read
+    (trainables.stage_index says what the index may skip)."""
+    outcomes, files = artifacts.stored_outcomes(plan.stages)
     done: dict[str, StageOutcome] = {}
     for sid, spec in plan.stages.items():
         if any(p not in done for p in spec.parents):
             continue  # an unfinished parent will recompute (and overwrite) this stage's input
-        outcome = artifacts.read_outcome(sid)
+        outcome = outcomes.get(sid)
         if outcome is None or not outcome.status.finished:
             continue
-        if not all(artifacts.exists(sid, rewind_name(e)) for e in spec.keep_epochs):
+        if not all(files.has(sid, checksum_name(rewind_name(e))) for e in spec.keep_epochs):
             continue
         done[sid] = outcome
     return done
+
+
+def _persist(artifacts: ArtifactStore, store: Any) -> None:
+    """The outcome index entries still in memory, and the sweep's table snapshots."""
+    artifacts.flush_index()
+    store.compact()
 
 
 def _tune(

@@ -83,8 +83,11 @@ class ResultSink:
         )
         row["attempts"] = attempts
         stage_table, epoch_table = self.store.write_stage(row, epochs)  # validated here, once
+        if outcome is not None and not reused:  # reused ones came from the index
+            self.artifacts.index_outcome(outcome)
         self._record_run(stage_table, epoch_table.to_pylist())
         self._tally(spec, status, error, reused)
+        self.store.compact_when_due()
 
     def record_missing_runs(self) -> int:
         """Give an MLflow run to every stored stage row that has none yet; returns how many.
