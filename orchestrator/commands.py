@@ -67,17 +67,52 @@ def sweep(args: argparse.Namespace) -> int:
     )
     _print_summary(summary, args.storage)
     if not args.no_report and summary.counts.get("ok"):
-        from results.report import build_report
         from results.store import SweepStore
 
-        report = build_report(SweepStore(args.storage, grid.name), _report_dir(args, grid.name))
+        report = _write_report(args, SweepStore(args.storage, grid.name))
         print(report.headline)
-        print(f"\nreport: {report.markdown_path}")
+        print(f"\nreport: {_report_location(args, grid.name)}")
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
 def _report_dir(args: argparse.Namespace, sweep_name: str) -> str:
-    return getattr(args, "out", None) or Layout(args.storage).report_dir(sweep_name)
+    """The local directory a report is drawn in: `--out` if given, else the sweep's report
+    directory on local storage, else a temporary directory (copied into storage after)."""
+    out = getattr(args, "out", None)
+    if out:
+        return out
+    layout = Layout(args.storage)
+    if layout.local:
+        return layout.report_dir(sweep_name)
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=f"nptm-report-{sweep_name}-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # kept for the caller's use
+    return tmp
+
+
+def _write_report(args: argparse.Namespace, store):
+    """The sweep's report, in `<storage>/sweeps/<sweep>/report` whatever the storage (and in
+    `--out` too, when given); returns the `results.report.Report` (its paths are local)."""
+    from results.report import build_report
+    from trainables.storage import replace_dir
+
+    local = _report_dir(args, store.sweep)
+    report = build_report(store, local)
+    replace_dir(local, store.fs, store.layout.report_dir(store.sweep))
+    return report
+
+
+def _report_location(args: argparse.Namespace, sweep_name: str) -> str:
+    layout = Layout(args.storage)
+    if layout.local:
+        where = f"{layout.report_dir(sweep_name)}/report.md"
+    else:
+        where = layout.location("sweeps", sweep_name, "report", "report.md")
+    out = getattr(args, "out", None)
+    return where + (f" (local copy: {out}/report.md)" if out else "")
 
 
 def _print_summary(summary, storage: str) -> None:
@@ -159,11 +194,9 @@ def _sweep_store(args: argparse.Namespace):
 
 
 def report(args: argparse.Namespace) -> int:
-    from results.report import build_report
-
-    result = build_report(_sweep_store(args), _report_dir(args, args.sweep))
+    result = _write_report(args, _sweep_store(args))
     print(result.headline)
-    print(f"\nreport: {result.markdown_path}")
+    print(f"\nreport: {_report_location(args, args.sweep)}")
     return EXIT_OK
 
 
