@@ -9,7 +9,6 @@ dummy ones a test sets (AWS SDKs otherwise look for some, down to the EC2 metada
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 import signal
@@ -72,17 +71,16 @@ class S3Server:
         query = f"endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
         return f"s3://{path.strip('/')}?{query}"
 
-    def requests(self) -> collections.Counter[str]:
-        """Requests answered since the last call (by HTTP method; `total` for all)."""
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request answered since the last call."""
         lines = self.log.read_text(errors="replace").splitlines()
         new, self._mark = lines[self._mark :], len(lines)
-        counts: collections.Counter[str] = collections.Counter()
-        for line in new:
-            found = _REQUEST.search(_COLOUR.sub("", line))
-            if found and not found.group(2).startswith("/moto-api"):
-                counts[found.group(1)] += 1
-                counts["total"] += 1
-        return counts
+        found = (_REQUEST.search(_COLOUR.sub("", line)) for line in new)
+        return [
+            (m.group(1), m.group(2))
+            for m in found
+            if m is not None and not m.group(2).startswith("/moto-api")
+        ]
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
