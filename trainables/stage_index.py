@@ -131,9 +131,9 @@ class StageIndex:
         self._append(Entry(stage_id, time.time_ns(), stamp, text))
 
     def drop(self, stage_id: str) -> None:
-        """Forget `stage_id` (written at once: a worker calls this, not the driver)."""
-        self._append(Entry(stage_id, time.time_ns(), None, None))
-        self.flush()
+        """Forget `stage_id`, in a file of its own written at once (a trial calls this; the
+        driver, which batches and merges, may never hear of it)."""
+        self._write("part", [Entry(stage_id, time.time_ns(), None, None)])
 
     def _append(self, entry: Entry) -> None:
         if not self._pending:
