@@ -1,7 +1,7 @@
 """Resume and reads of a 10,000-stage sweep on object storage (a local S3-compatible server:
 moto's server mode on 127.0.0.1, tests/s3_server.py, which logs every request it answers).
 
-A real plan of N stages (digits, ResNet-20: 1 pretrain, 9 prunes, the rest retrains) is stored
+A real plan of N stages (digits, ResNet-20: 1 pretrain, 9 or 99 prunes, the rest retrains) is stored
 as if it had run, without training: each stage's outcome.json (small, two epochs) and its rows
 in the sweep's per-stage Parquet files, written as the driver writes them (`stage_rows` +
 `SweepStore.write_stage`). Then, each in seconds and requests the server answered:
@@ -29,7 +29,7 @@ from typing import Any
 import _common
 
 # n_stages -> (ratios, budgets): 1 pretrain + R prunes + R * 5 schedules * B retrains
-SHAPES = {10_000: (9, 222), 1_000: (9, 22), 100: (9, 2)}
+SHAPES = {10_000: (99, 20), 1_000: (9, 22), 100: (9, 2)}
 TARGET_START_S = 10.0  # "a rerun of a 10,000-stage sweep starts in seconds"
 THREADS = 16
 
@@ -48,7 +48,7 @@ def plan_of(n_stages: int) -> Any:
             "dataset": ["digits"],
             "model": ["resnet20"],
             "pruner": [{"name": "magnitude",
-                        "ratio": [round(0.1 * (i + 1), 2) for i in range(n_ratios)]}],
+                        "ratio": [round((i + 1) / (n_ratios + 1), 3) for i in range(n_ratios)]}],
             "schedule": ["ft", "lrw", "wr", "slr", "clr"],
             "budget": list(range(1, n_budgets + 1)),
             "seed": [0],

@@ -522,3 +522,20 @@ def test_reads_a_sweep_written_with_schema_version_1(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(again.read_stages(), before[0])
     pd.testing.assert_frame_equal(again.read_epochs(), before[1])
     _same_rows(again.read_stages(), _file_read(sweep, "stages"))
+
+
+def test_the_drivers_periodic_compaction(tmp_path: Path, caplog) -> None:
+    store = SweepStore(tmp_path, "s1")
+    store.write_stage(trial("t0"), epochs(1))
+    snapshot = tmp_path / "sweeps/s1/stages.parquet"
+    store.compact_when_due(interval_s=3600)  # the store was made just now: not due
+    assert not snapshot.exists()
+    store.compact_when_due(interval_s=0)
+    assert pq.read_table(snapshot)["stage_id"].to_pylist() == ["t0"]
+    # A failed compaction is logged, never raised: the stage files already hold the rows.
+    snapshot.unlink()
+    snapshot.mkdir()
+    store.write_stage(trial("t1"), epochs(1))
+    store.compact_when_due(interval_s=0)
+    assert "could not compact" in caplog.text
+    assert sorted(store.read_stages().stage_id) == ["t0", "t1"]
