@@ -11,6 +11,9 @@ in the sweep's per-stage Parquet files, written as the driver writes them (`stag
 - compaction of the per-stage files into the snapshots (`SweepStore.compact`), whole and
   after 100 more stages;
 - reading the stages table from the snapshot vs from the per-stage files alone.
+`seconds` is wall time; `client_cpu_s` the CPU time of this process (nptm's side): the
+server is Python too, on the same cores, and answers a listing of 1,000 keys far slower than
+S3 does, so on a small machine `seconds` is mostly the server's.
 
     .venv/bin/python bench/resume_s3.py [--quick] [--json] [--stages 10000]
 """
@@ -131,11 +134,12 @@ def per_stage_reads(plan: Any, storage: str) -> dict[str, Any]:
 
 def measure(server: Any, label: str, fn: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
     server.requests()  # from here
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     value = fn()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     methods = collections.Counter(m for m, _ in server.requests())
-    row = {"step": label, "seconds": seconds, "requests": sum(methods.values()), **methods}
+    row = {"step": label, "seconds": seconds, "client_cpu_s": cpu,
+           "requests": sum(methods.values()), **methods}  # fmt: skip
     return row, value
 
 
@@ -217,7 +221,17 @@ def main() -> None:
     n = 100 if args.quick else args.stages
     result = run(n)
     print(_common.machine_line(result["machine"]))
-    headers = ["step", "seconds", "requests", "GET", "HEAD", "PUT", "POST", "DELETE"]
+    headers = [
+        "step",
+        "seconds",
+        "client_cpu_s",
+        "requests",
+        "GET",
+        "HEAD",
+        "PUT",
+        "POST",
+        "DELETE",
+    ]
     print(_common.table(headers, [[r.get(h, 0) for h in headers] for r in result["steps"]]))
     print(
         f"sweep start, indexed vs per-stage reads: {result['start_speedup']:.1f}x faster, "

@@ -75,14 +75,14 @@ class Stamp:
 
 @dataclass(frozen=True)
 class StageFiles:
-    """One listing of ``stages/``: the stamp of every stored outcome and the names of every
-    stage's files."""
+    """One listing of ``stages/``: the stamp of every stored outcome, and every stage's files
+    (as ``<stage_id>/<name>``)."""
 
     outcomes: dict[str, Stamp]
-    names: dict[str, frozenset[str]]
+    files: frozenset[str]
 
     def has(self, stage_id: str, name: str) -> bool:
-        return name in self.names.get(stage_id, ())
+        return f"{stage_id}/{name}" in self.files
 
 
 def list_stage_files(layout: Layout) -> StageFiles:
@@ -91,17 +91,19 @@ def list_stage_files(layout: Layout) -> StageFiles:
     top = layout.stages_dir
     selector = pafs.FileSelector(top, recursive=True, allow_not_found=True)
     outcomes: dict[str, Stamp] = {}
-    names: dict[str, set[str]] = {}
+    files: set[str] = set()
+    skip = len(top) + 1
     for info in layout.fs.get_file_info(selector):
         if info.type != pafs.FileType.File:
             continue
-        stage_id, _, name = info.path.removeprefix(top + "/").partition("/")
+        relative = info.path[skip:]
+        stage_id, _, name = relative.partition("/")
         if stage_id == STAGE_INDEX or not name or "/" in name:
             continue
-        names.setdefault(stage_id, set()).add(name)
+        files.add(relative)
         if name == OUTCOME_FILE:
-            outcomes[stage_id] = Stamp.of(info)
-    return StageFiles(outcomes, {k: frozenset(v) for k, v in names.items()})
+            outcomes[stage_id] = Stamp(info.size, info.mtime_ns or 0)
+    return StageFiles(outcomes, frozenset(files))
 
 
 @dataclass(frozen=True)
