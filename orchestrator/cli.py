@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="the schedule-vs-pruner analysis of a sweep")
     p.add_argument("sweep")
     _storage_arg(p)
-    p.add_argument("--out", help="report directory (default: <storage>/<sweep>/report)")
+    p.add_argument(
+        "--out",
+        help="also write a local copy here (the report always goes to "
+        "<storage>/sweeps/<sweep>/report, local or object storage)",
+    )
     p.add_argument("--latex", action="store_true", help="also write every table as a .tex file")
     p.add_argument(
         "--equivalence-margin", type=_number_in(0, 100, "accuracy points"), default=0.5,

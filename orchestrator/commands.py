@@ -71,13 +71,12 @@ def sweep(args: argparse.Namespace) -> int:
     if summary.interrupted is not None:
         return 128 + summary.interrupted  # the shell's convention: 130 SIGINT, 143 SIGTERM
     if not args.no_report and summary.counts.get("ok"):
-        from results.report import build_report
         from results.store import SweepStore
 
         store = SweepStore(args.storage, grid.name)
-        report = build_report(store, _report_dir(args, grid.name))
+        report = _write_report(args, store)
         print(report.headline)
-        print(f"\nreport: {report.markdown_path}")
+        print(f"\nreport: {_report_location(args, grid.name)}")
         _log_report(summary, store, report.markdown_path.parent)
     return EXIT_OK if summary.ok else EXIT_FAILED
 
@@ -95,7 +94,44 @@ def _log_report(summary, store, report_dir) -> None:
 
 
 def _report_dir(args: argparse.Namespace, sweep_name: str) -> str:
-    return getattr(args, "out", None) or Layout(args.storage).report_dir(sweep_name)
+    """The local directory a report is drawn in: `--out` if given, else the sweep's report
+    directory on local storage, else a temporary directory (copied into storage after)."""
+    out = getattr(args, "out", None)
+    if out:
+        return out
+    layout = Layout(args.storage)
+    if layout.local:
+        return layout.report_dir(sweep_name)
+    import atexit
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=f"nptm-report-{sweep_name}-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # kept for the caller's use
+    return tmp
+
+
+def _write_report(args: argparse.Namespace, store, **options):
+    """The sweep's report, in `<storage>/sweeps/<sweep>/report` whatever the storage (and in
+    `--out` too, when given); returns the `results.report.Report` (its paths are local).
+    `options`: `results.report.build_report`'s (margin, latex)."""
+    from results.report import build_report
+    from trainables.storage import replace_dir
+
+    local = _report_dir(args, store.sweep)
+    report = build_report(store, local, **options)
+    replace_dir(local, store.fs, store.layout.report_dir(store.sweep))
+    return report
+
+
+def _report_location(args: argparse.Namespace, sweep_name: str) -> str:
+    layout = Layout(args.storage)
+    if layout.local:
+        where = f"{layout.report_dir(sweep_name)}/report.md"
+    else:
+        where = layout.location("sweeps", sweep_name, "report", "report.md")
+    out = getattr(args, "out", None)
+    return where + (f" (local copy: {out}/report.md)" if out else "")
 
 
 def _print_banner(start) -> None:
@@ -231,16 +267,14 @@ def _sweep_store(args: argparse.Namespace, *, planned: bool = False):
 
 
 def report(args: argparse.Namespace) -> int:
-    from results.report import build_report
-
-    result = build_report(
+    result = _write_report(
+        args,
         _sweep_store(args),
-        _report_dir(args, args.sweep),
         margin=args.equivalence_margin / 100,  # points -> accuracy
         latex=args.latex,
     )
     print(result.headline)
-    print(f"\nreport: {result.markdown_path}")
+    print(f"\nreport: {_report_location(args, args.sweep)}")
     if result.latex:
         print(f"LaTeX tables: {', '.join(p.name for p in result.latex)}")
     return EXIT_OK

@@ -24,7 +24,12 @@ from orchestrator.errors import UsageError
 from orchestrator.live import LiveTracker, StopSignals, SweepInterrupted, SweepStart, new_progress
 from orchestrator.progress import ProgressPrinter
 from orchestrator.trial import stage_trial
-from trainables.artifacts import ArtifactStore, node_local_path_warning, rewind_name
+from trainables.artifacts import (
+    ArtifactStore,
+    checksum_name,
+    node_local_path_warning,
+    rewind_name,
+)
 from trainables.stage import StageOutcome, StageSpec, StageStatus
 from trainables.storage import DEFAULT_MIN_FREE_GB, StorageError, check_writable
 
@@ -128,6 +133,7 @@ def run_sweep(
             _end(recorder, live, summary, "FAILED", DriverState.FAILED)
         raise
     else:
+        _persist(artifacts, store)
         _end(recorder, live, summary, "FINISHED" if summary.ok else "FAILED", DriverState.FINISHED)
     finally:
         disconnect()
@@ -224,18 +230,29 @@ def _check_cluster(cluster: Cluster, grid: Any, plan: Any, opts: SweepOptions) -
 
 def _finished_stages(plan: Any, artifacts: ArtifactStore) -> dict[str, StageOutcome]:
     """Stages with a finished stored outcome (and, for pre-training, every checkpoint children
-    need), with that outcome."""
+    need), with that outcome.
+
+    One listing of the artifact store and its outcome index answer for every stage whose
+    outcome.json is unchanged since it was indexed; only the others are read
+    (trainables.stage_index says what the index may skip)."""
+    outcomes, files = artifacts.stored_outcomes(plan.stages)
     done: dict[str, StageOutcome] = {}
     for sid, spec in plan.stages.items():
         if any(p not in done for p in spec.parents):
             continue  # an unfinished parent will recompute (and overwrite) this stage's input
-        outcome = artifacts.read_outcome(sid)
+        outcome = outcomes.get(sid)
         if outcome is None or not outcome.status.finished:
             continue
-        if not all(artifacts.exists(sid, rewind_name(e)) for e in spec.keep_epochs):
+        if not all(files.has(sid, checksum_name(rewind_name(e))) for e in spec.keep_epochs):
             continue
         done[sid] = outcome
     return done
+
+
+def _persist(artifacts: ArtifactStore, store: Any) -> None:
+    """The outcome index entries still in memory, and the sweep's table snapshots."""
+    artifacts.flush_index()
+    store.compact()
 
 
 def _tune(

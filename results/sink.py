@@ -110,8 +110,11 @@ class ResultSink:
         )
         row["attempts"] = attempts
         stage_table, epoch_table = self.store.write_stage(row, epochs)  # validated here, once
+        if outcome is not None and not reused:  # reused ones came from the index
+            self.artifacts.index_outcome(outcome)
         self._record_run(stage_table, epoch_table.to_pylist())
         self._tally(spec, status, error, reused)
+        self.store.compact_when_due()
 
     def _executor(self, spec: StageSpec) -> str:
         if spec.kind == StageKind.PRUNE and self.executor == "train":

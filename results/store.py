@@ -6,10 +6,17 @@ trainables.layout)::
     <storage>/sweeps/<sweep>/stages/<stage_id>.parquet   one row: the stage's outcome
     <storage>/sweeps/<sweep>/epochs/<stage_id>.parquet   one row per epoch of that stage
 
+    <storage>/sweeps/<sweep>/stages.parquet              snapshot: all stage rows in one file
+    <storage>/sweeps/<sweep>/epochs.parquet              snapshot: all epoch rows
+
 One file per stage means a rerun of a stage replaces its file rather than appending, and workers
-never contend for a file. Each directory is a Parquet dataset:
-``pandas.read_parquet('<dir>')``, ``pyarrow.dataset.dataset('<dir>')`` or, in DuckDB,
-``SELECT * FROM read_parquet('<storage>/sweeps/<sweep>/stages/*.parquet')``.
+never contend for a file: it is the crash-safe write path and the source of truth. Opening one
+file per stage is slow on object storage, so `compact` merges them into the snapshots (the
+driver does so every few minutes and at the end of a sweep), and readers open the snapshot
+plus the per-stage files newer than it. Once a sweep has ended, its snapshots are the tables:
+``pandas.read_parquet('<storage>/sweeps/<sweep>/stages.parquet')`` or, in DuckDB,
+``SELECT * FROM '<storage>/sweeps/<sweep>/stages.parquet'``; each per-stage directory is
+also a Parquet dataset (``read_parquet('<storage>/sweeps/<sweep>/stages/*.parquet')``).
 Files are written atomically (temporary name in the same directory, then a rename; on object
 stores a single PUT is already atomic), and temporary names start with a dot and do not end in
 ``.parquet``, so every reader above skips them.
@@ -20,25 +27,50 @@ are read as if they were current; a stage written again lands in the current lay
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from results.schema import LEGACY_KEY, SCHEMAS, SchemaError, TableName, rows_to_table
-from trainables.layout import EPOCHS_TABLE, LEGACY_STAGES_TABLE, STAGES_TABLE, Layout, check_name
-from trainables.storage import atomic_write_bytes
+from trainables.layout import (
+    EPOCHS_TABLE,
+    LEGACY_READ_CACHE,
+    LEGACY_STAGES_TABLE,
+    STAGES_TABLE,
+    Layout,
+    check_name,
+)
+from trainables.storage import atomic_write_bytes, read_bytes
 
 log = logging.getLogger(__name__)
 
 _KEYS = ("sweep", "stage_id", "stage_kind")  # what an epoch row shares with its stage row
+
+
+class Source(NamedTuple):
+    """A per-stage file of a table: its path inside the sweep directory, time and size."""
+
+    file: str
+    mtime_ns: int
+    size: int
+
+
+_Merged = tuple[pa.Table, dict[str, Source], bool]
+_SOURCES_KEY = b"nptm.sources"
+COMPACT_INTERVAL_S = 300.0  # the driver's snapshots lag the per-stage files by at most this
+COMPACT_AFTER_FILES = 64  # a read that opened more per-stage files writes a snapshot
+READ_THREADS = 16
 
 
 class SweepStore:
@@ -57,6 +89,8 @@ class SweepStore:
         self.storage = self.layout.storage
         self.fs, self.root, self.local = self.layout.fs, self.layout.root, self.layout.local
         self.sweep_dir = self.layout.sweep_dir(sweep)
+        self._snapshots: dict[str, tuple[tuple[int, int], tuple[pa.Table, dict[str, Source]]]] = {}
+        self._last_compact = time.monotonic()
 
     def __repr__(self) -> str:
         return f"SweepStore({self.storage!r}, {self.sweep!r})"
@@ -136,10 +170,11 @@ class SweepStore:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _file_infos(self, table: TableName) -> list[pafs.FileInfo]:
-        """The table's stage files; for `stages`, version-1 files of stages not rewritten since."""
+    def _sources(self, table: TableName) -> dict[str, Source]:
+        """The table's per-stage files by stage id; for `stages`, version-1 files of stages not
+        rewritten since."""
         dirs = [table] + ([LEGACY_STAGES_TABLE] if table == STAGES_TABLE else [])
-        found: dict[str, pafs.FileInfo] = {}
+        found: dict[str, Source] = {}
         for name in dirs:
             selector = pafs.FileSelector(self.table_dir(name), allow_not_found=True)
             for i in self.fs.get_file_info(selector):
@@ -148,97 +183,149 @@ class SweepStore:
                     and i.base_name.endswith(".parquet")
                     and not i.base_name.startswith((".", "_"))
                 ):
-                    found.setdefault(i.base_name, i)  # the current layout first
-        return [found[name] for name in sorted(found)]
+                    sid = i.base_name.removesuffix(".parquet")
+                    # the current layout first
+                    found.setdefault(sid, Source(f"{name}/{i.base_name}", i.mtime_ns or 0, i.size))
+        return dict(sorted(found.items()))
 
     def stage_ids(self) -> list[str]:
         """Ids of the stages with a stored outcome (from file names; nothing is read)."""
-        return [i.base_name.removesuffix(".parquet") for i in self._file_infos(STAGES_TABLE)]
+        return list(self._sources(STAGES_TABLE))
 
     def read_table(self, table: TableName) -> pa.Table:
-        """The whole table as Arrow, with exactly the current schema.
+        """The whole table as Arrow, with exactly the current schema, sorted by stage (and
+        epoch).
 
-        Opening one small file costs milliseconds, so a consolidated copy of what was read
-        is kept in ``<sweep>/.nptm-cache/<table>.parquet`` together with each file's size and
-        modification time; later reads only open the stage files that are new or changed.
-        The per-stage files stay the source of truth: the cache is rebuilt from them whenever
-        it is missing, unreadable or out of date.
+        Read from the table's snapshot (``<sweep>/<table>.parquet``) plus every per-stage file
+        that is newer than it; the per-stage files stay the source of truth (a snapshot row
+        whose file changed or vanished is not used). A read that had to open more than
+        `COMPACT_AFTER_FILES` per-stage files writes a new snapshot (best effort), so the next
+        read does not open them again.
         """
-        infos = self._file_infos(table)
-        schema = SCHEMAS[table]
-        if not infos:
-            return schema.empty_table()
-        current = {self._key(i): (i.mtime_ns, i.size) for i in infos}
-        cached = self._read_cache(table)
-        if cached is not None:
-            stamps = zip(
-                cached[_FILE].to_pylist(),
-                cached[_MTIME].to_pylist(),
-                cached[_SIZE].to_pylist(),
-                strict=True,
-            )
-            valid = [current.get(f) == (m, z) for f, m, z in stamps]
-            kept = cached.filter(pa.array(valid, pa.bool_()))
-            have = set(kept[_FILE].to_pylist())
+        merged, fresh = self._merge(table)
+        if fresh > COMPACT_AFTER_FILES:
+            self._write_snapshot(table, merged, best_effort=True)
+        return merged[0]
+
+    def compact(self) -> None:
+        """Bring both snapshots up to date with the per-stage files (one read of each file
+        newer than the snapshot, one write of each snapshot that changed)."""
+        for table in (STAGES_TABLE, EPOCHS_TABLE):
+            merged, fresh = self._merge(table)
+            if fresh or merged[2]:
+                self._write_snapshot(table, merged)
+        self._last_compact = time.monotonic()
+        self._remove_legacy_cache()
+
+    def compact_when_due(self, interval_s: float = COMPACT_INTERVAL_S) -> None:
+        """`compact` if the last one is `interval_s` old (the driver calls this as stages end);
+        a failure is logged, never raised: the per-stage files are already safe."""
+        if time.monotonic() - self._last_compact < interval_s:
+            return
+        try:
+            self.compact()
+        except (OSError, pa.ArrowException) as err:
+            self._last_compact = time.monotonic()
+            log.warning("could not compact the tables of %s: %s", self, err)
+
+    def _merge(self, table: TableName) -> tuple[_Merged, int]:
+        """(table, its sources, whether the snapshot had rows to drop) and how many per-stage
+        files were read."""
+        sources = self._sources(table)
+        snapshot = self._read_snapshot(table)
+        kept_ids: list[str] = []
+        stale = False
+        if snapshot is not None:
+            rows, had = snapshot
+            kept_ids = [sid for sid, src in had.items() if sources.get(sid) == src]
+            stale = len(kept_ids) < len(had)
+            if stale:
+                rows = rows.filter(pc.is_in(rows["stage_id"], pa.array(kept_ids, pa.string())))
+            parts = [rows]
         else:
-            kept, have = None, set()
-        fresh = [i for i in infos if self._key(i) not in have]
-        parts = [kept] if kept is not None else []
+            parts = []
+        kept = set(kept_ids)
+        fresh = [src for sid, src in sources.items() if sid not in kept]
         if fresh:
             parts.append(self._read_files(table, fresh))
-        combined = pa.concat_tables(parts) if parts else _cache_schema(schema).empty_table()
-        if fresh or (cached is not None and kept is not None and kept.num_rows != cached.num_rows):
-            self._write_cache(table, combined)
-        return combined.drop_columns([_FILE, _MTIME, _SIZE]).cast(schema)
-
-    def _key(self, info: pafs.FileInfo) -> str:
-        """A file's name in the cache: its path inside the sweep directory."""
-        return info.path.removeprefix(self.sweep_dir + "/")
-
-    def _read_files(self, table: TableName, infos: list[pafs.FileInfo]) -> pa.Table:
         schema = SCHEMAS[table]
-        cache_schema = _cache_schema(schema)
-        stamp = {i.path: (self._key(i), i.mtime_ns, i.size) for i in infos}
-        dataset = ds.dataset(list(stamp), format="parquet", filesystem=self.fs)
-        parts = []
-        for fragment in dataset.get_fragments():
-            data = _current_layout(fragment.to_table(), schema)
-            name, mtime, size = stamp[fragment.path]
-            n = data.num_rows
-            extra = [
-                pa.array([name] * n, pa.string()),
-                pa.array([mtime] * n, pa.int64()),
-                pa.array([size] * n, pa.int64()),
-            ]
-            parts.append(pa.Table.from_arrays([*data.columns, *extra], schema=cache_schema))
-        return pa.concat_tables(parts) if parts else cache_schema.empty_table()
+        data = pa.concat_tables(parts) if parts else schema.empty_table()
+        keys = [("stage_id", "ascending")] + (
+            [("epoch", "ascending")] if table == EPOCHS_TABLE else []
+        )
+        return (data.sort_by(keys), sources, stale), len(fresh)
 
-    def _cache_path(self, table: TableName) -> str:
-        return self.layout.read_cache(self.sweep, table)
+    def _read_files(self, table: TableName, sources: list[Source]) -> pa.Table:
+        """The rows of these per-stage files, concurrently (object stores answer each read in
+        milliseconds, one at a time)."""
+        schema = SCHEMAS[table]
 
-    def _read_cache(self, table: TableName) -> pa.Table | None:
+        def read(src: Source) -> pa.Table:
+            data = read_bytes(self.fs, f"{self.sweep_dir}/{src.file}")
+            if data is None:
+                return schema.empty_table()  # removed since the listing
+            return _current_layout(pq.read_table(pa.BufferReader(data)), schema)
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            parts = list(pool.map(read, sources))
+        return pa.concat_tables(parts) if parts else schema.empty_table()
+
+    def snapshot_path(self, table: TableName) -> str:
+        return self.layout.snapshot_file(self.sweep, table)
+
+    def _read_snapshot(self, table: TableName) -> tuple[pa.Table, dict[str, Source]] | None:
+        """The snapshot's rows and the per-stage file behind each stage's rows; None when it is
+        missing, unreadable or of another schema version. Kept in memory while the file is
+        unchanged."""
+        path = self.snapshot_path(table)
+        info = self.fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            return None
+        stamp = (info.mtime_ns, info.size)
+        memo = self._snapshots.get(table)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
         try:
-            cached = pq.read_table(self._cache_path(table), filesystem=self.fs)
-        except (OSError, pa.ArrowException):
-            return None  # missing or unreadable: rebuild from the stage files
-        if not cached.schema.equals(_cache_schema(SCHEMAS[table]), check_metadata=False):
+            data = read_bytes(self.fs, path)
+            if data is None:
+                return None
+            rows = pq.read_table(pa.BufferReader(data))
+            meta = json.loads((rows.schema.metadata or {})[_SOURCES_KEY])
+            sources = {sid: Source(*src) for sid, src in meta.items()}
+        except (OSError, pa.ArrowException, KeyError, ValueError, TypeError) as err:
+            log.debug("ignoring the snapshot %s: %s", path, err)
+            return None  # rebuilt from the per-stage files by the next compaction
+        if not rows.schema.equals(SCHEMAS[table], check_metadata=False):
             return None  # written by another schema version
-        return cached
+        snapshot = (rows.replace_schema_metadata(SCHEMAS[table].metadata), sources)
+        self._snapshots[table] = (stamp, snapshot)
+        return snapshot
 
-    def _write_cache(self, table: TableName, data: pa.Table) -> None:
+    def _write_snapshot(self, table: TableName, merged: _Merged, best_effort: bool = False) -> None:
+        rows, sources, _ = merged
+        meta = {**(SCHEMAS[table].metadata or {})}
+        meta[_SOURCES_KEY] = json.dumps({sid: list(src) for sid, src in sources.items()})
+        path = self.snapshot_path(table)
         try:
-            self._write_atomic(data, self._cache_path(table))
+            self._write_atomic(rows.replace_schema_metadata(meta), path)
         except (OSError, pa.ArrowException) as err:  # e.g. read-only storage: just slower
-            log.debug("cannot write the read cache of %s: %s", self, err)
+            if not best_effort:
+                raise
+            log.debug("cannot write the snapshot of %s: %s", self, err)
+            return
+        info = self.fs.get_file_info(path)  # what the next read will compare with
+        self._snapshots[table] = ((info.mtime_ns, info.size), (rows, sources))
+
+    def _remove_legacy_cache(self) -> None:
+        path = f"{self.sweep_dir}/{LEGACY_READ_CACHE}"
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
 
     def read_stages(self) -> pd.DataFrame:
         return _to_pandas(self.read_table(STAGES_TABLE))
 
     def read_epochs(self) -> pd.DataFrame:
         return _to_pandas(self.read_table(EPOCHS_TABLE))
-
-
-_FILE, _MTIME, _SIZE = "__file", "__mtime_ns", "__size"
 
 
 def _current_layout(data: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -253,17 +340,6 @@ def _current_layout(data: pa.Table, schema: pa.Schema) -> pa.Table:
         for f in schema
     ]
     return pa.Table.from_arrays(columns, names=schema.names).cast(schema)
-
-
-def _cache_schema(schema: pa.Schema) -> pa.Schema:
-    return pa.schema(
-        [
-            *schema,
-            pa.field(_FILE, pa.string()),
-            pa.field(_MTIME, pa.int64()),
-            pa.field(_SIZE, pa.int64()),
-        ]
-    )
 
 
 _NULLABLE_DTYPES = {

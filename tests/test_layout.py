@@ -17,6 +17,8 @@ def test_local_layout(tmp_path: Path) -> None:
         layout.table_file("s1", "stages", "abc123") == f"{tmp_path}/sweeps/s1/stages/abc123.parquet"
     )
     assert layout.report_dir("s1") == f"{tmp_path}/sweeps/s1/report"
+    assert layout.snapshot_file("s1", "stages") == f"{tmp_path}/sweeps/s1/stages.parquet"
+    assert layout.stage_index_dir == f"{tmp_path}/stages/_index"
     assert layout.mlflow_db == f"{tmp_path}/mlflow.db"
     assert layout.ray_dir == f"{tmp_path}/_ray"
 
@@ -26,8 +28,13 @@ def test_uri_layout_needs_no_connection() -> None:
     layout = Layout("s3://bucket/prefix/")
     assert layout.mlflow_db is None
     assert layout.ray_dir == "s3://bucket/prefix/_ray"
-    assert layout.report_dir("s1") == "./nptm-report-s1"
+    assert layout.report_location("s1") == "s3://bucket/prefix/sweeps/s1/report"
     assert layout.sweep_location("s1") == "s3://bucket/prefix/sweeps/s1"
+    # Options in the URI's query stay at its end (pyarrow and Ray read them there).
+    query = "endpoint_override=127.0.0.1:9000&scheme=http"
+    with_query = Layout(f"s3://bucket/prefix?{query}")
+    assert with_query.ray_dir == f"s3://bucket/prefix/_ray?{query}"
+    assert with_query.report_location("s1") == f"s3://bucket/prefix/sweeps/s1/report?{query}"
 
 
 @pytest.mark.parametrize("name", ["..", "a/b", "/abs", "", ".hidden", "sp ace", "a..b"])

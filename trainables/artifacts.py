@@ -9,6 +9,10 @@ local path or any URI `pyarrow.fs` understands):
     error.txt          why the last attempt failed
     outcome.json       the stage's `StageOutcome`; written last, it marks completion
 
+and ``<root>/stages/_index/``, the index of outcomes (trainables.stage_index): the driver adds
+each outcome it accepts (`index_outcome`, batched; `flush_index` at the end), and
+`stored_outcomes` answers from it for every outcome.json that is unchanged since.
+
 Every file is written to a temporary name and then moved into place, so a reader sees either
 the old file or the new one, never a torn one. Every payload is verified against its checksum
 on load: a truncated or corrupted artifact raises `CorruptArtifactError` naming the stage that
@@ -19,14 +23,24 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
+from collections.abc import Iterable
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from trainables.layout import Layout
 from trainables.stage import StageOutcome
+from trainables.stage_index import (
+    OUTCOME_FILE,
+    StageFiles,
+    StageIndex,
+    Stamp,
+    outcome_json,
+    parse_outcome,
+    read_outcomes,
+)
 from trainables.storage import atomic_write_bytes, is_local_storage, read_bytes
 
 if TYPE_CHECKING:
@@ -50,6 +64,11 @@ class CorruptArtifactError(RuntimeError):
 
 MODEL = "model"  # final weights of a stage
 RESUME = "resume"  # latest end-of-epoch training state of an unfinished stage
+
+
+def checksum_name(name: str) -> str:
+    """The file whose presence marks payload `name` as completely written."""
+    return f"{name}.pt.sha256"
 
 
 def rewind_name(epoch: int) -> str:
@@ -81,13 +100,13 @@ class ArtifactStore:
         data = buf.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         atomic_write_bytes(self.fs, self._path(stage_id, f"{name}.pt"), data)
-        atomic_write_bytes(self.fs, self._path(stage_id, f"{name}.pt.sha256"), digest.encode())
+        atomic_write_bytes(self.fs, self._path(stage_id, checksum_name(name)), digest.encode())
         return digest
 
     def load(self, stage_id: str, name: str, map_location: str | torch.device = "cpu") -> dict:
         """Load and verify a payload; never unpickles arbitrary objects (weights_only=True)."""
         data = read_bytes(self.fs, self._path(stage_id, f"{name}.pt"))
-        expected = read_bytes(self.fs, self._path(stage_id, f"{name}.pt.sha256"))
+        expected = read_bytes(self.fs, self._path(stage_id, checksum_name(name)))
         if data is None or expected is None:
             raise CorruptArtifactError(stage_id, name, "missing")
         if hashlib.sha256(data).hexdigest() != expected.decode().strip():
@@ -100,7 +119,7 @@ class ArtifactStore:
             raise CorruptArtifactError(stage_id, name, f"refused by safe loader: {err}") from err
 
     def exists(self, stage_id: str, name: str) -> bool:
-        info = self.fs.get_file_info(self._path(stage_id, f"{name}.pt.sha256"))
+        info = self.fs.get_file_info(self._path(stage_id, checksum_name(name)))
         return info.type == pafs.FileType.File
 
     def delete(self, stage_id: str, name: str) -> None:
@@ -111,19 +130,38 @@ class ArtifactStore:
 
     # -- outcomes ------------------------------------------------------------------------
     def write_outcome(self, outcome: StageOutcome) -> None:
-        data = json.dumps(outcome.to_dict(), sort_keys=True, default=str).encode()
-        atomic_write_bytes(self.fs, self._path(outcome.stage_id, "outcome.json"), data)
+        data = outcome_json(outcome).encode()
+        atomic_write_bytes(self.fs, self._path(outcome.stage_id, OUTCOME_FILE), data)
 
     def read_outcome(self, stage_id: str) -> StageOutcome | None:
         """The stored outcome; None when there is none or it cannot be read (the stage is then
         recomputed)."""
-        data = read_bytes(self.fs, self._path(stage_id, "outcome.json"))
-        if data is None:
-            return None
-        try:
-            return StageOutcome.from_dict(json.loads(data))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return None  # not JSON, not UTF-8 or not an outcome: garbled
+        return parse_outcome(read_bytes(self.fs, self._path(stage_id, OUTCOME_FILE)))
+
+    @cached_property
+    def index(self) -> StageIndex:
+        return StageIndex(self.layout)
+
+    def stored_outcomes(
+        self, stage_ids: Iterable[str]
+    ) -> tuple[dict[str, StageOutcome], StageFiles]:
+        """The stored outcome of each of `stage_ids` that has one, from the index where its
+        outcome.json is unchanged (else read, and indexed), and the listing of every stage's
+        files they were checked against (`StageFiles.has`)."""
+        return read_outcomes(self.layout, self.index, stage_ids)
+
+    def index_outcome(self, outcome: StageOutcome) -> None:
+        """Add an outcome the driver accepted to the index (batched; see `flush_index`)."""
+        sid = outcome.stage_id
+        selector = pafs.FileSelector(self.layout.stage_dir(sid), allow_not_found=True)
+        # A listing, not a HEAD: the stamp must read as the start-up listing will show it.
+        for info in self.fs.get_file_info(selector):
+            if info.base_name == OUTCOME_FILE and info.type == pafs.FileType.File:
+                self.index.add(outcome, sid, Stamp.of(info))
+
+    def flush_index(self) -> None:
+        """Write the index entries still waiting in memory."""
+        self.index.flush()
 
     def start_attempt(self, stage_id: str) -> int:
         """Count one more start of `stage_id` and return the count (1 on the first start).
@@ -153,9 +191,10 @@ class ArtifactStore:
 
     def invalidate(self, stage_id: str) -> None:
         """Forget a stage's outcome so that it runs again (its artifacts get overwritten)."""
-        path = self._path(stage_id, "outcome.json")
+        path = self._path(stage_id, OUTCOME_FILE)
         if self.fs.get_file_info(path).type == pafs.FileType.File:
             self.fs.delete_file(path)
+            self.index.drop(stage_id)
 
 
 def node_local_path_warning(storage: str) -> str | None:

@@ -1,17 +1,36 @@
 """Where everything lives under a storage root, and the one rule for names used in paths.
 
     <root>/stages/<stage_id>/<file>          a stage's artifacts and outcome (trainables.artifacts)
-    <root>/sweeps/<sweep>/stages/<id>.parquet  one row per stage (results.store)
+    <root>/stages/_index/*.parquet           the index of stored outcomes (trainables.stage_index)
+    <root>/sweeps/<sweep>/stages/<id>.parquet  one row per stage (results.store): the
+                                             crash-safe write path and the source of truth
     <root>/sweeps/<sweep>/epochs/<id>.parquet  one row per epoch of that stage
-    <root>/sweeps/<sweep>/.nptm-cache/       the store's read cache of both tables
-    <root>/sweeps/<sweep>/report/            `nptm report`'s default output (local storage)
+    <root>/sweeps/<sweep>/stages.parquet     snapshot: every stage row in one file, compacted
+    <root>/sweeps/<sweep>/epochs.parquet     at the end of a sweep and every few minutes of it
+    <root>/sweeps/<sweep>/report/            `nptm report`'s output (any storage)
     <root>/sweeps/<sweep>/run/               the record of what ran: grid file, plan.json,
                                              versions; progress.json while a sweep runs
     <root>/mlflow.db                         embedded MLflow store (local storage)
     <root>/_ray                              Ray Tune / Ray Train storage
 
+The stage index (`stages/_index/`) lets a sweep start without reading one ``outcome.json``
+per stage: it holds every outcome the driver accepted, each with the size and modification
+time its ``outcome.json`` had. At start one listing of ``stages/`` (one request per 1,000
+files on an object store) shows which outcomes exist and whether they changed since; only new
+or changed ones are read. It is a cache of the outcomes: deleting it costs one read per stage
+at the next start, after which it is whole again. Its files are written once and never
+changed: small ``part-*`` files as stages finish, merged now and then into one ``base-*``.
+
+The snapshots (``stages.parquet``, ``epochs.parquet``) are what to open with pandas or
+DuckDB once a sweep has ended; while it runs they lag the per-stage files by a few minutes,
+and nptm's readers (`results.store.SweepStore`) add whatever is newer. Their Parquet
+metadata names the per-stage file (and its size and time) behind each stage's rows.
+
 Sweeps written before schema version 2 keep their stage rows in ``sweeps/<sweep>/trials/``;
 `LEGACY_STAGES_TABLE` names that directory for readers.
+
+A URI may carry options in its query (``s3://bucket/root?endpoint_override=host:9000&
+scheme=http``); paths built from the storage as given keep the query at the end.
 
 Torch-free: the driver, Tune's trial actors and the results package import it.
 """
@@ -28,6 +47,8 @@ from trainables.storage import is_local_storage, resolve_storage
 
 STAGES_TABLE, EPOCHS_TABLE = "stages", "epochs"
 LEGACY_STAGES_TABLE = "trials"  # schema version 1
+LEGACY_READ_CACHE = ".nptm-cache"  # the hidden read cache the snapshots replaced
+STAGE_INDEX = "_index"  # under stages/; never a stage id (those start with a letter or digit)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -86,6 +107,14 @@ class Layout:
         return self._resolved[2]
 
     # -- stages ----------------------------------------------------------------------------
+    @property
+    def stages_dir(self) -> str:
+        return f"{self.root}/stages"
+
+    @property
+    def stage_index_dir(self) -> str:
+        return f"{self.stages_dir}/{STAGE_INDEX}"
+
     def stage_dir(self, stage_id: str) -> str:
         return f"{self.root}/stages/{check_name('stage id', stage_id)}"
 
@@ -98,8 +127,13 @@ class Layout:
 
     def sweep_location(self, sweep: str) -> str:
         """The sweep directory as a user names it: under the storage as given, so a URI keeps
-        its scheme and nothing is resolved."""
-        return f"{self.storage.rstrip('/')}/sweeps/{check_name('sweep', sweep)}"
+        its scheme and options and nothing is resolved."""
+        return self.location("sweeps", check_name("sweep", sweep))
+
+    def location(self, *parts: str) -> str:
+        """`parts` under the storage as given (a URI's query stays at the end)."""
+        base, sep, query = self.storage.partition("?")
+        return "/".join([base.rstrip("/"), *parts]) + sep + query
 
     def table_dir(self, sweep: str, table: str) -> str:
         return f"{self.sweep_dir(sweep)}/{table}"
@@ -107,9 +141,9 @@ class Layout:
     def table_file(self, sweep: str, table: str, stage_id: str) -> str:
         return f"{self.table_dir(sweep, table)}/{check_name('stage_id', stage_id)}.parquet"
 
-    def read_cache(self, sweep: str, table: str) -> str:
-        """The store's consolidated copy of a table (a dot-directory: dataset globs skip it)."""
-        return f"{self.sweep_dir(sweep)}/.nptm-cache/{table}.parquet"
+    def snapshot_file(self, sweep: str, table: str) -> str:
+        """The compacted copy of a table: all its per-stage files in one."""
+        return f"{self.sweep_dir(sweep)}/{table}.parquet"
 
     def run_dir(self, sweep: str) -> str:
         """The record of what ran (written by `nptm sweep`, read by `nptm status`)."""
@@ -119,10 +153,12 @@ class Layout:
         return f"{self.run_dir(sweep)}/{check_name('run record', name)}"
 
     def report_dir(self, sweep: str) -> str:
-        """Beside the sweep's tables on local storage; else under the working directory."""
-        if is_local_storage(self.storage):
-            return f"{self.sweep_dir(sweep)}/report"
-        return f"./nptm-report-{check_name('sweep', sweep)}"
+        """Where `nptm report` writes, beside the sweep's tables (a path inside `fs`)."""
+        return f"{self.sweep_dir(sweep)}/report"
+
+    def report_location(self, sweep: str) -> str:
+        """`report_dir` as a user names it (see `sweep_location`)."""
+        return self.location("sweeps", check_name("sweep", sweep), "report")
 
     # -- services --------------------------------------------------------------------------
     @property
@@ -134,5 +170,5 @@ class Layout:
     def ray_dir(self) -> str:
         """Ray's storage path: a local path, or a URI that Ray resolves itself."""
         if "://" in self.storage:
-            return f"{self.storage.rstrip('/')}/_ray"
+            return self.location("_ray")
         return f"{self.root}/_ray"

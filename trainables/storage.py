@@ -63,11 +63,13 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
         return
-    fs.create_dir(directory, recursive=True)
     if fs.type_name in _OBJECT_STORES:
-        with fs.open_output_stream(path) as out:  # object store: one PUT
+        # One PUT is atomic; an object store has no directories to create (pyarrow would
+        # probe and mark every level of the path: requests for nothing).
+        with fs.open_output_stream(path) as out:
             out.write(data)
         return
+    fs.create_dir(directory, recursive=True)
     try:
         with fs.open_output_stream(tmp) as out:
             out.write(data)
@@ -76,6 +78,19 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             fs.delete_file(tmp)
         raise
+
+
+def replace_dir(source: str | os.PathLike[str], fs: pafs.FileSystem, path: str) -> None:
+    """Make `path` in `fs` a copy of the local directory `source` (files of an earlier copy
+    that `source` no longer has are removed)."""
+    source = os.path.abspath(source)
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(path) == source:
+        return
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    pafs.copy_files(
+        source, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
