@@ -10,8 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ray.tune.schedulers import FIFOScheduler
-
 from orchestrator.cluster import (
     Cluster,
     check_fit,
@@ -24,6 +22,7 @@ from orchestrator.dag_search import DagSearcher, StageResolution
 from orchestrator.errors import UsageError
 from orchestrator.progress import ProgressPrinter
 from orchestrator.trial import SweepShared, ray_name, stage_id_of, stage_trial
+from orchestrator.trial_scheduler import NewestPendingFirst
 from trainables.artifacts import ArtifactStore, node_local_path_warning, rewind_name
 from trainables.stage import StageOutcome, StageSpec, StageStatus
 from trainables.storage import DEFAULT_MIN_FREE_GB, StorageError, check_writable
@@ -182,7 +181,7 @@ def _tune(
         tune.with_resources(tune.with_parameters(stage_trial, shared=shared), trial_resources),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=_PendingFirst(),
+            scheduler=NewestPendingFirst(),  # see orchestrator.trial_scheduler
             num_samples=-1,
             reuse_actors=True,
             max_concurrent_trials=res.max_concurrent,
@@ -215,19 +214,6 @@ def _parallel_slots(cluster: Cluster, resources: Any) -> int:
 def _absolute(path: str | None) -> str | None:
     """Workers do not share the driver's working directory: relative paths are the driver's."""
     return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
-
-
-class _PendingFirst(FIFOScheduler):
-    """Tune's default first-in-first-out scheduling, without its scan of every trial.
-
-    `FIFOScheduler.choose_trial_to_run` walks the whole trial list, finished trials first, on
-    every step of the Tune loop: O(trials) per step, hence quadratic in a sweep of thousands
-    of stages. Tune starts pending trials in arrival order anyway (its own pending-trial
-    queue), so this scheduler names none; nptm never pauses a trial.
-    """
-
-    def choose_trial_to_run(self, tune_controller: Any) -> None:
-        return None
 
 
 class _TrialNames:
