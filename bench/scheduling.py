@@ -1,18 +1,24 @@
-"""1,000 no-op stages through the orchestrator on a local Ray: stages/s and driver CPU per stage.
+"""No-op stages through the orchestrator on a local Ray: stages/s and driver cost per stage.
 
-`nptm`: a real plan of 1,000 stages (digits, ResNet-20: 1 pretrain, 9 prune, 990 retrain)
-through `orchestrator.sweep._tune` itself, i.e. DagSearcher + the same Tuner settings
-(reuse_actors, num_samples=-1, TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1, per-trial placement
-group, progress callback), with the trainable swapped for one that only reports `finished`.
-Baselines, each in its own process and local Ray with the same CPUs:
+`nptm`: a real plan of 1,000 / 4,000 / 10,000 stages (digits, ResNet-20, 1 / 4 / 10 seeds,
+each 1 pretrain, 9 prunes, 990 retrains) through `orchestrator.sweep._tune` itself, i.e.
+DagSearcher + the same Tuner settings (reuse_actors, num_samples=-1, the plan through the
+object store, TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1, per-trial placement group, progress
+callback, experiment snapshots only at the end), with the trainable swapped for one that only
+reports `finished`. Baselines, each in its own process and local Ray with the same CPUs:
 - `tune-basic`: the same Tuner settings over the same number of no-op trials without the DAG
   searcher or the progress callback (what Tune alone costs);
 - `ray-tasks`: the same number of no-op Ray tasks of 1 CPU each (Ray's own ceiling).
 Driver CPU is the driver process's user + system time (resource.getrusage) during the run;
-"Ray CPU" is the CPU time of the processes Ray started (raylet, GCS, workers). Target:
->= 5 stages/s on 2 cores.
+"Ray CPU" is the CPU time of the processes Ray started (raylet, GCS, workers); driver peak
+RSS is the driver process's maximum resident set; "workers started" counts the Python worker
+processes (`default_worker.py`, `ray::IDLE` while idle) the raylet started during the run,
+polled every 0.1 s; "Tune state" is what Tune left under its storage path (experiment-state
+snapshots, searcher and callback state, per-trial directories). Targets: >= 10 stages/s on
+2 cores, and per-stage driver CPU and wall at 10,000 stages within 1.5x of those at 1,000.
 
-    .venv/bin/python bench/scheduling.py [--quick] [--json] [--stages 1000] [--variants ...]
+    .venv/bin/python bench/scheduling.py [--quick] [--json] [--stages 1000|4000|10000]
+        [--variants nptm,tune-basic,ray-tasks]
 """
 
 from __future__ import annotations
@@ -26,22 +32,25 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import _common
 
-TARGET = 5.0  # stages per second
+TARGET = 10.0  # stages per second
 VARIANTS = ("nptm", "tune-basic", "ray-tasks")
-# n_stages -> (ratios, budgets): 1 pretrain + R prunes + R * 5 schedules * B retrains
-SHAPES = {1000: (9, 22), 100: (9, 2)}
+# n_stages -> (seeds, ratios, budgets): per seed 1 pretrain + R prunes + R * 5 schedules * B
+# retrains
+SHAPES = {100: (1, 9, 2), 1000: (1, 9, 22), 4000: (4, 9, 22), 10000: (10, 9, 22)}
 
 
 def noop_grid(n_stages: int) -> dict[str, Any]:
     """An in-memory grid whose plan has exactly `n_stages` stages (a key of SHAPES)."""
     if n_stages not in SHAPES:
         raise ValueError(f"n_stages: {n_stages} is not one of {sorted(SHAPES)}")
-    n_ratios, n_budgets = SHAPES[n_stages]
+    n_seeds, n_ratios, n_budgets = SHAPES[n_stages]
     return {
         "name": f"bench-sched-{n_stages}",
         "max_trials": n_stages,
@@ -52,13 +61,13 @@ def noop_grid(n_stages: int) -> dict[str, Any]:
                                                        for i in range(n_ratios)]}],
             "schedule": ["ft", "lrw", "wr", "slr", "clr"],
             "budget": list(range(1, n_budgets + 1)),
-            "seed": [0],
+            "seed": list(range(n_seeds)),
         },
     }  # fmt: skip
 
 
-def noop_trainable(config: dict[str, Any]) -> None:
-    """Does nothing but end the way stage_trial ends."""
+def noop_trainable(config: dict[str, Any], **shared: Any) -> None:
+    """Does nothing but end the way stage_trial ends (`shared`: what `_tune` passes along)."""
     from ray import tune
 
     tune.report({"finished": 1})
@@ -105,21 +114,78 @@ def _cpu_ray_processes() -> float:
     return total
 
 
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class WorkerStarts:
+    """Counts the Python worker processes Ray starts while inside: polls this driver's
+    descendants (the raylet's children) for `default_worker.py` processes not seen before."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.seen: set[tuple[int, float]] = set()
+        self.started = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _workers(self) -> set[tuple[int, float]]:
+        import psutil
+
+        found = set()
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if any("default_worker.py" in part for part in p.cmdline()):
+                    found.add((p.pid, p.create_time()))
+        return found
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            new = self._workers() - self.seen
+            self.started += len(new)
+            self.seen |= new
+
+    def __enter__(self) -> WorkerStarts:
+        self.seen = self._workers()  # already running before the sweep: not counted
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tune_state(ray_dir: Path) -> dict[str, Any]:
+    """What Tune left under its storage path: bytes in all, the largest experiment-state
+    snapshot, and the number of per-trial directories."""
+    files = [p for p in ray_dir.rglob("*") if p.is_file()]
+    snapshots = [p.stat().st_size for p in files if p.name.startswith("experiment_state")]
+    experiments = [p for p in ray_dir.iterdir() if p.is_dir()] if ray_dir.is_dir() else []
+    return {
+        "tune_state_bytes": sum(p.stat().st_size for p in files),
+        "experiment_state_bytes": max(snapshots, default=0),
+        "trial_dirs": sum(1 for e in experiments for d in e.iterdir() if d.is_dir()),
+    }
+
+
 def run_variant(variant: str, n_stages: int, num_cpus: int) -> dict[str, Any]:
     """One variant in this process, with its own local Ray."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     from orchestrator.cluster import connect, disconnect
+    from trainables.layout import Layout
 
     cluster = connect(None, num_cpus=num_cpus)
     try:
         with tempfile.TemporaryDirectory(prefix="nptm-bench-sched-") as root:
             cpu0, ray0 = _cpu_self(), _cpu_ray_processes()
             t0 = time.perf_counter()
-            done = {"nptm": _run_nptm, "tune-basic": _run_tune_basic, "ray-tasks": _run_tasks}[
-                variant
-            ](n_stages, root, cluster)
+            with WorkerStarts() as workers:
+                done = {"nptm": _run_nptm, "tune-basic": _run_tune_basic, "ray-tasks": _run_tasks}[
+                    variant
+                ](n_stages, root, cluster)
             wall = time.perf_counter() - t0
             cpu, ray_cpu = _cpu_self() - cpu0, _cpu_ray_processes() - ray0
+            state = tune_state(Path(Layout(root).ray_dir))
     finally:
         disconnect()
     return {
@@ -129,6 +195,9 @@ def run_variant(variant: str, n_stages: int, num_cpus: int) -> dict[str, Any]:
         "stages_per_s": done / wall,
         "driver_cpu_ms_per_stage": cpu / done * 1e3,
         "ray_cpu_ms_per_stage": ray_cpu / done * 1e3,
+        "driver_peak_rss_mib": _peak_rss_mib(),
+        "workers_started_per_100": workers.started / done * 100,
+        **state,
     }
 
 
@@ -155,12 +224,14 @@ def _run_nptm(n_stages: int, root: str, cluster: Any) -> int:
 def _run_tune_basic(n_stages: int, root: str, cluster: Any) -> int:
     from ray import tune
 
+    from trainables.layout import Layout
+
     tuner = tune.Tuner(
         tune.with_resources(noop_trainable, lambda config: tune.PlacementGroupFactory(
             [{"CPU": 1.0}])),
         param_space={"i": tune.grid_search(list(range(n_stages)))},
         tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True),
-        run_config=tune.RunConfig(name="basic", storage_path=f"{root}/_ray", verbose=0),
+        run_config=tune.RunConfig(name="basic", storage_path=Layout(root).ray_dir, verbose=0),
     )  # fmt: skip
     results = tuner.fit()
     return len(results)
@@ -189,6 +260,17 @@ def run_child(variant: str, n_stages: int, num_cpus: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def readme_row(r: dict[str, Any]) -> str:
+    """One row of bench/README.md's scheduling table, for the nptm variant."""
+    cells = [
+        f"{r['stages']:,}", f"{r['wall_s']:.0f}", f"{r['stages_per_s']:.1f}",
+        f"{r['driver_cpu_ms_per_stage']:.1f}", f"{r['ray_cpu_ms_per_stage']:.1f}",
+        f"{r['driver_peak_rss_mib']:.0f}", f"{r['workers_started_per_100']:.1f}",
+        f"{r['tune_state_bytes'] / 2**20:.2f}", f"{r['trial_dirs']:,}",
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=1000, help=f"one of {sorted(SHAPES)}")
@@ -211,16 +293,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for v, r in results.items():
         rows.append(
             [v, r["stages"], r["wall_s"], r["stages_per_s"], r["driver_cpu_ms_per_stage"],
-             r["ray_cpu_ms_per_stage"],
+             r["ray_cpu_ms_per_stage"], r["driver_peak_rss_mib"], r["workers_started_per_100"],
+             r["tune_state_bytes"] / 2**20, r["trial_dirs"],
              base["stages_per_s"] / r["stages_per_s"] if base else float("nan")]
         )  # fmt: skip
     headers = ["variant", "stages", "wall s", "stages/s", "driver CPU ms/stage"]
-    headers += ["Ray CPU ms/stage", "nptm x"]
+    headers += ["Ray CPU ms/stage", "driver peak RSS MiB", "workers started /100 stages"]
+    headers += ["Tune state MiB", "trial dirs", "nptm x"]
     print(_common.table(headers, rows))
     verdict = None
     if base:
         verdict = base["stages_per_s"] >= TARGET
         _common.print_target(f">= {TARGET:g} stages/s", f"{base['stages_per_s']:.2f}", verdict)
+        print("README row: " + readme_row(base))
     result = {"machine": info, "stages": n, "variants": results, "target_met": verdict}
     _common.emit(result, args.json)
     return result

@@ -156,33 +156,73 @@ def stage_bundles(kind: str, resources: Any) -> tuple[dict[str, float], list[dic
 
 
 def check_fit(cluster: Cluster, resources: Any, kinds: set[str]) -> None:
-    """Refuse, with the shortfall, any stage whose trial actor plus workers fit no node.
+    """Refuse, with the shortfall, any stage whose trial actor and workers cannot be placed.
 
     Without this check Ray Tune waits forever, silently, for a placement that cannot happen.
+    Placement as Ray makes it: the Tune trial actor is one bundle on one node, and Ray
+    Train's worker group one bundle per worker under the (soft) PACK strategy, so a group
+    that no single node holds spreads across nodes. A stage fits when some node holds the
+    trial bundle and the nodes, that bundle taken, hold every worker bundle.
     """
     for kind in sorted(kinds):
         trial, workers = stage_bundles(kind, resources)
-        need: dict[str, float] = {}
-        for bundle in [trial, *workers]:
-            for res, amount in bundle.items():
-                need[res] = need.get(res, 0.0) + amount
-        if any(
-            all(node.get(r, 0.0) + 1e-9 >= a for r, a in need.items()) for node in cluster.nodes
-        ):
+        if _placeable(cluster.nodes, trial, workers):
             continue
-        best = max(cluster.nodes, key=lambda n: n.get("CPU", 0.0), default={})
-        short = ", ".join(
-            f"{r} needs {a:g} but the largest node has {best.get(r, 0.0):g}"
-            for r, a in need.items()
-            if a > best.get(r, 0.0) + 1e-9
-        )
+        need = _total([trial, *workers])
+        have = _total(cluster.nodes)
+        if not any(_holds(node, trial) for node in cluster.nodes):
+            short = f"the trial ({_fmt(trial)}) fits no node"
+        elif workers and not any(_holds(node, workers[0]) for node in cluster.nodes):
+            short = f"a worker ({_fmt(workers[0])}) fits no node"
+        else:
+            lacking = [
+                f"{r} needs {a:g} but the cluster has {have.get(r, 0.0):g}"
+                for r, a in need.items()
+                if a > have.get(r, 0.0) + 1e-9
+            ]
+            short = ", ".join(lacking) or "the nodes hold fewer workers than the group has"
+        nodes = "; ".join(_fmt(node, ("CPU", "GPU")) or "-" for node in cluster.nodes)
         raise UsageError(
             f"{kind} stages cannot be scheduled: the trial ({_fmt(trial)}) plus "
-            f"{len(workers)} worker(s) of ({_fmt(workers[0]) if workers else '-'}) fit no node "
-            f"of the cluster ({short}); lower resources.workers_per_trial / cpus_per_worker / "
-            "gpus_per_worker or add a bigger node"
+            f"{len(workers)} worker(s) of ({_fmt(workers[0]) if workers else '-'}) cannot be "
+            f"placed on the cluster's nodes ({nodes}): {short}; lower "
+            "resources.workers_per_trial / cpus_per_worker / gpus_per_worker or add nodes"
         )
 
 
-def _fmt(bundle: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in bundle.items() if v)
+def _placeable(
+    nodes: list[dict[str, float]], trial: dict[str, float], workers: list[dict[str, float]]
+) -> bool:
+    """Whether the trial bundle and the (identical) worker bundles fit the nodes: for
+    identical bundles, the count a node holds is exact, so trying each node for the trial
+    bundle decides the question."""
+    for i, host in enumerate(nodes):
+        if not _holds(host, trial):
+            continue
+        left = {r: host.get(r, 0.0) - a for r, a in trial.items()}
+        others = [left if j == i else node for j, node in enumerate(nodes)]
+        if not workers or sum(_count(node, workers[0]) for node in others) >= len(workers):
+            return True
+    return False
+
+
+def _holds(node: dict[str, float], bundle: dict[str, float]) -> bool:
+    return all(node.get(r, 0.0) + 1e-9 >= a for r, a in bundle.items())
+
+
+def _count(node: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many copies of `bundle` the node holds."""
+    asks = [node.get(r, 0.0) / a for r, a in bundle.items() if a > 0]
+    return int(min(asks) + 1e-9) if asks else 1 << 30
+
+
+def _total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for res, amount in bundle.items():
+            total[res] = total.get(res, 0.0) + amount
+    return total
+
+
+def _fmt(bundle: dict[str, float], keys: tuple[str, ...] | None = None) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in bundle.items() if v and (keys is None or k in keys))

@@ -2,19 +2,25 @@
 
 There is no barrier between kinds: a retrain starts as soon as its own prune is done, while
 other pre-trainings still run, so the cluster stays busy while runnable work exists.
+
+Every step costs O(1) in the size of the plan (thousands of stages): a trial's config is the
+stage id only (`orchestrator.trial.stage_id_of`), and the counts of stages per state and the
+epochs still to train are kept as stages change state, never recounted.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 from ray.tune.search import Searcher
 
-from trainables.stage import StageKind, StageOutcome, StageSpec, StageStatus
+from orchestrator.planner import stage_epochs
+from orchestrator.trial import stage_config
+from trainables.stage import StageOutcome, StageSpec, StageStatus
 
 
 class Progress(StrEnum):
@@ -28,6 +34,7 @@ class Progress(StrEnum):
 
 
 PENDING, RUNNING, DONE, FAILED, SKIPPED = Progress
+_TO_TRAIN = (PENDING, RUNNING)  # states whose epochs are still ahead
 # How a finished stage ended, as the driver learned it: (status, outcome, error text).
 StageResolution = tuple[StageStatus, StageOutcome | None, str | None]
 # Told of every stage that ends or is skipped: (spec, status, outcome, error text).
@@ -39,16 +46,19 @@ class DagSearcher(Searcher):
         self,
         stages: dict[str, StageSpec],
         done: set[str],
-        runtime: dict[str, Any],
         resolve: Callable[[StageSpec, dict | None, bool], StageResolution],
         on_finish: FinishHook,
     ) -> None:
         super().__init__()  # no metric: the DAG, not a score, decides what runs next
         self.stages = stages
-        self.runtime = runtime
         self._resolve = resolve
         self._on_finish = on_finish
+        # Read freely; written only through `_set`, which keeps the counters below in step.
         self.state: dict[str, Progress] = {sid: DONE if sid in done else PENDING for sid in stages}
+        self._counts: Counter[Progress] = Counter(self.state.values())
+        self._remaining_epochs = sum(
+            stage_epochs(stages[sid]) for sid, st in self.state.items() if st in _TO_TRAIN
+        )
         self.children: dict[str, list[str]] = {sid: [] for sid in stages}
         for sid, spec in stages.items():
             for parent in spec.parents:
@@ -67,9 +77,9 @@ class DagSearcher(Searcher):
             sid = self.ready.popleft()
             if self.state[sid] != PENDING:
                 continue
-            self.state[sid] = RUNNING
+            self._set(sid, RUNNING)
             self.trial_stage[trial_id] = sid
-            return {"stage": self.stages[sid].to_dict(), "runtime": self.runtime}
+            return stage_config(sid)
         return None if self.count(RUNNING) else Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -88,7 +98,7 @@ class DagSearcher(Searcher):
             return
         status, outcome, detail = self._resolve(spec, result, error)
         status = StageStatus(status)
-        self.state[sid] = DONE if status.finished else FAILED
+        self._set(sid, DONE if status.finished else FAILED)
         self._on_finish(spec, status, outcome, detail)
         if status == StageStatus.OK:
             self.ready.extend(c for c in self.children[sid] if self._parents_done(c))
@@ -102,20 +112,35 @@ class DagSearcher(Searcher):
         """See `save`."""
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its searcher into the experiment state; the driver-side hooks (MLflow
-        # client, Parquet writer) stay behind: the artifact store is what resumes a sweep.
+        # Tune pickles its searcher with the Tuner's and the experiment's state, which nptm
+        # never restores (a rerun rebuilds the DAG from the artifact store): the plan, the
+        # per-stage states and the driver-side hooks (MLflow client, Parquet writer) stay
+        # behind, so that snapshot does not grow with the sweep.
         state = self.__dict__.copy()
+        for name in ("stages", "state", "children", "ready", "trial_stage"):
+            state[name] = type(state[name])()
         state["_resolve"] = state["_on_finish"] = None
         return state
 
     # -- bookkeeping -----------------------------------------------------------------------
     def count(self, state: Progress) -> int:
-        return sum(1 for s in self.state.values() if s == state)
+        """Stages in `state` now."""
+        return self._counts[state]
 
     def remaining_epochs(self) -> int:
-        return sum(
-            _epochs(self.stages[sid]) for sid, st in self.state.items() if st in (PENDING, RUNNING)
-        )
+        """Training epochs of the stages not yet finished, failed or skipped."""
+        return self._remaining_epochs
+
+    def _set(self, sid: str, new: Progress) -> None:
+        old = self.state[sid]
+        if old == new:
+            return
+        self.state[sid] = new
+        self._counts[old] -= 1
+        self._counts[new] += 1
+        if (old in _TO_TRAIN) != (new in _TO_TRAIN):
+            epochs = stage_epochs(self.stages[sid])
+            self._remaining_epochs += epochs if new in _TO_TRAIN else -epochs
 
     def _parents_done(self, sid: str) -> bool:
         return all(self.state.get(p, DONE) == DONE for p in self.stages[sid].parents)
@@ -125,22 +150,16 @@ class DagSearcher(Searcher):
         while stack:
             child = stack.pop()
             if self.state[child] == PENDING:
-                self.state[child] = SKIPPED
+                self._set(child, SKIPPED)
                 self._on_finish(self.stages[child], StageStatus.SKIPPED, None, f"skipped: {reason}")
                 stack.extend(self.children[child])
 
     def _requeue_producer(self, sid: str, producer: str) -> None:
         """A parent's artifact failed its checksum: recompute the parent, then this stage."""
-        self.state[sid] = PENDING
+        self._set(sid, PENDING)
         # Several children may find the same damaged artifact: the first requeues its producer,
         # the others wait for that recomputation instead of starting a second, concurrent one.
         if self.state.get(producer) == DONE:
-            self.state[producer] = PENDING
+            self._set(producer, PENDING)
             if self._parents_done(producer):
                 self.ready.append(producer)
-
-
-def _epochs(spec: StageSpec) -> int:
-    if spec.kind == StageKind.PRETRAIN:
-        return spec.recipe.epochs
-    return spec.budget or 0

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from orchestrator.planner import stage_epochs
+from orchestrator.trial import stage_id_of
 from results.run_record import DriverState, Progress, RunningStage, RunRecord
 from trainables.stage import StageSpec
 
@@ -31,11 +32,6 @@ if TYPE_CHECKING:
 
 PROGRESS_INTERVAL_S = 2.0  # progress.json is rewritten at most this often between events
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def stage_id_of(config: dict[str, Any]) -> str:
-    """The stage a Tune trial runs, from its config."""
-    return config["stage"]["id"]
 
 
 class SweepInterrupted(BaseException):

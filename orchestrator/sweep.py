@@ -23,7 +23,8 @@ from orchestrator.dag_search import DagSearcher, StageResolution
 from orchestrator.errors import UsageError
 from orchestrator.live import LiveTracker, StopSignals, SweepInterrupted, SweepStart, new_progress
 from orchestrator.progress import ProgressPrinter
-from orchestrator.trial import stage_trial
+from orchestrator.trial import SweepShared, ray_name, stage_id_of, stage_trial
+from orchestrator.trial_scheduler import NewestPendingFirst
 from trainables.artifacts import (
     ArtifactStore,
     checksum_name,
@@ -291,25 +292,36 @@ def _tune(
     # Tune keeps only ONE trial pending when a custom searcher drives it, which runs the
     # stages one at a time however many CPUs are free; let it queue as many as can run.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(_parallel_slots(cluster, res) + 2))
-    searcher = DagSearcher(plan.stages, done, runtime, resolve, sink.record)
+    # Tune snapshots its experiment state (every trial, the searcher, the callbacks) every
+    # 10 s or more, for `Tuner.restore`. nptm resumes from its artifact store instead (a rerun
+    # of the same command skips every stored stage), so the snapshot is written only when Tune
+    # must (at the end, and on Ctrl-C): a snapshot grows with the trials, and rewriting it
+    # every few seconds made the driver's cost per stage grow with the sweep.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "inf")
+    searcher = DagSearcher(plan.stages, done, resolve, sink.record)
     progress = ProgressPrinter(searcher, stream=sys.stderr)
-
-    def trial_resources(config: dict) -> Any:
-        trial, _ = stage_bundles(config["stage"]["kind"], res)
-        return tune.PlacementGroupFactory([{k: v for k, v in trial.items() if v}])
+    # The plan and the runtime settings reach each trial actor once, through the object store:
+    # a trial's config is its stage id only, and Tune keeps every config for the whole sweep.
+    shared = SweepShared.put(plan.stages, runtime)
+    # Every kind asks for the same trial actor (see cluster.stage_bundles), so Tune reuses one
+    # actor for stages of any kind.
+    trial_bundle, _ = stage_bundles("retrain", res)
+    trial_resources = tune.PlacementGroupFactory([{k: v for k, v in trial_bundle.items() if v}])
+    names = _TrialNames(plan.stages)
 
     # nptm keeps results in its own store; Tune's per-trial result files are switched off
     # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS), so its end-of-run metrics scan has nothing to say.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tuner = tune.Tuner(
-        tune.with_resources(stage_trial, trial_resources),
+        tune.with_resources(tune.with_parameters(stage_trial, shared=shared), trial_resources),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
+            scheduler=NewestPendingFirst(),  # see orchestrator.trial_scheduler
             num_samples=-1,
             reuse_actors=True,
             max_concurrent_trials=res.max_concurrent,
-            trial_name_creator=_trial_name,
-            trial_dirname_creator=_trial_name,
+            trial_name_creator=names,
+            trial_dirname_creator=names,
         ),
         run_config=tune.RunConfig(
             name=f"sweep-{grid.name}",
@@ -339,10 +351,26 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
 
 
-def _trial_name(trial: Any) -> str:
-    """`retrain-<stage id>`: what the Ray dashboard and Tune's directories show."""
-    stage = trial.config["stage"]
-    return f"{stage['kind']}-{stage['id']}"
+class _TrialNames:
+    """Tune's trial name and directory name of a trial: its stage's `ray_name`
+    (``retrain_digits_resnet20_magnitude_ratio=0.5_ft_b2_s0-1a2b3c``), what the Ray dashboard
+    shows."""
+
+    def __init__(self, stages: dict[str, StageSpec]) -> None:
+        self._names = {sid: ray_name(spec) for sid, spec in stages.items()}
+
+    def __call__(self, trial: Any) -> str:
+        return self._names[stage_id_of(trial.config)]
+
+    def __deepcopy__(self, memo: dict) -> _TrialNames:
+        # Tune deep-copies its experiment spec, which holds this, for every new trial: a copy
+        # of every name per trial would make a sweep quadratic. The names never change.
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled only into Tune's experiment state (the Tuner's settings), which nptm never
+        # restores: the plan's names stay behind.
+        return {"_names": {}}
 
 
 def _sweep_params(grid: Any, plan: Any) -> dict[str, Any]:

@@ -11,11 +11,18 @@ neither torch nor the train loop at module level (that costs seconds): Tune, wit
 hands a pending trial to any actor that frees up and kills the one still starting for it, so
 an actor that starts slower than a stage runs never starts at all, and short stages would run
 one at a time however many CPUs are free.
+
+A trial's config is its stage id only (`stage_config`, `stage_id_of`): Tune keeps every
+trial's config for the whole sweep and copies it into each snapshot of its experiment state.
+The plan's stages and the sweep's runtime settings (`SweepShared`) reach a trial actor once,
+through Ray's object store (`tune.with_parameters`), and stay cached in that process.
 """
 
 from __future__ import annotations
 
+import os
 import traceback
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from trainables.artifacts import ArtifactStore, CorruptArtifactError
@@ -25,13 +32,68 @@ if TYPE_CHECKING:
     from trainables.stage_runner import EpochReporter, WorkerEnv
 
 
-def stage_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable. Its final report says how the stage ended; the outcome itself
-    is in the artifact store, where the driver reads it."""
+_STAGE_ID = "stage_id"
+
+
+def stage_config(stage_id: str) -> dict[str, str]:
+    """The config of the trial that runs stage `stage_id` (what the DAG searcher suggests)."""
+    return {_STAGE_ID: stage_id}
+
+
+def stage_id_of(config: dict[str, Any]) -> str:
+    """The stage id a trial's config (`trial.config`, or the config a trainable gets) names."""
+    return config[_STAGE_ID]
+
+
+def ray_name(spec: StageSpec) -> str:
+    """`StageSpec.display_name` as a Tune trial, its directory and a Ray Train run are named:
+    Ray uses the name as a directory name, where '/' would nest directories."""
+    return spec.display_name.replace("/", "_")
+
+
+@dataclass(frozen=True)
+class SweepShared:
+    """What every trial of a sweep reads besides its stage id: the plan's stages, as an object
+    in Ray's object store (fetched once per process, `spec`), and the runtime settings
+    (storage, data root, executor, resources per worker, plugins)."""
+
+    stages: Any  # ray.ObjectRef of {stage id: StageSpec.to_dict()}
+    runtime: dict[str, Any]
+
+    @classmethod
+    def put(cls, stages: dict[str, StageSpec], runtime: dict[str, Any]) -> SweepShared:
+        """Put `stages` in the object store of the connected Ray (the driver keeps it alive)."""
+        import ray
+
+        return cls(ray.put({sid: spec.to_dict() for sid, spec in stages.items()}), runtime)
+
+    def spec(self, stage_id: str) -> StageSpec:
+        return StageSpec.from_dict(_stage_dicts(self.stages)[stage_id])
+
+
+_fetched: dict[str, dict[str, dict[str, Any]]] = {}  # object id -> stage dicts, this process
+
+
+def _stage_dicts(ref: Any) -> dict[str, dict[str, Any]]:
+    """The plan's stage dicts behind `ref`, fetched at the first trial of this process only:
+    a reused trial actor runs many stages of one sweep."""
+    import ray
+
+    key = ref.hex()
+    if key not in _fetched:
+        _fetched.clear()  # a process serves one sweep at a time: keep one plan
+        _fetched[key] = ray.get(ref)
+    return _fetched[key]
+
+
+def stage_trial(config: dict[str, Any], shared: SweepShared) -> None:
+    """Tune function trainable (`shared` comes through `tune.with_parameters`). Its final
+    report says how the stage ended; the outcome itself is in the artifact store, where the
+    driver reads it."""
     from ray import tune
 
-    spec = StageSpec.from_dict(config["stage"])
-    runtime = config["runtime"]
+    spec = shared.spec(stage_id_of(config))
+    runtime = shared.runtime
     store = ArtifactStore(runtime["storage"])
     try:
         if runtime["executor"] == "inline":
@@ -123,6 +185,9 @@ def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # The dashboard's Train page lists only the runs Ray Train tracks (off by default); this
+    # process reads the switch when the trainer starts. Off where the user turned it off.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpus = float(runtime["gpus_per_worker"])
     trainer = TorchTrainer(
         _train_worker,
@@ -134,7 +199,7 @@ def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
             resources_per_worker={"CPU": float(runtime["cpus_per_worker"]), "GPU": gpus},
         ),
         run_config=ray.train.RunConfig(
-            name=f"stage-{spec.id}",
+            name=ray_name(spec),  # the dashboard's Train runs and the run's directory
             storage_path=runtime["ray_storage"],
             callbacks=[TuneReportCallback()],
         ),

@@ -273,15 +273,16 @@ def test_summarise_by_hand() -> None:
 
 
 # -- scheduling (helpers only) --------------------------------------------------------------
-@pytest.mark.parametrize("n", [100, 1000])
+@pytest.mark.parametrize("n", [100, 1000, 4000])
 def test_noop_grid_plans_exactly_n_stages(n: int) -> None:
     scheduling = _load("scheduling")
     from orchestrator.planner import build_plan
     from search_spaces import parse_grid
 
     plan = build_plan(parse_grid(scheduling.noop_grid(n)))
-    ratios, budgets = scheduling.SHAPES[n]
-    assert plan.count_by_kind() == {"pretrain": 1, "prune": ratios, "retrain": ratios * 5 * budgets}
+    seeds, ratios, budgets = scheduling.SHAPES[n]
+    per_seed = {"pretrain": 1, "prune": ratios, "retrain": ratios * 5 * budgets}
+    assert plan.count_by_kind() == {k: seeds * v for k, v in per_seed.items()}
     assert len(plan.stages) == n
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from ray.tune.search import Searcher
 
-from orchestrator.dag_search import DONE, FAILED, PENDING, SKIPPED, DagSearcher
-from orchestrator.planner import build_plan
+from orchestrator.dag_search import DONE, FAILED, PENDING, SKIPPED, DagSearcher, Progress
+from orchestrator.planner import build_plan, stage_epochs
+from orchestrator.trial import stage_id_of
 from search_spaces import load_grid
 from tests.sweep_helpers import write_grid
 
@@ -23,7 +24,7 @@ def _searcher(tmp_path: Path, outcomes: dict[str, str], done: set[str] = frozens
     def on_finish(spec, status, outcome, detail):
         finished.append((spec.id, status))
 
-    return plan, DagSearcher(plan.stages, set(done), {}, resolve, on_finish), finished
+    return plan, DagSearcher(plan.stages, set(done), resolve, on_finish), finished
 
 
 def _drain(searcher: DagSearcher) -> list[str]:
@@ -35,7 +36,7 @@ def _drain(searcher: DagSearcher) -> list[str]:
         if config == Searcher.FINISHED:
             return order
         assert config is not None, "nothing runnable although nothing is running"
-        order.append(config["stage"]["id"])
+        order.append(stage_id_of(config))
         searcher.on_trial_complete(f"t{n}", result={"finished": 1})
 
 
@@ -50,13 +51,13 @@ def test_every_stage_runs_once_after_its_parents(tmp_path: Path) -> None:
 
 
 def test_no_barrier_a_retrain_may_start_before_other_pretrains(tmp_path: Path) -> None:
-    _, searcher, _ = _searcher(tmp_path, {})
-    first = searcher.suggest("a")["stage"]  # a pretrain; the other seed's pretrain is ready too
+    plan, searcher, _ = _searcher(tmp_path, {})
+    first = stage_id_of(searcher.suggest("a"))  # a pretrain; the other seed's is ready too
     searcher.on_trial_complete("a", result={"finished": 1})
     kinds = []
     for name in ("b", "c"):
-        kinds.append(searcher.suggest(name)["stage"]["kind"])
-    assert first["kind"] == "pretrain" and "prune" in kinds  # released by its own parent only
+        kinds.append(plan.stages[stage_id_of(searcher.suggest(name))].kind)
+    assert plan.stages[first].kind == "pretrain" and "prune" in kinds  # released by its parent
 
 
 def test_failed_stage_skips_its_descendants_only(tmp_path: Path) -> None:
@@ -88,10 +89,63 @@ def test_corrupt_parent_is_recomputed_before_the_child(tmp_path: Path) -> None:
     while True:
         n += 1
         config = searcher.suggest(f"t{n}")
-        if config["stage"]["id"] == child:
+        if stage_id_of(config) == child:
             break
         searcher.on_trial_complete(f"t{n}", result={"finished": 1})
     searcher.on_trial_complete(f"t{n}", result={"corrupt_parent": prune})
     assert searcher.state[prune] == PENDING and searcher.state[child] == PENDING
     order = _drain(searcher)
     assert order.index(prune) < order.index(child)
+
+
+def _recount(searcher: DagSearcher) -> tuple[dict[Progress, int], int]:
+    """Brute force: stages per state and epochs left, from the per-stage states."""
+    counts = {p: sum(1 for s in searcher.state.values() if s == p) for p in Progress}
+    left = sum(
+        stage_epochs(searcher.stages[sid])
+        for sid, st in searcher.state.items()
+        if st in (PENDING, Progress.RUNNING)
+    )
+    return counts, left
+
+
+def test_counters_match_a_recount_at_every_step(tmp_path: Path) -> None:
+    """Counts per state and epochs left are kept incrementally; after every suggestion and
+    completion (ok, failed with skipped descendants, damaged parent requeued) they equal a
+    recount of the per-stage states."""
+    plan, searcher, _ = _searcher(tmp_path, {"prune": "failed"})
+    plan2, searcher2, _ = _searcher(tmp_path, {})
+    assert sum(stage_epochs(s) for s in plan.stages.values()) > 0
+
+    def check(s: DagSearcher) -> None:
+        counts, left = _recount(s)
+        assert {p: s.count(p) for p in Progress} == counts
+        assert s.remaining_epochs() == left
+
+    # Two trials in flight at a time, so RUNNING is non-trivial.
+    for s in (searcher, searcher2):
+        check(s)
+        running: list[str] = []
+        n, requeued = 0, False
+        while True:
+            n += 1
+            config = s.suggest(f"t{n}")
+            check(s)
+            if config == Searcher.FINISHED:
+                break
+            if config is not None:
+                running.append(f"t{n}")
+                if len(running) < 2:
+                    continue
+            trial = running.pop(0)
+            sid = s.trial_stage[trial]
+            parents = s.stages[sid].parents
+            if not requeued and s.stages[sid].kind == "retrain" and parents:
+                requeued = True
+                s.on_trial_complete(trial, result={"corrupt_parent": parents[0]})
+            else:
+                s.on_trial_complete(trial, result={"finished": 1})
+            check(s)
+        assert s.count(PENDING) == s.count(Progress.RUNNING) == 0 and s.remaining_epochs() == 0
+    assert searcher.count(SKIPPED) == 12 and searcher.count(FAILED) == 4  # 2 seeds x 2 prunes
+    assert searcher2.count(DONE) == len(plan2.stages)

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from orchestrator.cli import main as cli_main
+from orchestrator.trial import stage_id_of
 from tests.sweep_helpers import (
     ROOT,
     MlflowServer,
@@ -244,7 +245,6 @@ def _searcher(grid: Path):
     searcher = DagSearcher(
         stages,
         done,
-        runtime={},
         resolve=lambda spec, result, error: ("ok", {"status": "ok"}, None),
         on_finish=lambda spec, status, outcome, error: finished.append(spec.id),
     )
@@ -256,16 +256,16 @@ def test_children_finding_one_damaged_producer_requeue_it_once(tmp_path: Path) -
     grid = write_grid(tmp_path / "g.yaml", pruners=(MAGNITUDE,), schedules="[ft, clr]")
     searcher, prune, children, finished = _searcher(grid)
     assert len(children) == 2
-    suggested = {f"t{i}": searcher.suggest(f"t{i}")["stage"]["id"] for i in range(2)}
+    suggested = {f"t{i}": stage_id_of(searcher.suggest(f"t{i}")) for i in range(2)}
     assert sorted(suggested.values()) == sorted(children)
     first, second = suggested
     searcher.on_trial_complete(first, {"corrupt_parent": prune})
-    assert searcher.suggest("t2")["stage"]["id"] == prune  # recompute the producer
+    assert stage_id_of(searcher.suggest("t2")) == prune  # recompute the producer
     # The second child reports the same damage while the producer is being recomputed.
     searcher.on_trial_complete(second, {"corrupt_parent": prune})
     assert searcher.suggest("t3") is None  # no second, concurrent run of the producer
     searcher.on_trial_complete("t2", {"finished": 1})
-    again = sorted(searcher.suggest(t)["stage"]["id"] for t in ("t4", "t5"))
+    again = sorted(stage_id_of(searcher.suggest(t)) for t in ("t4", "t5"))
     assert again == sorted(children)
     for t in ("t4", "t5"):
         searcher.on_trial_complete(t, {"finished": 1})

@@ -17,9 +17,11 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import ray
 
 from orchestrator.cli import main as cli_main
 from orchestrator.planner import build_plan
+from orchestrator.trial import ray_name
 from search_spaces import load_grid
 from tests.ray_cluster import VENV_BIN, RayCluster, ray_cluster
 from tests.sweep_helpers import (
@@ -148,6 +150,39 @@ def test_sweep_submitted_as_a_ray_job_completes(
     ran = rows[~rows.reused]  # the pre-training is the session's: it ran elsewhere
     assert list(rows[rows.reused].stage_kind) == ["pretrain"] and len(ran) == 2
     assert set(ran.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
+
+
+def test_worker_group_larger_than_any_node_runs_across_both_nodes(
+    cluster: RayCluster, tmp_path: Path, tiny_sweep
+) -> None:
+    """2 DDP workers x 0.9 CPU plus the 0.1-CPU trial actor fit no 1-CPU node but fit the
+    two: the sweep is accepted and the retrain's ranks run one on each node. Ray Train's own
+    state (what the dashboard's Train page lists) names the run after the stage."""
+    grid = write_grid(
+        tmp_path / "span.yaml", name="span", executor="train", workers=2, cpus=0.9,
+        pruners=(MAGNITUDE,), schedules="[ft]", budget="1",
+    )  # fmt: skip
+    storage = tmp_path / "runs"
+    seed_stages(tiny_sweep.storage, storage, grid)  # left to run: a prune, a 1-epoch retrain
+    result = sweep_on(cluster, grid, storage, env={"NPTM_SHARED_FS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = trials(storage, "span").set_index("stage_kind")
+    assert set(rows.status) == {"ok"} and rows.loc["retrain", "workers"] == 2
+    retrain = build_plan(load_grid(grid)).stages[rows.loc["retrain", "stage_id"]]
+
+    ray.init(address=cluster.address, logging_level="ERROR")
+    try:
+        state = ray.get_actor("train_v2_state_actor", namespace="_train_state_actor")
+        runs = ray.get(state.get_train_runs.remote())
+        attempts = ray.get(state.get_train_run_attempts.remote())
+    finally:
+        ray.shutdown()
+    named = [run_id for run_id, run in runs.items() if run.name == ray_name(retrain)]
+    assert len(named) == 1, sorted(run.name for run in runs.values())
+    assert ray_name(retrain).startswith("retrain_digits_resnet20_magnitude_ratio=0.5_ft_b1_s0-")
+    workers = [w for attempt in attempts[named[0]].values() for w in attempt.workers]
+    assert len(workers) == 2
+    assert {w.node_id for w in workers} == {r.node_id for r in cluster.raylets()}
 
 
 # Last in this module: it takes the cluster's second node away.

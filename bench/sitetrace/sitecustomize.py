@@ -45,6 +45,9 @@ def _cmdline() -> str:
 
 
 def _stage(config: dict) -> dict:
+    """A Tune trial's config names its stage only; a Ray Train rank's holds the whole stage."""
+    if "stage_id" in config:
+        return {"stage": config["stage_id"]}
     stage = config.get("stage", {})
     return {"stage": stage.get("id"), "kind": stage.get("kind")}
 
@@ -65,7 +68,7 @@ def _wrap(module: object, name: str, enter: str, exit_: str, fields) -> None:
 
 
 def _patch_trial(m: object) -> None:
-    _wrap(m, "stage_trial", "trial_enter", "trial_exit", lambda config: _stage(config))
+    _wrap(m, "stage_trial", "trial_enter", "trial_exit", lambda config, **_: _stage(config))
     _wrap(
         m,
         "_run_torch_trainer",

@@ -1,0 +1,52 @@
+"""Which pending Tune trial takes a trial actor that frees up.
+
+Tune (with `reuse_actors`) asks Ray for a new actor, with its own placement group, for every
+pending trial, and hands an actor that frees up to the OLDEST pending trial. That trial's own
+new actor, the one whose placement group Ray placed first, is then killed while it is still
+starting. When stages take less time than a new actor takes to start (a no-op stage in the
+benchmark, a prune, a short retrain on a loaded machine), the second actor never starts: Ray
+starts and kills a worker process (`ray::IDLE`) every few seconds while one actor does all
+the work. Handing the freed actor to the NEWEST pending trial instead lets the oldest one's
+actor finish starting; once every slot has a live actor, no placement group of a pending
+trial can be placed and no process is started at all. `patience` bounds how long a stage may
+wait behind newer ones (the DAG may be waiting on it).
+
+`FIFOScheduler.choose_trial_to_run` also scans every trial of the experiment at every step of
+Tune's loop (O(trials) per step, quadratic over a sweep of thousands of stages); this one
+looks at the live trials only, a few per slot.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler
+
+DEFAULT_PATIENCE_S = 30.0  # well above a trial actor's start-up on a busy node
+
+
+class NewestPendingFirst(FIFOScheduler):
+    def __init__(self, patience: float = DEFAULT_PATIENCE_S) -> None:
+        super().__init__()
+        self.patience = patience
+        self._added: dict[str, float] = {}  # id of a live trial -> when it was added
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        self._added[trial.trial_id] = time.monotonic()
+
+    def _forget(self, tune_controller: Any, trial: Trial, *args: Any) -> None:
+        self._added.pop(trial.trial_id, None)
+
+    on_trial_complete = on_trial_error = on_trial_remove = _forget
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        pending = [t for t in tune_controller.get_live_trials() if t.status == Trial.PENDING]
+        if not pending:
+            return None
+        # A retried trial was forgotten when it failed: it counts as the oldest.
+        pending.sort(key=lambda t: self._added.get(t.trial_id, float("-inf")))
+        oldest = pending[0]
+        waited = time.monotonic() - self._added.get(oldest.trial_id, float("-inf"))
+        return oldest if waited >= self.patience else pending[-1]
