@@ -41,6 +41,7 @@ pytestmark = pytest.mark.slow
 
 SWEEP_TIMEOUT = 600  # "did not hang" bound on a busy 2-core machine
 MAGNITUDE = "{name: magnitude, ratio: 0.5}"
+L1 = "{name: l1_filter, ratio: 0.5}"
 
 
 @pytest.fixture(scope="module")
@@ -152,23 +153,35 @@ def test_sweep_submitted_as_a_ray_job_completes(
     assert set(ran.node) <= {r.node_id for r in cluster.raylets()}  # on the cluster
 
 
-def test_worker_group_larger_than_any_node_runs_across_both_nodes(
+def test_worker_group_larger_than_any_node_runs_across_both_nodes_and_recomputes_a_damaged_parent(
     cluster: RayCluster, tmp_path: Path, tiny_sweep
 ) -> None:
     """2 DDP workers x 0.9 CPU plus the 0.1-CPU trial actor fit no 1-CPU node but fit the
-    two: the sweep is accepted and the retrain's ranks run one on each node. Ray Train's own
-    state (what the dashboard's Train page lists) names the run after the stage."""
+    two: the sweep is accepted and the retrain's ranks run one on each node. Its parent prune
+    (the session's) is damaged: a rank finds it (Ray reports the rank's exception inside its
+    own error), the prune is recomputed as a Ray task and the retrain runs again. Ray Train's
+    own state (what the dashboard's Train page lists) names both runs after the stage."""
     grid = write_grid(
         tmp_path / "span.yaml", name="span", executor="train", workers=2, cpus=0.9,
-        pruners=(MAGNITUDE,), schedules="[ft]", budget="1",
+        pruners=(L1,), schedules="[ft]", budget="1",
     )  # fmt: skip
     storage = tmp_path / "runs"
-    seed_stages(tiny_sweep.storage, storage, grid)  # left to run: a prune, a 1-epoch retrain
+    seed_stages(tiny_sweep.storage, storage, grid, kinds=("pretrain", "prune"))
+    plan = build_plan(load_grid(grid))
+    (prune,) = (sid for sid, spec in plan.stages.items() if spec.kind == "prune")
+    (retrain,) = (spec for spec in plan.stages.values() if spec.kind == "retrain")
+    model = storage / "stages" / prune / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+
     result = sweep_on(cluster, grid, storage, env={"NPTM_SHARED_FS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = trials(storage, "span").set_index("stage_kind")
-    assert set(rows.status) == {"ok"} and rows.loc["retrain", "workers"] == 2
-    retrain = build_plan(load_grid(grid)).stages[rows.loc["retrain", "stage_id"]]
+    assert set(rows.status) == {"ok"} and rows.loc["pretrain", "reused"]
+    assert rows.loc["retrain", "workers"] == 2 and rows.loc["retrain", "executor"] == "train"
+    assert rows.loc["prune", "executor"] == "task" and not rows.loc["prune", "reused"]
+    # prune: the session's run, then the recomputation; retrain: the refused parent, the run
+    assert executions(storage, prune) == 2 and executions(storage, retrain.id) == 2
+    ArtifactStore(str(storage)).load(prune, "model")  # verifies the checksum again
 
     ray.init(address=cluster.address, logging_level="ERROR")
     try:
@@ -178,11 +191,12 @@ def test_worker_group_larger_than_any_node_runs_across_both_nodes(
     finally:
         ray.shutdown()
     named = [run_id for run_id, run in runs.items() if run.name == ray_name(retrain)]
-    assert len(named) == 1, sorted(run.name for run in runs.values())
-    assert ray_name(retrain).startswith("retrain_digits_resnet20_magnitude_ratio=0.5_ft_b1_s0-")
-    workers = [w for attempt in attempts[named[0]].values() for w in attempt.workers]
-    assert len(workers) == 2
-    assert {w.node_id for w in workers} == {r.node_id for r in cluster.raylets()}
+    assert len(named) == 2, sorted(run.name for run in runs.values())  # refused, then ran
+    assert ray_name(retrain).startswith("retrain_digits_resnet20_l1_filter_ratio=0.5_ft_b1_s0-")
+    nodes = {r.node_id for r in cluster.raylets()}
+    for run_id in named:
+        workers = [w for attempt in attempts[run_id].values() for w in attempt.workers]
+        assert len(workers) == 2 and {w.node_id for w in workers} == nodes
 
 
 # Last in this module: it takes the cluster's second node away.

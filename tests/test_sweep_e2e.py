@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.planner import build_plan
-from search_spaces import load_grid
 from tests.sweep_helpers import (
     NPTM,
     ROOT,
@@ -35,7 +33,6 @@ from tests.sweep_helpers import (
     trials,
     write_grid,
 )
-from trainables.artifacts import ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -257,36 +254,6 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
     steps = {m.step for m in client.get_metric_history(live_id, "train_loss")}
     assert steps == {1, 2, 3} and final.data.metrics["test_acc"] == pytest.approx(row.test_acc)
     assert json.loads(progress.read_text())["state"] == "finished"
-
-
-def test_train_executor_runs_ddp_workers_and_recomputes_a_damaged_parent(
-    tiny_sweep, tmp_path: Path, ray_node
-) -> None:
-    """A retrain as a two-rank Ray Train group whose parent prune is damaged: a rank finds it
-    (Ray reports the rank's exception inside its own error), the prune is recomputed as a Ray
-    task, and the retrain runs again. The pre-training and the prune are the session's."""
-    grid = write_grid(
-        tmp_path / "ddp.yaml", name="ddp", executor="train", workers=2, cpus=0.5,
-        pruners=("{name: l1_filter, ratio: 0.5}",), schedules="[ft]", budget="1",
-    )  # fmt: skip
-    storage = tmp_path / "runs"
-    seed_stages(tiny_sweep.storage, storage, grid, kinds=("pretrain", "prune"))
-    plan = build_plan(load_grid(grid))
-    (prune,) = (sid for sid, spec in plan.stages.items() if spec.kind == "prune")
-    (retrain,) = (sid for sid, spec in plan.stages.items() if spec.kind == "retrain")
-    model = storage / "stages" / prune / "model.pt"
-    model.write_bytes(model.read_bytes()[:100])
-
-    result = sweep_on(ray_node, grid, storage)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = trials(storage, "ddp").set_index("stage_kind")
-    assert set(rows.status) == {"ok"}
-    assert rows.loc["retrain", "workers"] == 2 and rows.loc["retrain", "executor"] == "train"
-    assert rows.loc["prune", "executor"] == "task" and not rows.loc["prune", "reused"]
-    assert rows.loc["pretrain", "reused"]
-    # prune: the recomputation only; retrain: the refused parent, then the run
-    assert executions(storage, prune) == 1 and executions(storage, retrain) == 2
-    ArtifactStore(str(storage)).load(prune, "model")  # verifies the checksum again
 
 
 def test_stage_that_fits_no_node_is_refused_instead_of_hanging(tmp_path: Path, ray_node) -> None:
