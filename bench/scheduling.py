@@ -91,11 +91,20 @@ class _Outcomes:
 
 
 class _Sink:
+    """The result sink without Parquet or MLflow: counts the stages that ended."""
+
     def __init__(self) -> None:
         self.recorded = 0
+        self.recorder = self  # the live tracker logs epochs through sink.recorder
 
     def record(self, *args: Any, **kwargs: Any) -> None:
         self.recorded += 1
+
+    def start_stage(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_epoch(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def _cpu_self() -> float:
@@ -203,8 +212,11 @@ def run_variant(variant: str, n_stages: int, num_cpus: int) -> dict[str, Any]:
 
 def _run_nptm(n_stages: int, root: str, cluster: Any) -> int:
     import orchestrator.sweep as sweep
+    from orchestrator.live import LiveTracker, StopSignals, new_progress
     from orchestrator.planner import build_plan
+    from results.run_record import RunRecord
     from search_spaces import parse_grid
+    from trainables.layout import Layout
 
     grid = parse_grid(noop_grid(n_stages), "<bench>")
     plan = build_plan(grid)
@@ -215,7 +227,11 @@ def _run_nptm(n_stages: int, root: str, cluster: Any) -> int:
     sweep.stage_trial = noop_trainable  # _tune builds its Tuner around this name
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the progress lines
-            sweep._tune(grid, plan, opts, cluster, _Outcomes(root), sink, set())
+            # The driver's live tracker as a sweep runs it (progress.json on every stage
+            # start and end), minus MLflow.
+            record = RunRecord(Layout(root), grid.name)
+            live = LiveTracker(plan.stages, sink, record, new_progress(grid.name), StopSignals())
+            sweep._tune(grid, plan, opts, cluster, _Outcomes(root), sink, set(), live)
     finally:
         sweep.stage_trial = original
     return sink.recorded
