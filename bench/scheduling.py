@@ -227,8 +227,7 @@ def _run_nptm(n_stages: int, root: str, cluster: Any) -> int:
     sweep.stage_trial = noop_trainable  # _tune builds its Tuner around this name
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the progress lines
-            # The driver's live tracker as a sweep runs it (progress.json on every stage
-            # start and end), minus MLflow.
+            # The driver's live tracker as a sweep runs it (progress.json), minus MLflow.
             record = RunRecord(Layout(root), grid.name)
             live = LiveTracker(plan.stages, sink, record, new_progress(grid.name), StopSignals())
             sweep._tune(grid, plan, opts, cluster, _Outcomes(root), sink, set(), live)

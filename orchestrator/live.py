@@ -30,7 +30,7 @@ from trainables.stage import StageSpec
 if TYPE_CHECKING:
     from results.sink import ResultSink
 
-PROGRESS_INTERVAL_S = 2.0  # progress.json is rewritten at most this often between events
+PROGRESS_INTERVAL_S = 2.0  # progress.json is rewritten at most this often (and at the end)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -119,7 +119,7 @@ class LiveTracker(Callback):
         self.progress.running[spec.id] = RunningStage(
             spec.kind.value, spec.label, stage_epochs(spec)
         )
-        self.write(force=True)
+        self.write()
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -146,9 +146,12 @@ class LiveTracker(Callback):
 
     def _ended(self, trial: Any) -> None:
         self.progress.running.pop(stage_id_of(trial.config), None)
-        self.write(force=True)
+        self.write()
 
     def write(self, *, force: bool = False) -> None:
+        """progress.json, at most every `interval` seconds unless `force`d: an fsynced write
+        per stage start and end cost the driver ~6 ms a stage (bench/scheduling.py), and
+        Tune's loop calls `on_step_end` often enough to publish a change within `interval`."""
         now = time.time()
         if force or now - self._written >= self.interval:
             self._written = now
