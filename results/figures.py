@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,14 +62,7 @@ def plot_budget_curves(
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("test accuracy (%)", fontsize=8)
-        fig.legend(
-            [handles[s] for s in scheds if s in handles],
-            [s for s in scheds if s in handles],
-            loc="center right",
-            fontsize=7,
-            title="schedule",
-            title_fontsize=7,
-        )
+        _schedule_legend(fig, handles, scheds)
         fig.suptitle(" / ".join(map(str, key)) + "  (mean ± sd over seeds)", fontsize=9)
         path = fig_dir / ("acc_vs_budget__" + _slug("__".join(map(str, key))) + ".png")
         fig.savefig(path, dpi=80)
@@ -203,14 +197,7 @@ def tradeoff_figure(sub: pd.DataFrame, key: tuple, level: float):
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         row[0].set_ylabel("test accuracy (%)", fontsize=8)
-    fig.legend(
-        [handles[s] for s in scheds if s in handles],
-        [s for s in scheds if s in handles],
-        loc="center right",
-        fontsize=7,
-        title="schedule",
-        title_fontsize=7,
-    )
+    _schedule_legend(fig, handles, scheds)
     dataset, model, structure, budget = key
     where = f"{dataset} / {model} / {structure}" + (
         "" if pd.isna(budget) else f" / budget {int(budget)}"
@@ -277,3 +264,16 @@ def plot_schedules(
         fig.savefig(path, dpi=80)
         paths.append(path)
     return paths
+
+
+def _schedule_legend(fig: Any, handles: dict[str, Any], scheds: list[str]) -> None:
+    """One legend entry per schedule drawn, in the schedules' order."""
+    drawn = [s for s in scheds if s in handles]
+    fig.legend(
+        [handles[s] for s in drawn],
+        drawn,
+        loc="center right",
+        fontsize=7,
+        title="schedule",
+        title_fontsize=7,
+    )
