@@ -197,7 +197,6 @@ def _start_info(
     grid: Any, plan: Any, cluster: Cluster, recorder: Any, record: Any, done: int
 ) -> SweepStart:
     from orchestrator.live import url_answers
-    from results.run_record import PLAN_FILE
 
     counts: dict[str, int] = {}
     for spec in plan.stages.values():
@@ -206,7 +205,7 @@ def _start_info(
     return SweepStart(
         sweep=grid.name,
         storage=record.layout.sweep_location(grid.name),
-        run_record=record.location(PLAN_FILE).rsplit("/", 1)[0],
+        run_record=record.location(),
         planned=counts,
         to_run=len(plan.stages) - done,
         dashboard_url=url,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from trainables.layout import Layout
+from trainables.layout import Layout, check_name
 from trainables.stage import StageSpec
 from trainables.storage import atomic_write_bytes
 
@@ -122,9 +122,10 @@ class RunRecord:
     def path(self, name: str) -> str:
         return self.layout.run_file(self.sweep, name)
 
-    def location(self, name: str) -> str:
-        """`name`'s path as a user names it (a URI keeps its scheme)."""
-        return f"{self.layout.sweep_location(self.sweep)}/run/{name}"
+    def location(self, *names: str) -> str:
+        """The run record's directory, or a file in it, as a user names it (a URI keeps its
+        scheme and its query at the end: `Layout.location`)."""
+        return self.layout.location("sweeps", check_name("sweep", self.sweep), "run", *names)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         atomic_write_bytes(self.layout.fs, self.path(name), data)

@@ -116,7 +116,7 @@ class Layout:
         return f"{self.stages_dir}/{STAGE_INDEX}"
 
     def stage_dir(self, stage_id: str) -> str:
-        return f"{self.root}/stages/{check_name('stage id', stage_id)}"
+        return f"{self.stages_dir}/{check_name('stage id', stage_id)}"
 
     def stage_file(self, stage_id: str, name: str) -> str:
         return f"{self.stage_dir(stage_id)}/{check_name('artifact', name)}"
