@@ -142,7 +142,11 @@ def _child(fn: Callable[..., Any], kwargs: dict[str, Any], queue: Any) -> None:
 
 
 def run_isolated(fn: Callable[..., Any], timeout: float, **kwargs: Any) -> Any:
-    """fn(**kwargs) in a spawned process (a fresh CUDA context); raises on error or timeout."""
+    """fn(**kwargs) in a spawned process (a fresh CUDA context); raises on error or timeout.
+    Without CUDA (the dry run) there is no context to keep apart: fn runs in this process,
+    which saves the dry run a process start and its imports per check."""
+    if not torch.cuda.is_available():
+        return fn(**kwargs)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, kwargs, queue))

@@ -1,7 +1,9 @@
 """Shared pytest setup: the session's Ray node, MLflow server and finished tiny sweep."""
 
 import shutil
+import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,30 +47,81 @@ def mlflow_server(tmp_path_factory):
         yield server
 
 
+class _TinySweep(threading.Thread):
+    """`nptm sweep tiny.yaml` (see `tiny_sweep`), waited for on a thread of its own: the sweep
+    is a subprocess, so it runs on the second core while the unit tests run on the first."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(name="tiny-sweep", daemon=True)
+        from tests.sweep_helpers import write_grid
+
+        self.tmp = tmp
+        self.grid = write_grid(tmp / "tiny.yaml")
+        self.proc: subprocess.Popen | None = None
+        self.outcome: tuple | BaseException | None = None
+
+    def run(self) -> None:
+        from tests.sweep_helpers import nptm_probing_dashboard
+
+        def started(proc: subprocess.Popen) -> None:
+            self.proc = proc
+
+        try:
+            self.outcome = nptm_probing_dashboard(
+                "sweep", str(self.grid), "--storage", "runs", cwd=self.tmp, started=started
+            )
+        except BaseException as err:  # raised again in the tests that need the sweep
+            self.outcome = err
+
+    def stop(self) -> None:
+        """End the sweep if it still runs (a session cut short): SIGTERM stops it cleanly."""
+        if self.is_alive() and self.proc is not None:
+            self.proc.terminate()
+        self.join(timeout=60)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_sweep_started(request, tmp_path_factory):
+    """Starts the tiny sweep at the session's first test if a selected test needs it: the
+    slow tests, which use it, run last (`pytest_collection_modifyitems`)."""
+    if not any("tiny_sweep" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    sweep = _TinySweep(tmp_path_factory.mktemp("tiny"))
+    sweep.start()
+    yield sweep
+    sweep.stop()
+
+
 @pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory) -> SimpleNamespace:
+def tiny_sweep(_tiny_sweep_started: _TinySweep) -> SimpleNamespace:
     """The README's path, once per session: `nptm sweep tiny.yaml` as a user runs it (the
     console entry point, in a fresh process that starts and stops its own local Ray), with a
-    relative storage path. 9 stages: 1 pre-training, 2 prunes, 6 retrains.
+    relative storage path. 9 stages: 1 pre-training, 2 prunes, 6 retrains. It starts with the
+    session (`_tiny_sweep_started`); this waits for it to end.
 
     Tests that need a finished sweep copy its storage (`copy_storage`); sweeps of other grids
     start from its pre-training (`seed_stages`): stage ids are content hashes, so theirs is
     the same stage. `dashboard` (a sweep_helpers.DashboardProbe): the dashboard URL its
     start-up banner printed, and whether it answered while the sweep ran.
     """
-    from tests.sweep_helpers import nptm_probing_dashboard, write_grid
-
-    tmp = tmp_path_factory.mktemp("tiny")
-    grid = write_grid(tmp / "tiny.yaml")
-    result, dashboard = nptm_probing_dashboard("sweep", str(grid), "--storage", "runs", cwd=tmp)
-    return SimpleNamespace(grid=grid, storage=tmp / "runs", result=result, dashboard=dashboard)
+    sweep = _tiny_sweep_started
+    sweep.join()
+    if isinstance(sweep.outcome, BaseException):
+        raise sweep.outcome
+    result, dashboard = sweep.outcome
+    return SimpleNamespace(
+        grid=sweep.grid, storage=sweep.tmp / "runs", result=result, dashboard=dashboard
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`bench` and `scale` tests belong to the slow tier."""
+    """`bench` and `scale` tests belong to the slow tier, and the slow tier runs last (in the
+    order collected): the unit tests run while the session's tiny sweep does."""
     for item in items:
         if item.get_closest_marker("bench") or item.get_closest_marker("scale"):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

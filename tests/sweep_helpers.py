@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,10 +112,16 @@ class DashboardProbe:
     answered_while_running: bool = False
 
 
-def nptm_probing_dashboard(*args: str, cwd: Path, timeout: float = 600):
+def nptm_probing_dashboard(
+    *args: str,
+    cwd: Path,
+    timeout: float = 600,
+    started: Callable[[subprocess.Popen], None] | None = None,
+):
     """`nptm ARGS` from the console script, as `nptm(..., console=True)`; as soon as its
     start-up banner names the Ray dashboard, a request to that URL is made while the sweep
-    still runs. Returns (the CompletedProcess, a DashboardProbe)."""
+    still runs. `started` is handed the process once it runs. Returns (the
+    CompletedProcess, a DashboardProbe)."""
     import re
     import tempfile
     import urllib.error
@@ -128,6 +135,8 @@ def nptm_probing_dashboard(*args: str, cwd: Path, timeout: float = 600):
             [str(Path(sys.executable).parent / "nptm"), *args], cwd=cwd, env=env, text=True,
             stdout=subprocess.PIPE, stderr=err,
         )  # fmt: skip
+        if started is not None:
+            started(proc)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -245,36 +254,44 @@ def copy_storage(source: Path, storage: Path) -> Path:
 
 
 def sweep_with_fault(
-    args: list[str],
-    env: dict[str, str],
-    *,
+    node,
+    grid: Path,
+    storage: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
     ready: Callable[[], bool],
     fault: Callable[[], None],
-    log: Path,
     timeout: float = 600,
-) -> tuple[int, str]:
-    """Run `nptm sweep ...` (args after `nptm`) in a fresh process; as soon as `ready()`
-    holds, inject `fault()` (kill a server, a node) while the sweep still runs, then wait for
-    the sweep to end. Returns its exit code and its stderr (kept in `log`)."""
-    with open(log, "w+") as err:
-        proc = subprocess.Popen(
-            [*NPTM, *args], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-        try:
-            deadline = time.time() + timeout
-            while time.time() < deadline and proc.poll() is None and not ready():
-                time.sleep(0.2)
-            assert proc.poll() is None, (
-                "the sweep ended before the fault: " + log.read_text()[-3000:]
-            )
-            fault()
-            rc = proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        err.seek(0)
-        return rc, err.read()
+) -> CliResult:
+    """`sweep_on(node, grid, storage, *args)`; as soon as `ready()` holds, a thread injects
+    `fault()` (kills a server, a node) while the sweep still runs. Returns the sweep's
+    CliResult; fails if the sweep ended before the fault."""
+    ended = threading.Event()
+    injected: list[BaseException | None] = []  # None: injected; else what `fault` raised
+
+    def inject_when_ready() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not ended.is_set():
+            if ready():
+                try:
+                    fault()
+                    injected.append(None)
+                except BaseException as err:  # raised in the test's thread below
+                    injected.append(err)
+                return
+            time.sleep(0.2)
+
+    injector = threading.Thread(target=inject_when_ready, daemon=True)
+    injector.start()
+    try:
+        result = sweep_on(node, grid, storage, *args, env=env)
+    finally:
+        ended.set()
+        injector.join()
+    assert injected, "the sweep ended before the fault: " + result.stderr[-3000:]
+    if injected[0] is not None:
+        raise injected[0]
+    return result
 
 
 def trials(storage: Path, sweep: str = "tiny") -> pd.DataFrame:

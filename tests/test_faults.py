@@ -560,19 +560,18 @@ def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
     trials_dir = storage / "sweeps" / "tiny" / "stages"
     with MlflowServer(db, tmp_path / "mlflow.log") as server:
         uri = server.wait()
-        args = ["sweep", str(grid), "--storage", str(storage), "--mlflow-uri", uri,
-                "--address", ray_node.address, "--no-report"]  # fmt: skip
         recorded = []
 
         def kill_server() -> None:
             server.kill()
             recorded.append(len(list(trials_dir.glob("*.parquet"))))
 
-        rc, stderr = sweep_with_fault(
-            args, ray_node.env, log=tmp_path / "sweep.err", fault=kill_server,
+        result = sweep_with_fault(
+            ray_node, grid, storage, "--mlflow-uri", uri, fault=kill_server,
             # the 3 reused stages, and a retrain that ran
             ready=lambda: len(list(trials_dir.glob("*.parquet"))) >= 4,
         )  # fmt: skip
+        rc, stderr = result.returncode, result.stderr
         (recorded_before_kill,) = recorded
         n = len(plan_stage_ids(grid))
         assert 4 <= recorded_before_kill < n, "the server must die while stages remain"

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from tests.sweep_helpers import (
 )
 
 pytestmark = pytest.mark.slow
+STOP = (signal.SIGINT, signal.SIGTERM)
 
 
 def test_inline_sweep_lands_every_stage_once_then_reruns_nothing(
@@ -131,7 +133,9 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
 ) -> None:
     """Three drivers of one sweep, against a real `mlflow server`: the first is sent SIGINT
     while a retrain's run is RUNNING with part of its epochs in MLflow, the second SIGTERM
-    (what `ray job stop` sends), the third SIGKILL; then a fourth completes the sweep."""
+    (what `ray job stop` sends), the third SIGKILL; then a fourth completes the sweep. The
+    first two run in this process (their signal handlers are the subject), the killed one in
+    a process of its own."""
     grid = write_grid(
         tmp_path / "live.yaml", name="live", pruners=("{name: magnitude, ratio: 0.5}",),
         schedules="[ft, clr]", budget="3",
@@ -164,10 +168,41 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
                     return run.info.run_id
         return None
 
-    def driver(ready, signum: int, name: str) -> tuple[int, float, str]:
-        """Start a driver, wait for `ready()`, send `signum`: (exit code, seconds to exit,
-        stdout + stderr)."""
-        log = tmp_path / f"{name}.log"
+    def signalled(ready, signum: int) -> tuple[int, float, str]:
+        """This process runs the sweep's driver (`nptm sweep` in process) and sends itself
+        `signum` once `ready()` holds: (exit code, seconds to exit, stdout + stderr)."""
+        sent: list[float] = []
+        late: list[int] = []
+        ended = threading.Event()
+
+        def send_when_ready() -> None:
+            deadline = time.time() + 300
+            while time.time() < deadline and not ended.is_set():
+                if ready():
+                    sent.append(time.time())
+                    os.kill(os.getpid(), signum)
+                    return
+                time.sleep(0.2)
+
+        # The sweep's own handlers replace these while it runs: they catch only a signal that
+        # comes after the sweep ended, which would otherwise end the test session.
+        previous = {s: signal.signal(s, lambda n, _: late.append(n)) for s in STOP}
+        sender = threading.Thread(target=send_when_ready, daemon=True)
+        try:
+            sender.start()
+            result = sweep_on(ray_node, grid, storage, "--mlflow-uri", uri)
+            ended.set()
+            sender.join()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        assert sent and not late, f"the sweep ended before the signal\n{result.stderr[-3000:]}"
+        return result.returncode, time.time() - sent[0], result.stdout + result.stderr
+
+    def killed(ready) -> None:
+        """A driver in a process of its own, SIGKILLed (with its process group) once
+        `ready()` holds."""
+        log = tmp_path / "sigkill.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 [*NPTM, "sweep", str(grid), "--storage", str(storage), "--address",
@@ -179,16 +214,10 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
                 deadline = time.time() + 300
                 while time.time() < deadline and proc.poll() is None and not ready():
                     time.sleep(0.2)
-                assert proc.poll() is None, f"{name}: ended before the signal\n{log.read_text()}"
-                sent = time.time()
-                os.killpg(proc.pid, signum) if signum == signal.SIGKILL else proc.send_signal(
-                    signum
-                )
-                rc = proc.wait(timeout=120)
-                return rc, time.time() - sent, log.read_text()
+                assert proc.poll() is None, f"ended before the signal\n{log.read_text()}"
             finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=120)
 
     def check_interrupted(rc: int, seconds: float, out: str, code: int) -> None:
         assert rc == code, out[-3000:]
@@ -208,7 +237,7 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
         live.extend(filter(None, [partial_retrain()]))
         return bool(live)
 
-    rc, seconds, out = driver(retrain_is_live, signal.SIGINT, "sigint")
+    rc, seconds, out = signalled(retrain_is_live, signal.SIGINT)
     check_interrupted(rc, seconds, out, 130)
     live_id = live[0]
     assert client.get_run(live_id).info.status == "KILLED"
@@ -224,13 +253,13 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
             return False
         return now["started_at"] > before and bool(now["running"])
 
-    rc, seconds, out = driver(stage_running, signal.SIGTERM, "sigterm")
+    rc, seconds, out = signalled(stage_running, signal.SIGTERM)
     check_interrupted(rc, seconds, out, 143)
     print(f"exit 143 after {seconds:.1f}s")
 
     # 3. SIGKILL while a stage runs: the driver can end nothing.
     before = time.time()
-    driver(stage_running, signal.SIGKILL, "sigkill")
+    killed(stage_running)
     finished_before = outcomes()
     assert len(finished_before) < n, "the driver died after the sweep"
     assert parent().info.status == "RUNNING"  # left by the killed driver
