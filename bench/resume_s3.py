@@ -15,7 +15,12 @@ in the sweep's per-stage Parquet files, written as the driver writes them (`stag
 server is Python too, on the same cores, and answers a listing of 1,000 keys far slower than
 S3 does, so on a small machine `seconds` is mostly the server's.
 
-    .venv/bin/python bench/resume_s3.py [--quick] [--json] [--stages 10000]
+`--start-only` stores the outcomes only (no table rows: a third of the PUTs) and measures
+the index rebuild and the indexed start (and, apart, its two parts: the listing of `stages/`
+and the index read), nothing else: minutes instead of a quarter hour. The bucket then holds
+a third of the keys, which moto scans at every listing page.
+
+    .venv/bin/python bench/resume_s3.py [--quick] [--json] [--stages 10000] [--start-only]
 """
 
 from __future__ import annotations
@@ -72,9 +77,12 @@ def fake_outcome(spec: Any) -> Any:
     )  # fmt: skip
 
 
-def populate(server: Any, bucket: str, storage: str, sweep: str, specs: list[Any]) -> None:
-    """Every stage's outcome.json (and a pre-training's rewind checksums) and table rows, as
-    nptm writes them, each sent in one PUT (boto3: pyarrow uploads in three requests)."""
+def populate(
+    server: Any, bucket: str, storage: str, sweep: str, specs: list[Any], rows: bool = True
+) -> None:
+    """Every stage's outcome.json (and a pre-training's rewind checksums) and, with `rows`,
+    its table rows, as nptm writes them, each sent in one PUT (boto3: pyarrow uploads in three
+    requests)."""
     import boto3
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -102,6 +110,8 @@ def populate(server: Any, bucket: str, storage: str, sweep: str, specs: list[Any
         put(layout.stage_file(spec.id, "outcome.json"), outcome_json(outcome).encode())
         for e in spec.keep_epochs:
             put(layout.stage_file(spec.id, checksum_name(rewind_name(e))), b"0" * 64)
+        if not rows:
+            return
         row, epochs = stage_rows(sweep, spec, outcome.status, outcome, None, reused=False,
                                  executor="inline")  # fmt: skip
         keys = {"sweep": sweep, "stage_id": spec.id, "stage_kind": spec.kind.value}
@@ -143,13 +153,14 @@ def measure(server: Any, label: str, fn: Callable[[], Any]) -> tuple[dict[str, A
     return row, value
 
 
-def run(n_stages: int) -> dict[str, Any]:
+def run(n_stages: int, start_only: bool = False) -> dict[str, Any]:
     import results.store as store_mod
     from orchestrator.sweep import _finished_stages
     from results.store import SweepStore
     from tests.s3_server import S3Server
     from trainables.artifacts import ArtifactStore
     from trainables.layout import STAGES_TABLE
+    from trainables.stage_index import StageIndex, list_stage_files
 
     os.environ.update(S3Server.env)
     sweep, plan = plan_of(n_stages)
@@ -160,21 +171,34 @@ def run(n_stages: int) -> dict[str, Any]:
         bucket = server.bucket("bench")
         storage = server.uri(f"{bucket}/runs")
         rows = []
+        specs = list(plan.stages.values())
         row, _ = measure(
             server,
-            "populate",
-            lambda: populate(server, bucket, storage, sweep, list(plan.stages.values())),
+            "populate" + (": outcomes only" if start_only else ""),
+            lambda: populate(server, bucket, storage, sweep, specs, rows=not start_only),
         )
         rows.append(row)
-        row, old = measure(server, "start: per-stage reads", lambda: per_stage_reads(plan, storage))
-        rows.append(row)
+        if not start_only:
+            row, old = measure(
+                server, "start: per-stage reads", lambda: per_stage_reads(plan, storage)
+            )
+            rows.append(row)
+            assert len(old) == n_stages
         row, rebuilt = measure(server, "start: rebuild index",
                                lambda: _finished_stages(plan, ArtifactStore(storage)))  # fmt: skip
         rows.append(row)
         row, indexed = measure(server, "start: indexed",
                                lambda: _finished_stages(plan, ArtifactStore(storage)))  # fmt: skip
         rows.append(row)
-        assert len(old) == len(rebuilt) == len(indexed) == n_stages
+        assert len(rebuilt) == len(indexed) == n_stages
+        if start_only:
+            # The indexed start's two parts: the listing of stages/ and the index files.
+            layout = ArtifactStore(storage).layout
+            row, _ = measure(server, "  its listing of stages/", lambda: list_stage_files(layout))
+            rows.append(row)
+            row, _ = measure(server, "  its index read", lambda: StageIndex(layout).entries())
+            rows.append(row)
+            return {"stages": n_stages, "steps": rows, "machine": _common.machine()}
 
         row, _ = measure(server, "compact: whole", lambda: SweepStore(storage, sweep).compact())
         rows.append(row)
@@ -217,9 +241,10 @@ def run(n_stages: int) -> dict[str, Any]:
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=10_000, choices=sorted(SHAPES))
+    p.add_argument("--start-only", action="store_true", help="outcomes only; start steps only")
     args = p.parse_args()
     n = 100 if args.quick else args.stages
-    result = run(n)
+    result = run(n, args.start_only)
     print(_common.machine_line(result["machine"]))
     headers = [
         "step",
@@ -233,14 +258,15 @@ def main() -> None:
         "DELETE",
     ]
     print(_common.table(headers, [[r.get(h, 0) for h in headers] for r in result["steps"]]))
-    print(
-        f"sweep start, indexed vs per-stage reads: {result['start_speedup']:.1f}x faster, "
-        f"{result['start_request_ratio']:.0f}x fewer requests"
-    )
-    print(
-        f"stages table, snapshot vs per-stage files: {result['read_speedup']:.1f}x faster, "
-        f"{result['read_request_ratio']:.0f}x fewer requests"
-    )
+    if not args.start_only:
+        print(
+            f"sweep start, indexed vs per-stage reads: {result['start_speedup']:.1f}x faster, "
+            f"{result['start_request_ratio']:.0f}x fewer requests"
+        )
+        print(
+            f"stages table, snapshot vs per-stage files: {result['read_speedup']:.1f}x faster, "
+            f"{result['read_request_ratio']:.0f}x fewer requests"
+        )
     indexed = next(r for r in result["steps"] if r["step"] == "start: indexed")
     _common.print_target(
         f"start of a {n:,}-stage rerun < {TARGET_START_S:g} s",

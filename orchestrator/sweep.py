@@ -318,7 +318,7 @@ def _tune(
             scheduler=NewestPendingFirst(),  # see orchestrator.trial_scheduler
             num_samples=-1,
             reuse_actors=True,
-            max_concurrent_trials=res.max_concurrent,
+            max_concurrent_trials=_max_concurrent(cluster, res),
             trial_name_creator=names,
             trial_dirname_creator=names,
         ),
@@ -343,6 +343,24 @@ def _parallel_slots(cluster: Cluster, resources: Any) -> int:
         fits = [node.get(r, 0.0) / amount for r, amount in need.items() if amount > 0]
         slots += int(min(fits, default=0) + 1e-9)
     return max(slots, 1)
+
+
+def _max_concurrent(cluster: Cluster, resources: Any) -> int | None:
+    """Tune's cap on the trials it holds at once (pending or running).
+
+    Tune asks Ray for a new trial actor (a placement group, then a worker process) for every
+    trial it holds and, with actor reuse, hands the trial an actor that frees up instead,
+    killing the one that was starting for it. A trial actor of `executor: train` asks for
+    0.1 CPU, so those placement groups are placed at once and each such request can start a
+    worker process that nothing uses. On a local Ray, whose resources never change, Tune
+    holds no more trials than can run at once: a trial is handed out when one ends, and takes
+    over its actor. A cluster may grow (the autoscaler scales on pending placement
+    groups), so there only the grid's `resources.max_concurrent` applies.
+    """
+    if not cluster.started_here:
+        return resources.max_concurrent
+    slots = _parallel_slots(cluster, resources)
+    return min(slots, resources.max_concurrent or slots)
 
 
 def _absolute(path: str | None) -> str | None:

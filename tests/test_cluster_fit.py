@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator.cluster import Cluster, check_fit, stage_bundles
 from orchestrator.errors import UsageError
+from orchestrator.sweep import _max_concurrent
 from search_spaces.schema import ResourcesSection
 
 
@@ -89,3 +90,36 @@ def test_check_fit_agrees_with_every_assignment_of_bundles_to_nodes(
     cluster, res = _cluster(*cpus), _train(workers, per_worker)
     trial, worker_bundles = stage_bundles("retrain", res)
     assert _fits(cluster, res) == _brute_force(cluster.nodes, [trial, *worker_bundles])
+
+
+@pytest.mark.parametrize(
+    "node", [{"CPU": 2}, {"CPU": 1.1}, {"CPU": 4.5}, {"CPU": 8, "GPU": 2}, {"CPU": 3, "GPU": 1}]
+)
+@pytest.mark.parametrize(
+    "res",
+    [
+        _train(1, 1),
+        _train(2, 1),
+        _train(1, 0.5),
+        _train(1, 1, 0.5),
+        ResourcesSection(executor="inline", cpus_per_worker=0.25),
+        ResourcesSection(executor="inline", cpus_per_worker=1, gpus_per_worker=1),
+    ],
+)
+def test_a_local_ray_holds_no_more_trials_than_stages_fit_at_once(
+    node: dict[str, float], res: ResourcesSection
+) -> None:
+    # Each trial Tune holds asks for an actor; on a node nptm started, only as many as can run.
+    local = Cluster(address="local", started_here=True, dashboard_url=None, nodes=[node])
+    trial, workers = stage_bundles("retrain", res)
+    fit = max((k for k in range(1, 40) if _brute_force([node], [trial, *workers] * k)), default=1)
+    assert _max_concurrent(local, res) == fit
+    capped = res.model_copy(update={"max_concurrent": 1})
+    assert _max_concurrent(local, capped) == 1
+
+
+def test_a_cluster_keeps_the_grids_cap_only() -> None:
+    # A cluster may grow (its autoscaler scales on pending placement groups): no cap of nptm's.
+    res = _train(1, 1)
+    assert _max_concurrent(_cluster(2), res) is None
+    assert _max_concurrent(_cluster(2), res.model_copy(update={"max_concurrent": 5})) == 5
