@@ -1,8 +1,10 @@
 """Shared pytest setup: the session's Ray node, MLflow server and finished tiny sweep."""
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +21,10 @@ from tests.ray_cluster import use_test_ray_env  # noqa: E402
 # Before anything imports Ray: one token, the loopback address and a private temp dir for
 # every Ray process of the session (see tests/ray_cluster.py).
 RAY_TMPDIR = use_test_ray_env()
+# The session's own split cache (trainables.split_cache), inherited by every process it starts:
+# cold at the start, as on a new machine, and nothing written to the user's cache.
+CACHE_DIR = tempfile.mkdtemp(prefix="nptm-cache-")
+os.environ["NPTM_CACHE_DIR"] = CACHE_DIR
 
 # The test machines have 2 cores; more intra-op threads only oversubscribe them.
 if torch.get_num_threads() > 2:
@@ -125,6 +131,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """The session's Ray temp dir (logs of every cluster it started), once they are stopped."""
+    """The session's Ray temp dir (logs of every cluster it started), once they are stopped,
+    and its split cache."""
     if RAY_TMPDIR is not None:
         shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 from collections import Counter
@@ -225,6 +226,82 @@ def test_split_indices_falls_back_when_stratifying_is_impossible() -> None:
     assert len(held) == 3 and sorted(np.concatenate([keep, held]).tolist()) == list(range(6))
     with pytest.raises(ValueError, match="val_fraction"):
         split_indices(labels, 0.01, seed=0)
+
+
+def _sklearn_splits(val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """The digits splits computed with scikit-learn directly, as nptm defines them."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train, test = train_test_split(
+        np.arange(len(digits.target)), test_size=360, random_state=0, stratify=digits.target
+    )
+    train, test = np.sort(train), np.sort(test)
+    labels = digits.target[train]
+    keep, held = train_test_split(
+        np.arange(len(train)), test_size=round(val_fraction * len(train)), random_state=seed,
+        stratify=labels,
+    )  # fmt: skip
+    return {"train": train[np.sort(keep)], "val": train[np.sort(held)], "test": test}
+
+
+def test_splits_come_from_the_cache_as_scikit_learn_computes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sklearn.datasets import load_digits
+
+    from trainables import split_cache
+
+    monkeypatch.setenv("NPTM_CACHE_DIR", str(tmp_path))
+    digits = load_digits()
+    pixels = (digits.images.astype(np.int64) * 255 + 8) // 16
+    want = _sklearn_splits(0.1, seed=3)
+
+    def check(bundle) -> None:
+        for name in ("train", "val", "test"):
+            split = getattr(bundle, name)
+            assert np.array_equal(split.labels.numpy(), digits.target[want[name]]), name
+            assert np.array_equal(split.images.numpy()[:, 0], pixels[want[name]]), name
+
+    check(load_dataset("digits", None, val_fraction=0.1, split_seed=3))  # computed, stored
+    entries = sorted(tmp_path.glob("*.npz"))
+    assert [p.name.split("-")[0] for p in entries] == ["digits", "split"]
+    check(load_dataset("digits", None, val_fraction=0.1, split_seed=3))  # read back
+
+    digits_entry = split_cache.entry_path("digits", {"test_size": 360, "seed": 0})
+    assert digits_entry in entries
+    digits_entry.write_bytes(b"PK\x03\x04 torn")  # an unreadable entry is recomputed
+    check(load_dataset("digits", None, val_fraction=0.1, split_seed=3))
+    with np.load(digits_entry) as stored:
+        assert np.array_equal(stored["test"], want["test"])
+    # Another seed is another entry, not the stored one.
+    other = load_dataset("digits", None, val_fraction=0.1, split_seed=4)
+    assert not torch.equal(other.val.labels, load_dataset("digits", None, val_fraction=0.1,
+                                                          split_seed=3).val.labels)  # fmt: skip
+    assert len(list(tmp_path.glob("split-*.npz"))) == 2
+
+
+def test_a_warm_cache_spares_a_fresh_process_scikit_learn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the cache is for: a new worker process that loads digits (with a validation
+    split) after another process did never imports scikit-learn."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("NPTM_CACHE_DIR", str(tmp_path))
+    load_dataset("digits", None, val_fraction=0.1, split_seed=1)  # this process fills it
+    code = (
+        "import sys; from trainables.datasets import load_dataset; "
+        "load_dataset('digits', None, val_fraction=0.1, split_seed=1); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[1], env=os.environ,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
 
 
 def test_bad_arguments_are_named() -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from trainables import split_cache
 from trainables.catalog import DATASETS, DatasetInfo
 from trainables.registry import resolve
 
@@ -136,10 +137,8 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 
     The held-out part has round(fraction * N) samples, stratified by label when every class has
     at least two samples and both parts can hold one of each class; otherwise a plain seeded
-    random subset.
+    random subset. Kept in trainables.split_cache.
     """
-    from sklearn.model_selection import train_test_split
-
     n = len(labels)
     n_held = round(fraction * n)
     if not 0 < n_held < n:
@@ -147,11 +146,21 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
             f"val_fraction: {fraction!r} of {n} training samples leaves {n_held} for validation "
             f"and {n - n_held} for training; both must be at least 1"
         )
-    positions = np.arange(n)
-    _, counts = np.unique(labels, return_counts=True)
-    stratify = labels if counts.min() >= 2 and min(n_held, n - n_held) >= len(counts) else None
-    keep, held = train_test_split(positions, test_size=n_held, random_state=seed, stratify=stratify)
-    return np.sort(keep), np.sort(held)
+
+    def compute() -> split_cache.Arrays:
+        from sklearn.model_selection import train_test_split
+
+        positions = np.arange(n)
+        _, counts = np.unique(labels, return_counts=True)
+        enough = counts.min() >= 2 and min(n_held, n - n_held) >= len(counts)
+        keep, held = train_test_split(
+            positions, test_size=n_held, random_state=seed, stratify=labels if enough else None
+        )
+        return {"keep": np.sort(keep), "held": np.sort(held)}
+
+    key = {"labels": split_cache.labels_digest(labels), "held": n_held, "seed": seed}
+    arrays = split_cache.cached("split", key, compute)
+    return arrays["keep"], arrays["held"]
 
 
 def load_digits_splits(
@@ -171,23 +180,32 @@ def _load_digits() -> tuple[TensorSplit, TensorSplit]:
 
     Pixel values v in 0..16 become round(v * 255 / 16), computed exactly as
     (v * 255 + 8) // 16: 0 -> 0, 8 -> 128, 16 -> 255. The split is stratified, seeded by the
-    fixed DIGITS_SPLIT_SEED, 1,437 training and 360 test images.
+    fixed DIGITS_SPLIT_SEED, 1,437 training and 360 test images. Kept in trainables.split_cache.
     """
+    key = {"test_size": DIGITS_TEST_SIZE, "seed": DIGITS_SPLIT_SEED}
+    arrays = split_cache.cached("digits", key, _digits_arrays)
+    whole = TensorSplit(
+        torch.from_numpy(arrays["images"]).contiguous(), torch.from_numpy(arrays["labels"])
+    )
+    return whole.subset(arrays["train"]), whole.subset(arrays["test"])
+
+
+def _digits_arrays() -> split_cache.Arrays:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     values = digits.images.astype(np.int64)  # exact small integers stored as float64
-    images = torch.from_numpy(((values * 255 + 8) // 16).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(digits.target.astype(np.int64))
+    images = ((values * 255 + 8) // 16).astype(np.uint8)[:, None]
+    labels = digits.target.astype(np.int64)
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)),
         test_size=DIGITS_TEST_SIZE,
         random_state=DIGITS_SPLIT_SEED,
         stratify=digits.target,
     )
-    whole = TensorSplit(images.contiguous(), labels)
-    return whole.subset(np.sort(train_idx)), whole.subset(np.sort(test_idx))
+    return {"images": images, "labels": labels, "train": np.sort(train_idx),
+            "test": np.sort(test_idx)}  # fmt: skip
 
 
 def download_lock_path(root: str | os.PathLike[str], name: str) -> Path:
