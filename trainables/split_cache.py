@@ -45,7 +45,10 @@ def entry_path(name: str, key: dict[str, Any]) -> Path:
 
 def cached(name: str, key: dict[str, Any], compute: Callable[[], Arrays]) -> Arrays:
     """`compute()`'s arrays for `key`, read from the cache when an entry is there."""
-    path = entry_path(name, key)
+    try:
+        path = entry_path(name, key)
+    except RuntimeError:  # no home directory to keep a cache in (Path.home)
+        return compute()
     try:
         with np.load(path, allow_pickle=False) as stored:
             return {k: stored[k] for k in stored.files}
