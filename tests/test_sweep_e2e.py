@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tests.sweep_helpers import (
     plan_stage_ids,
     seed_stages,
     sweep_on,
+    sweep_with_fault,
     trials,
     write_grid,
 )
@@ -173,30 +173,22 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
         `signum` once `ready()` holds: (exit code, seconds to exit, stdout + stderr)."""
         sent: list[float] = []
         late: list[int] = []
-        ended = threading.Event()
 
-        def send_when_ready() -> None:
-            deadline = time.time() + 300
-            while time.time() < deadline and not ended.is_set():
-                if ready():
-                    sent.append(time.time())
-                    os.kill(os.getpid(), signum)
-                    return
-                time.sleep(0.2)
+        def send() -> None:
+            sent.append(time.time())
+            os.kill(os.getpid(), signum)
 
         # The sweep's own handlers replace these while it runs: they catch only a signal that
         # comes after the sweep ended, which would otherwise end the test session.
         previous = {s: signal.signal(s, lambda n, _: late.append(n)) for s in STOP}
-        sender = threading.Thread(target=send_when_ready, daemon=True)
         try:
-            sender.start()
-            result = sweep_on(ray_node, grid, storage, "--mlflow-uri", uri)
-            ended.set()
-            sender.join()
+            result = sweep_with_fault(
+                ray_node, grid, storage, "--mlflow-uri", uri, ready=ready, fault=send, timeout=300
+            )
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        assert sent and not late, f"the sweep ended before the signal\n{result.stderr[-3000:]}"
+        assert not late, f"the sweep ended before the signal\n{result.stderr[-3000:]}"
         return result.returncode, time.time() - sent[0], result.stdout + result.stderr
 
     def killed(ready) -> None:
