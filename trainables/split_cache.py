@@ -7,17 +7,18 @@ scikit-learn's version (read from the package metadata, without importing it): a
 finds them in the cache reads a small .npz and never imports scikit-learn.
 
 The cache is `$NPTM_CACHE_DIR`, else `$XDG_CACHE_HOME/nptm`, else `~/.cache/nptm`. Entries are
-written atomically (a private temporary file, then a rename), so concurrent workers never read
+written atomically (`trainables.storage.atomic_write_bytes`), so concurrent workers never read
 a partial one; an unreadable entry is computed again and replaced. A cache that cannot be
 written is skipped: the arrays are computed every time, as without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from importlib.metadata import version
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
+
+from trainables.storage import atomic_write_bytes
 
 Arrays = dict[str, np.ndarray]
 
@@ -55,18 +59,10 @@ def cached(name: str, key: dict[str, Any], compute: Callable[[], Arrays]) -> Arr
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         pass  # absent, or unreadable: computed again and replaced below
     arrays = compute()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                np.savez(out, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError:
-        pass  # a read-only or full disk: no cache, same arrays
+    entry = io.BytesIO()
+    np.savez(entry, **arrays)
+    with contextlib.suppress(OSError):  # a read-only or full disk: no cache, same arrays
+        atomic_write_bytes(pafs.LocalFileSystem(), str(path), entry.getvalue())
     return arrays
 
 
