@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -260,11 +259,11 @@ def _ddp_fit(model: nn.Module, rank: int, world: int) -> tuple:
     return result, loaders, calls, lrs
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    # A file store: no port picked in advance that another process of the suite could take
+    # before rank 0 binds it, and no store server thread in rank 0 to outlive its peer.
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     try:
         model = small_cnn(0, bn=False)
         model.load_state_dict(torch.load(f"{out}/init.pt", weights_only=True))
@@ -281,14 +280,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
             },
             f"{out}/rank{rank}.pt",
         )
+        dist.barrier()  # neither rank tears down the group while the other still uses it
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # two processes of torch.distributed
@@ -299,7 +293,7 @@ def test_ddp_two_workers_equal_one_worker_at_the_same_global_batch(tmp_path: Pat
     forward pass, so the gradients would legitimately differ."""
     init = small_cnn(123, bn=False)
     torch.save(init.state_dict(), tmp_path / "init.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     single = small_cnn(0, bn=False)
