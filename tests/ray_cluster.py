@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,14 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import LOCAL_RAY_TRAIN_ENV
+from tests.ports import free_port
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def use_test_ray_env() -> str | None:

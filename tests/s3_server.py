@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import ClassVar
 
-from tests.ray_cluster import free_port
+from tests.ports import free_port
 
 _REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+" (\d+)')
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours the lines of errors

@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from tests.ports import free_port
 
 NPTM = [sys.executable, "-m", "orchestrator"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +347,7 @@ class MlflowServer:
     def __init__(self, db: Path, log: Path) -> None:
         self.db = db
         self.log = log
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -390,12 +391,6 @@ class MlflowServer:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import torch
 
 from orchestrator.cli import main as cli_main
 from orchestrator.trial import stage_id_of
+from tests.ports import free_port
 from tests.sweep_helpers import (
     ROOT,
     MlflowServer,
@@ -62,15 +63,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for key in ("MLFLOW_TRACKING_URI", "NPTM_STORAGE", "RAY_ADDRESS", *MLFLOW_HTTP_ENV):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
-
-
-def _closed_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stage(rows: pd.DataFrame, kind: str, **match) -> pd.Series:
@@ -415,7 +407,7 @@ def down_sweep(tmp_path_factory, ray_node, tiny_sweep) -> SimpleNamespace:
     grid = write_grid(tmp / "down.yaml", name="down", pruners=(MAGNITUDE,), schedules="[ft]")
     storage = tmp / "runs"
     seed_stages(tiny_sweep.storage, storage, grid)
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     result = sweep_on(ray_node, grid, storage, "--mlflow-uri", uri)
     return SimpleNamespace(tmp=tmp, grid=grid, storage=storage, uri=uri, result=result)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +11,7 @@ from mlflow import MlflowClient
 from results.sink import ResultSink
 from results.store import SweepStore
 from results.tracking import MlflowRecorder
+from tests.ports import free_port
 from tests.sweep_helpers import empty_mlflow_store
 from trainables.artifacts import ArtifactStore
 from trainables.recipe import DEFAULT_RECIPES
@@ -72,10 +72,7 @@ def test_failed_and_skipped_stages(tmp_path: Path) -> None:
 
 
 def test_parquet_is_written_when_mlflow_is_down(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    sink = _sink(tmp_path, f"http://127.0.0.1:{port}")
+    sink = _sink(tmp_path, f"http://127.0.0.1:{free_port()}")
     sink.record(PRE, StageStatus.OK, _outcome(PRE, test_acc=0.4), None, reused=True)
     row = SweepStore(tmp_path, "s1").read_stages().iloc[0]
     assert row["reused"] and pd.isna(row["mlflow_run_id"]) and row["test_acc"] == 0.4

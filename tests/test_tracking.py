@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,6 +15,7 @@ from results.mlflow_uri import HTTP_ENV_DEFAULTS, default_tracking_uri, resolve_
 from results.schema import rows_to_table
 from results.store import SweepStore
 from results.tracking import MlflowRecorder, sync_mlflow
+from tests.ports import free_port
 from tests.sweep_helpers import empty_mlflow_store
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -89,12 +89,6 @@ def child_runs(uri: str, sweep: str) -> list:
         for r in client.search_runs([exp.experiment_id], max_results=1000)
         if "nptm.stage_id" in r.data.tags
     ]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_default_uri_is_sqlite_under_storage(tmp_path: Path) -> None:
@@ -319,7 +313,7 @@ def test_dead_server_degrades_once_and_fast(
 ) -> None:
     for key in HTTP_ENV_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="results.tracking"):
         rec = MlflowRecorder(uri, "s1")
@@ -363,7 +357,7 @@ def test_sync_after_outage_restores_every_run(storage: Path) -> None:
         row, eps = stage(f"t{i}", sweep="out", seed=i)
         row["mlflow_run_id"] = live.record_stage(row, eps)
         store.write_stage(row, eps)
-    dead = MlflowRecorder(f"http://127.0.0.1:{closed_port()}", "out")
+    dead = MlflowRecorder(f"http://127.0.0.1:{free_port()}", "out")
     for i in range(2, 6):
         row, eps = stage(f"t{i}", sweep="out", seed=i, status="failed" if i == 5 else "ok")
         row["mlflow_run_id"] = dead.record_stage(row, eps)
