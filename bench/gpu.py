@@ -50,7 +50,6 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -566,15 +565,7 @@ def check_packing(sizes: Sizes, files: Any, budget: Deadline, work: Path) -> dic
 
 
 # -- 4. a 1-rank DDP stage --------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ddp_worker(
-    port: int, storage: str, parent_id: str, model_name: str, checksums: Any
-) -> dict[str, Any]:
+def ddp_worker(storage: str, parent_id: str, model_name: str, checksums: Any) -> dict[str, Any]:
     """What a `train`-executor rank does once Ray Train has set up its process group."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -590,7 +581,10 @@ def ddp_worker(
     if cuda:
         torch.cuda.set_device(device)
     t = time.time()
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # A TCP store as Ray Train's, bound to a port the OS picks (no port chosen in advance that
+    # another process could take first).
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
     out: dict[str, Any] = {"backend": backend, "init_s": time.time() - t}
     try:
         spec = StageSpec.from_dict(_retrain_spec(parent_id, model_name, seed=99))
@@ -618,8 +612,7 @@ def check_ddp(sizes: Sizes, files: Any, budget: Deadline, work: Path) -> dict:
     storage = str(work / "ddp-store")
     parent_id = prepare_parent(storage, sizes.model)
     out = run_isolated(
-        ddp_worker, budget.left(), port=_free_port(),
-        storage=storage, parent_id=parent_id, model_name=sizes.model,
+        ddp_worker, budget.left(), storage=storage, parent_id=parent_id, model_name=sizes.model,
         checksums=_checksums_only(files),
     )  # fmt: skip
     s = out["stage"]
