@@ -254,6 +254,43 @@ def copy_storage(source: Path, storage: Path) -> Path:
     return storage
 
 
+class FaultInjector(threading.Thread):
+    """Injects `fault()` (kills a server, a node) from a thread of its own as soon as
+    `ready()` holds, while the caller runs a sweep: `start()`, run the sweep, `finish(log)`."""
+
+    def __init__(
+        self, ready: Callable[[], bool], fault: Callable[[], None], timeout: float = 600
+    ) -> None:
+        super().__init__(name="fault-injector", daemon=True)
+        self.ready, self.fault, self.timeout = ready, fault, timeout
+        self.ended = threading.Event()
+        self.injected: list[BaseException | None] = []  # None: injected; else what it raised
+
+    def run(self) -> None:
+        deadline = time.time() + self.timeout
+        while time.time() < deadline and not self.ended.is_set():
+            if self.ready():
+                try:
+                    self.fault()
+                    self.injected.append(None)
+                except BaseException as err:  # raised in the caller's thread by finish()
+                    self.injected.append(err)
+                return
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.ended.set()
+        self.join()
+
+    def finish(self, log: str) -> None:
+        """Stops waiting; fails if the sweep (whose `log` this is) ended before the fault, or
+        raises what the fault raised."""
+        self.stop()
+        assert self.injected, "the sweep ended before the fault: " + log[-3000:]
+        if self.injected[0] is not None:
+            raise self.injected[0]
+
+
 def sweep_with_fault(
     node,
     grid: Path,
@@ -264,34 +301,17 @@ def sweep_with_fault(
     fault: Callable[[], None],
     timeout: float = 600,
 ) -> CliResult:
-    """`sweep_on(node, grid, storage, *args)`; as soon as `ready()` holds, a thread injects
-    `fault()` (kills a server, a node) while the sweep still runs. Returns the sweep's
-    CliResult; fails if the sweep ended before the fault."""
-    ended = threading.Event()
-    injected: list[BaseException | None] = []  # None: injected; else what `fault` raised
-
-    def inject_when_ready() -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline and not ended.is_set():
-            if ready():
-                try:
-                    fault()
-                    injected.append(None)
-                except BaseException as err:  # raised in the test's thread below
-                    injected.append(err)
-                return
-            time.sleep(0.2)
-
-    injector = threading.Thread(target=inject_when_ready, daemon=True)
+    """`sweep_on(node, grid, storage, *args)` with `fault()` injected as soon as `ready()`
+    holds (a FaultInjector). Returns the sweep's CliResult; fails if the sweep ended before
+    the fault."""
+    injector = FaultInjector(ready, fault, timeout)
     injector.start()
     try:
         result = sweep_on(node, grid, storage, *args, env=env)
-    finally:
-        ended.set()
-        injector.join()
-    assert injected, "the sweep ended before the fault: " + result.stderr[-3000:]
-    if injected[0] is not None:
-        raise injected[0]
+    except BaseException:
+        injector.stop()
+        raise
+    injector.finish(result.stderr)
     return result
 
 

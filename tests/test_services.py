@@ -26,12 +26,12 @@ from search_spaces import load_grid
 from tests.ray_cluster import VENV_BIN, RayCluster, ray_cluster
 from tests.sweep_helpers import (
     ROOT,
+    FaultInjector,
     executions,
     mlflow_stage_runs,
     plan_stage_ids,
     seed_stages,
     sweep_on,
-    sweep_with_fault,
     trials,
     write_grid,
 )
@@ -50,91 +50,7 @@ def cluster(mlflow_server):  # the session's MLflow server comes up while the cl
         yield c
 
 
-@pytest.fixture(scope="module")
-def cluster_sweep(mlflow_server, cluster: RayCluster, tmp_path_factory) -> SimpleNamespace:
-    """`nptm sweep` submitted as a Ray job (`ray job submit`, the documented path onto a
-    cluster): two seeds on two 1-CPU nodes (the pre-trainings run side by side), MLflow over
-    HTTP. `submit` is the finished `ray job submit` (the job's log streamed back)."""
-    tmp = tmp_path_factory.mktemp("svc")
-    grid = write_grid(
-        tmp / "svc.yaml", name="svc", seeds="[0, 1]", pruners=(MAGNITUDE,), schedules="[ft]",
-        budget="1", pretrain_epochs=2, milestones="[1]",
-    )  # fmt: skip
-    storage = tmp / "runs"
-    uri = mlflow_server.wait()
-    job_id = f"nptm-test-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"env_vars": {"NPTM_SHARED_FS": "1", "PYTHONPATH": str(ROOT)}}
-    argv = [
-        str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
-        "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env), "--",
-        str(VENV_BIN / "nptm"), "sweep", str(grid), "--storage", str(storage),
-        "--mlflow-uri", uri, "--no-report",
-    ]  # fmt: skip
-    deadline = time.time() + 120
-    while True:
-        submit = subprocess.run(
-            argv, env=cluster.env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT, cwd=ROOT
-        )
-        # The head's job agent may still be starting: Ray answers 500 and asks to retry.
-        if "No available agent" not in submit.stderr or time.time() > deadline:
-            break
-        time.sleep(2)
-    return SimpleNamespace(grid=grid, storage=storage, uri=uri, job_id=job_id, submit=submit)
-
-
-def test_sweep_submitted_as_a_ray_job_completes(cluster_sweep, cluster: RayCluster) -> None:
-    submit = cluster_sweep.submit
-    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    status = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "status", "--address", cluster.dashboard_url,
-         cluster_sweep.job_id],
-        env=cluster.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert f"Job '{cluster_sweep.job_id}' succeeded" in status.stdout, status.stdout + status.stderr
-    n = len(plan_stage_ids(cluster_sweep.grid))
-    assert f"sweep svc: ok {n}" in submit.stdout  # the job's own log, streamed back
-
-
-def test_sweep_submitted_to_a_two_raylet_cluster_runs_on_both_nodes(
-    cluster_sweep, cluster: RayCluster
-) -> None:
-    submit = cluster_sweep.submit
-    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    rows = trials(cluster_sweep.storage, "svc")
-    assert sorted(rows.stage_id) == sorted(plan_stage_ids(cluster_sweep.grid))
-    assert set(rows.status) == {"ok"}
-    nodes = {r.node_id for r in cluster.raylets()}
-    assert len(nodes) == 2
-    assert set(rows.node) <= nodes  # it joined this cluster, it did not start its own Ray
-    # Two 1-CPU nodes, two pre-trainings ready at once: one on each node.
-    assert set(rows[rows.stage_kind == "pretrain"].node) == nodes
-
-
-def test_mlflow_server_receives_the_runs_and_best_reads_them_back(
-    cluster_sweep, capsys, monkeypatch
-) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    rows = trials(cluster_sweep.storage, "svc")
-    runs = mlflow_stage_runs(cluster_sweep.uri, "svc")
-    assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
-    assert set(rows.mlflow_run_id) == {r.info.run_id for r in runs}
-
-    argv = ["best", "--mlflow-uri", cluster_sweep.uri, "--sweep", "svc", "--json", "--top", "50"]
-    assert cli_main(argv) == 0
-    best = pd.DataFrame(json.loads(capsys.readouterr().out))
-    # Independent expectation: the Parquet table's successful retrains, best first.
-    want = rows[(rows.stage_kind == "retrain") & (rows.status == "ok")]
-    want = want.sort_values("test_acc", ascending=False, kind="stable")
-    assert sorted(best.stage_id) == sorted(want.stage_id)
-    assert list(best.test_acc) == pytest.approx(list(want.test_acc))
-    assert list(best.test_acc) == sorted(best.test_acc, reverse=True)
-    by_id = want.set_index("stage_id")
-    for rec in best.itertuples():
-        assert rec.test_acc == pytest.approx(by_id.loc[rec.stage_id, "test_acc"])
-        assert rec.schedule == by_id.loc[rec.stage_id, "schedule"]
-        assert int(rec.seed) == by_id.loc[rec.stage_id, "seed"]
-
-
+# First in this module: the Ray job's sweep below takes the cluster's second node away.
 def test_worker_group_larger_than_any_node_runs_across_both_nodes(
     cluster: RayCluster, tmp_path: Path, tiny_sweep
 ) -> None:
@@ -175,49 +91,121 @@ def test_worker_group_larger_than_any_node_runs_across_both_nodes(
     }
 
 
-# Last in this module: it takes the cluster's second node away.
-def test_worker_raylet_killed_mid_trial_resumes_from_its_last_epoch(
-    cluster: RayCluster, tmp_path: Path
-) -> None:
-    """Fault injection on the two-raylet cluster: both nodes run a pre-training side by
-    side; the second node's raylet is SIGKILLed after both stored an epoch checkpoint. Tune
-    retries the lost trial on the head (max_failures = --max-retries) and the stage continues
-    from its checkpoint."""
+@pytest.fixture(scope="module")
+def cluster_sweep(mlflow_server, cluster: RayCluster, tmp_path_factory) -> SimpleNamespace:
+    """`nptm sweep` submitted as a Ray job (`ray job submit`, the documented path onto a
+    cluster), MLflow over HTTP, and a node lost mid-trial: two seeds, so two pre-trainings run
+    side by side, one on each 1-CPU node; once both stored an epoch checkpoint, the worker
+    node's raylet is SIGKILLed, as a crashed machine would be. Tune retries the lost trial on
+    the head (max_failures = --max-retries) and the stage continues from its checkpoint.
+    `submit` is the finished `ray job submit` (the job's log streamed back)."""
+    tmp = tmp_path_factory.mktemp("svc")
     grid = write_grid(
-        tmp_path / "node.yaml", name="nodeloss", seeds="[0, 1]", pruners=(MAGNITUDE,),
-        schedules="[ft]", budget="1", pretrain_epochs=8, milestones="[4, 6]",
+        tmp / "svc.yaml", name="svc", seeds="[0, 1]", pruners=(MAGNITUDE,), schedules="[ft]",
+        budget="1", pretrain_epochs=8, milestones="[4, 6]",
     )  # fmt: skip
+    storage = tmp / "runs"
     plan = build_plan(load_grid(grid))
     pretrains = [s for s, spec in plan.stages.items() if spec.kind == "pretrain"]
-    storage = tmp_path / "runs"
-    raylets = cluster.raylets()
-    head = [r for r in raylets if r.head]
-    worker = [r for r in raylets if not r.head]
-    assert len(head) == 1 and len(worker) == 1, raylets
     checkpoints = [storage / "stages" / s / "resume.pt.sha256" for s in pretrains]
     outcomes = [storage / "stages" / s / "outcome.json" for s in pretrains]
+    (head,) = [r.node_id for r in cluster.raylets() if r.head]
+    (worker,) = [r.node_id for r in cluster.raylets() if not r.head]
 
     def kill_worker_node() -> None:
         assert not any(o.exists() for o in outcomes), "a pre-training already ended"
-        cluster.kill_worker_raylet()  # SIGKILL, as a crashed machine would
+        cluster.kill_worker_raylet()
 
-    result = sweep_with_fault(
-        cluster, grid, storage, "--max-retries", "2", env={"NPTM_SHARED_FS": "1"},
-        ready=lambda: all(c.exists() for c in checkpoints), fault=kill_worker_node,
+    uri = mlflow_server.wait()
+    job_id = f"nptm-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {"NPTM_SHARED_FS": "1", "PYTHONPATH": str(ROOT)}}
+    argv = [
+        str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard_url,
+        "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env), "--",
+        str(VENV_BIN / "nptm"), "sweep", str(grid), "--storage", str(storage),
+        "--mlflow-uri", uri, "--no-report", "--max-retries", "2",
+    ]  # fmt: skip
+    injector = FaultInjector(ready=lambda: all(c.exists() for c in checkpoints),
+                             fault=kill_worker_node, timeout=SWEEP_TIMEOUT)  # fmt: skip
+    injector.start()
+    deadline = time.time() + 120
+    try:
+        while True:
+            submit = subprocess.run(
+                argv, env=cluster.env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT,
+                cwd=ROOT,
+            )  # fmt: skip
+            # The head's job agent may still be starting: Ray answers 500 and asks to retry.
+            if "No available agent" not in submit.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
+    except BaseException:
+        injector.stop()
+        raise
+    injector.finish(submit.stdout + submit.stderr)
+    return SimpleNamespace(
+        grid=grid, storage=storage, uri=uri, job_id=job_id, submit=submit,
+        pretrains=pretrains, head=head, worker=worker,
     )  # fmt: skip
-    rc, stderr = result.returncode, result.stderr
-    assert rc == 0, stderr[-3000:]
-    rows = trials(storage, "nodeloss").set_index("stage_id")
-    assert sorted(rows.index) == sorted(plan.stages) and set(rows.status) == {"ok"}
-    store = ArtifactStore(str(storage))
-    resumed = {s: store.read_outcome(s).resumed_from_epoch for s in pretrains}
+
+
+def test_sweep_submitted_as_a_ray_job_completes(cluster_sweep, cluster: RayCluster) -> None:
+    submit = cluster_sweep.submit
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    status = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "status", "--address", cluster.dashboard_url,
+         cluster_sweep.job_id],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert f"Job '{cluster_sweep.job_id}' succeeded" in status.stdout, status.stdout + status.stderr
+    n = len(plan_stage_ids(cluster_sweep.grid))
+    assert f"sweep svc: ok {n}" in submit.stdout  # the job's own log, streamed back
+
+
+def test_a_node_lost_mid_trial_costs_one_retry_that_resumes_on_the_survivor(
+    cluster_sweep,
+) -> None:
+    d = cluster_sweep
+    assert d.submit.returncode == 0, d.submit.stdout[-3000:] + d.submit.stderr[-3000:]
+    rows = trials(d.storage, "svc").set_index("stage_id")
+    assert sorted(rows.index) == sorted(plan_stage_ids(d.grid)) and set(rows.status) == {"ok"}
+    assert set(rows.node) <= {d.head, d.worker}  # it joined this cluster, not a Ray of its own
+    store = ArtifactStore(str(d.storage))
+    resumed = {s: store.read_outcome(s).resumed_from_epoch for s in d.pretrains}
+    # The two pre-trainings ran at once on two 1-CPU nodes, one on each: the worker node's
+    # loss cut exactly one short, and only that one resumed.
     lost = [s for s, epoch in resumed.items() if epoch > 0]
-    assert len(lost) == 1, resumed  # exactly the stage of the lost node resumed
+    assert len(lost) == 1, resumed
     (lost_id,) = lost
-    (kept_id,) = set(pretrains) - {lost_id}
-    assert executions(storage, lost_id) == 2 and executions(storage, kept_id) == 1
-    assert resumed[kept_id] == 0
-    assert rows.loc[lost_id, "node"] == head[0].node_id  # the retry ran on the survivor
+    (kept_id,) = set(d.pretrains) - {lost_id}
+    assert executions(d.storage, lost_id) == 2 and executions(d.storage, kept_id) == 1
+    assert resumed[kept_id] == 0 and rows.loc[kept_id, "node"] == d.head
+    assert rows.loc[lost_id, "node"] == d.head  # the retry ran on the survivor
     assert rows.loc[lost_id, "epochs_run"] == 8
-    epochs = pd.read_parquet(storage / "sweeps" / "nodeloss" / "epochs")
+    epochs = pd.read_parquet(d.storage / "sweeps" / "svc" / "epochs")
     assert sorted(epochs[epochs.stage_id == lost_id].epoch) == list(range(1, 9))
+
+
+def test_mlflow_server_receives_the_runs_and_best_reads_them_back(
+    cluster_sweep, capsys, monkeypatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = trials(cluster_sweep.storage, "svc")
+    runs = mlflow_stage_runs(cluster_sweep.uri, "svc")
+    assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
+    assert set(rows.mlflow_run_id) == {r.info.run_id for r in runs}
+
+    argv = ["best", "--mlflow-uri", cluster_sweep.uri, "--sweep", "svc", "--json", "--top", "50"]
+    assert cli_main(argv) == 0
+    best = pd.DataFrame(json.loads(capsys.readouterr().out))
+    # Independent expectation: the Parquet table's successful retrains, best first.
+    want = rows[(rows.stage_kind == "retrain") & (rows.status == "ok")]
+    want = want.sort_values("test_acc", ascending=False, kind="stable")
+    assert sorted(best.stage_id) == sorted(want.stage_id)
+    assert list(best.test_acc) == pytest.approx(list(want.test_acc))
+    assert list(best.test_acc) == sorted(best.test_acc, reverse=True)
+    by_id = want.set_index("stage_id")
+    for rec in best.itertuples():
+        assert rec.test_acc == pytest.approx(by_id.loc[rec.stage_id, "test_acc"])
+        assert rec.schedule == by_id.loc[rec.stage_id, "schedule"]
+        assert int(rec.seed) == by_id.loc[rec.stage_id, "seed"]
