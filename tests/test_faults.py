@@ -538,63 +538,16 @@ def test_truncated_resume_checkpoint_restarts_from_epoch_zero(damaged_rerun) -> 
     assert not (d.storage / "stages" / d.resumed / "resume.pt").exists()
 
 
-# -- 2. the MLflow server dies mid-sweep --------------------------------------------------
+# -- 4. many stages at once, and the MLflow server dies among them -----------------------
 @pytest.mark.slow
-def test_mlflow_server_killed_mid_sweep_then_sync_fills_the_gap(
-    tmp_path, clean_env, capsys, ray_node, tiny_sweep
-):
-    grid = write_grid(
-        tmp_path / "tiny.yaml", pruners=(MAGNITUDE, L1), schedules="[ft, clr]", budget="1"
-    )
-    storage = tmp_path / "runs"
-    seed_stages(tiny_sweep.storage, storage, grid, kinds=("pretrain", "prune"))
-    db = tmp_path / "mlflow-server.db"
-    trials_dir = storage / "sweeps" / "tiny" / "stages"
-    with MlflowServer(db, tmp_path / "mlflow.log") as server:
-        uri = server.wait()
-        recorded = []
-
-        def kill_server() -> None:
-            server.kill()
-            recorded.append(len(list(trials_dir.glob("*.parquet"))))
-
-        result = sweep_with_fault(
-            ray_node, grid, storage, "--mlflow-uri", uri, fault=kill_server,
-            # the 3 reused stages, and a retrain that ran
-            ready=lambda: len(list(trials_dir.glob("*.parquet"))) >= 4,
-        )  # fmt: skip
-        rc, stderr = result.returncode, result.stderr
-        (recorded_before_kill,) = recorded
-        n = len(plan_stage_ids(grid))
-        assert 4 <= recorded_before_kill < n, "the server must die while stages remain"
-        assert rc == 0, stderr[-3000:]
-        assert stderr.count(f"MLflow at {uri} failed") == 1, stderr[-3000:]
-        rows = _assert_parquet_complete(storage, "tiny", grid)
-        # Parquet comes first: of the rows on disk at the kill, the one the single-writer driver
-        # was landing may still have been waiting for its MLflow run.
-        assert rows.mlflow_run_id.notna().sum() >= recorded_before_kill - 1
-
-    # What the dead server stored, read from its store directly (sqlite, as a restarted
-    # server would serve it; tracking over HTTP is test_mlflow_down_from_the_start's).
-    uri2 = f"sqlite:///{db}"
-    counts = _sync(capsys, "tiny", storage, uri2)
-    assert counts["created"] + counts["updated"] + counts["unchanged"] == n
-    assert counts["created"] >= 1  # what the dead server missed
-    # what it had is not duplicated (all but, at most, the row in flight at the kill)
-    assert counts["unchanged"] >= recorded_before_kill - 1
-    runs = mlflow_stage_runs(uri2)
-    assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert _sync(capsys, "tiny", storage, uri2)["created"] == 0
-    assert len(mlflow_stage_runs(uri2)) == n
-
-
-# -- 4. many stages at once ---------------------------------------------------------------
-@pytest.mark.slow
-def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path, ray_node, tiny_sweep) -> None:
+def test_eight_concurrent_stages_lose_no_rows_when_the_mlflow_server_dies(
+    tmp_path: Path, clean_env, capsys, ray_node, tiny_sweep
+) -> None:
     """Eight retrains are runnable at once (the session's two prunes, four schedules, one
     epoch each) with eight slots of 0.25 CPU on 2 cores; the searcher and Tune's trial table
-    are watched.
+    are watched. The sweep records into an `mlflow server` over HTTP that is SIGKILLed once a
+    retrain has landed, while the others run: the sweep completes on Parquet and warns once,
+    and `nptm sync-mlflow` fills what the dead server missed without duplicating what it had.
 
     (How many of the eight then run physically at the same moment depends on how fast the
     machine boots Tune's worker processes; that is not asserted here.)"""
@@ -604,25 +557,62 @@ def test_eight_concurrent_stages_lose_no_rows(tmp_path: Path, ray_node, tiny_swe
     )  # fmt: skip
     storage = tmp_path / "runs"
     seed_stages(tiny_sweep.storage, storage, grid, kinds=("pretrain", "prune"))
-    with watched_concurrency() as peak:
-        result = sweep_on(ray_node, grid, storage)
+    db = tmp_path / "mlflow-server.db"
+    rows_dir = storage / "sweeps" / "conc" / "stages"
+    n = len(plan_stage_ids(grid))
+    with MlflowServer(db, tmp_path / "mlflow.log") as server, watched_concurrency() as peak:
+        uri = server.wait()
+        recorded = []
+
+        def kill_server() -> None:
+            server.kill()
+            recorded.append(len(list(rows_dir.glob("*.parquet"))))
+
+        result = sweep_with_fault(
+            ray_node, grid, storage, "--mlflow-uri", uri, fault=kill_server,
+            # the 3 reused stages, and a retrain that ran
+            ready=lambda: len(list(rows_dir.glob("*.parquet"))) >= 4,
+        )  # fmt: skip
+    (recorded_before_kill,) = recorded
+    assert 4 <= recorded_before_kill < n, "the server must die while stages remain"
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(f"MLflow at {uri} failed") == 1, result.stderr[-3000:]
     rows = _assert_parquet_complete(storage, "conc", grid)
     retrain = rows[rows.stage_kind == "retrain"]
     assert len(retrain) == 8
     assert peak["handed_out"] == 8, peak  # all eight retrains in flight together
     print(f"concurrency: {peak}")
+    # Parquet comes first: of the rows on disk at the kill, the one the single-writer driver
+    # was landing may still have been waiting for its MLflow run.
+    assert rows.mlflow_run_id.notna().sum() >= recorded_before_kill - 1
+
+    # What the dead server stored, read from its store directly (sqlite, as a restarted
+    # server would serve it; tracking over HTTP is test_mlflow_down_from_the_start's).
+    uri2 = f"sqlite:///{db}"
+    counts = _sync(capsys, "conc", storage, uri2)
+    assert counts["created"] + counts["updated"] + counts["unchanged"] == n
+    # What the dead server missed: every stage that landed after the kill, as a run it never
+    # saw (created) or one it saw start but not end (updated; the live view opens each run as
+    # its stage starts).
+    assert counts["created"] + counts["updated"] >= n - recorded_before_kill
+    # what it had is not duplicated (all but, at most, the row in flight at the kill)
+    assert counts["unchanged"] >= recorded_before_kill - 1
+    runs = {r.data.tags["nptm.stage_id"]: r for r in mlflow_stage_runs(uri2, "conc")}
+    assert sorted(runs) == sorted(rows.stage_id)
+    assert _sync(capsys, "conc", storage, uri2)["created"] == 0
+    assert len(mlflow_stage_runs(uri2, "conc")) == n
 
     import mlflow
 
-    uri = f"sqlite:///{storage}/mlflow.db"
-    runs = {r.data.tags["nptm.stage_id"]: r for r in mlflow_stage_runs(uri, "conc")}
-    assert sorted(runs) == sorted(rows.stage_id)
+    # Every retrain's run, recorded live or filled by the sync, is finished and holds the
+    # epochs table's history of each metric.
     epochs = pd.read_parquet(storage / "sweeps" / "conc" / "epochs")
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri2)
     for row in retrain.itertuples():
         run = runs[row.stage_id]
-        assert run.info.status == "FINISHED" and run.info.run_id == row.mlflow_run_id
+        assert run.info.status == "FINISHED"
+        if isinstance(row.mlflow_run_id, str):  # recorded before the kill: the same run
+            assert run.info.run_id == row.mlflow_run_id
         want = epochs[epochs.stage_id == row.stage_id].sort_values("epoch")
         for metric in ("train_loss", "val_acc", "lr"):
             history = sorted(client.get_metric_history(run.info.run_id, metric),
