@@ -1,11 +1,11 @@
 """Shared pytest setup: the session's Ray node, MLflow server and finished tiny sweep."""
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout even without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from tests.background import Background  # noqa: E402
 from tests.ray_cluster import use_test_ray_env  # noqa: E402
 
 # Before anything imports Ray: one token, the loopback address and a private temp dir for
@@ -53,31 +54,29 @@ def mlflow_server(tmp_path_factory):
         yield server
 
 
-class _TinySweep(threading.Thread):
+class _TinySweep(Background[tuple]):
     """`nptm sweep tiny.yaml` (see `tiny_sweep`), waited for on a thread of its own: the sweep
-    is a subprocess, so it runs on the second core while the unit tests run on the first."""
+    is a subprocess, so it runs on the second core while the unit tests run on the first.
+    Its result: (the CompletedProcess, a sweep_helpers.DashboardProbe)."""
 
     def __init__(self, tmp: Path) -> None:
-        super().__init__(name="tiny-sweep", daemon=True)
+        super().__init__("tiny-sweep", self._sweep)
         from tests.sweep_helpers import write_grid
 
         self.tmp = tmp
         self.grid = write_grid(tmp / "tiny.yaml")
+        self.storage = tmp / "runs"
         self.proc: subprocess.Popen | None = None
-        self.outcome: tuple | BaseException | None = None
 
-    def run(self) -> None:
+    def _sweep(self) -> tuple:
         from tests.sweep_helpers import nptm_probing_dashboard
 
         def started(proc: subprocess.Popen) -> None:
             self.proc = proc
 
-        try:
-            self.outcome = nptm_probing_dashboard(
-                "sweep", str(self.grid), "--storage", "runs", cwd=self.tmp, started=started
-            )
-        except BaseException as err:  # raised again in the tests that need the sweep
-            self.outcome = err
+        return nptm_probing_dashboard(
+            "sweep", str(self.grid), "--storage", "runs", cwd=self.tmp, started=started
+        )
 
     def stop(self) -> None:
         """End the sweep if it still runs (a session cut short): SIGTERM stops it cleanly."""
@@ -90,7 +89,8 @@ class _TinySweep(threading.Thread):
 def _tiny_sweep_started(request, tmp_path_factory):
     """Starts the tiny sweep at the session's first test if a selected test needs it: the
     slow tests, which use it, run last (`pytest_collection_modifyitems`)."""
-    if not any("tiny_sweep" in item.fixturenames for item in request.session.items):
+    # tests.cluster_sweeps reuses its pre-training
+    if not (_selected(request, "tiny_sweep") or _selected(request, "cluster_sweeps")):
         yield None
         return
     sweep = _TinySweep(tmp_path_factory.mktemp("tiny"))
@@ -112,13 +112,39 @@ def tiny_sweep(_tiny_sweep_started: _TinySweep) -> SimpleNamespace:
     start-up banner printed, and whether it answered while the sweep ran.
     """
     sweep = _tiny_sweep_started
-    sweep.join()
-    if isinstance(sweep.outcome, BaseException):
-        raise sweep.outcome
-    result, dashboard = sweep.outcome
+    result, dashboard = sweep.result()
     return SimpleNamespace(
-        grid=sweep.grid, storage=sweep.tmp / "runs", result=result, dashboard=dashboard
+        grid=sweep.grid, storage=sweep.storage, result=result, dashboard=dashboard
     )
+
+
+def _selected(request: pytest.FixtureRequest, fixture: str) -> bool:
+    return any(fixture in item.fixturenames for item in request.session.items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cluster_sweeps_started(request, tmp_path_factory, _tiny_sweep_started):
+    """Starts tests/test_services.py's two-node cluster and its sweeps (tests.cluster_sweeps)
+    at the session's first test if a selected test needs them; they run while other tests do."""
+    if not _selected(request, "cluster_sweeps"):
+        yield None
+        return
+    from tests.cluster_sweeps import start_cluster_sweeps
+
+    mlflow_server = request.getfixturevalue("mlflow_server")
+    with contextlib.ExitStack() as stack:
+        lane = start_cluster_sweeps(
+            stack, tmp_path_factory.mktemp("cluster"), mlflow_server, _tiny_sweep_started,
+            _tiny_sweep_started.storage,
+        )  # fmt: skip
+        yield lane
+        lane.join(timeout=60)  # a session cut short: stopping the cluster ends the sweeps
+
+
+@pytest.fixture(scope="session")
+def cluster_sweeps(_cluster_sweeps_started):
+    """tests.cluster_sweeps.ClusterSweeps: the finished sweeps on the two-node cluster."""
+    return _cluster_sweeps_started.result()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -14,10 +14,12 @@ The nodes are children of the test process, stopped by `Cluster.shutdown` (never
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,8 +37,7 @@ def use_test_ray_env() -> str | None:
     Returns the Ray temp dir it made, if it made one (for the caller to remove at the end)."""
     os.environ.pop("RAY_ADDRESS", None)  # never attach to a Ray the environment points at
     os.environ["RAY_AUTH_MODE"] = "token"
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
-    if not os.environ.get("RAY_AUTH_TOKEN") and not token_file.is_file():
+    if not os.environ.get("RAY_AUTH_TOKEN") and not _token_file().is_file():
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     # Ray's switch for "this machine's address is the loopback" (named after the platforms
     # where it is the default).
@@ -52,6 +53,15 @@ def use_test_ray_env() -> str | None:
         os.environ["RAY_TMPDIR"] = tmp
         return tmp
     return None
+
+
+def _token_file() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+
+
+def _token() -> str:
+    """The token every Ray process of the session uses (see use_test_ray_env)."""
+    return os.environ.get("RAY_AUTH_TOKEN") or _token_file().read_text().strip()
 
 
 def client_env() -> dict[str, str]:
@@ -85,6 +95,15 @@ class RayCluster:
                     Raylet(raylet.process.pid, node.node_id, node is self.cluster.head_node)
                 )
         return found
+
+    def dashboard_json(self, path: str) -> Any:
+        """GET the dashboard's JSON API at `path` (what its pages show), with the token."""
+        assert self.dashboard_url is not None, "a cluster started without its dashboard"
+        request = urllib.request.Request(
+            self.dashboard_url + path, headers={"Authorization": f"Bearer {_token()}"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.load(response)
 
     def kill_worker_raylet(self) -> None:
         """SIGKILL the raylet of the (one) worker node: the node is lost mid-work."""

@@ -182,8 +182,12 @@ def cli_in_process(argv: list[str], env: dict[str, str] | None = None) -> CliRes
             rc = main(argv)
     finally:
         logging.getLogger().removeHandler(handler)
-        os.environ.clear()
-        os.environ.update(saved)
+        # Key by key: never an empty environment for another thread that starts a process.
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
     return CliResult(rc, out.getvalue(), err.getvalue())
 
 
