@@ -6,7 +6,8 @@ the test session, in this process or in a subprocess, the same settings:
   of the session must use the same one), unless the machine already configures one;
 - 127.0.0.1 as this machine's address: Ray otherwise rewrites a 127.0.0.1 address into the
   host's outward one, where nodes bound to 127.0.0.1 do not listen;
-- a private Ray temp dir, so nothing is read from or written to other clusters' /tmp/ray;
+- a private Ray temp dir, so nothing is read from or written to other clusters' /tmp/ray
+  (and within it, one per cluster `ray_cluster` starts);
 - Ray Train's settings for a single machine (orchestrator.cluster.LOCAL_RAY_TRAIN_ENV).
 
 The nodes are children of the test process, stopped by `Cluster.shutdown` (never `ray stop`).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import urllib.request
@@ -127,11 +129,17 @@ def _node_ports() -> dict[str, int]:
 def ray_cluster(cpus: tuple[int, ...] = (1, 1), *, dashboard: bool = False) -> Iterator[RayCluster]:
     """A head node with `cpus[0]` CPUs and one more node per further entry, on 127.0.0.1.
     `dashboard`: start the head's dashboard (Ray Jobs need it)."""
+    import ray._private.utils
     from ray.cluster_utils import Cluster
 
     use_test_ray_env()
     dashboard_port = free_port()
+    # A temp dir of its own, where the cluster's address is written as `ray start` writes it:
+    # a Ray job's driver is pointed at the address found in its head's temp dir (else at any
+    # GCS running on this machine, of which a test session has several).
+    temp_dir = tempfile.mkdtemp(prefix="c", dir=os.environ.get("RAY_TMPDIR"))
     head = {
+        "temp_dir": temp_dir,
         "num_cpus": cpus[0],
         "node_ip_address": "127.0.0.1",
         "gcs_server_port": free_port(),
@@ -144,6 +152,7 @@ def ray_cluster(cpus: tuple[int, ...] = (1, 1), *, dashboard: bool = False) -> I
     }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
+        ray._private.utils.write_ray_address(cluster.address, temp_dir)
         for n in cpus[1:]:
             cluster.add_node(
                 num_cpus=n,
@@ -156,3 +165,4 @@ def ray_cluster(cpus: tuple[int, ...] = (1, 1), *, dashboard: bool = False) -> I
         yield RayCluster(cluster.address, url, client_env(), cluster)
     finally:
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
