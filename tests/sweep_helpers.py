@@ -15,7 +15,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,24 +171,32 @@ def cli_in_process(argv: list[str], env: dict[str, str] | None = None) -> CliRes
 
     from orchestrator.cli import main
 
-    saved = dict(os.environ)
-    os.environ.update(env or {})
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)  # what logging's last resort does in a fresh process
     handler.setLevel(logging.WARNING)
     logging.getLogger().addHandler(handler)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with restored_environ(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            os.environ.update(env or {})
             rc = main(argv)
     finally:
         logging.getLogger().removeHandler(handler)
-        # Key by key: never an empty environment for another thread that starts a process.
+    return CliResult(rc, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def restored_environ() -> Iterator[None]:
+    """Puts the process environment back as it was, key by key: another thread that starts a
+    process meanwhile never sees it empty."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
         for key in set(os.environ) - set(saved):
             del os.environ[key]
         for key, value in saved.items():
             if os.environ.get(key) != value:
                 os.environ[key] = value
-    return CliResult(rc, out.getvalue(), err.getvalue())
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ run it, open the sweep's tables, build a report from a DataFrame."""
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 from pathlib import Path
@@ -18,6 +17,7 @@ from results.api import Sweep, load_sweep
 from results.report import build_report_from_stages
 from results.store import SweepStore
 from search_spaces import GridError, load_grid, parse_grid
+from tests.sweep_helpers import restored_environ
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -133,12 +133,9 @@ def test_run_then_load_in_a_notebook(tmp_path: Path, ray_node) -> None:
     path.write_text(GRID.replace("schedule: [ft, clr]", "schedule: [ft]").replace("[0, 1]", "0"))
     grid = load_grid(path)
     plan = build_plan(grid)
-    saved = dict(os.environ)
-    try:
+    # run_sweep sets process-wide Ray/Tune defaults; a notebook session would keep them.
+    with restored_environ():
         summary = run_sweep(grid, plan, SweepOptions(str(tmp_path / "runs"), ray_node.address))
-    finally:  # run_sweep sets process-wide Ray/Tune defaults; a notebook session would keep them
-        os.environ.clear()
-        os.environ.update(saved)
     assert summary.ok
     sweep = load_sweep(tmp_path / "runs", "notebook")
     assert set(sweep.stages["stage_id"]) == set(plan.stages)
