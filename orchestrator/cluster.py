@@ -99,12 +99,17 @@ def _token_auth_enabled() -> bool:
         return os.environ.get("RAY_AUTH_MODE") == "token"
 
 
+def token_file() -> Path:
+    """The file Ray reads the cluster token from when RAY_AUTH_TOKEN is unset."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+
+
 def _token_source() -> str:
     """Where Ray reads the token from, in its order of precedence (RAY_AUTH_TOKEN, then
     RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token); `ray get-auth-token` prints it."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return "the environment variable RAY_AUTH_TOKEN"
-    return str(Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser())
+    return str(token_file())
 
 
 def plugin_packages(modules: list[str]) -> list[str]:
@@ -131,9 +136,8 @@ def _use_token_auth() -> None:
     Ray 2.60 clusters require a token; a client whose RAY_AUTH_MODE is unset does not send
     the one it has. Token auth stays on: this never disables it.
     """
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
     if "RAY_AUTH_MODE" not in os.environ and (
-        os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()
+        os.environ.get("RAY_AUTH_TOKEN") or token_file().is_file()
     ):
         os.environ["RAY_AUTH_MODE"] = "token"
 

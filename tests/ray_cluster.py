@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cluster import LOCAL_RAY_TRAIN_ENV
+from orchestrator.cluster import LOCAL_RAY_TRAIN_ENV, token_file
 from tests.ports import free_port
 
 VENV_BIN = Path(sys.executable).parent
@@ -39,7 +39,7 @@ def use_test_ray_env() -> str | None:
     Returns the Ray temp dir it made, if it made one (for the caller to remove at the end)."""
     os.environ.pop("RAY_ADDRESS", None)  # never attach to a Ray the environment points at
     os.environ["RAY_AUTH_MODE"] = "token"
-    if not os.environ.get("RAY_AUTH_TOKEN") and not _token_file().is_file():
+    if not os.environ.get("RAY_AUTH_TOKEN") and not token_file().is_file():
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     # Ray's switch for "this machine's address is the loopback" (named after the platforms
     # where it is the default).
@@ -57,13 +57,9 @@ def use_test_ray_env() -> str | None:
     return None
 
 
-def _token_file() -> Path:
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
-
-
 def _token() -> str:
     """The token every Ray process of the session uses (see use_test_ray_env)."""
-    return os.environ.get("RAY_AUTH_TOKEN") or _token_file().read_text().strip()
+    return os.environ.get("RAY_AUTH_TOKEN") or token_file().read_text().strip()
 
 
 def client_env() -> dict[str, str]:
