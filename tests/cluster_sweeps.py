@@ -36,10 +36,10 @@ from tests.ray_cluster import VENV_BIN, RayCluster, ray_cluster
 from tests.sweep_helpers import (
     NPTM,
     ROOT,
-    FaultInjector,
     MlflowServer,
     empty_mlflow_store,
     seed_stages,
+    with_fault,
     write_grid,
 )
 
@@ -125,11 +125,9 @@ def _job_sweep(cluster: RayCluster, tmp: Path, uri: str) -> SimpleNamespace:
         str(VENV_BIN / "nptm"), "sweep", str(grid), "--storage", str(storage),
         "--mlflow-uri", uri, "--no-report", "--max-retries", "2",
     ]  # fmt: skip
-    injector = FaultInjector(ready=lambda: all(c.exists() for c in checkpoints),
-                             fault=kill_worker_node, timeout=SWEEP_TIMEOUT)  # fmt: skip
-    injector.start()
-    deadline = time.time() + 120
-    try:
+
+    def submit_job() -> subprocess.CompletedProcess:
+        deadline = time.time() + 120
         while True:
             submit = subprocess.run(
                 argv, env=cluster.env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT,
@@ -137,12 +135,13 @@ def _job_sweep(cluster: RayCluster, tmp: Path, uri: str) -> SimpleNamespace:
             )  # fmt: skip
             # The head's job agent may still be starting: Ray answers 500 and asks to retry.
             if "No available agent" not in submit.stderr or time.time() > deadline:
-                break
+                return submit
             time.sleep(2)
-    except BaseException:
-        injector.stop()
-        raise
-    injector.finish(submit.stdout + submit.stderr)
+
+    submit = with_fault(
+        submit_job, lambda done: done.stdout + done.stderr, fault=kill_worker_node,
+        ready=lambda: all(c.exists() for c in checkpoints), timeout=SWEEP_TIMEOUT,
+    )  # fmt: skip
     return SimpleNamespace(
         grid=grid, storage=storage, uri=uri, job_id=job_id, submit=submit, pretrains=pretrains
     )

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 
@@ -25,6 +26,7 @@ from tests.ports import free_port
 
 NPTM = [sys.executable, "-m", "orchestrator"]
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 TINY_GRID = """\
 name: {name}
@@ -266,12 +268,12 @@ def copy_storage(source: Path, storage: Path) -> Path:
     return storage
 
 
-class FaultInjector(threading.Thread):
-    """Injects `fault()` (kills a server, a node) from a thread of its own as soon as
-    `ready()` holds, while the caller runs a sweep: `start()`, run the sweep, `finish(log)`."""
+class _FaultInjector(threading.Thread):
+    """Injects `fault()` from a thread of its own as soon as `ready()` holds (see
+    `with_fault`)."""
 
     def __init__(
-        self, ready: Callable[[], bool], fault: Callable[[], None], timeout: float = 600
+        self, ready: Callable[[], bool], fault: Callable[[], None], timeout: float
     ) -> None:
         super().__init__(name="fault-injector", daemon=True)
         self.ready, self.fault, self.timeout = ready, fault, timeout
@@ -285,22 +287,35 @@ class FaultInjector(threading.Thread):
                 try:
                     self.fault()
                     self.injected.append(None)
-                except BaseException as err:  # raised in the caller's thread by finish()
+                except BaseException as err:  # raised in the caller's thread by with_fault
                     self.injected.append(err)
                 return
             time.sleep(0.2)
 
-    def stop(self) -> None:
-        self.ended.set()
-        self.join()
 
-    def finish(self, log: str) -> None:
-        """Stops waiting; fails if the sweep (whose `log` this is) ended before the fault, or
-        raises what the fault raised."""
-        self.stop()
-        assert self.injected, "the sweep ended before the fault: " + log[-3000:]
-        if self.injected[0] is not None:
-            raise self.injected[0]
+def with_fault(
+    sweep: Callable[[], T],
+    log: Callable[[T], str],
+    *,
+    ready: Callable[[], bool],
+    fault: Callable[[], None],
+    timeout: float = 600,
+) -> T:
+    """`sweep()` (a sweep in this process, a driver or a Ray job in another), with `fault()`
+    (kill a server, a node, send a signal) injected from a thread as soon as `ready()` holds.
+    Returns what `sweep()` returned; fails if it ended before the fault (`log` of its result
+    says why), or raises what the fault raised."""
+    injector = _FaultInjector(ready, fault, timeout)
+    injector.start()
+    try:
+        result = sweep()
+    finally:
+        injector.ended.set()
+        injector.join()
+    assert injector.injected, "the sweep ended before the fault: " + log(result)[-3000:]
+    if injector.injected[0] is not None:
+        raise injector.injected[0]
+    return result
 
 
 def sweep_with_fault(
@@ -313,18 +328,11 @@ def sweep_with_fault(
     fault: Callable[[], None],
     timeout: float = 600,
 ) -> CliResult:
-    """`sweep_on(node, grid, storage, *args)` with `fault()` injected as soon as `ready()`
-    holds (a FaultInjector). Returns the sweep's CliResult; fails if the sweep ended before
-    the fault."""
-    injector = FaultInjector(ready, fault, timeout)
-    injector.start()
-    try:
-        result = sweep_on(node, grid, storage, *args, env=env)
-    except BaseException:
-        injector.stop()
-        raise
-    injector.finish(result.stderr)
-    return result
+    """`sweep_on(node, grid, storage, *args)` `with_fault`."""
+    return with_fault(
+        lambda: sweep_on(node, grid, storage, *args, env=env),
+        lambda result: result.stderr, ready=ready, fault=fault, timeout=timeout,
+    )  # fmt: skip
 
 
 def trials(storage: Path, sweep: str = "tiny") -> pd.DataFrame:
