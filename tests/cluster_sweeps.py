@@ -25,6 +25,7 @@ import json
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,18 +63,17 @@ def start_cluster_sweeps(
     stack: contextlib.ExitStack,
     tmp: Path,
     mlflow_server: MlflowServer,
-    tiny: Background,
-    tiny_storage: Path,
+    tiny_storage: Callable[[], Path],
 ) -> Background[ClusterSweeps]:
-    """Starts the cluster (here, stopped when `stack` closes), then the sweeps on a thread;
-    `tiny` is the session's tiny sweep, whose pre-training `span` reuses."""
+    """Starts the cluster (here, stopped when `stack` closes), then the sweeps on a thread.
+    `tiny_storage()` waits for the session's tiny sweep and returns its storage: `span` reuses
+    its pre-training."""
     cluster = stack.enter_context(ray_cluster(cpus=(1, 1), dashboard=True))
     (head,) = [r.node_id for r in cluster.raylets() if r.head]
     (worker,) = [r.node_id for r in cluster.raylets() if not r.head]
 
     def sweeps() -> ClusterSweeps:
-        tiny.result()
-        span = _span_sweep(cluster, tmp / "span", tiny_storage)
+        span = _span_sweep(cluster, tmp / "span", tiny_storage())
         job = _job_sweep(cluster, tmp / "svc", mlflow_server.wait())
         return ClusterSweeps(cluster, head, worker, span, job)
 

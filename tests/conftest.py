@@ -78,6 +78,11 @@ class _TinySweep(Background[tuple]):
             "sweep", str(self.grid), "--storage", "runs", cwd=self.tmp, started=started
         )
 
+    def finished_storage(self) -> Path:
+        """Its storage once it has ended (raises what it raised)."""
+        self.result()
+        return self.storage
+
     def stop(self) -> None:
         """End the sweep if it still runs (a session cut short): SIGTERM stops it cleanly."""
         if self.is_alive() and self.proc is not None:
@@ -134,8 +139,8 @@ def _cluster_sweeps_started(request, tmp_path_factory, _tiny_sweep_started):
     mlflow_server = request.getfixturevalue("mlflow_server")
     with contextlib.ExitStack() as stack:
         lane = start_cluster_sweeps(
-            stack, tmp_path_factory.mktemp("cluster"), mlflow_server, _tiny_sweep_started,
-            _tiny_sweep_started.storage,
+            stack, tmp_path_factory.mktemp("cluster"), mlflow_server,
+            _tiny_sweep_started.finished_storage,
         )  # fmt: skip
         yield lane
         lane.join(timeout=60)  # a session cut short: stopping the cluster ends the sweeps

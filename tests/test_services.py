@@ -100,13 +100,13 @@ def test_mlflow_server_receives_the_runs_and_best_reads_them_back(
     cluster_sweeps: ClusterSweeps, capsys, monkeypatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cluster_sweep = cluster_sweeps.job
-    rows = trials(cluster_sweep.storage, "svc")
-    runs = mlflow_stage_runs(cluster_sweep.uri, "svc")
+    job = cluster_sweeps.job
+    rows = trials(job.storage, "svc")
+    runs = mlflow_stage_runs(job.uri, "svc")
     assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
     assert set(rows.mlflow_run_id) == {r.info.run_id for r in runs}
 
-    argv = ["best", "--mlflow-uri", cluster_sweep.uri, "--sweep", "svc", "--json", "--top", "50"]
+    argv = ["best", "--mlflow-uri", job.uri, "--sweep", "svc", "--json", "--top", "50"]
     assert cli_main(argv) == 0
     best = pd.DataFrame(json.loads(capsys.readouterr().out))
     # Independent expectation: the Parquet table's successful retrains, best first.
