@@ -55,7 +55,7 @@ def peak_overlap(windows: list[tuple[float, float]]) -> int:
 def run(storage: Path) -> dict[str, Any]:
     import pandas as pd
 
-    from orchestrator.cli import main
+    from nptm.orchestrator.cli import main
     from tests.sweep_helpers import watched_concurrency  # the same watch the test suite uses
 
     grid = storage.parent / "conc.yaml"

@@ -26,7 +26,7 @@ from typing import Any
 
 import _common
 
-from orchestrator.gpu_hours import train_samples
+from nptm.orchestrator.gpu_hours import train_samples
 
 GRID_DIR = _common.ROOT / "search_spaces"
 # bench/throughput.py --threads 1 (nptm loop, samples/s, training phase), CIFAR-10, CPU:
@@ -79,8 +79,8 @@ class Rates:
 
     def macs(self, model: str, dataset: str) -> int:
         if (model, dataset) not in self._macs:
-            from trainables.macs import count_macs
-            from trainables.models import build_model
+            from nptm.trainables.macs import count_macs
+            from nptm.trainables.models import build_model
 
             self._macs[(model, dataset)] = count_macs(build_model(model, dataset), dataset)
         return self._macs[(model, dataset)]
@@ -100,8 +100,8 @@ class Rates:
 
 
 def analyse(path: str, rates: Rates) -> dict[str, Any]:
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
 
     grid = load_grid(path)
     plan = build_plan(grid, confirm_large=True)

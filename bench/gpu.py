@@ -7,8 +7,8 @@ measuring when it is spent; the whole run has `--budget-s`, and a check that wou
 it is recorded as skipped):
 
 1. throughput: training samples/s of CIFAR ResNet-56 on 50,000 generated 32x32 images written
-   in the real on-disk CIFAR-10 format. `nptm` = `trainables.train_loop.fit` at its default
-   precision (fp32, the paper's; channels_last on CUDA) on `trainables.loaders` with the
+   in the real on-disk CIFAR-10 format. `nptm` = `nptm.trainables.train_loop.fit` at its default
+   precision (fp32, the paper's; channels_last on CUDA) on `nptm.trainables.loaders` with the
    split resident on the GPU; `nptm-bf16` = the same with `precision: bf16` (bf16 autocast,
    the grid's opt-in); `nptm-host-data` = fp32 with the loaders on the CPU (augmentation on the
    host, one copy per batch); `ref-w2` = the paper's loop (torchvision CIFAR10 + PIL transforms
@@ -23,13 +23,13 @@ it is recorded as skipped):
    For ImageNet this is model compute only (the real path decodes JPEGs in DataLoader workers).
    These figures are what `nptm plan` turns into GPU-hours (orchestrator/gpu_figures.json).
 3. packing: the same retrain stage (ResNet-56, magnitude 50%, `ft`, 1 epoch over the 50,000
-   images) run through the inline executor's in-process path (`orchestrator.trial.
+   images) run through the inline executor's in-process path (`nptm.orchestrator.trial.
    _run_in_this_process`) by 1 process, then by 4 concurrent processes on the one GPU
    (process-level packing, what `gpus_per_worker: 0.25` gives under Ray, not through
    `nptm sweep`), stages/hour both ways, GPU utilisation sampled every 0.5 s (NVML, else
    nvidia-smi).
 4. ddp: a 1-rank process group (NCCL on the GPU, gloo in the dry run) on 127.0.0.1, one retrain
-   stage through `trainables.stage_runner.run_stage` as a `train`-executor rank runs it (time
+   stage through `nptm.trainables.stage_runner.run_stage` as a `train`-executor rank runs it (time
    outside the train loop), then an all-reduce and a DistributedDataParallel step.
    Ray Train's own per-stage overhead needs Ray and is reported as not measured without it.
 
@@ -214,11 +214,11 @@ class UtilSampler(threading.Thread):
 
 # -- 1. throughput ----------------------------------------------------------------------------
 def check_throughput(sizes: Sizes, files: Any, device: torch.device, budget: Deadline) -> dict:
+    from nptm.trainables.datasets import load_dataset
+    from nptm.trainables.loaders import make_loaders
+    from nptm.trainables.models import build_model
+    from nptm.trainables.recipe import default_recipe
     from tests.cifar_fixture import accept_checksums
-    from trainables.datasets import load_dataset
-    from trainables.loaders import make_loaders
-    from trainables.models import build_model
-    from trainables.recipe import default_recipe
 
     recipe = default_recipe("cifar10", batch_size=sizes.batch)
     with accept_checksums(files):
@@ -302,8 +302,8 @@ def bare_rate(
     compile_backend: str | None,
 ) -> dict[str, Any]:
     """Samples/s of bare SGD steps (throughput.bare_epoch) over `steps` ready CIFAR batches."""
-    from trainables.models import build_model
-    from trainables.recipe import default_recipe
+    from nptm.trainables.models import build_model
+    from nptm.trainables.recipe import default_recipe
 
     dev = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -332,8 +332,8 @@ def bare_rate(
 # -- 2. seconds per epoch ----------------------------------------------------------------------
 def grid_pairs() -> dict[tuple[str, str], int]:
     """(model, dataset) -> batch size of every pair the shipped grids train."""
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
 
     pairs: dict[tuple[str, str], int] = {}
     for path in sorted((_common.ROOT / "search_spaces").glob("*.yaml")):
@@ -347,11 +347,11 @@ def epoch_seconds(
     model_name: str, dataset: str, batch: int, steps: int, repeats: int, device: torch.device
 ) -> dict[str, Any]:
     """Seconds of one training epoch of `fit`, from `steps` timed steps (median of repeats)."""
-    from trainables.catalog import DATASETS
-    from trainables.loaders import InMemoryLoader, Loaders
-    from trainables.models import build_model
-    from trainables.recipe import default_recipe
-    from trainables.train_loop import fit
+    from nptm.trainables.catalog import DATASETS
+    from nptm.trainables.loaders import InMemoryLoader, Loaders
+    from nptm.trainables.models import build_model
+    from nptm.trainables.recipe import default_recipe
+    from nptm.trainables.train_loop import fit
 
     info = DATASETS[dataset]
     gen = torch.Generator().manual_seed(0)
@@ -412,8 +412,8 @@ def check_epoch_seconds(sizes: Sizes, device: torch.device, budget: Deadline) ->
 
 # -- 3. packing -------------------------------------------------------------------------------
 def _retrain_spec(parent_id: str, model_name: str, seed: int) -> dict[str, Any]:
-    from trainables.recipe import default_recipe
-    from trainables.stage import StageSpec
+    from nptm.trainables.recipe import default_recipe
+    from nptm.trainables.stage import StageSpec
 
     return StageSpec(
         kind="retrain", dataset="cifar10", model=model_name, seed=seed,
@@ -423,12 +423,12 @@ def _retrain_spec(parent_id: str, model_name: str, seed: int) -> dict[str, Any]:
 
 def prepare_parent(storage: str, model_name: str) -> str:
     """A pruned model in `storage` for retrain stages to start from; returns its stage id."""
-    from trainables.artifacts import ArtifactStore
-    from trainables.models import build_model
-    from trainables.pruners import apply_plan, compute_plan
-    from trainables.recipe import default_recipe
-    from trainables.stage import StageSpec
-    from trainables.stage_runner import MODEL, model_payload
+    from nptm.trainables.artifacts import ArtifactStore
+    from nptm.trainables.models import build_model
+    from nptm.trainables.pruners import apply_plan, compute_plan
+    from nptm.trainables.recipe import default_recipe
+    from nptm.trainables.stage import StageSpec
+    from nptm.trainables.stage_runner import MODEL, model_payload
 
     spec = StageSpec(
         kind="prune", dataset="cifar10", model=model_name, seed=0,
@@ -442,7 +442,7 @@ def prepare_parent(storage: str, model_name: str) -> str:
 
 
 def _stage_record(storage: str, stage_id: str, started: float, ended: float) -> dict[str, Any]:
-    from trainables.artifacts import ArtifactStore
+    from nptm.trainables.artifacts import ArtifactStore
 
     outcome = ArtifactStore(storage).read_outcome(stage_id)
     return {
@@ -460,9 +460,9 @@ def packing_worker(
     checksums: Any, barrier: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One trial actor's share: warm up, wait for the others, run stages until the window ends."""
-    from orchestrator.trial import _run_in_this_process
+    from nptm.orchestrator.trial import _run_in_this_process
+    from nptm.trainables.stage import StageSpec
     from tests.cifar_fixture import accept_checksums
-    from trainables.stage import StageSpec
 
     if torch.cuda.is_available():
         torch.ones(1, device="cuda").sum().item()  # CUDA context before the clock starts
@@ -570,10 +570,10 @@ def ddp_worker(storage: str, parent_id: str, model_name: str, checksums: Any) ->
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from nptm.trainables.models import build_model
+    from nptm.trainables.stage import StageSpec
+    from nptm.trainables.stage_runner import WorkerEnv, run_stage
     from tests.cifar_fixture import accept_checksums
-    from trainables.models import build_model
-    from trainables.stage import StageSpec
-    from trainables.stage_runner import WorkerEnv, run_stage
 
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"  # as Ray Train's TorchConfig in orchestrator/trial.py

@@ -43,7 +43,7 @@ TARGET_INLINE_S = 1.0
 TARGET_TRAIN_SHARE = 0.05  # of a 5-minute stage
 SHARE_AT = (30.0, 300.0)
 # What a Ray Train worker imports when its first stage arrives (torch, the train loop).
-TRACED_IMPORT = "trainables.stage_runner"
+TRACED_IMPORT = "nptm.trainables.stage_runner"
 EXECUTORS = {  # name -> (executor, workers, cpus per worker)
     "inline": ("inline", 1, 1.0),
     # 0.9: the Tune trial that drives a TorchTrainer takes 0.1 CPU, and 0.1 + 2 x 0.9 fits
@@ -94,7 +94,7 @@ def trace_phases(events: list[dict[str, Any]]) -> pd.DataFrame:
     run_stage done -> fit returned),
     trial_exit_s (stage or fit done -> trainable returned), driver_s (trainable returned ->
     the driver has recorded the stage), total_s (suggest -> recorded); import_s: rank 0's
-    import of trainables.stage_runner (torch, the train loop) within this stage, part of
+    import of nptm.trainables.stage_runner (torch, the train loop) within this stage, part of
     dispatch_s.
     """
     by_stage: dict[str, dict[str, float]] = defaultdict(dict)
@@ -222,7 +222,7 @@ def run_sweep(
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([str(TRACE_DIR), str(_common.ROOT)])
     env["NPTM_BENCH_TRACE"] = str(trace)
-    cmd = [sys.executable, "-m", "orchestrator", "sweep", str(grid), "--storage", str(storage),
+    cmd = [sys.executable, "-m", "nptm.orchestrator", "sweep", str(grid), "--storage", str(storage),
            "--no-report"]  # fmt: skip
     walls = []
     for attempt in ("run", "rerun"):

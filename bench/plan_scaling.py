@@ -1,7 +1,7 @@
-"""`orchestrator.planner.build_plan` on 1k, 10k and 100k-trial grids: time and peak memory.
+"""`nptm.orchestrator.planner.build_plan` on 1k, 10k and 100k-trial grids: time and peak memory.
 
 Each size runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own. The
-baseline is enumerating the same grid's trial keys alone (`search_spaces.expand.expand`): the
+baseline is enumerating the same grid's trial keys alone (`nptm.search_spaces.expand.expand`): the
 ratio says what building, hashing and deduplicating the stages costs on top of listing the
 trials. Target: 100k trials in under 5 s.
 
@@ -61,9 +61,9 @@ def grid_data(n_trials: int) -> dict[str, Any]:
 def measure(n_trials: int, repeats: int = 3) -> dict[str, Any]:
     """Time expansion and build_plan for one grid size in this process (median of `repeats`;
     the memory figure is the first build's)."""
-    from orchestrator.planner import build_plan
-    from search_spaces import expand as ex
-    from search_spaces import parse_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import expand as ex
+    from nptm.search_spaces import parse_grid
 
     t0 = time.perf_counter()
     grid = parse_grid(grid_data(n_trials), f"<bench {n_trials}>")

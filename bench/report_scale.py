@@ -1,4 +1,4 @@
-"""`results.report.build_report_from_stages` on 100k synthetic trial rows: time.
+"""`nptm.results.report.build_report_from_stages` on 100k synthetic trial rows: time.
 
 The synthetic sweep: 2 datasets x 2 models x 5 pruners x 4 ratios x S seeds prune stages, each
 retrained with 5 schedules x 5 budgets (100k retrain rows at S = 50), 1% of them failed.
@@ -32,8 +32,8 @@ PER_SEED = 2 * 2 * len(PRUNERS) * 4 * len(SCHEDULES) * len(BUDGETS)  # retrain r
 
 
 def synthetic_trials(n_seeds: int, seed: int = 0) -> pd.DataFrame:
-    """A stages table (results.schema columns) of n_seeds * PER_SEED retrain rows + prunes."""
-    from results.schema import STAGES_SCHEMA
+    """A stages table (nptm.results.schema columns) of n_seeds * PER_SEED retrain rows + prunes."""
+    from nptm.results.schema import STAGES_SCHEMA
 
     rng = np.random.default_rng(seed)
     prune = pd.MultiIndex.from_product(
@@ -71,8 +71,8 @@ def synthetic_trials(n_seeds: int, seed: int = 0) -> pd.DataFrame:
 
 def time_report(n_seeds: int, repeats: int, max_figures: int = 6) -> dict[str, Any]:
     """Median wall time of build_report_from_stages (figures and files included)."""
-    from results.analysis import final_round_retrain
-    from results.report import build_report_from_stages
+    from nptm.results.analysis import final_round_retrain
+    from nptm.results.report import build_report_from_stages
 
     trials = synthetic_trials(n_seeds)
     n_retrain = int((trials["stage_kind"] == "retrain").sum())

@@ -5,7 +5,7 @@ A real plan of N stages (digits, ResNet-20: 1 pretrain, 9 or 99 prunes, the rest
 as if it had run, without training: each stage's outcome.json (small, two epochs) and its rows
 in the sweep's per-stage Parquet files, written as the driver writes them (`stage_rows` +
 `SweepStore.write_stage`). Then, each in seconds and requests the server answered:
-- sweep start (`orchestrator.sweep._finished_stages`): one read of outcome.json per stage
+- sweep start (`nptm.orchestrator.sweep._finished_stages`): one read of outcome.json per stage
   as before the index (`per-stage reads`), the first start that builds the index (`rebuild`),
   and a start with the index (`indexed`);
 - compaction of the per-stage files into the snapshots (`SweepStore.compact`), whole and
@@ -43,8 +43,8 @@ THREADS = 16
 
 
 def plan_of(n_stages: int) -> Any:
-    from orchestrator.planner import build_plan
-    from search_spaces import parse_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import parse_grid
 
     if n_stages not in SHAPES:
         raise ValueError(f"--stages: {n_stages} is not one of {sorted(SHAPES)}")
@@ -68,7 +68,7 @@ def plan_of(n_stages: int) -> Any:
 
 
 def fake_outcome(spec: Any) -> Any:
-    from trainables.stage import EpochMetrics, StageOutcome
+    from nptm.trainables.stage import EpochMetrics, StageOutcome
 
     epochs = tuple(EpochMetrics(e, 0.1, 1.0, 0.5, None, None, 1.1, 0.6, 0.5, 100) for e in (1, 2))
     return StageOutcome(
@@ -87,11 +87,11 @@ def populate(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from results.schema import rows_to_table
-    from results.sink import stage_rows
-    from trainables.artifacts import checksum_name, rewind_name
-    from trainables.layout import EPOCHS_TABLE, STAGES_TABLE, Layout
-    from trainables.stage_index import outcome_json
+    from nptm.results.schema import rows_to_table
+    from nptm.results.sink import stage_rows
+    from nptm.trainables.artifacts import checksum_name, rewind_name
+    from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, Layout
+    from nptm.trainables.stage_index import outcome_json
 
     s3 = boto3.client("s3", endpoint_url=f"http://{server.endpoint}", region_name="us-east-1")
     layout = Layout(storage)
@@ -126,7 +126,7 @@ def populate(
 def per_stage_reads(plan: Any, storage: str) -> dict[str, Any]:
     """What `_finished_stages` did before the index: one outcome read per stage (and a
     checksum probe per rewind checkpoint), one after another."""
-    from trainables.artifacts import ArtifactStore, rewind_name
+    from nptm.trainables.artifacts import ArtifactStore, rewind_name
 
     artifacts = ArtifactStore(storage)
     done: dict[str, Any] = {}
@@ -154,13 +154,13 @@ def measure(server: Any, label: str, fn: Callable[[], Any]) -> tuple[dict[str, A
 
 
 def run(n_stages: int, start_only: bool = False) -> dict[str, Any]:
-    import results.store as store_mod
-    from orchestrator.sweep import _finished_stages
-    from results.store import SweepStore
+    import nptm.results.store as store_mod
+    from nptm.orchestrator.sweep import _finished_stages
+    from nptm.results.store import SweepStore
+    from nptm.trainables.artifacts import ArtifactStore
+    from nptm.trainables.layout import STAGES_TABLE
+    from nptm.trainables.stage_index import StageIndex, list_stage_files
     from tests.s3_server import S3Server
-    from trainables.artifacts import ArtifactStore
-    from trainables.layout import STAGES_TABLE
-    from trainables.stage_index import StageIndex, list_stage_files
 
     os.environ.update(S3Server.env)
     sweep, plan = plan_of(n_stages)

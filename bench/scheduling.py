@@ -1,7 +1,7 @@
 """No-op stages through the orchestrator on a local Ray: stages/s and driver cost per stage.
 
 `nptm`: a real plan of 1,000 / 4,000 / 10,000 stages (digits, ResNet-20, 1 / 4 / 10 seeds,
-each 1 pretrain, 9 prunes, 990 retrains) through `orchestrator.sweep._tune` itself, i.e.
+each 1 pretrain, 9 prunes, 990 retrains) through `nptm.orchestrator.sweep._tune` itself, i.e.
 DagSearcher + the same Tuner settings (reuse_actors, num_samples=-1, the plan through the
 object store, TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1, per-trial placement group, progress
 callback, experiment snapshots only at the end), with the trainable swapped for one that only
@@ -77,12 +77,12 @@ class _Outcomes:
     """Stands in for the ArtifactStore: every stage finished ok."""
 
     def __init__(self, root: str) -> None:
-        from trainables.layout import Layout
+        from nptm.trainables.layout import Layout
 
         self.layout = Layout(root)
 
     def read_outcome(self, stage_id: str) -> Any:
-        from trainables.stage import StageKind, StageOutcome, StageStatus
+        from nptm.trainables.stage import StageKind, StageOutcome, StageStatus
 
         return StageOutcome(stage_id, StageKind.RETRAIN, StageStatus.OK)
 
@@ -180,8 +180,8 @@ def tune_state(ray_dir: Path) -> dict[str, Any]:
 def run_variant(variant: str, n_stages: int, num_cpus: int) -> dict[str, Any]:
     """One variant in this process, with its own local Ray."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    from orchestrator.cluster import connect, disconnect
-    from trainables.layout import Layout
+    from nptm.orchestrator.cluster import connect, disconnect
+    from nptm.trainables.layout import Layout
 
     cluster = connect(None, num_cpus=num_cpus)
     try:
@@ -211,12 +211,12 @@ def run_variant(variant: str, n_stages: int, num_cpus: int) -> dict[str, Any]:
 
 
 def _run_nptm(n_stages: int, root: str, cluster: Any) -> int:
-    import orchestrator.sweep as sweep
-    from orchestrator.live import LiveTracker, StopSignals, new_progress
-    from orchestrator.planner import build_plan
-    from results.run_record import RunRecord
-    from search_spaces import parse_grid
-    from trainables.layout import Layout
+    import nptm.orchestrator.sweep as sweep
+    from nptm.orchestrator.live import LiveTracker, StopSignals, new_progress
+    from nptm.orchestrator.planner import build_plan
+    from nptm.results.run_record import RunRecord
+    from nptm.search_spaces import parse_grid
+    from nptm.trainables.layout import Layout
 
     grid = parse_grid(noop_grid(n_stages), "<bench>")
     plan = build_plan(grid)
@@ -239,7 +239,7 @@ def _run_nptm(n_stages: int, root: str, cluster: Any) -> int:
 def _run_tune_basic(n_stages: int, root: str, cluster: Any) -> int:
     from ray import tune
 
-    from trainables.layout import Layout
+    from nptm.trainables.layout import Layout
 
     tuner = tune.Tuner(
         tune.with_resources(noop_trainable, lambda config: tune.PlacementGroupFactory(

@@ -1,7 +1,7 @@
 """Training throughput (samples/s) of nptm's train loop against a paper-style reference loop.
 
-nptm: `trainables.train_loop.fit` on `make_loaders` of a CIFAR-10 split loaded by
-`trainables.datasets.load_dataset` (the in-memory path: uint8 tensors on the device, batched
+nptm: `nptm.trainables.train_loop.fit` on `make_loaders` of a CIFAR-10 split loaded by
+`nptm.trainables.datasets.load_dataset` (the in-memory path: uint8 tensors on the device, batched
 crop + flip + normalise). Its figure is the training phase of each epoch (`EpochMetrics.train_s`,
 evaluation excluded).
 
@@ -52,7 +52,7 @@ def reference_loader(
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from trainables.catalog import DATASETS
+    from nptm.trainables.catalog import DATASETS
 
     info = DATASETS["cifar10"]
     transform = T.Compose(
@@ -106,8 +106,8 @@ def nptm_epoch(
     seed: int,
     precision: str = "fp32",
 ) -> tuple[int, float]:
-    """One epoch of trainables.train_loop.fit: (samples, seconds of the training phase)."""
-    from trainables.train_loop import fit
+    """One epoch of nptm.trainables.train_loop.fit: (samples, seconds of the training phase)."""
+    from nptm.trainables.train_loop import fit
 
     steps = len(loaders.train)
     result = fit(
@@ -202,11 +202,11 @@ def measure(
     threads: int,
 ) -> dict[str, Any]:
     """Interleaved epochs of every variant for each model; medians per variant."""
+    from nptm.trainables.datasets import load_dataset
+    from nptm.trainables.loaders import make_loaders
+    from nptm.trainables.models import build_model
+    from nptm.trainables.recipe import default_recipe
     from tests.cifar_fixture import accept_checksums, write_cifar10
-    from trainables.datasets import load_dataset
-    from trainables.loaders import make_loaders
-    from trainables.models import build_model
-    from trainables.recipe import default_recipe
 
     torch.set_num_threads(threads)
     recipe = default_recipe("cifar10", batch_size=BATCH)

@@ -1,3 +1,3 @@
-from orchestrator.cli import main
+from nptm.orchestrator.cli import main
 
 raise SystemExit(main())

@@ -8,9 +8,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from orchestrator import __version__
-from orchestrator.errors import EXIT_USAGE, UsageError
-from trainables.storage import DEFAULT_MIN_FREE_GB
+from nptm.orchestrator import __version__
+from nptm.orchestrator.errors import EXIT_USAGE, UsageError
+from nptm.trainables.storage import DEFAULT_MIN_FREE_GB
 
 DEFAULT_STORAGE = "./nptm-runs"
 
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from orchestrator.commands import HANDLERS
+    from nptm.orchestrator.commands import HANDLERS
 
     try:
         return HANDLERS[args.command](args)

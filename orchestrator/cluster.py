@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import UsageError
+from nptm.orchestrator.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
-from trainables.layout import EPOCHS_TABLE, STAGES_TABLE, Layout, check_name
+from nptm.orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
+from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, Layout, check_name
 
 __all__ = ["HANDLERS"]
 
@@ -20,8 +20,8 @@ def print_json(obj: object) -> None:
 
 
 def _load_plan(args: argparse.Namespace):
-    from orchestrator.planner import build_plan
-    from search_spaces import GridError, load_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import GridError, load_grid
 
     try:
         grid = load_grid(args.grid)
@@ -41,7 +41,7 @@ def plan(args: argparse.Namespace) -> int:
     if args.json:
         print_json(the_plan.summary())
     else:
-        from orchestrator.render import render_plan
+        from nptm.orchestrator.render import render_plan
 
         print(render_plan(the_plan))
     return EXIT_OK
@@ -50,7 +50,7 @@ def plan(args: argparse.Namespace) -> int:
 def sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         return plan(args)
-    from orchestrator.sweep import SweepOptions, run_sweep
+    from nptm.orchestrator.sweep import SweepOptions, run_sweep
 
     grid, the_plan = _load_plan(args)
     summary = run_sweep(
@@ -71,7 +71,7 @@ def sweep(args: argparse.Namespace) -> int:
     if summary.interrupted is not None:
         return 128 + summary.interrupted  # the shell's convention: 130 SIGINT, 143 SIGTERM
     if not args.no_report and summary.counts.get("ok"):
-        from results.store import SweepStore
+        from nptm.results.store import SweepStore
 
         store = SweepStore(args.storage, grid.name)
         report = _write_report(args, store)
@@ -85,8 +85,8 @@ def _log_report(summary, store, report_dir) -> None:
     """The report's files and the headline metrics on the sweep's MLflow parent run."""
     if summary.mlflow_degraded or not summary.mlflow_uri or not summary.mlflow_parent_run_id:
         return
-    from results.mlflow_rows import headline_metrics
-    from results.tracking import MlflowRecorder
+    from nptm.results.mlflow_rows import headline_metrics
+    from nptm.results.tracking import MlflowRecorder
 
     recorder = MlflowRecorder(summary.mlflow_uri, summary.sweep)
     recorder.log_sweep_artifacts(report_dir, "report")
@@ -113,10 +113,10 @@ def _report_dir(args: argparse.Namespace, sweep_name: str) -> str:
 
 def _write_report(args: argparse.Namespace, store, **options):
     """The sweep's report, in `<storage>/sweeps/<sweep>/report` whatever the storage (and in
-    `--out` too, when given); returns the `results.report.Report` (its paths are local).
-    `options`: `results.report.build_report`'s (margin, latex)."""
-    from results.report import build_report
-    from trainables.storage import replace_dir
+    `--out` too, when given); returns the `nptm.results.report.Report` (its paths are local).
+    `options`: `nptm.results.report.build_report`'s (margin, latex)."""
+    from nptm.results.report import build_report
+    from nptm.trainables.storage import replace_dir
 
     local = _report_dir(args, store.sweep)
     report = build_report(store, local, **options)
@@ -135,7 +135,7 @@ def _report_location(args: argparse.Namespace, sweep_name: str) -> str:
 
 
 def _print_banner(start) -> None:
-    """Where to watch the sweep, before its first stage (orchestrator.live.SweepStart)."""
+    """Where to watch the sweep, before its first stage (nptm.orchestrator.live.SweepStart)."""
     kinds = ", ".join(f"{n} {kind}" for kind, n in start.planned.items())
     lines = [f"sweep {start.sweep}: {sum(start.planned.values())} stages ({kinds}); "
              f"{start.to_run} to run"]  # fmt: skip
@@ -210,10 +210,10 @@ def _print_summary(summary, storage: str) -> None:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from orchestrator.render import render_inspect
-    from trainables.catalog import IncompatibleError
-    from trainables.inspect import inspect_model
-    from trainables.plugins import PluginError, load_plugins
+    from nptm.orchestrator.render import render_inspect
+    from nptm.trainables.catalog import IncompatibleError
+    from nptm.trainables.inspect import inspect_model
+    from nptm.trainables.plugins import PluginError, load_plugins
 
     if args.pruner is None and (args.ratio is not None or args.preset is not None):
         raise UsageError("--ratio/--preset need --pruner")
@@ -235,7 +235,12 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def schedules(args: argparse.Namespace) -> int:
-    from trainables.schedule_curves import per_epoch, plot_curves, render_curves, schedule_curves
+    from nptm.trainables.schedule_curves import (
+        per_epoch,
+        plot_curves,
+        render_curves,
+        schedule_curves,
+    )
 
     try:
         result = schedule_curves(args.dataset, args.budget)
@@ -252,8 +257,8 @@ def schedules(args: argparse.Namespace) -> int:
 
 def _sweep_store(args: argparse.Namespace, *, planned: bool = False):
     """The sweep's store; refused when it has no results (`planned`: nor a saved plan)."""
-    from results.run_record import PLAN_FILE, RunRecord
-    from results.store import SweepStore
+    from nptm.results.run_record import PLAN_FILE, RunRecord
+    from nptm.results.store import SweepStore
 
     try:
         store = SweepStore(args.storage, args.sweep)
@@ -281,7 +286,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from results.status import is_running, render_status, sweep_status
+    from nptm.results.status import is_running, render_status, sweep_status
 
     store = _sweep_store(args, planned=True)  # a sweep that has only started has a plan
     clear = args.watch is not None and sys.stdout.isatty() and not args.json
@@ -303,7 +308,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def best(args: argparse.Namespace) -> int:
-    from results.best import best_runs, render_best
+    from nptm.results.best import best_runs, render_best
 
     by = [c.strip() for c in args.by.split(",") if c.strip()]
     if args.sweep is not None:
@@ -321,7 +326,7 @@ def best(args: argparse.Namespace) -> int:
 
 
 def sync_mlflow(args: argparse.Namespace) -> int:
-    from results.tracking import sync_mlflow
+    from nptm.results.tracking import sync_mlflow
 
     store = _sweep_store(args)  # refuse a bad or unknown sweep before creating any store
     uri = _tracking_uri(args)
@@ -343,7 +348,7 @@ def _check_sweep_name(name: str) -> None:
 def _tracking_uri(args: argparse.Namespace, *, existing: bool = False) -> str:
     """The tracking URI to use; `existing`: refuse an embedded store that is not there yet
     (resolving the embedded default creates the storage root for sqlite to write into)."""
-    from results.mlflow_uri import resolve_tracking_uri
+    from nptm.results.mlflow_uri import resolve_tracking_uri
 
     db = Layout(args.storage).mlflow_db
     if existing and not args.mlflow_uri and db is not None and not os.path.isfile(db):

@@ -4,7 +4,7 @@ There is no barrier between kinds: a retrain starts as soon as its own prune is 
 other pre-trainings still run, so the cluster stays busy while runnable work exists.
 
 Every step costs O(1) in the size of the plan (thousands of stages): a trial's config is the
-stage id only (`orchestrator.trial.stage_id_of`), and the counts of stages per state and the
+stage id only (`nptm.orchestrator.trial.stage_id_of`), and the counts of stages per state and the
 epochs still to train are kept as stages change state, never recounted.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from orchestrator.planner import stage_epochs
-from orchestrator.trial import stage_config
-from trainables.stage import StageOutcome, StageSpec, StageStatus
+from nptm.orchestrator.planner import stage_epochs
+from nptm.orchestrator.trial import stage_config
+from nptm.trainables.stage import StageOutcome, StageSpec, StageStatus
 
 
 class Progress(StrEnum):

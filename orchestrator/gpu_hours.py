@@ -55,7 +55,7 @@ def shipped_figures() -> GpuFigures:
 
 def train_samples(dataset: str, val_fraction: float) -> int:
     """Training samples per epoch after holding out the validation split."""
-    from trainables.catalog import DATASETS
+    from nptm.trainables.catalog import DATASETS
 
     n = DATASETS[dataset].train_size
     return n - round(val_fraction * n)
@@ -65,7 +65,7 @@ def gpu_hours(
     epochs_by_pair: dict[Pair, int], val_fraction: float, figures: GpuFigures
 ) -> dict[str, Any]:
     """Hours per (model, dataset) and in total; None where a pair has no figure."""
-    from trainables.catalog import DATASETS
+    from nptm.trainables.catalog import DATASETS
 
     pairs = []
     for (model, dataset), epochs in sorted(epochs_by_pair.items()):

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from orchestrator.planner import stage_epochs
-from orchestrator.trial import stage_id_of
-from results.run_record import DriverState, Progress, RunningStage, RunRecord
-from trainables.stage import StageSpec
+from nptm.orchestrator.planner import stage_epochs
+from nptm.orchestrator.trial import stage_id_of
+from nptm.results.run_record import DriverState, Progress, RunningStage, RunRecord
+from nptm.trainables.stage import StageSpec
 
 if TYPE_CHECKING:
-    from results.sink import ResultSink
+    from nptm.results.sink import ResultSink
 
 PROGRESS_INTERVAL_S = 2.0  # progress.json is rewritten at most this often (and at the end)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -33,7 +33,7 @@ checkpoint it reads, in every round. `lrw` only replays the recipe's lr and need
 checkpoint. What to keep is not part of the pretrain stage's identity: when a later grid asks a
 finished pre-training for an epoch it did not keep, the sweep runs that stage again, and it
 re-makes just the missing weights from the nearest full training state it kept
-(`trainables.stage_runner.kept_state_epochs`), keeping its outcome.
+(`nptm.trainables.stage_runner.kept_state_epochs`), keeping its outcome.
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from orchestrator.gpu_hours import GpuFigures, gpu_hours, shipped_figures
-from search_spaces import expand
-from search_spaces.checks import CheckedGrid
-from search_spaces.errors import GridError
-from search_spaces.expand import TrialKey
-from trainables.catalog import FULL_LENGTH_SCHEDULES, PRUNERS
-from trainables.recipe import Recipe
-from trainables.schedules import rewind_epoch, run_epochs
-from trainables.stage import StageSpec
+from nptm.orchestrator.gpu_hours import GpuFigures, gpu_hours, shipped_figures
+from nptm.search_spaces import expand
+from nptm.search_spaces.checks import CheckedGrid
+from nptm.search_spaces.errors import GridError
+from nptm.search_spaces.expand import TrialKey
+from nptm.trainables.catalog import FULL_LENGTH_SCHEDULES, PRUNERS
+from nptm.trainables.recipe import Recipe
+from nptm.trainables.schedules import rewind_epoch, run_epochs
+from nptm.trainables.stage import StageSpec
 
 __all__ = ["KINDS", "Plan", "Trial", "build_plan", "cumulative_ratio", "stage_epochs"]
 
@@ -81,7 +81,7 @@ class Trial:
         """Flat axis values, overrides by name (for results tables and run names)."""
         axes = self.key._asdict()
         overrides = axes.pop("overrides")
-        axes.pop("pruner_options")  # in the pruner label; see results.analysis
+        axes.pop("pruner_options")  # in the pruner label; see nptm.results.analysis
         return axes | dict(overrides)
 
 
@@ -314,7 +314,7 @@ class _Builder:
         if key not in self.macs:
             import torch  # only grids with scratch_b pay for importing it
 
-            from trainables.inspect import inspect_model
+            from nptm.trainables.inspect import inspect_model
 
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # batch-1 passes of a small model: more threads only wait

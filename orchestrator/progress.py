@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from orchestrator.dag_search import DONE, FAILED, PENDING, RUNNING, SKIPPED
+from nptm.orchestrator.dag_search import DONE, FAILED, PENDING, RUNNING, SKIPPED
 
 
 class ProgressPrinter(Callback):

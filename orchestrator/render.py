@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.gpu_hours import describe
-from orchestrator.planner import KINDS, Plan
-from results.tables import text_table
+from nptm.orchestrator.gpu_hours import describe
+from nptm.orchestrator.planner import KINDS, Plan
+from nptm.results.tables import text_table
 
 
 def render_plan(plan: Plan) -> str:
@@ -38,7 +38,7 @@ def render_plan(plan: Plan) -> str:
 
 
 def render_inspect(result: dict[str, Any]) -> str:
-    """A plain-text report of a `trainables.inspect.inspect_model` result."""
+    """A plain-text report of a `nptm.trainables.inspect.inspect_model` result."""
     title = f"{result['model']} on {result['dataset']}"
     if result["pruner"]:
         target = f"preset {result['preset']}" if result["preset"] else f"ratio {result['ratio']}"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.cluster import (
+from nptm.orchestrator.cluster import (
     Cluster,
     check_fit,
     connect,
@@ -19,23 +19,29 @@ from orchestrator.cluster import (
     plugin_packages,
     stage_bundles,
 )
-from orchestrator.dag_search import DagSearcher, StageResolution
-from orchestrator.errors import UsageError
-from orchestrator.live import LiveTracker, StopSignals, SweepInterrupted, SweepStart, new_progress
-from orchestrator.progress import ProgressPrinter
-from orchestrator.trial import SweepShared, ray_name, stage_id_of, stage_trial
-from orchestrator.trial_scheduler import NewestPendingFirst
-from trainables.artifacts import (
+from nptm.orchestrator.dag_search import DagSearcher, StageResolution
+from nptm.orchestrator.errors import UsageError
+from nptm.orchestrator.live import (
+    LiveTracker,
+    StopSignals,
+    SweepInterrupted,
+    SweepStart,
+    new_progress,
+)
+from nptm.orchestrator.progress import ProgressPrinter
+from nptm.orchestrator.trial import SweepShared, ray_name, stage_id_of, stage_trial
+from nptm.orchestrator.trial_scheduler import NewestPendingFirst
+from nptm.trainables.artifacts import (
     ArtifactStore,
     checksum_name,
     node_local_path_warning,
     rewind_name,
 )
-from trainables.stage import StageOutcome, StageSpec, StageStatus
-from trainables.storage import DEFAULT_MIN_FREE_GB, StorageError, check_writable
+from nptm.trainables.stage import StageOutcome, StageSpec, StageStatus
+from nptm.trainables.storage import DEFAULT_MIN_FREE_GB, StorageError, check_writable
 
 if TYPE_CHECKING:
-    from results.sink import ResultSink, SweepSummary
+    from nptm.results.sink import ResultSink, SweepSummary
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +66,24 @@ def run_sweep(
     opts: SweepOptions,
     on_start: Callable[[SweepStart], None] | None = None,
 ) -> SweepSummary:
-    """Run every unfinished stage of `plan` (`orchestrator.planner.build_plan(grid)`) on Ray;
+    """Run every unfinished stage of `plan` (`nptm.orchestrator.planner.build_plan(grid)`) on Ray;
     resume whatever earlier runs left, reuse stages already in `opts.storage`.
 
     `grid` is the `search_spaces.CheckedGrid` the plan was built from. Every finished stage
     lands in the Parquet tables of ``<storage>/sweeps/<grid.name>/`` (open them with
-    `results.api.load_sweep`) and in MLflow; the run record (grid, plan, versions, progress)
+    `nptm.results.api.load_sweep`) and in MLflow; the run record (grid, plan, versions, progress)
     under its ``run/``. `on_start` is told where to watch the sweep before its first stage.
     SIGINT / SIGTERM stop the sweep within seconds: the summary's `interrupted` says which
-    (rerunning resumes). Returns the `results.sink.SweepSummary` (`.ok`, `.counts`,
-    `.failures`). Raises `orchestrator.errors.UsageError` for a storage root or cluster the
+    (rerunning resumes). Returns the `nptm.results.sink.SweepSummary` (`.ok`, `.counts`,
+    `.failures`). Raises `nptm.orchestrator.errors.UsageError` for a storage root or cluster the
     sweep cannot use (the CLI's exit code 2).
     """
-    from results.mlflow_uri import resolve_tracking_uri
-    from results.run_record import DriverState, RunRecord
-    from results.sink import ResultSink
-    from results.store import SweepStore
-    from results.tracking import MlflowRecorder
-    from trainables.layout import Layout
+    from nptm.results.mlflow_uri import resolve_tracking_uri
+    from nptm.results.run_record import DriverState, RunRecord
+    from nptm.results.sink import ResultSink
+    from nptm.results.store import SweepStore
+    from nptm.results.tracking import MlflowRecorder
+    from nptm.trainables.layout import Layout
 
     started = time.time()
     opts = replace(opts, storage=_absolute(opts.storage))
@@ -164,9 +170,9 @@ def _write_run_record(record: Any, grid: Any, plan: Any, recorder: Any) -> None:
     import json
     import tempfile
 
-    from orchestrator.planner import stage_epochs
-    from results.run_record import GRID_FILE, PLAN_FILE, VERSIONS_FILE, plan_record
-    from results.sink import code_versions
+    from nptm.orchestrator.planner import stage_epochs
+    from nptm.results.run_record import GRID_FILE, PLAN_FILE, VERSIONS_FILE, plan_record
+    from nptm.results.sink import code_versions
 
     versions = code_versions()
     files = {
@@ -196,7 +202,7 @@ def _grid_text(grid: Any) -> str:
 def _start_info(
     grid: Any, plan: Any, cluster: Cluster, recorder: Any, record: Any, done: int
 ) -> SweepStart:
-    from orchestrator.live import url_answers
+    from nptm.orchestrator.live import url_answers
 
     counts: dict[str, int] = {}
     for spec in plan.stages.values():
@@ -234,7 +240,7 @@ def _finished_stages(plan: Any, artifacts: ArtifactStore) -> dict[str, StageOutc
 
     One listing of the artifact store and its outcome index answer for every stage whose
     outcome.json is unchanged since it was indexed; only the others are read
-    (trainables.stage_index says what the index may skip)."""
+    (nptm.trainables.stage_index says what the index may skip)."""
     outcomes, files = artifacts.stored_outcomes(plan.stages)
     done: dict[str, StageOutcome] = {}
     for sid, spec in plan.stages.items():
@@ -277,7 +283,7 @@ def _tune(
         "workers_per_trial": res.workers_per_trial,
         "cpus_per_worker": res.cpus_per_worker,
         "gpus_per_worker": res.gpus_per_worker,
-        # Imported by every worker before it builds anything (trainables.plugins).
+        # Imported by every worker before it builds anything (nptm.trainables.plugins).
         "plugins": list(grid.plugins),
     }
 
@@ -315,7 +321,7 @@ def _tune(
         tune.with_resources(tune.with_parameters(stage_trial, shared=shared), trial_resources),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=NewestPendingFirst(),  # see orchestrator.trial_scheduler
+            scheduler=NewestPendingFirst(),  # see nptm.orchestrator.trial_scheduler
             num_samples=-1,
             reuse_actors=True,
             max_concurrent_trials=_max_concurrent(cluster, res),

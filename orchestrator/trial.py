@@ -25,11 +25,11 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from trainables.artifacts import ArtifactStore, CorruptArtifactError
-from trainables.stage import StageKind, StageSpec
+from nptm.trainables.artifacts import ArtifactStore, CorruptArtifactError
+from nptm.trainables.stage import StageKind, StageSpec
 
 if TYPE_CHECKING:
-    from trainables.stage_runner import EpochReporter, WorkerEnv
+    from nptm.trainables.stage_runner import EpochReporter, WorkerEnv
 
 
 _STAGE_ID = "stage_id"
@@ -148,14 +148,14 @@ def _run_in_this_process(
     spec: StageSpec, runtime: dict[str, Any], report: EpochReporter | None = None
 ) -> None:
     """One worker's share of the machine, on its device: an inline stage or a prune task."""
-    from trainables.stage_runner import run_stage
+    from nptm.trainables.stage_runner import run_stage
 
     _limit_threads(runtime["cpus_per_worker"])
     run_stage(spec, _env(runtime, device=_inline_device(runtime)), report=report)
 
 
 def _env(runtime: dict[str, Any], **kw: Any) -> WorkerEnv:
-    from trainables.stage_runner import WorkerEnv
+    from nptm.trainables.stage_runner import WorkerEnv
 
     return WorkerEnv(
         storage=runtime["storage"],
@@ -230,7 +230,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from trainables.stage_runner import run_stage
+    from nptm.trainables.stage_runner import run_stage
 
     ctx = ray.train.get_context()
     _limit_threads(config["runtime"]["cpus_per_worker"])

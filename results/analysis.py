@@ -7,9 +7,9 @@ groupby, so a sweep of 100k stages is analysed in seconds.
 
 Statistics: cells are mean ± sample sd over seeds. Comparisons are paired on seed (the same
 pre-trained network) and budget; the interval is a two-sided Student-t interval over seeds, read
-by `results.stats.with_verdict`. The claims' verdicts come from their t-test (and, for claim 2,
+by `nptm.results.stats.with_verdict`. The claims' verdicts come from their t-test (and, for claim 2,
 TOST equivalence) p-values after Holm's correction over all the claims' tests
-(`results.stats.holm_verdicts`).
+(`nptm.results.stats.holm_verdicts`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from results.schema import LINEAGE_COLUMNS, STATUSES
-from results.stats import grouped_ci, holm_verdicts, t_pvalue, tost_paired, with_verdict
-from trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
-from trainables.stage import StageKind
+from nptm.results.schema import LINEAGE_COLUMNS, STATUSES
+from nptm.results.stats import grouped_ci, holm_verdicts, t_pvalue, tost_paired, with_verdict
+from nptm.trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
+from nptm.trainables.stage import StageKind
 
 GROUP = ["dataset", "model", "structure", "target"]
 # structure -> (random pruner, methodical pruners it is compared with)

@@ -1,14 +1,14 @@
 """Open a finished (or running) sweep's tables from Python: `load_sweep(storage, name)`.
 
-    from results.api import load_sweep
+    from nptm.results.api import load_sweep
 
     sweep = load_sweep("runs", "quickstart")
-    sweep.stages          # pandas: one row per stage (columns: results.schema, docs/results.md)
+    sweep.stages          # pandas: one row per stage (columns: docs/results.md)
     sweep.epochs          # pandas: one row per epoch of every stage
     sweep.stages_table    # the same tables as pyarrow.Table (for DuckDB, Polars, ...)
     sweep.epochs_table
 
-Everything is read through `results.store.SweepStore`, so a sweep written under an older
+Everything is read through `nptm.results.store.SweepStore`, so a sweep written under an older
 schema version reads in the current layout. Each table is read once, on first use; call
 `load_sweep` again to see stages finished since.
 """
@@ -22,8 +22,8 @@ from functools import cached_property
 import pandas as pd
 import pyarrow as pa
 
-from results.store import SweepStore
-from trainables.layout import EPOCHS_TABLE, STAGES_TABLE
+from nptm.results.store import SweepStore
+from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE
 
 __all__ = ["Sweep", "load_sweep"]
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from results.mlflow_rows import EXPERIMENT_PREFIX, PARAMS, experiment_name, stage_id_of
-from results.schema import AXIS_COLUMNS
-from results.tables import text_table
+from nptm.results.mlflow_rows import EXPERIMENT_PREFIX, PARAMS, experiment_name, stage_id_of
+from nptm.results.schema import AXIS_COLUMNS
+from nptm.results.tables import text_table
 
 RUN_FILTER = "tags.\"nptm.stage_kind\" = 'retrain' and tags.\"nptm.status\" = 'ok'"
 SHOWN_PARAMS = tuple(PARAMS[c] for c in AXIS_COLUMNS)

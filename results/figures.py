@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from results.analysis import GROUP, SIZE_COLUMNS, order
-from trainables.catalog import PRUNERS, SCHEDULES
+from nptm.results.analysis import GROUP, SIZE_COLUMNS, order
+from nptm.trainables.catalog import PRUNERS, SCHEDULES
 
 
 def plot_budget_curves(

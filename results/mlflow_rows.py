@@ -2,7 +2,7 @@
 
 One experiment per sweep, ``nptm/<sweep>``; one child run per stage, found again by its tag
 ``nptm.stage_id`` (``nptm.trial_id`` on runs recorded before schema version 2). Params, metrics
-and tags come from the column declarations in results.schema.
+and tags come from the column declarations in nptm.results.schema.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from results.schema import EPOCHS_COLUMNS, STAGES_COLUMNS
-from trainables.layout import check_name
-from trainables.stage import StageStatus, stage_label, target_label
+from nptm.results.schema import EPOCHS_COLUMNS, STAGES_COLUMNS
+from nptm.trainables.layout import check_name
+from nptm.trainables.stage import StageStatus, stage_label, target_label
 
 EXPERIMENT_PREFIX = "nptm/"
 STAGE_ID_TAG = "nptm.stage_id"
@@ -85,7 +85,7 @@ def _json_default(value: Any) -> Any:
 
 
 def run_name(row: Mapping[str, Any]) -> str:
-    """The stage's label (`trainables.stage.stage_label`) from its stored row."""
+    """The stage's label (`nptm.trainables.stage.stage_label`) from its stored row."""
     return stage_label(
         kind=row["stage_kind"],
         dataset=row["dataset"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainables.layout import Layout
+from nptm.trainables.layout import Layout
 
 # Conservative HTTP settings for the driver: an unreachable server must cost seconds, not the
 # minutes of MLflow's defaults (7 retries, backoff factor 2, 120 s timeout). They are process-wide

@@ -1,5 +1,5 @@
-"""`nptm report`: the analysis of one sweep (results.analysis) as report.md, CSV tables, figures
-(results.figures) and the plain-text headline the CLI prints.
+"""`nptm report`: the analysis of one sweep (nptm.results.analysis) as report.md, CSV tables,
+figures (nptm.results.figures) and the plain-text headline the CLI prints.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from results.analysis import (
+from nptm.results.analysis import (
     GROUP,
     cell_stats,
     claim_tables,
@@ -21,17 +21,17 @@ from results.analysis import (
     random_vs_methodical,
     status_counts,
 )
-from results.figures import (
+from nptm.results.figures import (
     plot_budget_bars,
     plot_budget_curves,
     plot_schedules,
     plot_tradeoff_curves,
 )
-from results.schema import STATUSES
-from results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED
-from results.store import SweepStore
-from results.tables import latex_table, md_table, text_table
-from trainables.catalog import PRUNERS, SCHEDULES
+from nptm.results.schema import STATUSES
+from nptm.results.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED
+from nptm.results.store import SweepStore
+from nptm.results.tables import latex_table, md_table, text_table
+from nptm.trainables.catalog import PRUNERS, SCHEDULES
 
 
 @dataclass

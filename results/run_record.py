@@ -1,4 +1,4 @@
-"""The record of what a sweep ran, under ``<storage>/sweeps/<sweep>/run/`` (trainables.layout).
+"""The record of what a sweep ran, under ``<storage>/sweeps/<sweep>/run/`` (nptm.trainables.layout).
 
     grid.yaml      the grid file as given
     plan.json      the resolved plan: every stage with its label, parents and planned epochs
@@ -20,9 +20,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from trainables.layout import Layout, check_name
-from trainables.stage import StageSpec
-from trainables.storage import atomic_write_bytes
+from nptm.trainables.layout import Layout, check_name
+from nptm.trainables.stage import StageSpec
+from nptm.trainables.storage import atomic_write_bytes
 
 GRID_FILE, PLAN_FILE, VERSIONS_FILE, PROGRESS_FILE = (
     "grid.yaml",
@@ -45,7 +45,7 @@ class DriverState(StrEnum):
 @dataclass(frozen=True)
 class PlannedStage:
     kind: str
-    label: str  # trainables.stage.StageSpec.label
+    label: str  # nptm.trainables.stage.StageSpec.label
     parents: tuple[str, ...]
     epochs: int  # training epochs planned (prune: 0)
 

@@ -2,11 +2,11 @@
 
 Every column is a `Column`: name, Arrow type, nullability, meaning, and how it appears in
 MLflow. The Arrow schemas (`STAGES_SCHEMA`, `EPOCHS_SCHEMA`), the column reference in
-docs/results.md (`python -m results.schema` prints it; a test keeps the file current) and the
-MLflow mapping (results.mlflow_rows) are all derived from these lists.
+docs/results.md (`python -m nptm.results.schema` prints it; a test keeps the file current) and the
+MLflow mapping (nptm.results.mlflow_rows) are all derived from these lists.
 
 Both tables live under ``<storage>/sweeps/<sweep>/`` as one Parquet file per stage (see
-trainables.layout), so each directory is a Parquet dataset that pandas, pyarrow and DuckDB read
+nptm.trainables.layout), so each directory is a Parquet dataset that pandas, pyarrow and DuckDB read
 directly, e.g. ``SELECT * FROM read_parquet('<storage>/sweeps/<sweep>/stages/*.parquet')``.
 
 `rows_to_table(table, rows)` is the one check of a row: Arrow converts each column to its type
@@ -15,7 +15,7 @@ missing required ones, enum values, fractions outside [0, 1] and naive timestamp
 here as well; ``overrides`` may be given as a dict and timestamps as ISO-8601 strings.
 
 Version 2 renamed the table ``trials`` to ``stages`` and its key ``trial_id`` to ``stage_id``,
-and added ``attempts``; results.store still reads version 1.
+and added ``attempts``; nptm.results.store still reads version 1.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from trainables.layout import EPOCHS_TABLE, STAGES_TABLE
-from trainables.stage import StageKind, StageStatus
+from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE
+from nptm.trainables.stage import StageKind, StageStatus
 
 SCHEMA_VERSION = 2
 
@@ -412,7 +412,7 @@ def reference() -> str:
     out = [
         "# Results tables",
         "",
-        "Generated from `results/schema.py` by `python -m results.schema > docs/results.md`;",
+        "Generated from `results/schema.py` by `python -m nptm.results.schema > docs/results.md`;",
         "do not edit by hand.",
         "",
         f"Schema version {SCHEMA_VERSION}. Accuracies are fractions in [0, 1] (reports print "

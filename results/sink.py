@@ -1,5 +1,5 @@
 """The single writer of a sweep's results: each finished stage becomes one row of the `stages`
-table and its epochs rows of `epochs` (results.schema), written to Parquet (the source of
+table and its epochs rows of `epochs` (nptm.results.schema), written to Parquet (the source of
 truth) first and then mirrored to MLflow (best effort)."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from results.schema import EPOCHS_SCHEMA, STAGES_SCHEMA, rows_to_table
-from results.store import SweepStore
-from results.tracking import MlflowRecorder, epochs_by_stage
-from trainables.artifacts import MODEL, ArtifactStore
-from trainables.catalog import PRUNERS
-from trainables.layout import EPOCHS_TABLE, STAGES_TABLE
-from trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
+from nptm.results.schema import EPOCHS_SCHEMA, STAGES_SCHEMA, rows_to_table
+from nptm.results.store import SweepStore
+from nptm.results.tracking import MlflowRecorder, epochs_by_stage
+from nptm.trainables.artifacts import MODEL, ArtifactStore
+from nptm.trainables.catalog import PRUNERS
+from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE
+from nptm.trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
 
 # The outcome's and an epoch's fields that are columns of their own.
 _OUTCOME_COLUMNS = tuple(
@@ -207,8 +207,8 @@ def stage_rows(
 
 
 def recipe_columns(spec: StageSpec) -> dict[str, Any]:
-    """The recipe a stage trains with, as its schedule resolves it (results.schema)."""
-    from orchestrator.planner import stage_epochs
+    """The recipe a stage trains with, as its schedule resolves it (nptm.results.schema)."""
+    from nptm.orchestrator.planner import stage_epochs
 
     epochs = stage_epochs(spec)
     if not epochs:  # a prune, or a pre-training that loads its weights
@@ -227,7 +227,7 @@ def recipe_columns(spec: StageSpec) -> dict[str, Any]:
 def _peak_lr(spec: StageSpec, epochs: int) -> float:
     if spec.kind == StageKind.PRETRAIN:
         return spec.recipe.lr
-    from trainables import schedules
+    from nptm.trainables import schedules
 
     # Any steps-per-epoch shows each curve's peak; 100 puts every phase boundary on a step.
     curve = schedules.lr_schedule(
@@ -264,7 +264,7 @@ def code_versions() -> dict[str, Any]:
     import ray
     import torch
 
-    from orchestrator import __version__
+    from nptm.orchestrator import __version__
 
     commit, dirty = _git_state(Path(__file__).resolve().parents[1])
     return {

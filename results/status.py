@@ -1,5 +1,5 @@
 """`nptm status`: stage counts by kind and status, and the failed stages with their errors; with
-the sweep's run record (results.run_record), done/planned per kind, the stages running now, the
+the sweep's run record (nptm.results.run_record), done/planned per kind, the stages running now, the
 driver's state, its rate in epochs/s and an ETA."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from results.run_record import (
+from nptm.results.run_record import (
     PLAN_FILE,
     DriverState,
     PlannedStage,
@@ -18,10 +18,10 @@ from results.run_record import (
     RunRecord,
     planned_stages,
 )
-from results.schema import AXIS_COLUMNS, STAGE_KINDS, STATUSES
-from results.store import SweepStore
-from results.tables import text_table
-from trainables.stage import StageStatus
+from nptm.results.schema import AXIS_COLUMNS, STAGE_KINDS, STATUSES
+from nptm.results.store import SweepStore
+from nptm.results.tables import text_table
+from nptm.trainables.stage import StageStatus
 
 _FAILED = (StageStatus.FAILED, StageStatus.DIVERGED)
 # progress.json is rewritten every few seconds while the driver runs: a minute of silence
@@ -44,7 +44,7 @@ def _plain(value: Any) -> Any:
 
 def sweep_status(store: SweepStore, *, now: float | None = None) -> dict[str, Any]:
     """Counts of stored stages by stage_kind × status, and every failed or diverged stage;
-    with the sweep's run record (results.run_record), its progress against the saved plan.
+    with the sweep's run record (nptm.results.run_record), its progress against the saved plan.
 
     Returns ``{"sweep", "stages", "counts": {kind: {status: n}}, "by_status": {status: n},
     "failed": [{"stage_id", "stage_kind", "status", "error", ...}], "plan": ... | None}``

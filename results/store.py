@@ -1,7 +1,7 @@
 """The Parquet store: the source of truth of every sweep.
 
 Layout under a storage root (a local path or a URI such as ``s3://bucket/prefix``; see
-trainables.layout)::
+nptm.trainables.layout)::
 
     <storage>/sweeps/<sweep>/stages/<stage_id>.parquet   one row: the stage's outcome
     <storage>/sweeps/<sweep>/epochs/<stage_id>.parquet   one row per epoch of that stage
@@ -42,8 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from results.schema import LEGACY_KEY, SCHEMAS, SchemaError, TableName, rows_to_table
-from trainables.layout import (
+from nptm.results.schema import LEGACY_KEY, SCHEMAS, SchemaError, TableName, rows_to_table
+from nptm.trainables.layout import (
     EPOCHS_TABLE,
     LEGACY_READ_CACHE,
     LEGACY_STAGES_TABLE,
@@ -51,7 +51,7 @@ from trainables.layout import (
     Layout,
     check_name,
 )
-from trainables.storage import atomic_write_bytes, read_bytes
+from nptm.trainables.storage import atomic_write_bytes, read_bytes
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ one lock serialises every MLflow call, and the client is `MlflowClient` (no glob
 
 Layout in MLflow: one experiment per sweep, ``nptm/<sweep>``; one parent run for the sweep
 (tag ``nptm.role=sweep``); one child run per stage, found again by its tag ``nptm.stage_id``
-(see results.mlflow_rows for what a run holds).
+(see nptm.results.mlflow_rows for what a run holds).
 
 Live: a stage's run is opened RUNNING when the stage starts (`start_stage`), its epochs are
 logged as they arrive (`log_epoch`), and `record_stage` ends it with the stored outcome.
@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from results import mlflow_uri
-from results.mlflow_rows import (
+from nptm.results import mlflow_uri
+from nptm.results.mlflow_rows import (
     MAX_PARAM_LEN,
     MAX_TAG_LEN,
     OUTCOME_TAGS,
@@ -58,8 +58,8 @@ from results.mlflow_rows import (
     stage_params,
     stage_tags,
 )
-from results.store import SweepStore
-from trainables.layout import EPOCHS_TABLE, STAGES_TABLE, check_name
+from nptm.results.store import SweepStore
+from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, check_name
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
                               # once per pruner target, that every seed of axes.seed retrains
                               # (the paper's protocol); retraining keeps its train/val split
       shared_seed: 0          # the seed of that shared pre-training and pruning
-    pretrain:                 # overrides of each dataset's default recipe (trainables.recipe)
+    pretrain:                 # overrides of each dataset's default recipe (nptm.trainables.recipe)
       from: null              #   existing weights instead of pre-training: a state_dict file,
                               #   an unpruned nptm model.pt (path or URI), or torchvision (the
                               #   local torch cache); one (dataset, model) pair, no wr; the
@@ -53,7 +53,7 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
                               # instead, so their trials carry that length as their budget
       seed: [0, 1, 2]
       overrides:              # optional retraining-optimiser overrides swept as axes
-        lr: [0.1, 0.05]       # (trainables.schedules.KNOWN_OVERRIDES)
+        lr: [0.1, 0.05]       # (nptm.trainables.schedules.KNOWN_OVERRIDES)
     exclude:                  # drop every trial that matches ALL keys of a rule
       - {schedule: wr, budget: 160}
       - {pruner: l1_filter, preset: B}
@@ -66,10 +66,10 @@ seed, and override names such as ``lr``. An exclude rule takes one value per key
 at least one trial of the axes. An include entry lists a whole trial; overrides it does not
 name are left at the schedule's defaults; one that is already in the grid is not added twice.
 
-Unstructured pruner entries take two options (trainables.catalog.UNSTRUCTURED_OPTIONS):
+Unstructured pruner entries take two options (nptm.trainables.catalog.UNSTRUCTURED_OPTIONS):
 ``layers`` (``conv``, the default and the authors' setting, or ``conv+linear``) and ``min_keep``
 (a per-layer floor; default 0, none). An entry with other options is another pruner setting.
-Names are looked up in the registries of trainables.catalog; a renamed one (``taylor``) is
+Names are looked up in the registries of nptm.trainables.catalog; a renamed one (``taylor``) is
 refused with its new name.
 
 A trial is (dataset, model, pruner, ratio | preset, pruner options, schedule, budget, seed,
@@ -79,16 +79,16 @@ of them define and exclude the others (``{model: vgg16, preset: B}``).
 
 `load_grid` / `parse_grid` return a `CheckedGrid`: the parsed `Grid` plus what planning needs
 (each dataset's resolved recipe, the product space, the include trials), which is what
-`orchestrator.planner.build_plan` takes.
+`nptm.orchestrator.planner.build_plan` takes.
 
 Every mistake raises `GridError` whose message reads ``FILE: FIELD.PATH: problem with VALUE``,
 e.g. ``grid.yaml: axes.pruner[1].ratio: 1.5 is outside [0, 1)`` or
 ``grid.yaml: resources.exector: unknown key; did you mean 'executor'?``.
 """
 
-from search_spaces.checks import CheckedGrid
-from search_spaces.errors import GridError
-from search_spaces.loader import load_grid, parse_grid
-from search_spaces.schema import Grid
+from nptm.search_spaces.checks import CheckedGrid
+from nptm.search_spaces.errors import GridError
+from nptm.search_spaces.loader import load_grid, parse_grid
+from nptm.search_spaces.schema import Grid
 
 __all__ = ["CheckedGrid", "Grid", "GridError", "load_grid", "parse_grid"]

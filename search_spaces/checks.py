@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from search_spaces.errors import GridIssue, did_you_mean, field_path, pydantic_issues, show
-from search_spaces.expand import (
+from nptm.search_spaces.errors import GridIssue, did_you_mean, field_path, pydantic_issues, show
+from nptm.search_spaces.expand import (
     BUDGET,
     DATASET,
     MODEL,
@@ -36,7 +36,7 @@ from search_spaces.expand import (
     Target,
     TrialKey,
 )
-from search_spaces.schema import (
+from nptm.search_spaces.schema import (
     SWEEP_NAME_PATTERN,
     TRIAL_KEYS,
     DataSection,
@@ -44,12 +44,12 @@ from search_spaces.schema import (
     ResourcesSection,
     SeedsSection,
 )
-from trainables import catalog
-from trainables.plugins import PluginError, load_plugins
-from trainables.recipe import DEFAULT_RECIPES, Recipe
-from trainables.registry import Registry
-from trainables.schedules import KNOWN_OVERRIDES, check_override, rewind_epoch
-from trainables.start_weights import (
+from nptm.trainables import catalog
+from nptm.trainables.plugins import PluginError, load_plugins
+from nptm.trainables.recipe import DEFAULT_RECIPES, Recipe
+from nptm.trainables.registry import Registry
+from nptm.trainables.schedules import KNOWN_OVERRIDES, check_override, rewind_epoch
+from nptm.trainables.start_weights import (
     TORCHVISION,
     StartWeights,
     StartWeightsError,
@@ -64,7 +64,7 @@ class CheckedGrid:
     """A grid that passed every check, with what planning needs resolved.
 
     Built only by `check_grid` (through `search_spaces.load_grid` / `parse_grid`), and the one
-    thing `orchestrator.planner.build_plan` takes.
+    thing `nptm.orchestrator.planner.build_plan` takes.
     """
 
     grid: Grid  # the file's content, as the schema parsed it
@@ -221,7 +221,7 @@ def _start_weights(grid: Grid, raw: dict[str, Any]) -> StartWeights | None:
     try:
         data = read_source(source, model)
         state = load_state_dict(data)
-        from trainables.models import build_model
+        from nptm.trainables.models import build_model
 
         build_model(model, dataset).load_state_dict(state, strict=True)
     except (StartWeightsError, RuntimeError, OSError, pickle.UnpicklingError) as err:

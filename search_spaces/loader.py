@@ -8,9 +8,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from search_spaces.checks import CheckedGrid, check_grid
-from search_spaces.errors import GridError, GridIssue, pydantic_issues, show
-from search_spaces.schema import Grid
+from nptm.search_spaces.checks import CheckedGrid, check_grid
+from nptm.search_spaces.errors import GridError, GridIssue, pydantic_issues, show
+from nptm.search_spaces.schema import Grid
 
 __all__ = ["GridError", "load_grid", "parse_grid"]
 

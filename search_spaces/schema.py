@@ -2,7 +2,7 @@
 
 Only the shape of the file is checked here. Everything that needs the catalog, the recipes or
 more than one field at a time (names, presets, compatibility, rewinding budgets, ...) is
-checked by `search_spaces.checks`, which can name the exact list element at fault.
+checked by `nptm.search_spaces.checks`, which can name the exact list element at fault.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class PrunerEntry(_Section):
     name: str
     ratio: OneOrMany(float) | None = None
     preset: OneOrMany(str) | None = None
-    # Unstructured pruners only (trainables.catalog.UNSTRUCTURED_OPTIONS): which weights are
+    # Unstructured pruners only (nptm.trainables.catalog.UNSTRUCTURED_OPTIONS): which weights are
     # considered ("conv" by default, or "conv+linear") and the per-layer floor (0 = none).
     layers: str | None = None
     min_keep: float | None = Field(default=None, ge=0, lt=1)
@@ -98,12 +98,12 @@ class Axes(_Section):
 
 class Grid(_Section):
     """The content of a grid file, as parsed; `search_spaces.load_grid` / `parse_grid` check it
-    further and return a `search_spaces.checks.CheckedGrid`."""
+    further and return a `nptm.search_spaces.checks.CheckedGrid`."""
 
     name: str
     max_trials: int = Field(default=DEFAULT_MAX_TRIALS, ge=1)
     # Modules imported before any name is looked up; importing one registers its models,
-    # datasets, pruners and schedules (trainables.plugins, docs/plugins.md).
+    # datasets, pruners and schedules (nptm.trainables.plugins, docs/plugins.md).
     plugins: list[str] = Field(default_factory=list)
     data: DataSection = Field(default_factory=DataSection)
     # Recipe-field overrides for every dataset, or under a dataset name for that dataset only.

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from orchestrator.planner import build_plan
-from search_spaces import load_grid
+from nptm.orchestrator.planner import build_plan
+from nptm.search_spaces import load_grid
 from tests.background import Background
 from tests.ray_cluster import VENV_BIN, RayCluster, ray_cluster
 from tests.sweep_helpers import (

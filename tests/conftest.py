@@ -22,7 +22,7 @@ from tests.ray_cluster import use_test_ray_env  # noqa: E402
 # Before anything imports Ray: one token, the loopback address and a private temp dir for
 # every Ray process of the session (see tests/ray_cluster.py).
 RAY_TMPDIR = use_test_ray_env()
-# The session's own split cache (trainables.split_cache), inherited by every process it starts:
+# The session's own split cache (nptm.trainables.split_cache), inherited by every process it starts:
 # cold at the start, as on a new machine, and nothing written to the user's cache.
 CACHE_DIR = tempfile.mkdtemp(prefix="nptm-cache-")
 os.environ["NPTM_CACHE_DIR"] = CACHE_DIR

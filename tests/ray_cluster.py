@@ -8,7 +8,7 @@ the test session, in this process or in a subprocess, the same settings:
   host's outward one, where nodes bound to 127.0.0.1 do not listen;
 - a private Ray temp dir, so nothing is read from or written to other clusters' /tmp/ray
   (and within it, one per cluster `ray_cluster` starts);
-- Ray Train's settings for a single machine (orchestrator.cluster.LOCAL_RAY_TRAIN_ENV).
+- Ray Train's settings for a single machine (nptm.orchestrator.cluster.LOCAL_RAY_TRAIN_ENV).
 
 The nodes are children of the test process, stopped by `Cluster.shutdown` (never `ray stop`).
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cluster import LOCAL_RAY_TRAIN_ENV, token_file
+from nptm.orchestrator.cluster import LOCAL_RAY_TRAIN_ENV, token_file
 from tests.ports import free_port
 
 VENV_BIN = Path(sys.executable).parent

@@ -24,7 +24,7 @@ import pandas as pd
 
 from tests.ports import free_port
 
-NPTM = [sys.executable, "-m", "orchestrator"]
+NPTM = [sys.executable, "-m", "nptm.orchestrator"]
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
@@ -88,7 +88,7 @@ def nptm(
     console: bool = False,
     **kw,
 ):
-    """Run the CLI in a fresh process: `python -m orchestrator`, or with `console` the
+    """Run the CLI in a fresh process: `python -m nptm.orchestrator`, or with `console` the
     installed `nptm` script. Kept for what needs a process of its own (the entry points, a
     driver that gets killed); everything else calls `sweep_in_process`."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -171,7 +171,7 @@ def cli_in_process(argv: list[str], env: dict[str, str] | None = None) -> CliRes
     MLflow's HTTP retries) that must not leak into the next sweep."""
     import logging
 
-    from orchestrator.cli import main
+    from nptm.orchestrator.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)  # what logging's last resort does in a fresh process
@@ -246,9 +246,9 @@ def seed_stages(
     """Copy into `storage` the finished stages of `source` (a sweep's storage root) that
     `grid`'s plan shares with it, of the given kinds: the sweep then reuses them, as it
     would reuse a colleague's stages in shared storage. Returns the copied stage ids."""
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
-    from trainables.artifacts import ArtifactStore, rewind_name
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
+    from nptm.trainables.artifacts import ArtifactStore, rewind_name
 
     copied, have = [], ArtifactStore(str(source))
     for sid, spec in build_plan(load_grid(grid)).stages.items():
@@ -370,8 +370,8 @@ def mlflow_stage_runs(uri: str, sweep: str = "tiny") -> list:
 
 def plan_stage_ids(grid: Path) -> set[str]:
     """Every stage id of the grid's plan: what a complete sweep must have recorded."""
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
 
     return set(build_plan(load_grid(grid)).stages)
 
@@ -438,8 +438,8 @@ def watched_concurrency():
     """While inside, the DAG searcher and Tune's trial table of in-process sweeps are watched;
     yields `{"handed_out": n, "tune_running": m}`, filled in as the sweep runs: the most
     stages handed out to Tune at once, and the most trials Tune had RUNNING at once."""
-    from orchestrator.dag_search import RUNNING, DagSearcher
-    from orchestrator.progress import ProgressPrinter
+    from nptm.orchestrator.dag_search import RUNNING, DagSearcher
+    from nptm.orchestrator.progress import ProgressPrinter
 
     peaks = {"handed_out": 0, "tune_running": 0}
     suggest, step_end = DagSearcher.suggest, ProgressPrinter.on_step_end

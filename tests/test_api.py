@@ -11,12 +11,12 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from orchestrator.planner import build_plan
-from orchestrator.sweep import SweepOptions, run_sweep
-from results.api import Sweep, load_sweep
-from results.report import build_report_from_stages
-from results.store import SweepStore
-from search_spaces import GridError, load_grid, parse_grid
+from nptm.orchestrator.planner import build_plan
+from nptm.orchestrator.sweep import SweepOptions, run_sweep
+from nptm.results.api import Sweep, load_sweep
+from nptm.results.report import build_report_from_stages
+from nptm.results.store import SweepStore
+from nptm.search_spaces import GridError, load_grid, parse_grid
 from tests.sweep_helpers import restored_environ
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "api.md"

@@ -10,9 +10,9 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from trainables.artifacts import ArtifactStore, CorruptArtifactError
-from trainables.stage import EpochMetrics, StageOutcome
-from trainables.storage import atomic_write_bytes, is_local_storage, resolve_storage
+from nptm.trainables.artifacts import ArtifactStore, CorruptArtifactError
+from nptm.trainables.stage import EpochMetrics, StageOutcome
+from nptm.trainables.storage import atomic_write_bytes, is_local_storage, resolve_storage
 
 SID = "0123456789abcdef"
 

@@ -98,8 +98,8 @@ def test_report_scale_core(tmp_path: Path) -> None:
 # -- dedup -----------------------------------------------------------------------------------
 def test_dedup_epochs_and_hours_by_hand() -> None:
     dedup = _load("dedup")
-    from orchestrator.planner import build_plan
-    from search_spaces import parse_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import parse_grid
 
     grid = parse_grid(
         {
@@ -217,7 +217,7 @@ def _events(sid: str, kind: str, t0: float, train: bool) -> list[dict]:
     for name, t, pid in e:
         ev = {"t": t0 + t, "pid": 100 * pid + (7 if train else 0), "event": name}
         if name.startswith("import_"):
-            ev["module"] = "trainables.stage_runner"
+            ev["module"] = "nptm.trainables.stage_runner"
         elif not name.startswith("pg_"):
             ev |= {"stage": sid, "kind": kind}
         if name in ("worker_enter", "worker_exit", "stage_enter", "stage_exit"):
@@ -276,8 +276,8 @@ def test_summarise_by_hand() -> None:
 @pytest.mark.parametrize("n", [100, 1000, 4000])
 def test_noop_grid_plans_exactly_n_stages(n: int) -> None:
     scheduling = _load("scheduling")
-    from orchestrator.planner import build_plan
-    from search_spaces import parse_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import parse_grid
 
     plan = build_plan(parse_grid(scheduling.noop_grid(n)))
     seeds, ratios, budgets = scheduling.SHAPES[n]

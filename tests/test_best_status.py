@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from results.best import best_runs, render_best
-from results.run_record import (
+from nptm.results.best import best_runs, render_best
+from nptm.results.run_record import (
     FORMAT,
     PLAN_FILE,
     DriverState,
@@ -23,12 +23,12 @@ from results.run_record import (
     RunRecord,
     plan_record,
 )
-from results.schema import rows_to_table
-from results.status import is_running, render_status, sweep_status
-from results.store import SweepStore
-from results.tracking import MlflowRecorder
+from nptm.results.schema import rows_to_table
+from nptm.results.status import is_running, render_status, sweep_status
+from nptm.results.store import SweepStore
+from nptm.results.tracking import MlflowRecorder
+from nptm.trainables.layout import Layout
 from tests.sweep_helpers import empty_mlflow_store
-from trainables.layout import Layout
 
 
 def row(stage_id: str, **kw: object) -> dict:
@@ -209,7 +209,7 @@ def test_status_of_empty_sweep(tmp_path: Path) -> None:
     assert "0 stages" in render_status(d)
 
 
-# -- status against the saved plan (results.run_record) ----------------------------------------
+# -- status against the saved plan (nptm.results.run_record) -------------------------------
 
 
 def planned(kind: str, epochs: int, *parents: str) -> PlannedStage:
@@ -303,9 +303,9 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
 ) -> None:
     """`nptm status` on a real sweep's storage: today's counts without a run record; with the
     plan of its grid, done/planned; `--watch` refreshes until the driver says it finished."""
-    from orchestrator.cli import build_parser
-    from orchestrator.planner import build_plan, stage_epochs
-    from search_spaces import load_grid
+    from nptm.orchestrator.cli import build_parser
+    from nptm.orchestrator.planner import build_plan, stage_epochs
+    from nptm.search_spaces import load_grid
     from tests.sweep_helpers import cli_in_process, copy_storage
 
     storage = copy_storage(tiny_sweep.storage, tmp_path / "runs")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.cli import main
+from nptm.orchestrator.cli import main
+from nptm.trainables import schedules
+from nptm.trainables.recipe import DEFAULT_RECIPES
 from tests.sweep_helpers import ROOT, nptm, write_grid
-from trainables import schedules
-from trainables.recipe import DEFAULT_RECIPES
 
 
 def test_version_and_module_entry_point() -> None:

@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 
-from orchestrator.cluster import Cluster, check_fit, stage_bundles
-from orchestrator.errors import UsageError
-from orchestrator.sweep import _max_concurrent
-from search_spaces.schema import ResourcesSection
+from nptm.orchestrator.cluster import Cluster, check_fit, stage_bundles
+from nptm.orchestrator.errors import UsageError
+from nptm.orchestrator.sweep import _max_concurrent
+from nptm.search_spaces.schema import ResourcesSection
 
 
 def _cluster(*cpus: float, gpus: tuple[float, ...] = ()) -> Cluster:

@@ -493,7 +493,7 @@ def test_images_built_from_their_dockerfiles(services: dict[str, Any]) -> None:
 def test_nptm_containers_set_exactly_what_nptm_reads(
     services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestrator.cli import build_parser
+    from nptm.orchestrator.cli import build_parser
 
     cli_vars = env_vars_read("orchestrator/cli.py")
     nptm_vars = cli_vars | env_vars_read("trainables/artifacts.py")
@@ -515,7 +515,7 @@ def test_nptm_containers_set_exactly_what_nptm_reads(
     assert args.mlflow_uri == values["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert args.data_root == values["NPTM_DATA"] == "/data"
     # And nptm accepts the local storage path on a multi-node cluster because of NPTM_SHARED_FS.
-    from trainables.artifacts import node_local_path_warning
+    from nptm.trainables.artifacts import node_local_path_warning
 
     monkeypatch.delenv("NPTM_SHARED_FS", raising=False)
     assert node_local_path_warning(args.storage) is not None

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from ray.tune.search import Searcher
 
-from orchestrator.dag_search import DONE, FAILED, PENDING, SKIPPED, DagSearcher, Progress
-from orchestrator.planner import build_plan, stage_epochs
-from orchestrator.trial import stage_id_of
-from search_spaces import load_grid
+from nptm.orchestrator.dag_search import DONE, FAILED, PENDING, SKIPPED, DagSearcher, Progress
+from nptm.orchestrator.planner import build_plan, stage_epochs
+from nptm.orchestrator.trial import stage_id_of
+from nptm.search_spaces import load_grid
 from tests.sweep_helpers import write_grid
 
 

@@ -16,10 +16,10 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision import datasets as tv_datasets
 
+from nptm.trainables.catalog import DATASETS
+from nptm.trainables.datasets import download_lock_path, load_dataset, split_indices
+from nptm.trainables.loaders import InMemoryLoader, crop_flip, make_loaders, order_seed
 from tests.cifar_fixture import accept_checksums, write_cifar10, write_cifar100
-from trainables.catalog import DATASETS
-from trainables.datasets import download_lock_path, load_dataset, split_indices
-from trainables.loaders import InMemoryLoader, crop_flip, make_loaders, order_seed
 
 CIFAR_INFO = DATASETS["cifar10"]
 
@@ -251,7 +251,7 @@ def test_splits_come_from_the_cache_as_scikit_learn_computes_them(
 ) -> None:
     from sklearn.datasets import load_digits
 
-    from trainables import split_cache
+    from nptm.trainables import split_cache
 
     monkeypatch.setenv("NPTM_CACHE_DIR", str(tmp_path))
     digits = load_digits()
@@ -293,7 +293,7 @@ def test_a_warm_cache_spares_a_fresh_process_scikit_learn(
     monkeypatch.setenv("NPTM_CACHE_DIR", str(tmp_path))
     load_dataset("digits", None, val_fraction=0.1, split_seed=1)  # this process fills it
     code = (
-        "import sys; from trainables.datasets import load_dataset; "
+        "import sys; from nptm.trainables.datasets import load_dataset; "
         "load_dataset('digits', None, val_fraction=0.1, split_seed=1); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))"
     )

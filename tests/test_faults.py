@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.cli import main as cli_main
-from orchestrator.trial import stage_id_of
+from nptm.orchestrator.cli import main as cli_main
+from nptm.orchestrator.trial import stage_id_of
+from nptm.trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
 from tests.ports import free_port
 from tests.sweep_helpers import (
     ROOT,
@@ -44,7 +45,6 @@ from tests.sweep_helpers import (
     watched_concurrency,
     write_grid,
 )
-from trainables.artifacts import ArtifactStore, CorruptArtifactError, rewind_name
 
 MALFORMED = sorted((ROOT / "tests" / "malformed_grids").glob("*.yaml"))
 SWEEP_TIMEOUT = 600  # "did not hang" bound for one sweep on a busy 2-core machine
@@ -225,9 +225,9 @@ def test_malformed_grid_is_refused_before_anything_is_written(
 
 # -- 3 (unit). damaged artifacts never loop or run twice -----------------------------------
 def _searcher(grid: Path):
-    from orchestrator.dag_search import DagSearcher
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
+    from nptm.orchestrator.dag_search import DagSearcher
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
 
     plan = build_plan(load_grid(grid))
     finished: list[str] = []
@@ -279,9 +279,9 @@ def test_damaged_own_resume_checkpoint_restarts_the_stage_from_epoch_zero(
 ) -> None:
     """A stage's own resume.pt that fails its checksum is dropped, not blamed on a parent
     (which would requeue the stage itself, forever)."""
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
-    from trainables.stage_runner import WorkerEnv, run_stage
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
+    from nptm.trainables.stage_runner import WorkerEnv, run_stage
 
     grid = write_grid(
         tmp_path / "g.yaml", pruners=(MAGNITUDE,), schedules="[ft]",
@@ -305,9 +305,9 @@ def test_a_rewind_epoch_added_later_is_remade_without_pre_training_again(
     budget whose rewind epoch that run did not keep. The same pretrain stage then re-makes
     just that checkpoint from its nearest kept state (here: the initial weights, its state
     file deleted), bit-identical on the CPU to the one a run asked for it from the start."""
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
-    from trainables.stage_runner import WorkerEnv, kept_state_epochs, run_stage, state_name
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
+    from nptm.trainables.stage_runner import WorkerEnv, kept_state_epochs, run_stage, state_name
 
     def pretrain_of(schedules: str, name: str):
         grid = write_grid(
@@ -349,9 +349,9 @@ def test_a_child_finding_its_parent_damaged_blames_the_parent_and_writes_nothing
 ) -> None:
     """What an end-to-end rerun sees when a child loads a truncated parent: the error names
     the producing stage (which the driver then recomputes), and the child leaves no outcome."""
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
-    from trainables.stage_runner import WorkerEnv, run_stage
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
+    from nptm.trainables.stage_runner import WorkerEnv, run_stage
 
     grid = write_grid(tmp_path / "g.yaml", pruners=(MAGNITUDE,), schedules="[ft]")
     stages = build_plan(load_grid(grid)).stages
@@ -372,7 +372,7 @@ def test_a_damaged_parent_found_by_a_ray_train_worker_is_recognised() -> None:
     must still see the damaged parent (and requeue it), as the inline executor does."""
     import ray.train
 
-    from orchestrator.trial import _corrupt_cause
+    from nptm.orchestrator.trial import _corrupt_cause
 
     damaged = CorruptArtifactError("0123456789abcdef", "model", "checksum mismatch")
     wrapped = ray.train.WorkerGroupError("rank 1 failed", {0: RuntimeError("x"), 1: damaged})
@@ -389,7 +389,7 @@ def test_a_damaged_parent_found_by_a_prune_task_is_recognised() -> None:
     RayTaskError(CorruptArtifactError) wrapper, and the original must come out of it."""
     from ray.exceptions import RayTaskError
 
-    from orchestrator.trial import _corrupt_cause
+    from nptm.orchestrator.trial import _corrupt_cause
 
     damaged = CorruptArtifactError("0123456789abcdef", "model", "checksum mismatch")
     wrapped = RayTaskError("_prune_task", "traceback", damaged).as_instanceof_cause()

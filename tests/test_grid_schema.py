@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from search_spaces import CheckedGrid, Grid, GridError, load_grid, parse_grid
-from search_spaces import loader as loader_module
-from trainables import schedules
-from trainables.recipe import DEFAULT_RECIPES
+from nptm.search_spaces import CheckedGrid, Grid, GridError, load_grid, parse_grid
+from nptm.search_spaces import loader as loader_module
+from nptm.trainables import schedules
+from nptm.trainables.recipe import DEFAULT_RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -56,7 +56,7 @@ def test_corpus_is_large_enough() -> None:
 
 @pytest.mark.parametrize("path", MALFORMED, ids=lambda p: p.stem)
 def test_malformed_grid_names_field_and_value(path: Path) -> None:
-    from orchestrator.planner import build_plan
+    from nptm.orchestrator.planner import build_plan
 
     field, value = expectation(path)
     with pytest.raises(GridError) as info:
@@ -276,7 +276,7 @@ def test_nan_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_grid_validates_and_plans(path: Path) -> None:
-    from orchestrator.planner import build_plan
+    from nptm.orchestrator.planner import build_plan
 
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), "every shipped grid starts with a comment saying its study"
@@ -372,7 +372,7 @@ def test_bad_pruner_options_and_retired_names(
 
 
 def test_registry_names_close_matches_and_retired_names() -> None:
-    from trainables.registry import Registry, UnknownName
+    from nptm.trainables.registry import Registry, UnknownName
 
     reg: Registry[int] = Registry("widget")
     reg.register("alpha", 1)
@@ -394,17 +394,17 @@ def test_grid_validation_consults_the_model_registry(
 ) -> None:
     """A model registered the way built-ins are (an import path to its builder) is a valid
     grid value at once: what a plugin will do."""
-    from trainables.catalog import MODELS, ModelInfo
+    from nptm.trainables.catalog import MODELS, ModelInfo
 
     text = MINIMAL.replace("model: [resnet20]", "model: [tiny_resnet]")
     with pytest.raises(GridError, match="'tiny_resnet' is not a known model"):
         load_grid(write(tmp_path, text))
     info = ModelInfo(
-        "tiny_resnet", "cifar_resnet", 4, 8, "trainables.models:build_cifar_resnet",
-        "trainables.models:basic_block_convs",
+        "tiny_resnet", "cifar_resnet", 4, 8, "nptm.trainables.models:build_cifar_resnet",
+        "nptm.trainables.models:basic_block_convs",
     )  # fmt: skip
     monkeypatch.setitem(MODELS._entries, "tiny_resnet", info)
     load_grid(write(tmp_path, text))
-    from trainables.models import build_model
+    from nptm.trainables.models import build_model
 
     assert build_model("tiny_resnet", "digits").layer1[0].conv1.out_channels == 16

@@ -1,4 +1,4 @@
-"""trainables.layout: every path under a storage root, and the one name rule."""
+"""nptm.trainables.layout: every path under a storage root, and the one name rule."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainables.layout import Layout, check_name
+from nptm.trainables.layout import Layout, check_name
 
 
 def test_local_layout(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""orchestrator.live below Ray: stop signals, the banner's links, the dashboard check."""
+"""nptm.orchestrator.live below Ray: stop signals, the banner's links, the dashboard check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from orchestrator.live import StopSignals, SweepInterrupted, SweepStart, url_answers
+from nptm.orchestrator.live import StopSignals, SweepInterrupted, SweepStart, url_answers
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from orchestrator.render import render_inspect
-from trainables.catalog import IncompatibleError
-from trainables.inspect import inspect_model
-from trainables.macs import count_macs, count_nonzero_params, count_params_macs
-from trainables.models import build_model
+from nptm.orchestrator.render import render_inspect
+from nptm.trainables.catalog import IncompatibleError
+from nptm.trainables.inspect import inspect_model
+from nptm.trainables.macs import count_macs, count_nonzero_params, count_params_macs
+from nptm.trainables.models import build_model
 
 
 def test_toy_conv_linear_by_formula() -> None:

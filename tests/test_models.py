@@ -10,8 +10,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from trainables.catalog import DATASETS, MODELS, IncompatibleError
-from trainables.models import (
+from nptm.trainables.catalog import DATASETS, MODELS, IncompatibleError
+from nptm.trainables.models import (
     VGG_CFGS,
     BasicBlock,
     ShortcutA,

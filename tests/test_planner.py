@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 
-from orchestrator.gpu_hours import describe, read_figures, shipped_figures
-from orchestrator.planner import Plan, build_plan, cumulative_ratio
-from orchestrator.render import render_plan
-from search_spaces import GridError, load_grid
-from trainables.catalog import PRUNERS
-from trainables.inspect import inspect_model
-from trainables.recipe import DEFAULT_RECIPES
-from trainables.stage import StageSpec
+from nptm.orchestrator.gpu_hours import describe, read_figures, shipped_figures
+from nptm.orchestrator.planner import Plan, build_plan, cumulative_ratio
+from nptm.orchestrator.render import render_plan
+from nptm.search_spaces import GridError, load_grid
+from nptm.trainables.catalog import PRUNERS
+from nptm.trainables.inspect import inspect_model
+from nptm.trainables.recipe import DEFAULT_RECIPES
+from nptm.trainables.stage import StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -336,7 +336,7 @@ def test_ids_do_not_depend_on_the_process(tmp_path: Path) -> None:
     path = write(tmp_path, GRID)
     code = (
         "import sys; from search_spaces import load_grid; "
-        "from orchestrator.planner import build_plan; "
+        "from nptm.orchestrator.planner import build_plan; "
         f"print(' '.join(build_plan(load_grid({str(path)!r})).stages))"
     )
     outputs = set()
@@ -379,7 +379,7 @@ def test_planned_and_naive_epochs(tmp_path: Path) -> None:
     assert s["epochs"]["planned_by_kind"] == {"pretrain": 60, "prune": 0, "retrain": 240}
     assert s["sweep"] == "epochs"
     json.dumps(s)  # JSON-ready for `nptm plan --json`
-    from orchestrator.render import render_plan
+    from nptm.orchestrator.render import render_plan
 
     table = render_plan(plan)
     for needle in ("'epochs'", "16 trials", "pretrain", "prune", "retrain", "300", "720"):
@@ -658,7 +658,7 @@ def test_structured_ratio_is_not_made_cumulative(tmp_path: Path) -> None:
     ],
 )
 def test_count_without_expanding_matches_expansion(tmp_path: Path, rules: list) -> None:
-    from search_spaces import expand
+    from nptm.search_spaces import expand
 
     text = GRID + "  overrides:\n    lr: [0.1, 0.05]\n"
     raw = yaml.safe_load(text) | {"exclude": rules}

@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from orchestrator.planner import build_plan
-from search_spaces import GridError, parse_grid
+from nptm.orchestrator.planner import build_plan
+from nptm.search_spaces import GridError, parse_grid
+from nptm.trainables import catalog, plugins, recipe
 from tests.sweep_helpers import cli_in_process, sweep_on, trials
-from trainables import catalog, plugins, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "nptm_example_plugin"
@@ -53,8 +53,8 @@ def example_on_path(isolated_plugins):
 FAKE_MODULE = """\
 from torch import nn
 
-from trainables import plugins
-from trainables.catalog import ModelInfo, ScheduleInfo
+from nptm.trainables import plugins
+from nptm.trainables.catalog import ModelInfo, ScheduleInfo
 
 
 def build(_info, in_channels, num_classes):
@@ -134,8 +134,8 @@ def test_entry_points_register_into_the_builtin_registries(isolated_plugins, tmp
     checked = parse_grid(yaml.safe_load(GRID.format(model="fake_mlp", schedule="fake_constant")))
     kinds = sorted(s.kind for s in build_plan(checked).stages.values())
     assert kinds == ["pretrain", "prune", "retrain"]
-    from trainables.models import build_model
-    from trainables.schedules import lr_schedule
+    from nptm.trainables.models import build_model
+    from nptm.trainables.schedules import lr_schedule
 
     assert build_model("fake_mlp", "digits")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     lrs = lr_schedule("fake_constant", budget=3, steps_per_epoch=5, recipe=checked.recipe("digits"))

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from results.analysis import final_round_retrain
-from results.report import build_report, build_report_from_stages
-from results.schema import STAGES_SCHEMA
-from results.stats import grouped_ci, holm_verdicts, t_half_width, tost_paired, with_verdict
-from results.store import SweepStore
+from nptm.results.analysis import final_round_retrain
+from nptm.results.report import build_report, build_report_from_stages
+from nptm.results.schema import STAGES_SCHEMA
+from nptm.results.stats import grouped_ci, holm_verdicts, t_half_width, tost_paired, with_verdict
+from nptm.results.store import SweepStore
 
 T_975_DF2 = 4.302653  # Student t quantile, 0.975, 2 degrees of freedom (tables)
 
@@ -471,7 +471,7 @@ def test_bar_chart_draws_mean_and_interval_of_every_cell() -> None:
     """Bar heights are the cells' means, error bars their t intervals (in %)."""
     from matplotlib.container import BarContainer
 
-    from results.figures import bar_figure
+    from nptm.results.figures import bar_figure
 
     rows = [
         {"pruner": p, "sched": sched, "mean": m, "half_width": hw, "budget": 6}
@@ -526,7 +526,7 @@ def tradeoff_stages() -> pd.DataFrame:
 
 
 def test_tradeoff_curves_over_pruning_ratios(tmp_path: Path) -> None:
-    from results.figures import tradeoff_figure
+    from nptm.results.figures import tradeoff_figure
 
     rep = build_report_from_stages(tradeoff_stages(), tmp_path, sweep="ratios")
     names = sorted(p.name for p in rep.figures)
@@ -558,8 +558,8 @@ def test_tradeoff_curves_over_pruning_ratios(tmp_path: Path) -> None:
 def test_quickstart_grid_gets_figures(tmp_path: Path) -> None:
     """The quickstart grid (one budget; one ratio per pruner) as a finished sweep would store
     it: its report draws a bar chart per pruning target."""
-    from orchestrator.planner import build_plan
-    from search_spaces import load_grid
+    from nptm.orchestrator.planner import build_plan
+    from nptm.search_spaces import load_grid
 
     plan = build_plan(load_grid(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml"))
     rows = [
@@ -681,7 +681,7 @@ def test_report_on_100k_rows(tmp_path: Path) -> None:
 
 
 def test_emptied_layers_and_pruner_options_are_flagged() -> None:
-    from results.report import _status_line
+    from nptm.results.report import _status_line
 
     rows = [
         base(
@@ -717,7 +717,7 @@ def test_emptied_layers_and_pruner_options_are_flagged() -> None:
 def test_schedules_figure_draws_the_lr_each_schedule_ran(tmp_path: Path) -> None:
     """Figure 1 as run: per (dataset, budget), the recorded lr of the lowest-seed successful
     retrain of each schedule; a failed run and a higher seed are not drawn."""
-    from results.figures import plot_schedules, schedule_lines
+    from nptm.results.figures import plot_schedules, schedule_lines
 
     final = pd.DataFrame(
         [

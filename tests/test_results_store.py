@@ -15,17 +15,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-import results.schema as schema_mod
-import results.store as store_mod
-from results.schema import (
+import nptm.results.schema as schema_mod
+import nptm.results.store as store_mod
+from nptm.results.schema import (
     EPOCHS_SCHEMA,
     SCHEMA_VERSION,
     STAGES_SCHEMA,
     SchemaError,
     rows_to_table,
 )
-from results.store import SweepStore
-from trainables.storage import StorageError, check_writable
+from nptm.results.store import SweepStore
+from nptm.trainables.storage import StorageError, check_writable
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -154,7 +154,7 @@ def test_timestamps_are_converted_to_utc() -> None:
 
 def test_column_reference_is_current() -> None:
     # docs/results.md is generated from the column declarations; regenerate it with
-    # `python -m results.schema > docs/results.md` after changing a column.
+    # `python -m nptm.results.schema > docs/results.md` after changing a column.
     doc = Path(__file__).parents[1] / "docs" / "results.md"
     assert doc.read_text() == schema_mod.reference()
     documented = {line.split(" | ")[0].removeprefix("| ") for line in doc.read_text().splitlines()}

@@ -12,10 +12,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from results.store import SweepStore
+from nptm.results.store import SweepStore
+from nptm.trainables.storage import resolve_storage
 from tests.s3_server import S3Server
 from tests.sweep_helpers import cli_in_process, plan_stage_ids, seed_stages, write_grid
-from trainables.storage import resolve_storage
 
 pytestmark = pytest.mark.slow
 

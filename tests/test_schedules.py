@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.catalog import SCHEDULES
-from trainables.recipe import DEFAULT_RECIPES, Recipe
-from trainables.schedules import (
+from nptm.trainables.catalog import SCHEDULES
+from nptm.trainables.recipe import DEFAULT_RECIPES, Recipe
+from nptm.trainables.schedules import (
     KNOWN_OVERRIDES,
     lr_schedule,
     momentum_schedule,

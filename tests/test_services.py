@@ -16,10 +16,11 @@ import subprocess
 import pandas as pd
 import pytest
 
-from orchestrator.cli import main as cli_main
-from orchestrator.planner import build_plan
-from orchestrator.trial import ray_name
-from search_spaces import load_grid
+from nptm.orchestrator.cli import main as cli_main
+from nptm.orchestrator.planner import build_plan
+from nptm.orchestrator.trial import ray_name
+from nptm.search_spaces import load_grid
+from nptm.trainables.artifacts import ArtifactStore
 from tests.cluster_sweeps import ClusterSweeps
 from tests.ray_cluster import VENV_BIN
 from tests.sweep_helpers import (
@@ -28,7 +29,6 @@ from tests.sweep_helpers import (
     plan_stage_ids,
     trials,
 )
-from trainables.artifacts import ArtifactStore
 
 pytestmark = pytest.mark.slow
 

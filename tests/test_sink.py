@@ -1,4 +1,4 @@
-"""results.sink: a stage's outcome lands in Parquet first, then in MLflow, each row once."""
+"""nptm.results.sink: a stage's outcome lands in Parquet first, then in MLflow, each row once."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from results.sink import ResultSink
-from results.store import SweepStore
-from results.tracking import MlflowRecorder
+from nptm.results.sink import ResultSink
+from nptm.results.store import SweepStore
+from nptm.results.tracking import MlflowRecorder
+from nptm.trainables.artifacts import ArtifactStore
+from nptm.trainables.recipe import DEFAULT_RECIPES
+from nptm.trainables.stage import EpochMetrics, StageOutcome, StageSpec, StageStatus
 from tests.ports import free_port
 from tests.sweep_helpers import empty_mlflow_store
-from trainables.artifacts import ArtifactStore
-from trainables.recipe import DEFAULT_RECIPES
-from trainables.stage import EpochMetrics, StageOutcome, StageSpec, StageStatus
 
 PRE = StageSpec("pretrain", "digits", "resnet20", 0, DEFAULT_RECIPES["digits"])
 PRUNE = StageSpec(
@@ -82,7 +82,7 @@ def test_parquet_is_written_when_mlflow_is_down(tmp_path: Path) -> None:
 def test_recipe_columns_are_what_each_schedule_runs() -> None:
     """The recipe fields of a stage row, against the paper's CIFAR recipe by hand: lr 0.1,
     /10 at epochs 80 and 120 of 160, batch 64, wd 1e-4, momentum 0.9."""
-    from results.sink import recipe_columns
+    from nptm.results.sink import recipe_columns
 
     cifar = DEFAULT_RECIPES["cifar10"]
 

@@ -1,4 +1,4 @@
-"""The index of stored outcomes (trainables.stage_index): a sweep starts from one listing and
+"""The index of stored outcomes (nptm.trainables.stage_index): a sweep starts from one listing and
 the index, reads only outcomes that are new or changed, and never trusts an entry whose
 outcome.json was deleted, garbled or rewritten."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import trainables.stage_index as index_mod
-from trainables.artifacts import ArtifactStore
-from trainables.stage import EpochMetrics, StageOutcome
+import nptm.trainables.stage_index as index_mod
+from nptm.trainables.artifacts import ArtifactStore
+from nptm.trainables.stage import EpochMetrics, StageOutcome
 
 
 def _outcome(sid: str, acc: float = 0.5, status: str = "ok") -> StageOutcome:

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from orchestrator.planner import build_plan
-from search_spaces import GridError, parse_grid
-from trainables.models import build_model
+from nptm.orchestrator.planner import build_plan
+from nptm.search_spaces import GridError, parse_grid
+from nptm.trainables.models import build_model
 
 GRID = """\
 name: fromckpt
@@ -109,8 +109,8 @@ def test_torchvision_weights_from_the_local_cache(tmp_path: Path, monkeypatch) -
 def test_ft_lrw_clr_retrain_from_a_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
     """Every stage of the plan run as a worker runs it: the pretrain stage trains no epoch and
     records the loaded network's test accuracy, which the prune stage starts from."""
-    from trainables.datasets import load_dataset, normalize
-    from trainables.stage_runner import WorkerEnv, run_stage
+    from nptm.trainables.datasets import load_dataset, normalize
+    from nptm.trainables.stage_runner import WorkerEnv, run_stage
 
     plan = build_plan(grid(checkpoint))
     env = WorkerEnv(storage=str(tmp_path / "store"))

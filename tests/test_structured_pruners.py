@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.macs import count_params_macs
-from trainables.models import build_model, conv_names, prunable_convs
-from trainables.pruners import apply_plan, compute_plan
-from trainables.pruners.structured import (
+from nptm.trainables.macs import count_params_macs
+from nptm.trainables.models import build_model, conv_names, prunable_convs
+from nptm.trainables.pruners import apply_plan, compute_plan
+from nptm.trainables.pruners.structured import (
     apply_structured,
     filter_counts,
     hrank_importance,
@@ -469,8 +469,8 @@ def test_pruned_model_still_trains() -> None:
 
 
 def test_hrank_ranks_on_640_augmented_images() -> None:
-    from trainables.catalog import PRUNERS
-    from trainables.stage_runner import CALIBRATION_BATCHES, calibration_sizes
+    from nptm.trainables.catalog import PRUNERS
+    from nptm.trainables.stage_runner import CALIBRATION_BATCHES, calibration_sizes
 
     assert PRUNERS["hrank"].calibration_augmented
     assert calibration_sizes("hrank", 64) == (10, 64)  # the CIFAR recipe's batch

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from results.mlflow_uri import HTTP_ENV_DEFAULTS, default_tracking_uri, resolve_tracking_uri
-from results.schema import rows_to_table
-from results.store import SweepStore
-from results.tracking import MlflowRecorder, sync_mlflow
+from nptm.results.mlflow_uri import HTTP_ENV_DEFAULTS, default_tracking_uri, resolve_tracking_uri
+from nptm.results.schema import rows_to_table
+from nptm.results.store import SweepStore
+from nptm.results.tracking import MlflowRecorder, sync_mlflow
 from tests.ports import free_port
 from tests.sweep_helpers import empty_mlflow_store
 
@@ -315,7 +315,7 @@ def test_dead_server_degrades_once_and_fast(
         monkeypatch.delenv(key, raising=False)
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="results.tracking"):
+    with caplog.at_level(logging.WARNING, logger="nptm.results.tracking"):
         rec = MlflowRecorder(uri, "s1")
         assert rec.start_sweep({"a": 1}) is None
         assert rec.degraded
@@ -325,7 +325,7 @@ def test_dead_server_degrades_once_and_fast(
     elapsed = time.monotonic() - started
     print(f"dead server: degraded in {elapsed:.2f}s")
     assert elapsed < 5
-    warnings = [r for r in caplog.records if r.name == "results.tracking"]
+    warnings = [r for r in caplog.records if r.name == "nptm.results.tracking"]
     assert len(warnings) == 1
     assert uri in warnings[0].getMessage() and "start_sweep" in warnings[0].getMessage()
     # Conservative HTTP settings were put in place for MLflow's client.
@@ -404,7 +404,7 @@ def test_sync_into_empty_store_creates_finished_parent(storage: Path) -> None:
 def test_epochs_are_grouped_per_stage() -> None:
     import pyarrow as pa
 
-    from results.tracking import epochs_by_stage
+    from nptm.results.tracking import epochs_by_stage
 
     rows = [
         {"sweep": "s", "stage_id": tid, "stage_kind": "retrain", "epoch": e, "test_acc": v}

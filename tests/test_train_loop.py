@@ -14,12 +14,12 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from trainables.catalog import DATASETS
-from trainables.datasets import DataBundle, TensorSplit, load_dataset, normalize
-from trainables.loaders import make_loaders
-from trainables.recipe import default_recipe
-from trainables.schedules import lr_schedule
-from trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
+from nptm.trainables.catalog import DATASETS
+from nptm.trainables.datasets import DataBundle, TensorSplit, load_dataset, normalize
+from nptm.trainables.loaders import make_loaders
+from nptm.trainables.recipe import default_recipe
+from nptm.trainables.schedules import lr_schedule
+from nptm.trainables.train_loop import Diverged, EpochMetrics, evaluate, fit
 
 RECIPE = default_recipe("digits")  # momentum 0.9, nesterov, weight decay 5e-4
 
@@ -358,7 +358,7 @@ def test_global_batch_must_split_over_the_workers(digits: DataBundle) -> None:
 
 
 def test_clr_lr_and_momentum_reach_the_optimizer_at_every_step(few_digits: DataBundle) -> None:
-    from trainables.schedules import lr_schedule, momentum_schedule
+    from nptm.trainables.schedules import lr_schedule, momentum_schedule
 
     loaders = make_loaders(few_digits, batch_size=64, device="cpu", seed=0)
     steps, epochs = len(loaders.train), 2

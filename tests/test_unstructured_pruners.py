@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from trainables.pruners import apply_plan, compute_plan
-from trainables.pruners.plan import PrunePlan
-from trainables.pruners.unstructured import (
+from nptm.trainables.pruners import apply_plan, compute_plan
+from nptm.trainables.pruners.plan import PrunePlan
+from nptm.trainables.pruners.unstructured import (
     apply_masks,
     emptied_layers,
     layer_sparsity,
@@ -398,7 +398,7 @@ def test_bad_inputs_name_the_field() -> None:
 
 def test_classifier_stays_dense_at_95_percent_random_on_resnet56() -> None:
     # The issue's example: conv+linear left ResNet-56's fc with 32 of its 640 weights.
-    from trainables.models import build_model
+    from nptm.trainables.models import build_model
 
     model = build_model("resnet56", "cifar10", seed=0)
     plan = compute_plan(model, "resnet56", "random", ratio=0.95, seed=0)
@@ -411,11 +411,11 @@ def test_classifier_stays_dense_at_95_percent_random_on_resnet56() -> None:
 
 def test_prune_stage_records_an_emptied_layer_and_keeps_the_classifier(tmp_path) -> None:
     """The stage runner applies the plan as it falls and reports the layer it emptied."""
-    from trainables.artifacts import ArtifactStore
-    from trainables.models import build_model
-    from trainables.recipe import default_recipe
-    from trainables.stage import StageOutcome, StageSpec
-    from trainables.stage_runner import MODEL, WorkerEnv, model_payload, run_stage
+    from nptm.trainables.artifacts import ArtifactStore
+    from nptm.trainables.models import build_model
+    from nptm.trainables.recipe import default_recipe
+    from nptm.trainables.stage import StageOutcome, StageSpec
+    from nptm.trainables.stage_runner import MODEL, WorkerEnv, model_payload, run_stage
 
     recipe = default_recipe("digits")
     pre = StageSpec("pretrain", "digits", "resnet20", 0, recipe)

@@ -1,6 +1,6 @@
 """Content-addressed artifact store for stage outputs (checkpoints, pruned models, outcomes).
 
-Files of a stage's directory (`trainables.layout.Layout.stage_dir`) under the storage root (a
+Files of a stage's directory (`nptm.trainables.layout.Layout.stage_dir`) under the storage root (a
 local path or any URI `pyarrow.fs` understands):
 
     <name>.pt          torch-serialised payload (tensors and plain types only)
@@ -9,7 +9,7 @@ local path or any URI `pyarrow.fs` understands):
     error.txt          why the last attempt failed
     outcome.json       the stage's `StageOutcome`; written last, it marks completion
 
-and ``<root>/stages/_index/``, the index of outcomes (trainables.stage_index): the driver adds
+and ``<root>/stages/_index/``, the index of outcomes (nptm.trainables.stage_index): the driver adds
 each outcome it accepts (`index_outcome`, batched; `flush_index` at the end), and
 `stored_outcomes` answers from it for every outcome.json that is unchanged since.
 
@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from trainables.layout import Layout
-from trainables.stage import StageOutcome
-from trainables.stage_index import (
+from nptm.trainables.layout import Layout
+from nptm.trainables.stage import StageOutcome
+from nptm.trainables.stage_index import (
     OUTCOME_FILE,
     StageFiles,
     StageIndex,
@@ -41,7 +41,7 @@ from trainables.stage_index import (
     parse_outcome,
     read_outcomes,
 )
-from trainables.storage import atomic_write_bytes, is_local_storage, read_bytes
+from nptm.trainables.storage import atomic_write_bytes, is_local_storage, read_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,7 @@ class ArtifactStore:
     def save(self, stage_id: str, name: str, payload: dict[str, Any]) -> str:
         """Serialise `payload` with torch.save and store it with its checksum; returns the sha."""
         import torch  # here, not at module level: the driver and Tune's trial actors import
-        # this module and must start fast (see orchestrator.trial)
+        # this module and must start fast (see nptm.orchestrator.trial)
 
         buf = io.BytesIO()
         torch.save(payload, buf)

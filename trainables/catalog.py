@@ -1,7 +1,7 @@
 """The built-in datasets, models, pruners, presets and schedules, registered by name, and which
 combinations can work.
 
-Every kind has one `Registry` (trainables.registry); grid validation, the planner, the stage
+Every kind has one `Registry` (nptm.trainables.registry); grid validation, the planner, the stage
 runner and `nptm inspect` all look names up there. Entries point at their code by import path,
 so this module is free of torch imports and the planner can validate a grid of 100k trials
 without loading any model code.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainables.registry import Registry, UnknownName
+from nptm.trainables.registry import Registry, UnknownName
 
 
 class IncompatibleError(ValueError):
@@ -44,22 +44,22 @@ for _d in (
     # mean/std of the 1,437 training images after datasets.py's uint8 scaling, as fractions of 255.
     DatasetInfo(
         "digits", 1, 8, 10, 1437, 360, (0.3054,), (0.3760,), True, flip=False, crop_padding=1,
-        loader="trainables.datasets:load_digits_splits",
+        loader="nptm.trainables.datasets:load_digits_splits",
     ),
     DatasetInfo(
         "cifar10", 3, 32, 10, 50_000, 10_000,
         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-        True, flip=True, crop_padding=4, loader="trainables.datasets:load_cifar_splits",
+        True, flip=True, crop_padding=4, loader="nptm.trainables.datasets:load_cifar_splits",
     ),
     DatasetInfo(
         "cifar100", 3, 32, 100, 50_000, 10_000,
         (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-        True, flip=True, crop_padding=4, loader="trainables.datasets:load_cifar_splits",
+        True, flip=True, crop_padding=4, loader="nptm.trainables.datasets:load_cifar_splits",
     ),
     DatasetInfo(
         "imagenet", 3, 224, 1000, 1_281_167, 50_000,
         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-        False, flip=True, crop_padding=0, loader="trainables.datasets:load_imagenet_bundle",
+        False, flip=True, crop_padding=0, loader="nptm.trainables.datasets:load_imagenet_bundle",
     ),
 ):  # fmt: skip
     DATASETS.register(_d.name, _d)
@@ -81,7 +81,7 @@ class ModelInfo:
 
 
 MODELS: Registry[ModelInfo] = Registry("model")
-_M = "trainables.models"
+_M = "nptm.trainables.models"
 for _m in (
     # PFEC / rethinking l1-norm-pruning code base: BasicBlock ResNets, VGG with a 2-layer head.
     *(
@@ -122,15 +122,15 @@ class PrunerInfo:
     calibration_images: int = 0
     calibration_augmented: bool = False
     # Structured pruners: (model, conv names, batches, seed) -> one score per filter of each
-    # conv, higher = keep. Unstructured pruners are the three of trainables.pruners.unstructured.
+    # conv, higher = keep. Unstructured pruners: the three of nptm.trainables.pruners.unstructured.
     importance: str = ""
     # Bumped when what the name computes changes, so stages computed under the old
-    # definition are not reused (trainables.stage.StageSpec.identity).
+    # definition are not reused (nptm.trainables.stage.StageSpec.identity).
     revision: int = 1
 
 
 PRUNERS: Registry[PrunerInfo] = Registry("pruner")
-_ST = "trainables.pruners.structured"
+_ST = "nptm.trainables.pruners.structured"
 for _p in (
     PrunerInfo("magnitude", False, False),
     PrunerInfo("magnitude_layerwise", False, False),
@@ -241,7 +241,7 @@ class ScheduleInfo:
 
 
 SCHEDULES: Registry[ScheduleInfo] = Registry("schedule")
-_S = "trainables.schedules"
+_S = "nptm.trainables.schedules"
 for _c in (
     ScheduleInfo("ft", f"{_S}:ft_lr"),
     ScheduleInfo("lrw", f"{_S}:rewind_lr", rewinds=True),

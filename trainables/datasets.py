@@ -1,6 +1,6 @@
 """The datasets nptm trains on, loaded into splits (`DataBundle`): digits and CIFAR as uint8
 tensors held in memory, ImageNet as torchvision `ImageFolder`s; their channel normalisation;
-and the calibration batches data-driven pruners rank filters on. trainables.loaders turns a
+and the calibration batches data-driven pruners rank filters on. nptm.trainables.loaders turns a
 bundle into the batches of one rank.
 """
 
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from trainables import split_cache
-from trainables.catalog import DATASETS, DatasetInfo
-from trainables.registry import resolve
+from nptm.trainables import split_cache
+from nptm.trainables.catalog import DATASETS, DatasetInfo
+from nptm.trainables.registry import resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -137,7 +137,7 @@ def split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 
     The held-out part has round(fraction * N) samples, stratified by label when every class has
     at least two samples and both parts can hold one of each class; otherwise a plain seeded
-    random subset. Kept in trainables.split_cache.
+    random subset. Kept in nptm.trainables.split_cache.
     """
     n = len(labels)
     n_held = round(fraction * n)
@@ -180,7 +180,8 @@ def _load_digits() -> tuple[TensorSplit, TensorSplit]:
 
     Pixel values v in 0..16 become round(v * 255 / 16), computed exactly as
     (v * 255 + 8) // 16: 0 -> 0, 8 -> 128, 16 -> 255. The split is stratified, seeded by the
-    fixed DIGITS_SPLIT_SEED, 1,437 training and 360 test images. Kept in trainables.split_cache.
+    fixed DIGITS_SPLIT_SEED, 1,437 training and 360 test images. Kept in
+    nptm.trainables.split_cache.
     """
     key = {"test_size": DIGITS_TEST_SIZE, "seed": DIGITS_SPLIT_SEED}
     arrays = split_cache.cached("digits", key, _digits_arrays)

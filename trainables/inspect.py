@@ -1,6 +1,6 @@
 """`nptm inspect`: params and MACs of a model before and after pruning, without any data.
 
-Counts follow trainables.macs (PFEC's convention: MACs of Conv2d/Linear, bias excluded).
+Counts follow nptm.trainables.macs (PFEC's convention: MACs of Conv2d/Linear, bias excluded).
 Data-driven pruners (hrank, taylor_conv_oneshot) rank filters on two seeded batches of
 random-normal images with random labels, so no dataset is needed; the result says so
 ("importance_data": "synthetic"). The architecture they produce (channel counts, params,
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainables.catalog import DATASETS, PRUNERS, check_model_dataset, check_pruner_target
-from trainables.macs import count_nonzero_params, count_params_macs
-from trainables.models import build_model
-from trainables.pruners import apply_plan, compute_plan
+from nptm.trainables.catalog import DATASETS, PRUNERS, check_model_dataset, check_pruner_target
+from nptm.trainables.macs import count_nonzero_params, count_params_macs
+from nptm.trainables.models import build_model
+from nptm.trainables.pruners import apply_plan, compute_plan
 
 SYNTHETIC_BATCHES = 2
 

@@ -1,8 +1,8 @@
 """Where everything lives under a storage root, and the one rule for names used in paths.
 
-    <root>/stages/<stage_id>/<file>          a stage's artifacts and outcome (trainables.artifacts)
-    <root>/stages/_index/*.parquet           the index of stored outcomes (trainables.stage_index)
-    <root>/sweeps/<sweep>/stages/<id>.parquet  one row per stage (results.store): the
+    <root>/stages/<stage_id>/<file>          a stage's artifacts and outcome (.artifacts)
+    <root>/stages/_index/*.parquet           the index of stored outcomes (.stage_index)
+    <root>/sweeps/<sweep>/stages/<id>.parquet  one row per stage (nptm.results.store): the
                                              crash-safe write path and the source of truth
     <root>/sweeps/<sweep>/epochs/<id>.parquet  one row per epoch of that stage
     <root>/sweeps/<sweep>/stages.parquet     snapshot: every stage row in one file, compacted
@@ -23,7 +23,7 @@ changed: small ``part-*`` files as stages finish, merged now and then into one `
 
 The snapshots (``stages.parquet``, ``epochs.parquet``) are what to open with pandas or
 DuckDB once a sweep has ended; while it runs they lag the per-stage files by a few minutes,
-and nptm's readers (`results.store.SweepStore`) add whatever is newer. Their Parquet
+and nptm's readers (`nptm.results.store.SweepStore`) add whatever is newer. Their Parquet
 metadata names the per-stage file (and its size and time) behind each stage's rows.
 
 Sweeps written before schema version 2 keep their stage rows in ``sweeps/<sweep>/trials/``;
@@ -43,7 +43,7 @@ from functools import cached_property
 
 import pyarrow.fs as pafs
 
-from trainables.storage import is_local_storage, resolve_storage
+from nptm.trainables.storage import is_local_storage, resolve_storage
 
 STAGES_TABLE, EPOCHS_TABLE = "stages", "epochs"
 LEGACY_STAGES_TABLE = "trials"  # schema version 1

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from trainables.catalog import DatasetInfo
-from trainables.datasets import (
+from nptm.trainables.catalog import DatasetInfo
+from nptm.trainables.datasets import (
     Batch,
     DataBundle,
     Split,

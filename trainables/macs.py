@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from trainables.catalog import DATASETS
+from nptm.trainables.catalog import DATASETS
 
 InputSpec = str | Sequence[int]
 

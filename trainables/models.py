@@ -2,7 +2,7 @@
 
 CIFAR ResNets and VGGs follow the code base of Liu et al. 2019 ("Rethinking the value of network
 pruning", cifar/l1-norm-pruning/models), which is the one PFEC's published configurations
-(trainables.pruners.presets) are defined against:
+(nptm.trainables.pruners.presets) are defined against:
 
 - ResNet-20/32/56/110 (He et al. 2016, CIFAR variant): stem conv3x3(16)+BN+ReLU, three stages of
   n = (depth-2)/6 BasicBlocks with 16/32/64 channels, option-A (parameter-free) shortcuts,
@@ -20,7 +20,7 @@ pruning", cifar/l1-norm-pruning/models), which is the one PFEC's published confi
   bias and a single Linear classifier.
 - torchvision resnet18/34/50 and mobilenet_v2, untrained (weights=None).
 
-Which builder makes which name is the model registry's business (trainables.catalog.MODELS).
+Which builder makes which name is the model registry's business (nptm.trainables.catalog.MODELS).
 
 Every model built here carries `input_shape` (C, H, W) of its dataset, which MAC counting and
 the structured-pruning surgery use for their dummy forward pass.
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.catalog import DATASETS, MODELS, ModelInfo, check_model_dataset
-from trainables.registry import resolve
+from nptm.trainables.catalog import DATASETS, MODELS, ModelInfo, check_model_dataset
+from nptm.trainables.registry import resolve
 
 VGG_CFGS: dict[str, list[int | str]] = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],

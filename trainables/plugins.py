@@ -1,5 +1,5 @@
 """Plugins: models, datasets, pruners and schedules defined outside nptm, registered in the same
-registries as the built-ins (trainables.catalog), so grids, the planner, the stage runner and
+registries as the built-ins (nptm.trainables.catalog), so grids, the planner, the stage runner and
 `nptm inspect` treat them alike.
 
 Two ways in (docs/plugins.md walks through both):
@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from typing import Any
 
-from trainables.catalog import (
+from nptm.trainables.catalog import (
     DATASETS,
     MODELS,
     PRUNERS,
@@ -35,8 +35,8 @@ from trainables.catalog import (
     PrunerInfo,
     ScheduleInfo,
 )
-from trainables.recipe import DEFAULT_RECIPES, Recipe
-from trainables.registry import Registry
+from nptm.trainables.recipe import DEFAULT_RECIPES, Recipe
+from nptm.trainables.registry import Registry
 
 __all__ = [
     "ENTRY_POINT_GROUPS",

@@ -1,7 +1,7 @@
 """Name -> entry tables for the kinds of things a grid names: datasets, models, pruners,
 presets, schedules.
 
-A `Registry` is a read-only mapping once its built-ins are registered (trainables.catalog), so
+A `Registry` is a read-only mapping once its built-ins are registered (nptm.trainables.catalog), so
 `name in REG`, `REG[name]`, `sorted(REG)` work as on a dict. Looking up an unknown name raises
 `UnknownName`, whose message offers the closest known name. A name that was renamed can be
 `retire`d: looking it up then names its successor instead of a guess.

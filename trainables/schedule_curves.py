@@ -1,7 +1,7 @@
 """`nptm schedules`: the lr (and momentum) of every retraining schedule over a budget.
 
 The paper's Figure 1, computed by the functions the train loop uses
-(`trainables.schedules.lr_schedule` / `momentum_schedule`, with the dataset's default recipe
+(`nptm.trainables.schedules.lr_schedule` / `momentum_schedule`, with the dataset's default recipe
 and the steps per epoch of its whole training set at the recipe's global batch, as the paper
 trains: no hold-out). Values are per optimizer step; the table and the JSON show the first
 step of every epoch, the plot every step.
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from trainables.catalog import DATASETS, FULL_LENGTH_SCHEDULES, SCHEDULES
-from trainables.recipe import DEFAULT_RECIPES, Recipe
-from trainables.schedules import lr_schedule, momentum_schedule, rewind_epoch
+from nptm.trainables.catalog import DATASETS, FULL_LENGTH_SCHEDULES, SCHEDULES
+from nptm.trainables.recipe import DEFAULT_RECIPES, Recipe
+from nptm.trainables.schedules import lr_schedule, momentum_schedule, rewind_epoch
 
 # The schedules whose length is the retraining budget, in the catalog's order.
 BUDGET_SCHEDULES: tuple[str, ...] = tuple(s for s in SCHEDULES if s not in FULL_LENGTH_SCHEDULES)

@@ -9,7 +9,7 @@ Notation: T = ``recipe.epochs`` (pre-training epochs), t = ``budget`` (retrainin
 S = ``steps_per_epoch``, N = t * S (optimizer steps of the retraining run), ``peak`` =
 ``recipe.lr`` unless overridden, ``gamma`` = ``recipe.gamma``.
 
-Schedules (registered in ``trainables.catalog.SCHEDULES``, which names the function of each):
+Schedules (registered in ``nptm.trainables.catalog.SCHEDULES``, which names the function of each):
 
 ``ft``
     Fine-tuning: constant at the last pre-training lr, ``recipe.final_lr``
@@ -86,9 +86,9 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from trainables.catalog import SCHEDULES
-from trainables.recipe import Recipe
-from trainables.registry import resolve
+from nptm.trainables.catalog import SCHEDULES
+from nptm.trainables.recipe import Recipe
+from nptm.trainables.registry import resolve
 
 __all__ = [
     "KNOWN_OVERRIDES",

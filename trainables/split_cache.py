@@ -7,7 +7,7 @@ scikit-learn's version (read from the package metadata, without importing it): a
 finds them in the cache reads a small .npz and never imports scikit-learn.
 
 The cache is `$NPTM_CACHE_DIR`, else `$XDG_CACHE_HOME/nptm`, else `~/.cache/nptm`. Entries are
-written atomically (`trainables.storage.atomic_write_bytes`), so concurrent workers never read
+written atomically (`nptm.trainables.storage.atomic_write_bytes`), so concurrent workers never read
 a partial one; an unreadable entry is computed again and replaced. A cache that cannot be
 written is skipped: the arrays are computed every time, as without it.
 """
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from trainables.storage import atomic_write_bytes
+from nptm.trainables.storage import atomic_write_bytes
 
 Arrays = dict[str, np.ndarray]
 

@@ -14,8 +14,8 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from trainables.catalog import definition_revision
-from trainables.recipe import Recipe
+from nptm.trainables.catalog import definition_revision
+from nptm.trainables.recipe import Recipe
 
 
 class StageKind(StrEnum):

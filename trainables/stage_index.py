@@ -1,7 +1,7 @@
 """The index of stored stage outcomes: what lets a sweep of 10,000 stages start without one
 read of ``outcome.json`` per stage (one request each on an object store).
 
-Files under ``<root>/stages/_index/`` (trainables.layout), each a small Parquet table of
+Files under ``<root>/stages/_index/`` (nptm.trainables.layout), each a small Parquet table of
 entries ``(stage_id, at_ns, size, mtime_ns, outcome)``:
 
     part-<ns>-<hex>.parquet   entries written together (the driver batches them as stages end)
@@ -39,9 +39,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from trainables.layout import STAGE_INDEX, Layout
-from trainables.stage import StageOutcome
-from trainables.storage import atomic_write_bytes, read_bytes
+from nptm.trainables.layout import STAGE_INDEX, Layout
+from nptm.trainables.stage import StageOutcome
+from nptm.trainables.storage import atomic_write_bytes, read_bytes
 
 log = logging.getLogger(__name__)
 

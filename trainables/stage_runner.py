@@ -19,18 +19,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainables import schedules, start_weights
-from trainables.artifacts import MODEL, RESUME, ArtifactStore, CorruptArtifactError, rewind_name
-from trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
-from trainables.datasets import DataBundle, load_dataset
-from trainables.loaders import Loaders, make_loaders
-from trainables.macs import count_nonzero_params, count_params_macs
-from trainables.models import build_model
-from trainables.plugins import load_plugins
-from trainables.pruners import PrunePlan, apply_plan, compute_plan
-from trainables.pruners.unstructured import layer_density, sparsity
-from trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
-from trainables.train_loop import Diverged, evaluate, fit
+from nptm.trainables import schedules, start_weights
+from nptm.trainables.artifacts import (
+    MODEL,
+    RESUME,
+    ArtifactStore,
+    CorruptArtifactError,
+    rewind_name,
+)
+from nptm.trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
+from nptm.trainables.datasets import DataBundle, load_dataset
+from nptm.trainables.loaders import Loaders, make_loaders
+from nptm.trainables.macs import count_nonzero_params, count_params_macs
+from nptm.trainables.models import build_model
+from nptm.trainables.plugins import load_plugins
+from nptm.trainables.pruners import PrunePlan, apply_plan, compute_plan
+from nptm.trainables.pruners.unstructured import layer_density, sparsity
+from nptm.trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
+from nptm.trainables.train_loop import Diverged, evaluate, fit
 
 # Fields run_stage sets for every run; a re-used outcome does not carry them over.
 _RUN_FIELDS = (
@@ -58,7 +64,7 @@ class WorkerEnv:
     device: str = "cpu"
     rank: int = 0
     world_size: int = 1
-    plugins: tuple[str, ...] = ()  # the grid's plugin modules (trainables.plugins)
+    plugins: tuple[str, ...] = ()  # the grid's plugin modules (nptm.trainables.plugins)
 
 
 EpochReporter = Callable[[dict[str, Any]], None]

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainables.storage import read_bytes, resolve_storage
+from nptm.trainables.storage import read_bytes, resolve_storage
 
 TORCHVISION = "torchvision"
 

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainables.loaders import BatchLoader, Loaders
-from trainables.recipe import Recipe
-from trainables.stage import EpochMetrics
+from nptm.trainables.loaders import BatchLoader, Loaders
+from nptm.trainables.recipe import Recipe
+from nptm.trainables.stage import EpochMetrics
 
 __all__ = ["Diverged", "EpochMetrics", "FitResult", "evaluate", "fit"]
 

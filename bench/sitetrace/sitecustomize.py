@@ -11,7 +11,7 @@ has named it); suggest / complete_enter / complete_exit
 (DagSearcher, driver); trial_enter / trial_exit (the Tune trainable); trainer_enter /
 trainer_exit (TorchTrainer.fit around a stage); pg_enter / pg_exit
 (torch.distributed.init_process_group); worker_enter / worker_exit (each DDP rank's function);
-stage_enter / stage_exit (trainables.stage_runner.run_stage); import_enter / import_exit
+stage_enter / stage_exit (nptm.trainables.stage_runner.run_stage); import_enter / import_exit
 (module) around the import of each patched module.
 """
 
@@ -130,9 +130,9 @@ def _patch_dist(m: object) -> None:
 
 
 _PATCHES = {
-    "orchestrator.trial": _patch_trial,
-    "trainables.stage_runner": _patch_stage_runner,
-    "orchestrator.dag_search": _patch_dag,
+    "nptm.orchestrator.trial": _patch_trial,
+    "nptm.trainables.stage_runner": _patch_stage_runner,
+    "nptm.orchestrator.dag_search": _patch_dag,
     "torch.distributed": _patch_dist,
 }
 

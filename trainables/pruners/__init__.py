@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from trainables.catalog import PRUNERS, IncompatibleError, check_pruner_target, pruner_options
-from trainables.pruners.plan import PrunePlan
+from nptm.trainables.catalog import PRUNERS, IncompatibleError, check_pruner_target, pruner_options
+from nptm.trainables.pruners.plan import PrunePlan
 
 __all__ = ["PrunePlan", "apply_plan", "compute_plan"]
 
@@ -34,19 +34,19 @@ def compute_plan(
 ) -> PrunePlan:
     """Decide what to prune. `batches` are needed by data-driven pruners (hrank,
     taylor_conv_oneshot); `options` are an unstructured pruner's `layers` / `min_keep`
-    (trainables.catalog.UNSTRUCTURED_OPTIONS)."""
+    (nptm.trainables.catalog.UNSTRUCTURED_OPTIONS)."""
     check_pruner_target(pruner, model_name, ratio, preset)
     try:
         resolved = dict(pruner_options(pruner, dict(options or {})))
     except IncompatibleError as err:
         raise ValueError(str(err)) from None
     if PRUNERS[pruner].structured:
-        from trainables.pruners.structured import structured_plan
+        from nptm.trainables.pruners.structured import structured_plan
 
         return structured_plan(
             model, model_name, pruner, ratio=ratio, preset=preset, batches=batches, seed=seed
         )
-    from trainables.pruners.unstructured import unstructured_plan
+    from nptm.trainables.pruners.unstructured import unstructured_plan
 
     assert ratio is not None
     return unstructured_plan(model, pruner, ratio=ratio, seed=seed, **resolved)
@@ -55,11 +55,11 @@ def compute_plan(
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Apply `plan` to `model` (base architecture, or already pruned by earlier rounds)."""
     if plan.removed_channels:
-        from trainables.pruners.structured import apply_structured
+        from nptm.trainables.pruners.structured import apply_structured
 
         model = apply_structured(model, plan.removed_channels)
     if plan.masks:
-        from trainables.pruners.unstructured import apply_masks
+        from nptm.trainables.pruners.unstructured import apply_masks
 
         model = apply_masks(model, plan.masks)
     return model

@@ -1,4 +1,4 @@
-"""Published filter-pruning configurations, defined in trainables.catalog.PRESETS.
+"""Published filter-pruning configurations, defined in nptm.trainables.catalog.PRESETS.
 
 Conv layers are numbered 1..N in module order; layer 1 is the stem conv. Three kinds:
 
@@ -12,7 +12,7 @@ Conv layers are numbered 1..N in module order; layer 1 is the stem conv. Three k
 - A VGG cfg (vggprune.py's A, B, C): conv i keeps the cfg's i-th channel count.
 - Per-conv rates (HRank's compress_rate, `hrank-paper`): a prunable conv with layer id L loses
   int(rate[L - 1] * out_channels) filters, HRank's rounding. Only block-internal convs can be
-  removed physically here (trainables.models.prunable_convs), so the rates of the stem and of
+  removed physically here (nptm.trainables.models.prunable_convs), so the rates of the stem and of
   each block's second conv, which HRank applies as masks, are not applied (docs/protocol.md).
 """
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainables.catalog import IncompatibleError, find_preset
-from trainables.models import prunable_convs
+from nptm.trainables.catalog import IncompatibleError, find_preset
+from nptm.trainables.models import prunable_convs
 
 # Last layer id of stages 0 and 1 (res56prune.py / res110prune.py).
 STAGE_ENDS: dict[str, tuple[int, int]] = {"resnet56": (18, 36), "resnet110": (36, 72)}
@@ -62,7 +62,7 @@ def preset_removals(model: nn.Module, model_name: str, preset: str) -> dict[str,
     expected = EXPECTED_CONVS.get(model_name)
     if expected is not None and len(convs) != expected:
         raise ValueError(
-            f"preset {preset!r} is defined for the {model_name} of trainables.models "
+            f"preset {preset!r} is defined for the {model_name} of nptm.trainables.models "
             f"({expected} convs); this model has {len(convs)}"
         )
     prunable = set(prunable_convs(model, model_name))

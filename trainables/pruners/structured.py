@@ -17,7 +17,7 @@ each pruner ranks the filters of a layer by its own importance and removes the l
   what it is.
 
 Which function scores which pruner is the pruner registry's business
-(trainables.catalog.PRUNERS, field `importance`).
+(nptm.trainables.catalog.PRUNERS, field `importance`).
 
 Data-driven importance runs the model in eval mode (running BatchNorm statistics, no buffer
 updates) and takes gradients with torch.autograd.grad, so the model's weights, buffers,
@@ -27,7 +27,7 @@ Removing is done by torch-pruning's DependencyGraph: pruning a conv's output cha
 removes the coupled BatchNorm entries and the next layers' input channels (and, in MobileNetV2,
 the depthwise conv sharing them), for any traceable architecture. Channels joined to another
 conv's output by a residual add are refused: plans only name block-internal convs
-(trainables.models.prunable_convs).
+(nptm.trainables.models.prunable_convs).
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from trainables.catalog import PRUNERS
-from trainables.models import prunable_convs
-from trainables.pruners.plan import PrunePlan
-from trainables.pruners.presets import preset_removals
-from trainables.registry import resolve
+from nptm.trainables.catalog import PRUNERS
+from nptm.trainables.models import prunable_convs
+from nptm.trainables.pruners.plan import PrunePlan
+from nptm.trainables.pruners.presets import preset_removals
+from nptm.trainables.registry import resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Importance = dict[str, torch.Tensor]  # conv name -> one score per filter, higher = keep
@@ -245,7 +245,7 @@ def _check_block_internal(
         raise ValueError(
             f"removed_channels[{name!r}] would also remove output channels of {others} "
             "(channels joined by a residual connection); only block-internal convs "
-            "(trainables.models.prunable_convs) can be pruned"
+            "(nptm.trainables.models.prunable_convs) can be pruned"
         )
 
 
@@ -258,7 +258,7 @@ def apply_structured(
     """Remove the given filters (and everything coupled to them) from `model`, in place.
 
     `input_shape` (C, H, W) of the tracing input defaults to `model.input_shape`, which
-    trainables.models.build_model sets. Returns `model`.
+    nptm.trainables.models.build_model sets. Returns `model`.
     """
     shape = tuple(input_shape) if input_shape is not None else getattr(model, "input_shape", None)
     if shape is None:

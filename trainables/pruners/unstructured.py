@@ -50,8 +50,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from trainables.catalog import PRUNERS
-from trainables.pruners.plan import PrunePlan
+from nptm.trainables.catalog import PRUNERS
+from nptm.trainables.pruners.plan import PrunePlan
 
 __all__ = [
     "UNSTRUCTURED_PRUNERS",

@@ -4,10 +4,10 @@ Importing this package registers all three (what a grid's `plugins:` key does); 
 points of its pyproject.toml call the same functions.
 """
 
+from nptm.trainables import plugins
+from nptm.trainables.catalog import DatasetInfo, ModelInfo, PrunerInfo
+from nptm.trainables.recipe import Recipe
 from nptm_example_plugin.data import STRIPES_MEAN, STRIPES_STD, TEST_SIZE, TRAIN_SIZE
-from trainables import plugins
-from trainables.catalog import DatasetInfo, ModelInfo, PrunerInfo
-from trainables.recipe import Recipe
 
 TINY_CNN = ModelInfo(
     name="tiny_cnn",

@@ -4,7 +4,7 @@ generated from a fixed seed, so the dataset needs no download and no files."""
 import numpy as np
 import torch
 
-from trainables.datasets import TensorSplit
+from nptm.trainables.datasets import TensorSplit
 
 TRAIN_SIZE, TEST_SIZE, SIZE, SEED = 800, 200, 12, 1234
 
