@@ -24,7 +24,7 @@ def _load_plan(args: argparse.Namespace):
     from nptm.search_spaces import GridError, load_grid
 
     try:
-        grid = load_grid(args.grid)
+        grid = load_grid(args.grid, args.overrides)
         return grid, build_plan(grid, confirm_large=getattr(args, "confirm_large", False))
     except GridError as err:
         raise UsageError(str(err)) from err
@@ -235,12 +235,8 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def schedules(args: argparse.Namespace) -> int:
-    from nptm.trainables.schedule_curves import (
-        per_epoch,
-        plot_curves,
-        render_curves,
-        schedule_curves,
-    )
+    from nptm.orchestrator.render import render_curves
+    from nptm.trainables.schedule_curves import per_epoch, plot_curves, schedule_curves
 
     try:
         result = schedule_curves(args.dataset, args.budget)

@@ -178,7 +178,7 @@ class Plan:
 
 
 def build_plan(grid: CheckedGrid, *, confirm_large: bool = False) -> Plan:
-    """Expand a checked grid (`search_spaces.load_grid`) into trials and their stage DAG.
+    """Expand a checked grid (`nptm.search_spaces.load_grid`) into trials and their stage DAG.
 
     Raises GridError when the grid has more than `max_trials` trials and `confirm_large` is
     not set (the CLI's --confirm-large).

@@ -1,5 +1,6 @@
-"""Plain-text views for the terminal of a plan (`nptm plan`) and of an inspected model
-(`nptm inspect`), drawn by the table renderer every command shares."""
+"""Plain-text views for the terminal of a plan (`nptm plan`), of an inspected model
+(`nptm inspect`) and of the retraining schedules (`nptm schedules`), drawn by the table
+renderer every command shares."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from nptm.orchestrator.gpu_hours import describe
 from nptm.orchestrator.planner import KINDS, Plan
 from nptm.results.tables import text_table
+from nptm.trainables.schedule_curves import per_epoch
 
 
 def render_plan(plan: Plan) -> str:
@@ -67,4 +69,29 @@ def render_inspect(result: dict[str, Any]) -> str:
             row += [layer["out_channels_pruned"], density]
         rows.append(row)
     lines += ["", text_table(headers, rows, right=(2, 3))]
+    return "\n".join(lines)
+
+
+def render_curves(result: dict[str, Any]) -> str:
+    """One row per epoch: lr / momentum of each schedule at the epoch's first step."""
+    view = per_epoch(result)
+    names = list(view["schedules"])
+    r = view["recipe"]
+    rows = [
+        [epoch]
+        + [
+            f"{view['schedules'][n]['lr'][i]:.6g} / {view['schedules'][n]['momentum'][i]:.3g}"
+            for n in names
+        ]
+        for i, epoch in enumerate(view["epochs"])
+    ]
+    lines = [
+        f"{view['dataset']}: retraining budget {view['budget']} epochs x "
+        f"{view['steps_per_epoch']} steps (global batch {r['batch_size']}); recipe lr {r['lr']:g}, "
+        f"{r['epochs']} epochs, x{r['gamma']:g} at {r['milestones']}",
+        "lr / momentum at the first step of each epoch",
+        "",
+        text_table(["epoch", *names], rows, right=range(len(names) + 1)),
+    ]
+    lines += [f"{name}: not shown ({why})" for name, why in view["skipped"].items()]
     return "\n".join(lines)

@@ -69,7 +69,7 @@ def run_sweep(
     """Run every unfinished stage of `plan` (`nptm.orchestrator.planner.build_plan(grid)`) on Ray;
     resume whatever earlier runs left, reuse stages already in `opts.storage`.
 
-    `grid` is the `search_spaces.CheckedGrid` the plan was built from. Every finished stage
+    `grid` is the `nptm.search_spaces.CheckedGrid` the plan was built from. Every finished stage
     lands in the Parquet tables of ``<storage>/sweeps/<grid.name>/`` (open them with
     `nptm.results.api.load_sweep`) and in MLflow; the run record (grid, plan, versions, progress)
     under its ``run/``. `on_start` is told where to watch the sweep before its first stage.
@@ -171,18 +171,26 @@ def _write_run_record(record: Any, grid: Any, plan: Any, recorder: Any) -> None:
     import tempfile
 
     from nptm.orchestrator.planner import stage_epochs
-    from nptm.results.run_record import GRID_FILE, PLAN_FILE, VERSIONS_FILE, plan_record
+    from nptm.results.run_record import (
+        GRID_FILE,
+        OVERRIDES_FILE,
+        PLAN_FILE,
+        VERSIONS_FILE,
+        plan_record,
+    )
     from nptm.results.sink import code_versions
 
     versions = code_versions()
     files = {
         GRID_FILE: _grid_text(grid),
+        OVERRIDES_FILE: json.dumps(list(grid.overrides), indent=1),
         PLAN_FILE: json.dumps(plan_record(grid.name, plan.stages, stage_epochs), indent=1),
         VERSIONS_FILE: json.dumps(versions, indent=1, sort_keys=True),
     }
     for name, text in files.items():
         record.write_bytes(name, text.encode())
-    recorder.set_sweep_tags({f"nptm.version.{k}": v for k, v in versions.items()})
+    tags = {f"nptm.version.{k}": v for k, v in versions.items()}
+    recorder.set_sweep_tags({**tags, "nptm.overrides": " ".join(grid.overrides) or None})
     with tempfile.TemporaryDirectory(prefix="nptm-run-") as tmp:
         for name, text in files.items():
             Path(tmp, name).write_text(text)

@@ -1,6 +1,7 @@
 """The record of what a sweep ran, under ``<storage>/sweeps/<sweep>/run/`` (nptm.trainables.layout).
 
     grid.yaml      the grid file as given
+    overrides.json the command line's key.path=value overrides of it, in order ([] if none)
     plan.json      the resolved plan: every stage with its label, parents and planned epochs
     versions.json  nptm (package version and git commit), python, torch, ray, mlflow
     progress.json  the driver's live view: stages running now and their epochs, rewritten
@@ -24,8 +25,9 @@ from nptm.trainables.layout import Layout, check_name
 from nptm.trainables.stage import StageSpec
 from nptm.trainables.storage import atomic_write_bytes
 
-GRID_FILE, PLAN_FILE, VERSIONS_FILE, PROGRESS_FILE = (
+GRID_FILE, OVERRIDES_FILE, PLAN_FILE, VERSIONS_FILE, PROGRESS_FILE = (
     "grid.yaml",
+    "overrides.json",
     "plan.json",
     "versions.json",
     "progress.json",

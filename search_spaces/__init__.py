@@ -81,6 +81,9 @@ of them define and exclude the others (``{model: vgg16, preset: B}``).
 (each dataset's resolved recipe, the product space, the include trials), which is what
 `nptm.orchestrator.planner.build_plan` takes.
 
+`load_grid(path, overrides)` applies the command line's ``key.path=value`` pairs to the file's
+data first (nptm.search_spaces.overrides), so an override is checked like the same edit.
+
 Every mistake raises `GridError` whose message reads ``FILE: FIELD.PATH: problem with VALUE``,
 e.g. ``grid.yaml: axes.pruner[1].ratio: 1.5 is outside [0, 1)`` or
 ``grid.yaml: resources.exector: unknown key; did you mean 'executor'?``.

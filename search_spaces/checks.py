@@ -63,7 +63,7 @@ from nptm.trainables.start_weights import (
 class CheckedGrid:
     """A grid that passed every check, with what planning needs resolved.
 
-    Built only by `check_grid` (through `search_spaces.load_grid` / `parse_grid`), and the one
+    Built only by `check_grid` (through `nptm.search_spaces.load_grid` / `parse_grid`), and the one
     thing `nptm.orchestrator.planner.build_plan` takes.
     """
 
@@ -74,6 +74,7 @@ class CheckedGrid:
     includes: tuple[TrialKey, ...]  # the include trials
     # `pretrain.from`: existing weights every trial starts from instead of pre-training
     start_weights: StartWeights | None = None
+    overrides: tuple[str, ...] = ()  # the command line's key.path=value, as given
 
     @property
     def name(self) -> str:

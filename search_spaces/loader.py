@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from pydantic import ValidationError
 
 from nptm.search_spaces.checks import CheckedGrid, check_grid
 from nptm.search_spaces.errors import GridError, GridIssue, pydantic_issues, show
+from nptm.search_spaces.overrides import apply_overrides, parse_override
 from nptm.search_spaces.schema import Grid
 
 __all__ = ["GridError", "load_grid", "parse_grid"]
@@ -25,8 +28,10 @@ _ALLOWED_TAGS = frozenset(
 _MAX_NODES = 200_000
 
 
-def load_grid(path: str | Path) -> CheckedGrid:
-    """Read and validate the grid file at `path` (raises GridError naming field and value)."""
+def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> CheckedGrid:
+    """Read and validate the grid file at `path` (raises GridError naming field and value),
+    with the command line's ``key.path=value`` `overrides` applied first
+    (nptm.search_spaces.overrides): an override is checked like the same edit in the file."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -38,7 +43,17 @@ def load_grid(path: str | Path) -> CheckedGrid:
         raise GridError(source, [("", f"is not UTF-8 text ({err.reason})")]) from None
     except OSError as err:
         raise GridError(source, [("", f"cannot be read: {err.strerror}")]) from None
-    return parse_grid(_safe_yaml(text, source), source)
+    data = _safe_yaml(text, source)
+    if not overrides:
+        return parse_grid(data, source)
+    try:
+        read = lambda raw, where: _safe_yaml(raw, f"{source}: {where}")  # noqa: E731
+        parsed = [parse_override(o, read) for o in overrides]
+        data = apply_overrides(data, parsed)
+    except GridIssue as issue:
+        raise GridError(source, [(issue.field, issue.detail)]) from None
+    grid = parse_grid(data, f"{source} (with overrides)")
+    return dataclasses.replace(grid, source=source, overrides=tuple(overrides))
 
 
 def parse_grid(data: Any, source: str = "<grid>") -> CheckedGrid:

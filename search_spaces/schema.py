@@ -97,7 +97,7 @@ class Axes(_Section):
 
 
 class Grid(_Section):
-    """The content of a grid file, as parsed; `search_spaces.load_grid` / `parse_grid` check it
+    """The content of a grid file, as parsed; `nptm.search_spaces.load_grid` / `parse_grid` check it
     further and return a `nptm.search_spaces.checks.CheckedGrid`."""
 
     name: str

@@ -75,8 +75,10 @@ class _TinySweep(Background[tuple]):
             self.proc = proc
 
         return nptm_probing_dashboard(
-            "sweep", str(self.grid), "--storage", "runs", cwd=self.tmp, started=started
-        )
+            # An override after an option, as a user may type it (it changes no stage).
+            "sweep", str(self.grid), "--storage", "runs", "resources.max_concurrent=2",
+            cwd=self.tmp, started=started,
+        )  # fmt: skip
 
     def finished_storage(self) -> Path:
         """Its storage once it has ended (raises what it raised)."""

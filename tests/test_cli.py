@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,38 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = _commands_in((ROOT / "README.md").read_text())
     ci = [c for c in _commands_in((ROOT / ".ci" / "run").read_text()) if not c.startswith("#")]
     assert len(readme) == 1 and ci == readme
+
+
+def test_every_command_positional_and_option_has_help_in_the_order_a_user_meets_them(
+    capsys,
+) -> None:
+    import argparse
+
+    from nptm.orchestrator.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub.choices) == [
+        "validate", "plan", "sweep", "status", "report", "best", "inspect", "schedules",
+        "sync-mlflow",
+    ]  # fmt: skip
+    listed = [a.dest for a in sub._choices_actions]
+    assert listed == list(sub.choices) and all(a.help for a in sub._choices_actions)
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help and action.help.strip(), f"nptm {name} {action.dest}: no help"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "pruning" in text and "lazily" not in text
+    assert re.findall(r"^    ([a-z-]+)", text, re.M) == listed  # listed in that order
+
+
+def test_a_closed_pipe_ends_the_command_quietly() -> None:
+    # `nptm schedules ... | head -1`: the reader leaves after one line.
+    done = subprocess.run(
+        f"{sys.executable} -m nptm.orchestrator schedules --dataset cifar10 --budget 160 | head -1",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.stdout.startswith("cifar10: retraining budget 160 epochs")
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr

@@ -108,6 +108,7 @@ def _check_banner_and_record(tiny_sweep, rows, runs, uri: str) -> None:
     # The run record and the parent run: grid as given, plan, versions, report, headline.
     run_dir = storage / "sweeps" / "tiny" / "run"
     assert (run_dir / "grid.yaml").read_text() == tiny_sweep.grid.read_text()
+    assert json.loads((run_dir / "overrides.json").read_text()) == ["resources.max_concurrent=2"]
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["counts"] == {"pretrain": 1, "prune": 2, "retrain": 6}
     versions = json.loads((run_dir / "versions.json").read_text())
@@ -117,9 +118,11 @@ def _check_banner_and_record(tiny_sweep, rows, runs, uri: str) -> None:
     exp = client.get_experiment_by_name("nptm/tiny")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`nptm.role` = 'sweep'")
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["nptm.overrides"] == "resources.max_concurrent=2"
     parent_id = parent.info.run_id
     files = {a.path for d in ("run", "report") for a in client.list_artifacts(parent_id, d)}
-    assert {"run/grid.yaml", "run/plan.json", "run/versions.json", "report/report.md"} <= files
+    assert {"run/grid.yaml", "run/overrides.json", "run/plan.json", "run/versions.json"} <= files
+    assert "report/report.md" in files
     cells = retrain.groupby(["pruner", "schedule"]).test_acc.mean()
     metrics = parent.data.metrics
     for (pruner, schedule), acc in cells.items():

@@ -84,30 +84,6 @@ def per_epoch(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_curves(result: dict[str, Any]) -> str:
-    """A plain-text table: one row per epoch, lr / momentum of each schedule at its first step."""
-    view = per_epoch(result)
-    names = list(view["schedules"])
-    r = view["recipe"]
-    lines = [
-        f"{view['dataset']}: retraining budget {view['budget']} epochs x "
-        f"{view['steps_per_epoch']} steps (global batch {r['batch_size']}); recipe lr {r['lr']:g}, "
-        f"{r['epochs']} epochs, x{r['gamma']:g} at {r['milestones']}",
-        "lr / momentum at the first step of each epoch",
-        "",
-        f"{'epoch':>5}" + "".join(f"{n:>18}" for n in names),
-    ]
-    for i, epoch in enumerate(view["epochs"]):
-        cells = [
-            f"{view['schedules'][n]['lr'][i]:.6g} / {view['schedules'][n]['momentum'][i]:.3g}"
-            for n in names
-        ]
-        lines.append(f"{epoch:>5}" + "".join(f"{c:>18}" for c in cells))
-    for name, why in view["skipped"].items():
-        lines.append(f"{name}: not shown ({why})")
-    return "\n".join(lines)
-
-
 def plot_curves(result: dict[str, Any], path: str | Path) -> Path:
     """Every step of every curve against epochs: lr above, momentum below (PNG)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
