@@ -37,6 +37,10 @@ class DatasetInfo:
     # In memory: (info, root, download) -> (train, test) TensorSplits.
     # Otherwise: (info, root, val_fraction, split_seed, download) -> DataBundle.
     loader: str = ""
+    # (info, root, download) -> None if the loader will find its data under `root` (root may
+    # be None), else what is missing and how to get it; checked before a sweep starts
+    # (nptm.trainables.data_check). "" for a dataset that needs no data root.
+    check: str = ""
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
@@ -50,16 +54,19 @@ for _d in (
         "cifar10", 3, 32, 10, 50_000, 10_000,
         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
         True, flip=True, crop_padding=4, loader="nptm.trainables.datasets:load_cifar_splits",
+        check="nptm.trainables.data_check:check_cifar",
     ),
     DatasetInfo(
         "cifar100", 3, 32, 100, 50_000, 10_000,
         (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
         True, flip=True, crop_padding=4, loader="nptm.trainables.datasets:load_cifar_splits",
+        check="nptm.trainables.data_check:check_cifar",
     ),
     DatasetInfo(
         "imagenet", 3, 224, 1000, 1_281_167, 50_000,
         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
         False, flip=True, crop_padding=0, loader="nptm.trainables.datasets:load_imagenet_bundle",
+        check="nptm.trainables.data_check:check_imagenet",
     ),
 ):  # fmt: skip
     DATASETS.register(_d.name, _d)
@@ -78,6 +85,7 @@ class ModelInfo:
     build: str = ""
     # (model, info) -> names of the convs whose filters can be removed
     prunable_convs: str = ""
+    revision: int = 1  # see PrunerInfo.revision: bumped when what the name builds changes
 
 
 MODELS: Registry[ModelInfo] = Registry("model")
@@ -300,9 +308,13 @@ def definition_revision(
     preset_model: str | None = None,
     preset: str | None = None,
     schedule: str | None = None,
+    model: str | None = None,
 ) -> int:
-    """Highest revision of the named pruner, preset and schedule definitions (1 = original)."""
+    """Highest revision of the named model, pruner, preset and schedule definitions
+    (1 = original)."""
     revs = [1]
+    if model in MODELS:
+        revs.append(MODELS[model].revision)
     if pruner in PRUNERS:
         revs.append(PRUNERS[pruner].revision)
     if preset is not None and preset_model is not None and preset in presets_of(preset_model):

@@ -80,54 +80,36 @@ class StageSpec:
         object.__setattr__(self, "kind", StageKind(self.kind))
 
     def identity(self) -> dict[str, Any]:
-        """The settings that determine this stage's output, and nothing else."""
+        """The settings that determine this stage's output, and nothing else: the fields
+        `IDENTITY` lists for its kind, its parents' ids (which carry everything upstream) and
+        the revision of the definitions it runs. A setting at its default is left out, so
+        stages stored before that setting existed keep their ids."""
         ident: dict[str, Any] = {"kind": self.kind.value, "parents": list(self.parents)}
-        if self.kind == StageKind.PRETRAIN and self.start_sha256 is not None:
-            ident |= {
-                "dataset": self.dataset,
-                "model": self.model,
-                "weights_sha256": self.start_sha256,
-                "val_fraction": self.val_fraction,  # the split its children calibrate on
-            }
-        elif self.kind == StageKind.PRETRAIN:
-            ident |= {
-                "dataset": self.dataset,
-                "model": self.model,
-                "seed": self.seed,
-                "recipe": self.recipe.model_dump(mode="json"),
-                "val_fraction": self.val_fraction,
-            }
-        elif self.kind == StageKind.PRUNE:
-            ident |= {
-                "pruner": self.pruner,
-                "ratio": self.ratio,
-                "preset": self.preset,
-                "seed": self.seed,
-                "round": self.round,
-            }
-            if self.pruner_options:
-                ident["pruner_options"] = dict(self.pruner_options)
-            revision = definition_revision(
-                pruner=self.pruner, preset_model=self.model, preset=self.preset
-            )
-            if revision > 1:  # the name's definition changed: never reuse the old stage
-                ident["revision"] = revision
-        else:
-            ident |= {
-                "schedule": self.schedule,
-                "budget": self.budget,
-                "overrides": dict(self.overrides),
-                "seed": self.seed,
-            }
-            revision = definition_revision(schedule=self.schedule)
-            if revision > 1:
-                ident["revision"] = revision
-        # Named only when not the default, so stages of earlier grids keep their ids.
-        if self.split_seed is not None:
-            ident["split_seed"] = self.split_seed
-        if self.precision != "fp32" and self.kind != "prune":
-            ident["precision"] = self.precision
+        kind = "pretrain_from" if self.start_sha256 is not None else self.kind.value
+        for name in IDENTITY[kind]:
+            value = self._identity_value(name)
+            if value != IDENTITY_DEFAULTS.get(name, _ALWAYS):
+                ident[name] = value
         return ident
+
+    def _identity_value(self, name: str) -> Any:
+        match name:
+            case "recipe":
+                return self.recipe.model_dump(mode="json")
+            case "weights_sha256":
+                return self.start_sha256
+            case "pruner_options" | "overrides":
+                return dict(getattr(self, name))
+            case "revision":
+                if self.kind == StageKind.PRUNE:
+                    return definition_revision(
+                        pruner=self.pruner, preset_model=self.model, preset=self.preset
+                    )
+                if self.kind == StageKind.RETRAIN:
+                    return definition_revision(schedule=self.schedule)
+                return definition_revision(model=self.model)
+            case _:
+                return getattr(self, name)
 
     @property
     def trains(self) -> bool:
@@ -190,6 +172,29 @@ class StageSpec:
         for key in ("parents", "keep_epochs"):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)
+
+
+# What each kind of stage computes from, besides its parents' ids. A pre-training that loads
+# existing weights (`pretrain.from`) is identified by the file's SHA-256 instead of a seed, and
+# still by the recipe: every retraining schedule is defined against it (ft's lr, the weight
+# decay, Nesterov), so two grids that state different recipes for one file never share a
+# retraining. `revision`: of the model, pruner/preset or schedule definition the stage runs.
+IDENTITY: dict[str, tuple[str, ...]] = {
+    "pretrain": ("dataset", "model", "seed", "recipe", "val_fraction", "precision", "revision"),
+    "pretrain_from": ("dataset", "model", "weights_sha256", "recipe", "val_fraction", "precision",
+                      "revision"),
+    "prune": ("pruner", "ratio", "preset", "pruner_options", "seed", "round", "split_seed",
+              "revision"),
+    "retrain": ("schedule", "budget", "overrides", "seed", "split_seed", "precision", "revision"),
+}  # fmt: skip
+_ALWAYS = object()  # no default: always part of the identity
+# Values left out of the identity (the defaults stages were identified without).
+IDENTITY_DEFAULTS: dict[str, Any] = {
+    "pruner_options": {},
+    "split_seed": None,
+    "precision": "fp32",
+    "revision": 1,
+}
 
 
 def target_label(ratio: float | None, preset: str | None) -> str | None:
