@@ -984,9 +984,7 @@ def test_rayjob_runs_an_nptm_sweep(rayjob: dict[str, Any]) -> None:
     spec = rayjob["spec"]
     argv = spec["entrypoint"].split()
     assert argv[:2] == ["nptm", "sweep"], argv
-    grid = Path(argv[2])
-    assert grid.parts[:3] == ("/", "opt", "nptm"), "the grid must be one the image ships"
-    assert (ROOT / grid.relative_to("/opt/nptm")).is_file(), grid
+    # The grid comes from a ConfigMap mounted on the head (tests/test_deploy.py checks it).
     assert spec["submissionMode"] == "K8sJobMode"
     # No command of its own: KubeRay then gives the submitter `ray job submit ... -- entrypoint`.
     (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
