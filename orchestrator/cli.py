@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import math
 import os
 import re
@@ -11,10 +13,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from nptm.orchestrator import __version__
-from nptm.orchestrator.errors import EXIT_USAGE, UsageError
-from nptm.trainables.storage import DEFAULT_MIN_FREE_GB
+from nptm.orchestrator.errors import EXIT_USAGE, Interrupted, RaiseOnStopSignals, UsageError
+from nptm.trainables.redact import (
+    redact_text,
+    redact_uri,
+    storage_credentials_error,
+    uri_credentials,
+)
 
 DEFAULT_STORAGE = "./nptm-runs"
+MAX_RETRIES = 100  # --max-retries: Tune's -1 (retry forever) is not offered
 
 DESCRIPTION = """\
 nptm runs neural-network pruning studies on a Ray cluster and reads out their answer.
@@ -88,7 +96,48 @@ def _number_in(low: float, high: float, unit: str) -> Callable[[str], float]:
     return parse
 
 
+def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} in [{low}, {high}], got {text!r}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a pruning ratio, a finite number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1), got {text!r}")
+    return value
+
+
+def _gigabytes(text: str) -> float:
+    """An argparse type: a size in GB, finite and >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite size in GB >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # here, not at the top: pyarrow's import is slow, and `main` sets `nptm sweep`'s stop
+    # handlers first
+    from nptm.trainables.storage import DEFAULT_MIN_FREE_GB
+
     parser = argparse.ArgumentParser(
         prog="nptm",
         description=DESCRIPTION,
@@ -108,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _grid_args(p)
     p.add_argument("--json", action="store_true", help="the plan's summary as JSON")
     _plan_options(p)
+    _power_options(p)
 
     p = sub.add_parser("sweep", help="run a grid on Ray (a local Ray unless --address)")
     _grid_args(p)
@@ -130,16 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-models", action="store_true", help="log each final model to MLflow as well"
     )
     p.add_argument(
-        "--max-retries", type=int, default=2, metavar="N",
-        help="retries of a stage whose trial failed (default %(default)s)",
+        "--max-retries", type=_int_in(0, MAX_RETRIES, "retries"), default=2, metavar="N",
+        help=f"retries of a stage whose trial failed, 0 to {MAX_RETRIES} (default %(default)s)",
     )  # fmt: skip
     p.add_argument(
-        "--min-free-gb", type=float, default=DEFAULT_MIN_FREE_GB, metavar="GB",
+        "--min-free-gb", type=_gigabytes, default=DEFAULT_MIN_FREE_GB, metavar="GB",
         help="refuse to start with less free space on a local storage root (default %(default)g)",
     )  # fmt: skip
     p.add_argument(
         "--no-report", action="store_true", help="skip the report and its headline at the end"
     )
+    _adaptive_options(p)
 
     p = sub.add_parser(
         "status", help="progress of a sweep against its plan: done, running, failures, ETA"
@@ -177,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--by", default="", metavar="PARAMS",
         help="comma-separated params to group by: the best run of each group",
     )  # fmt: skip
-    p.add_argument("--top", type=int, default=5, help="how many rows (default %(default)s)")
+    p.add_argument(
+        "--top", type=_int_in(1, 1_000_000, "rows"), default=5,
+        help="how many rows (default %(default)s)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="the rows as JSON")
 
     p = sub.add_parser("inspect", help="params and MACs of a model, before and after pruning")
@@ -185,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model name (as in a grid's axes.model)")
     p.add_argument("--pruner", help="prune it with this pruner first")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--ratio", type=float, help="the pruner's ratio")
+    target.add_argument("--ratio", type=_fraction, help="the pruner's ratio, in [0, 1)")
     target.add_argument("--preset", help="the pruner's published preset (A, B, ...)")
     p.add_argument(
         "--plugin", action="append", default=[], metavar="MODULE",
@@ -219,6 +273,73 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm-large", action="store_true", help="allow a grid above its max_trials")
 
 
+def _adaptive_options(p: argparse.ArgumentParser) -> None:
+    from nptm.orchestrator.adaptive import MAX_SEEDS
+
+    g = p.add_argument_group(
+        "adaptive seeds (--until-conclusive)",
+        "after the grid's seeds, add seeds only where the report's confirmatory tests are "
+        "still inconclusive, looking again after each (a group-sequential design whose "
+        "verdicts stay valid however many looks: docs/reports.md, 'Adaptive seeds')",
+    )
+    g.add_argument(
+        "--until-conclusive", action="store_true",
+        help="once the grid's seeds have run, add seeds to the runs of the confirmatory tests "
+        "still inconclusive, one look at a time, until each test has a verdict or --max-seeds "
+        "seeds; every look is kept in the run record (looks.json) and the report",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-seeds", type=_int_in(1, MAX_SEEDS, "seeds"), metavar="K",
+        help="the most seeds a confirmatory test gets, at least the grid's (default: twice "
+        "the grid's seeds); the design spends its alpha over K seeds",
+    )  # fmt: skip
+    g.add_argument(
+        "--seeds-per-look", type=_int_in(1, MAX_SEEDS, "seeds"), metavar="N",
+        help="seeds added to the open tests at each look (default 1)",
+    )  # fmt: skip
+
+
+def _power_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "power (--power)",
+        "the power of the report's confirmatory tests at the grid's seeds (exact noncentral t "
+        "at Holm's first-step alpha; docs/reports.md)",
+    )
+    g.add_argument(
+        "--power", action="store_true",
+        help="print, per confirmatory test, the minimum detectable effect at the grid's seeds "
+        "and the seeds needed for --effect",
+    )  # fmt: skip
+    g.add_argument(
+        "--sd", type=_number_in(0, 100, "accuracy points"), default=0.15, metavar="POINTS",
+        help="seed sd of one run's test accuracy, in points (default %(default)g)",
+    )  # fmt: skip
+    g.add_argument(
+        "--correlation", type=float, default=0.0, metavar="RHO",
+        help="correlation, in [0, 1], of two cells' paired differences within one seed "
+        "(0: runs independent; 1: a seed moves every cell alike; default %(default)g)",
+    )  # fmt: skip
+    g.add_argument(
+        "--effect", type=_number_in(0, 100, "accuracy points"), default=0.5, metavar="POINTS",
+        help="true effect to detect: distance from each test's null, in points (default "
+        "%(default)g)",
+    )  # fmt: skip
+    g.add_argument(
+        "--target-power", type=_number_in(0, 1, "a probability"), default=0.8, metavar="P",
+        help="power wanted (default %(default)g)",
+    )  # fmt: skip
+    g.add_argument(
+        "--alpha", type=_number_in(0, 1, "a probability"), default=0.05, metavar="A",
+        help="family-wise alpha of the confirmatory family (default %(default)g)",
+    )  # fmt: skip
+    g.add_argument(
+        "--from-sweep", metavar="NAME",
+        help="take each test's sd from this finished sweep's observed per-seed differences "
+        "(under --storage) instead of --sd and --correlation",
+    )  # fmt: skip
+    _storage_arg(g)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The parsed command line. Overrides may also stand after options
     (`nptm sweep grid.yaml --storage runs axes.seed=[0,1]`), which argparse alone refuses."""
@@ -232,14 +353,80 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _refuse_credentials(args: argparse.Namespace) -> None:
+    """A storage URI with credentials in it (--storage, NPTM_STORAGE) is refused before
+    anything runs (nptm.trainables.redact.storage_credentials_error says why and where they
+    go instead). An MLflow URI may carry them (a database password, HTTP basic auth): it
+    stays in this process, and nptm shows it redacted; given on the command line, a note
+    says where else a command line shows."""
+    refused = storage_credentials_error(getattr(args, "storage", None))
+    if refused:
+        raise UsageError(refused)
+    uri = getattr(args, "mlflow_uri", None)
+    if uri and uri != os.environ.get("MLFLOW_TRACKING_URI") and uri_credentials(uri):
+        print(
+            f"note: --mlflow-uri {redact_uri(uri)} carries credentials: nptm shows and stores "
+            "it redacted, but a command line is visible to every user of this machine (ps) "
+            "and in Ray's job list; MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_URI) keep them off it",
+            file=sys.stderr,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    first = next((w for w in words if not w.startswith("-")), None)
+    if first != "sweep":
+        return _main(words)
+    # `nptm sweep`: a stop signal from the first moment ends it with 128 + N and a message,
+    # not Python's or Ray's default (commands.sweep takes over once it runs).
+    status: list[int] = []
+    if argv is None:  # this process's own command line: it ends when nptm's work is done
+        atexit.register(_exit_after_atexit, status)
+    with RaiseOnStopSignals():
+        try:
+            status.append(_main(words))
+        except Interrupted as err:
+            name = signal.Signals(err.signum).name
+            print(
+                f"nptm {first}: INTERRUPTED by {name} before it began: nothing ran", file=sys.stderr
+            )
+            status.append(128 + err.signum)
+    return status[0]
+
+
+def _exit_after_atexit(status: list[int]) -> None:
+    """The last exit handler of `nptm sweep` (registered before Ray's and MLflow's, so it runs
+    after them): exit with the command's status now. What would follow is the interpreter's
+    teardown of Ray's and torch's modules, seconds during which a SIGTERM would kill the
+    process silently (the handlers are gone by then), for nothing left to do."""
+    if not status:  # an unexpected error: Python's own exit, traceback and all
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status[0])
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     from nptm.orchestrator.commands import HANDLERS
 
     try:
+        _refuse_credentials(args)
         return HANDLERS[args.command](args)
     except UsageError as err:
-        print(f"nptm {args.command}: error: {err}", file=sys.stderr)
+        print(f"nptm {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as err:  # handlers return their status: a plugin (or a library) ended it
+        print(
+            f"nptm {args.command}: error: SystemExit({err.code!r}) was raised inside the "
+            "command, by a plugin or a library it runs; nothing is reported as done",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except BrokenPipeError:  # `nptm ... | head` stopped reading: no traceback, no flush error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

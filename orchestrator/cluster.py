@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,22 +61,25 @@ def connect(
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if py_modules:
         kwargs["runtime_env"] = {"py_modules": py_modules}
+    keep_credentials_out_of_runtime_env()
     try:
         if address:
             _use_token_auth()
             ctx = ray.init(address=address, **kwargs)
         else:
             # "local" always starts a fresh cluster: never attach by accident to another
-            # Ray on this machine. Its processes inherit this environment.
+            # Ray on this machine. Its processes inherit this environment (credentials
+            # included: AWS_*, for the storage, reach the stages that way).
             for name, value in LOCAL_RAY_TRAIN_ENV.items():
                 os.environ.setdefault(name, value)
-            ctx = ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                **kwargs,
-            )
+            with _loopback_node():
+                ctx = ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    **kwargs,
+                )
     except Exception as err:  # ray raises ConnectionError, RuntimeError, auth errors...
         # A missing or wrong token surfaces as a plain ConnectionError after Ray's retries.
         hint = f" Check the address, and the token: {AUTH_HINT}." if address else ""
@@ -88,6 +95,57 @@ def connect(
         token_auth=token_auth,
         token_source=_token_source() if token_auth else None,
     )
+
+
+# Ray's switch for "this machine's address is the loopback" (named after the platforms where
+# it is the default): the node address that every server of a node binds to.
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_CREDENTIAL_VAR = re.compile(r"^AWS_|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY")
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While inside, a Ray node started here takes 127.0.0.1 as its address, so that
+    everything it serves (GCS, raylet, object manager, dashboard agent, runtime-env agent,
+    the Prometheus metrics export, the autoscaler's and dashboard's metrics) listens on the
+    loopback only. Ray's default is the machine's outward address, and some of them (the
+    metrics export among them) then listen on 0.0.0.0: open to the network for the whole
+    sweep. A one-machine Ray needs nothing outside. A user who set LOOPBACK_SWITCH keeps
+    Ray's own choice."""
+    import ray._private.ray_constants as ray_constants
+
+    if LOOPBACK_SWITCH in os.environ or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER  # read by ray._private.services at each call
+    os.environ[LOOPBACK_SWITCH] = "0"  # the node's processes, started meanwhile, agree
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        os.environ.pop(LOOPBACK_SWITCH, None)
+
+
+def keep_credentials_out_of_runtime_env() -> None:
+    """Stop Ray from copying credentials out of this process's environment into runtime
+    environments.
+
+    Ray Tune gives every trial actor the driver's AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN and AWS_SECURITY_TOKEN as the actor's runtime_env `env_vars`, and each
+    node's runtime-env agent writes every runtime env it creates to its log in clear
+    (``<ray temp dir>/session_*/logs/runtime_env_agent.log``, readable by every user of the
+    machine). Credentials reach the stages through each node's own environment instead: a
+    local Ray that nptm starts inherits this process's, and a cluster's nodes have theirs
+    (their environment, an AWS profile or an instance role). Ray Train's list of variables
+    it forwards is cleared of credentials alike (it names none in Ray 2.60)."""
+    for module in ("ray.tune.execution.class_cache", "ray.train.v2._internal.constants"):
+        try:
+            names = getattr(importlib.import_module(module), "ENV_VARS_TO_PROPAGATE", None)
+        except ImportError:  # another Ray version: nothing of the kind to change
+            continue
+        if isinstance(names, set):
+            names.difference_update({n for n in names if _CREDENTIAL_VAR.search(n.upper())})
 
 
 def _token_auth_enabled() -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from nptm.orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
 from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, Layout, check_name
+from nptm.trainables.redact import redact_uri
 
 __all__ = ["HANDLERS"]
 
@@ -31,42 +32,122 @@ def _load_plan(args: argparse.Namespace):
 
 
 def validate(args: argparse.Namespace) -> int:
-    _, plan = _load_plan(args)
+    from nptm.orchestrator.preflight import validate_data
+
+    grid, plan = _load_plan(args)
+    notes = validate_data(grid, plan)  # refuses a data root given here that lacks the data
     print(f"{args.grid}: ok ({plan.summary()['trials']} trials)")
+    for note in notes:
+        print(f"note: {note}; `nptm sweep` refuses to start without one", file=sys.stderr)
     return EXIT_OK
 
 
 def plan(args: argparse.Namespace) -> int:
     _, the_plan = _load_plan(args)
+    power = _power(args, the_plan) if getattr(args, "power", False) else None  # not on sweep
     if args.json:
-        print_json(the_plan.summary())
+        summary = the_plan.summary()
+        if power is not None:
+            summary["power"] = power[0].to_dict(orient="records")
+        print_json(summary)
     else:
         from nptm.orchestrator.render import render_plan
 
         print(render_plan(the_plan))
+        if power is not None:
+            print(f"\n{power[1]}")
     return EXIT_OK
+
+
+def _power(args: argparse.Namespace, the_plan):
+    """`nptm plan --power`: the confirmatory tests' power table and its text."""
+    from nptm.results import power
+
+    if not 0 <= args.correlation <= 1:
+        raise UsageError(f"--correlation must be in [0, 1], got {args.correlation:g}")
+    settings = power.PowerSettings(
+        effect=args.effect,
+        sd=args.sd,
+        correlation=args.correlation,
+        power=args.target_power,
+        alpha=args.alpha,
+    )
+    design = power.plan_design(the_plan)
+    if args.from_sweep:
+        from nptm.results.api import load_sweep
+
+        try:
+            stages = load_sweep(args.storage, args.from_sweep).stages
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError(str(err)) from err
+        sds = power.observed_sds(stages, design)
+        source = (
+            f"observed over the seeds of sweep {args.from_sweep!r} under {args.storage!r} "
+            "(an sd from few seeds is itself uncertain)"
+        )
+    else:
+        sds = power.modelled_sds(design, settings)
+        source = (
+            f"sd * sqrt(2 * (rho + (1 - rho) / cells)) with a run's seed sd {settings.sd:g} "
+            f"points and rho = {settings.correlation:g} (--sd, --correlation): retraining's "
+            "noise only, where random masks drawn per seed (seeds.random_masks: per_seed) add "
+            "their draws to claim 2's sd (--from-sweep measures them)"
+        )
+    table = power.power_table(design, sds, settings)
+    text = power.render_power(table, settings, source)
+    if not args.from_sweep and settings.correlation < 1 and len(table):
+        text += "\n" + power.worst_case(settings, len(table), int(table["seeds"].min()))
+    return table, text
 
 
 def sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         return plan(args)
-    from nptm.orchestrator.sweep import SweepOptions, run_sweep
+    import signal
+
+    from nptm.orchestrator.errors import Interrupted, RaiseOnStopSignals
+
+    # Before the slow imports: SIGINT / SIGTERM at any moment end the command with 128 + N and
+    # a message (inside run_sweep, its orderly stop takes over).
+    ran: list[str] = []  # the sweep's name, once run_sweep returned
+    with RaiseOnStopSignals() as stop:
+        try:
+            return _sweep(args, stop, ran)
+        except Interrupted as err:
+            signum = err.signum
+        except KeyboardInterrupt as err:  # run_sweep's, for a stop before its first stage
+            cause = err.__cause__
+            signum = cause.signum if isinstance(cause, Interrupted) else signal.SIGINT
+        except SystemExit as err:  # Ray's SIGTERM handler (sys.exit(15)), set by ray.init
+            if err.code != signal.SIGTERM:
+                raise
+            signum = signal.SIGTERM
+    name = signal.Signals(signum).name
+    if ran:
+        print(
+            f"sweep {ran[0]} INTERRUPTED by {name} after its stages ran: every stage is kept; "
+            f"`nptm report {ran[0]}` writes its report",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"sweep {args.grid} INTERRUPTED by {name}: rerun the same command to resume "
+            "(finished stages are kept)",
+            file=sys.stderr,
+        )
+    return 128 + signum  # the shell's convention: 130 SIGINT, 143 SIGTERM
+
+
+def _sweep(args: argparse.Namespace, stop, ran: list[str]) -> int:
+    from nptm.orchestrator.live import ray_sigterm_handler_off
 
     grid, the_plan = _load_plan(args)
-    summary = run_sweep(
-        grid,
-        the_plan,
-        SweepOptions(
-            storage=args.storage,
-            address=args.address,
-            mlflow_uri=args.mlflow_uri,
-            data_root=args.data_root,
-            log_models=args.log_models,
-            max_retries=args.max_retries,
-            min_free_gb=args.min_free_gb,
-        ),
-        on_start=_print_banner,
-    )
+    # From here a signal is noted, not raised in the middle of ray.init; the sweep's orderly
+    # stop acts on it (errors.RaiseOnStopSignals.deferring).
+    with stop.deferring(), ray_sigterm_handler_off():
+        summary = _run(args, grid, the_plan)
+    stop.install()  # at the OS level too (Ray's C++ core sets a handler of its own)
+    ran.append(grid.name)
     _print_summary(summary, args.storage)
     if summary.interrupted is not None:
         return 128 + summary.interrupted  # the shell's convention: 130 SIGINT, 143 SIGTERM
@@ -79,6 +160,30 @@ def sweep(args: argparse.Namespace) -> int:
         print(f"\nreport: {_report_location(args, grid.name)}")
         _log_report(summary, store, report.markdown_path.parent)
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _run(args: argparse.Namespace, grid, the_plan):
+    """The sweep, or with --until-conclusive its rounds of added seeds
+    (nptm.orchestrator.adaptive); its last `SweepSummary`."""
+    from nptm.orchestrator.sweep import SweepOptions, run_sweep
+
+    options = SweepOptions(
+        storage=args.storage,
+        address=args.address,
+        mlflow_uri=args.mlflow_uri,
+        data_root=args.data_root,
+        log_models=args.log_models,
+        max_retries=args.max_retries,
+        min_free_gb=args.min_free_gb,
+    )
+    if not args.until_conclusive:
+        if args.max_seeds is not None or args.seeds_per_look is not None:
+            raise UsageError("--max-seeds and --seeds-per-look need --until-conclusive")
+        return run_sweep(grid, the_plan, options, on_start=_print_banner)
+    from nptm.orchestrator.adaptive import AdaptiveOptions, run_until_conclusive
+
+    adaptive = AdaptiveOptions(args.max_seeds, args.seeds_per_look or 1, args.confirm_large)
+    return run_until_conclusive(grid, the_plan, options, adaptive, on_start=_print_banner)
 
 
 def _log_report(summary, store, report_dir) -> None:
@@ -94,13 +199,11 @@ def _log_report(summary, store, report_dir) -> None:
 
 
 def _report_dir(args: argparse.Namespace, sweep_name: str) -> str:
-    """The local directory a report is drawn in: `--out` if given, else the sweep's report
-    directory on local storage, else a temporary directory (copied into storage after)."""
-    out = getattr(args, "out", None)
-    if out:
-        return out
+    """The local directory a report is drawn in: the sweep's report directory on local
+    storage, else (or with `--out`, which may hold anything else) a fresh temporary directory,
+    copied into storage (and `--out`) after."""
     layout = Layout(args.storage)
-    if layout.local:
+    if layout.local and not getattr(args, "out", None):
         return layout.report_dir(sweep_name)
     import atexit
     import shutil
@@ -121,7 +224,30 @@ def _write_report(args: argparse.Namespace, store, **options):
     local = _report_dir(args, store.sweep)
     report = build_report(store, local, **options)
     replace_dir(local, store.fs, store.layout.report_dir(store.sweep))
+    out = getattr(args, "out", None)
+    if out:  # the report's own files: nothing else of `--out` reaches storage
+        report = _copy_report(report, local, out)
     return report
+
+
+def _copy_report(report, local: str, out: str):
+    """Copy the report drawn in `local` into `out` (its other files stay); the same Report
+    with its paths in `out`."""
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(local, out, dirs_exist_ok=True)
+
+    def moved(path: Path) -> Path:
+        return Path(out) / Path(path).relative_to(local)
+
+    return dataclasses.replace(
+        report,
+        markdown_path=moved(report.markdown_path),
+        figures=[moved(p) for p in report.figures],
+        latex=[moved(p) for p in report.latex],
+    )
 
 
 def _report_location(args: argparse.Namespace, sweep_name: str) -> str:
@@ -167,8 +293,10 @@ def _print_summary(summary, storage: str) -> None:
         f"sweep {summary.sweep}: {counts}; executed {summary.executed}, reused {summary.reused} "
         f"in {summary.wall_seconds:.1f}s"
     )
-    for sid, kind, error in summary.failures:
-        print(f"  FAILED {kind} {sid}: {error}", file=sys.stderr)
+    from nptm.orchestrator.failure_guard import failure_lines
+
+    for line in failure_lines(summary, Layout(storage)):  # one per error, however many stages
+        print(line, file=sys.stderr)
     if summary.interrupted is not None:
         import signal
 
@@ -200,7 +328,7 @@ def _print_summary(summary, storage: str) -> None:
                 f"--port 5000, then http://127.0.0.1:5000{runs}"
             )
         else:
-            print(f"MLflow: {summary.mlflow_uri.rstrip('/')}{runs}")
+            print(f"MLflow: {redact_uri(summary.mlflow_uri).rstrip('/')}{runs}")
     if summary.mlflow_degraded:
         print(
             "warning: MLflow was unreachable; everything is in Parquet. Fill MLflow later with "
@@ -236,8 +364,13 @@ def inspect(args: argparse.Namespace) -> int:
 
 def schedules(args: argparse.Namespace) -> int:
     from nptm.orchestrator.render import render_curves
+    from nptm.trainables.recipe import MAX_EPOCHS
     from nptm.trainables.schedule_curves import per_epoch, plot_curves, schedule_curves
 
+    if args.budget > MAX_EPOCHS:  # its curves are arrays of budget x steps
+        raise UsageError(
+            f"--budget: {args.budget} is more than the {MAX_EPOCHS:,} epochs one run may train"
+        )
     try:
         result = schedule_curves(args.dataset, args.budget)
     except ValueError as err:
@@ -268,9 +401,12 @@ def _sweep_store(args: argparse.Namespace, *, planned: bool = False):
 
 
 def report(args: argparse.Namespace) -> int:
+    from nptm.results.status import skipped_lines
+
+    store = _sweep_store(args)
     result = _write_report(
         args,
-        _sweep_store(args),
+        store,
         margin=args.equivalence_margin / 100,  # points -> accuracy
         latex=args.latex,
     )
@@ -278,6 +414,10 @@ def report(args: argparse.Namespace) -> int:
     print(f"\nreport: {_report_location(args, args.sweep)}")
     if result.latex:
         print(f"LaTeX tables: {', '.join(p.name for p in result.latex)}")
+    # Damaged or foreign files the report left out (nptm.results.store: SweepStore.skipped).
+    skipped = skipped_lines([d.to_dict() for d in store.skipped])
+    if skipped:
+        print("\n".join(skipped))
     return EXIT_OK
 
 
@@ -298,7 +438,7 @@ def status(args: argparse.Namespace) -> int:
             if args.watch is None or not is_running(result):
                 return EXIT_OK
             sys.stdout.flush()
-            time.sleep(args.watch)
+            time.sleep(min(args.watch, 86_400.0))  # --watch 1e300 is "rarely", not an error
     except KeyboardInterrupt:  # Ctrl-C ends --watch; the sweep itself goes on
         return EXIT_OK
 
@@ -328,7 +468,8 @@ def sync_mlflow(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args)
     result = sync_mlflow(store, uri)
     print(
-        f"sync-mlflow {args.sweep} -> {uri}: created {result.created}, updated {result.updated}, "
+        f"sync-mlflow {args.sweep} -> {redact_uri(uri)}: created {result.created}, "
+        f"updated {result.updated}, "
         f"unchanged {result.unchanged}"
     )
     return EXIT_OK

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -48,11 +48,15 @@ class DagSearcher(Searcher):
         done: set[str],
         resolve: Callable[[StageSpec, dict | None, bool], StageResolution],
         on_finish: FinishHook,
+        outcomes: Mapping[str, StageOutcome] | None = None,
     ) -> None:
         super().__init__()  # no metric: the DAG, not a score, decides what runs next
         self.stages = stages
         self._resolve = resolve
         self._on_finish = on_finish
+        # The outcome of every finished stage: what it read of its parents and holds for its
+        # children (StageOutcome.read_current).
+        self.outcomes: dict[str, StageOutcome] = dict(outcomes or {})
         # Read freely; written only through `_set`, which keeps the counters below in step.
         self.state: dict[str, Progress] = {sid: DONE if sid in done else PENDING for sid in stages}
         self._counts: Counter[Progress] = Counter(self.state.values())
@@ -70,10 +74,11 @@ class DagSearcher(Searcher):
         self.trial_stage: dict[str, str] = {}
         self.epochs_done = 0
         self.started_at = time.time()
+        self.stopped = False  # `stop`: no further stage is handed out
 
     # -- Tune's Searcher interface ---------------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        while self.ready:
+        while self.ready and not self.stopped:
             sid = self.ready.popleft()
             if self.state[sid] != PENDING:
                 continue
@@ -98,12 +103,33 @@ class DagSearcher(Searcher):
             return
         status, outcome, detail = self._resolve(spec, result, error)
         status = StageStatus(status)
+        if outcome is not None and status.finished:
+            if self._read_stale_parent(sid, outcome):
+                return
+            self.outcomes[sid] = outcome
+            self._rerun_stale_children(sid, outcome)
         self._set(sid, DONE if status.finished else FAILED)
         self._on_finish(spec, status, outcome, detail)
         if status == StageStatus.OK:
             self.ready.extend(c for c in self.children[sid] if self._parents_done(c))
         else:
             self._skip_descendants(sid, f"{status.value} ancestor {sid} ({spec.kind.value})")
+
+    def stop(self) -> None:
+        """Hand out no further stage: the sweep ends once those handed out have ended (or
+        been `withdraw`n); the stages never handed out stay pending, for a rerun."""
+        self.stopped = True
+
+    def withdraw(self, trial_id: str) -> None:
+        """A handed-out stage whose trial never started goes back to pending, unrecorded
+        (the trial is stopped next, and its completion is then ignored)."""
+        sid = self.trial_stage.pop(trial_id, None)
+        if sid is not None:
+            self._set(sid, PENDING)
+
+    def in_flight(self) -> set[str]:
+        """The stages handed out now (running, or waiting for a slot or a retry)."""
+        return set(self.trial_stage.values())
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: a rerun rebuilds the DAG's state from the artifact store."""
@@ -154,9 +180,31 @@ class DagSearcher(Searcher):
                 self._on_finish(self.stages[child], StageStatus.SKIPPED, None, f"skipped: {reason}")
                 stack.extend(self.children[child])
 
+    def _read_stale_parent(self, sid: str, outcome: StageOutcome) -> bool:
+        """A stage that read a payload its parent has replaced since runs again at once."""
+        parents = self.stages[sid].parents
+        if all(
+            p not in self.outcomes or outcome.read_current(p, self.outcomes[p]) for p in parents
+        ):
+            return False
+        self._set(sid, PENDING)
+        if self._parents_done(sid):
+            self.ready.append(sid)
+        return True
+
+    def _rerun_stale_children(self, sid: str, outcome: StageOutcome) -> None:
+        """Children that finished on this stage's earlier payloads (a re-made pre-training
+        that came out other than before) run again: no stage mixes two runs of its parent."""
+        for child in self.children[sid]:
+            if self.state[child] == DONE and not self.outcomes[child].read_current(sid, outcome):
+                self._set(child, PENDING)
+
     def _requeue_producer(self, sid: str, producer: str) -> None:
         """A parent's artifact failed its checksum: recompute the parent, then this stage."""
         self._set(sid, PENDING)
+        if producer not in self.stages[sid].parents:  # not a parent's: run this stage again
+            self.ready.append(sid)
+            return
         # Several children may find the same damaged artifact: the first requeues its producer,
         # the others wait for that recomputation instead of starting a second, concurrent one.
         if self.state.get(producer) == DONE:

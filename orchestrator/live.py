@@ -8,6 +8,7 @@ its single writer, and the run record one writer per sweep.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,12 +17,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from nptm.orchestrator.errors import Interrupted, take_pending
 from nptm.orchestrator.planner import stage_epochs
 from nptm.orchestrator.trial import stage_id_of
 from nptm.results.run_record import DriverState, Progress, RunningStage, RunRecord
@@ -34,13 +37,9 @@ PROGRESS_INTERVAL_S = 2.0  # progress.json is rewritten at most this often (and 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class SweepInterrupted(BaseException):
+class SweepInterrupted(Interrupted):
     """SIGINT or SIGTERM reached the driver. A BaseException, like KeyboardInterrupt: it must
     pass through Tune's and nptm's `except Exception` handlers on its way out."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class StopSignals:
@@ -60,6 +59,8 @@ class StopSignals:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            # a signal noted while Ray started (nptm.orchestrator.errors.RaiseOnStopSignals)
+            self.signum = take_pending()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -82,6 +83,25 @@ class StopSignals:
     def check(self) -> None:
         if self.signum is not None:
             raise SweepInterrupted(self.signum)
+
+
+@contextlib.contextmanager
+def ray_sigterm_handler_off() -> Iterator[None]:
+    """Inside, ray.init leaves SIGTERM to nptm: it would install a handler that calls
+    sys.exit(15) wherever the driver is, in the middle of ray.init itself too (a silent exit
+    15, and a half-started Ray that can abort the process as it exits). nptm's own handlers
+    (StopSignals, nptm.orchestrator.errors.RaiseOnStopSignals) stop a sweep instead."""
+    import ray._private.utils as ray_utils
+
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:  # another Ray: nothing to switch off
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
 
 
 class LiveTracker(Callback):

@@ -9,9 +9,11 @@ Every trial is a chain of stages::
 
 Seeds: by default (`seeds.pretrain: per_trial`) every seed of the axis pre-trains and prunes
 its own network. With `seeds.pretrain: shared` one network per (dataset, model) is pre-trained
-with `seeds.shared_seed` and pruned once per pruner target (random pruners included), and the
-seed axis varies the retraining only (data order, augmentation, scratch's initialisation);
-retrain stages then keep the shared network's train/validation split (`split_seed`).
+with `seeds.shared_seed` and pruned once per methodical pruner target, and the seed axis varies
+the retraining (data order, augmentation, scratch's initialisation) and a random pruner's mask:
+each seed draws its own (`seeds.random_masks: per_seed`, as rerunning the authors' scripts
+does), unless `seeds.random_masks: shared` prunes it once too. Prune and retrain stages of a
+seed other than the shared one keep the shared network's train/validation split (`split_seed`).
 
 `scratch_e` and `scratch_b` train for a length of their own (T, and T x base MACs / pruned
 MACs), computed here at plan time, so their stages and trials carry that many epochs as their
@@ -46,7 +48,7 @@ from typing import Any
 
 from nptm.orchestrator.gpu_hours import GpuFigures, gpu_hours, shipped_figures
 from nptm.search_spaces import expand
-from nptm.search_spaces.checks import CheckedGrid
+from nptm.search_spaces.checks import CheckedGrid, run_length_problem
 from nptm.search_spaces.errors import GridError
 from nptm.search_spaces.expand import TrialKey
 from nptm.trainables.catalog import FULL_LENGTH_SCHEDULES, PRUNERS
@@ -277,8 +279,7 @@ class _Builder:
         ratio = k.ratio
         if ratio is not None and not PRUNERS[k.pruner].structured:
             ratio = cumulative_ratio(ratio, r, self.rounds)
-        # Round 1 of a shared pre-training is shared too: it prunes the one shared network.
-        seed = self._pretrain_seed(k) if r == 1 else k.seed
+        seed = self._prune_seed(k, r)
         return self._add(
             ("prune", parent.id, k.pruner, ratio, k.preset, k.pruner_options, seed, r),
             lambda: StageSpec(
@@ -298,6 +299,13 @@ class _Builder:
                 precision=parent.precision,
             ),
         )
+
+    def _prune_seed(self, k: TrialKey, r: int) -> int:
+        """Seed of a trial's round-`r` prune stage. Round 1 of a shared pre-training prunes
+        the one shared network with the shared seed, except a random mask drawn per seed."""
+        seeds = self.grid.seeds
+        per_seed_mask = seeds.random_masks == "per_seed" and PRUNERS[k.pruner].random_mask
+        return k.seed if r > 1 or per_seed_mask else self._pretrain_seed(k)
 
     def _full_length(self, k: TrialKey, recipe: Recipe) -> int:
         """Epochs of a scratch_e / scratch_b trial, known exactly at plan time.
@@ -324,7 +332,23 @@ class _Builder:
                 torch.set_num_threads(threads)
             self.macs[key] = (counts["base"]["macs"], counts["pruned"]["macs"])
         base, pruned = self.macs[key]
-        return run_epochs(k.schedule, k.budget, recipe, base_macs=base, pruned_macs=pruned)
+        epochs = run_epochs(k.schedule, k.budget, recipe, base_macs=base, pruned_macs=pruned)
+        # T x base / pruned MACs can outgrow what one run survives: refused, nothing run
+        problem = run_length_problem(recipe, k.dataset, epochs, self.grid.data.val_fraction)
+        if problem is not None:
+            target = f"ratio {k.ratio}" if k.ratio is not None else f"preset {k.preset!r}"
+            raise GridError(
+                self.grid.source,
+                [
+                    (
+                        "axes.schedule",
+                        f"'scratch_b' retrains {k.model} pruned by {k.pruner} ({target}) for "
+                        f"T x base / pruned MACs = {problem}; exclude "
+                        f"{{schedule: scratch_b, pruner: {k.pruner}}} or lower pretrain.epochs",
+                    )
+                ],
+            )
+        return epochs
 
     def _split_seed(self, k: TrialKey, stage_seed: int) -> int | None:
         """The pre-training's split seed where a stage's own seed differs from it."""

@@ -59,6 +59,12 @@ def render_inspect(result: dict[str, Any]) -> str:
         )
         if result["importance_data"] == "synthetic":
             lines.append("filter importance ranked on synthetic random-normal batches")
+    if result.get("shortcuts"):
+        lines.append("")
+    for sc in result.get("shortcuts", []):
+        k = sc["stride"]
+        how = f"AvgPool2d({k}, {k})" if sc["kind"] == "avgpool" else f"x[:, :, ::{k}, ::{k}]"
+        lines.append(f"shortcut {sc['name']}: {how} + {sc['zero_channels']} zero channels")
     headers = ["layer", "type", "out"] + (["pruned", "density"] if pruned else [])
     rows = []
     for layer in result["layers"]:

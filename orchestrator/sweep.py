@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ray.tune.progress_reporter import TrialProgressCallback
+
 from nptm.orchestrator.cluster import (
     Cluster,
     check_fit,
@@ -21,6 +23,7 @@ from nptm.orchestrator.cluster import (
 )
 from nptm.orchestrator.dag_search import DagSearcher, StageResolution
 from nptm.orchestrator.errors import UsageError
+from nptm.orchestrator.failure_guard import FailureGuard, FailureWatch
 from nptm.orchestrator.live import (
     LiveTracker,
     StopSignals,
@@ -28,6 +31,7 @@ from nptm.orchestrator.live import (
     SweepStart,
     new_progress,
 )
+from nptm.orchestrator.preflight import check_data_here, check_data_on_cluster, data_need, data_root
 from nptm.orchestrator.progress import ProgressPrinter
 from nptm.orchestrator.trial import SweepShared, ray_name, stage_id_of, stage_trial
 from nptm.orchestrator.trial_scheduler import NewestPendingFirst
@@ -37,11 +41,13 @@ from nptm.trainables.artifacts import (
     node_local_path_warning,
     rewind_name,
 )
+from nptm.trainables.redact import redact_uri, storage_credentials_error
 from nptm.trainables.stage import StageOutcome, StageSpec, StageStatus
 from nptm.trainables.storage import DEFAULT_MIN_FREE_GB, StorageError, check_writable
 
 if TYPE_CHECKING:
     from nptm.results.sink import ResultSink, SweepSummary
+    from nptm.results.store import SweepStore
 
 log = logging.getLogger(__name__)
 
@@ -75,29 +81,36 @@ def run_sweep(
     under its ``run/``. `on_start` is told where to watch the sweep before its first stage.
     SIGINT / SIGTERM stop the sweep within seconds: the summary's `interrupted` says which
     (rerunning resumes). Returns the `nptm.results.sink.SweepSummary` (`.ok`, `.counts`,
-    `.failures`). Raises `nptm.orchestrator.errors.UsageError` for a storage root or cluster the
-    sweep cannot use (the CLI's exit code 2).
+    `.failures`, `.stopped` when one error kept failing stages: nptm.orchestrator.failure_guard).
+    Raises `nptm.orchestrator.errors.UsageError` for a storage root, cluster or data root the
+    sweep cannot use (the CLI's exit code 2): the data is checked where the stages will run,
+    before Ray starts (local) or on every node (cluster), with nothing written
+    (nptm.orchestrator.preflight).
     """
     from nptm.results.mlflow_uri import resolve_tracking_uri
     from nptm.results.run_record import DriverState, RunRecord
     from nptm.results.sink import ResultSink
-    from nptm.results.store import SweepStore
     from nptm.results.tracking import MlflowRecorder
     from nptm.trainables.layout import Layout
 
     started = time.time()
     opts = replace(opts, storage=_absolute(opts.storage))
-    try:  # refuse a bad storage root before any training or Ray start-up
-        check_writable(opts.storage, min_free_gb=opts.min_free_gb)
-        store = SweepStore(opts.storage, grid.name)
-    except (OSError, ValueError, StorageError) as err:
-        raise UsageError(str(err)) from err
+    refused = storage_credentials_error(opts.storage)  # before Ray starts or anything is written
+    if refused:
+        raise UsageError(refused)
+    need = data_need(grid, plan, opts.data_root)
+    if opts.address is None:  # the stages run here: refuse before Ray starts, nothing written
+        check_data_here(need)
+        store = _open_store(opts, grid.name)
     plugins = list(grid.plugins)
     cluster = connect(opts.address, num_cpus=opts.num_cpus, py_modules=plugin_packages(plugins))
     live: LiveTracker | None = None
     recorder: MlflowRecorder | None = None
     try:
         with StopSignals() as stop:
+            if opts.address is not None:  # on the nodes that run stages, before any write
+                check_data_on_cluster(need)
+                store = _open_store(opts, grid.name)
             _check_cluster(cluster, grid, plan, opts)
             artifacts = ArtifactStore(opts.storage)
             uri = resolve_tracking_uri(opts.storage, opts.mlflow_uri)
@@ -116,7 +129,9 @@ def run_sweep(
             done = _finished_stages(plan, artifacts)
             if on_start is not None:
                 on_start(_start_info(grid, plan, cluster, recorder, record, len(done)))
-            recorded = set(store.stage_ids())
+            # Rows that read back whole; a damaged or foreign row file is set aside, and its
+            # stage recorded again below from its outcome (or run again).
+            recorded = set(store.intact_stage_ids())
             sink.record_missing_runs()
             for sid, outcome in done.items():
                 if sid not in recorded:
@@ -126,7 +141,7 @@ def run_sweep(
             summary.reused = len(done)
             stop.check()
             if len(done) < len(plan.stages):
-                _tune(grid, plan, opts, cluster, artifacts, sink, set(done), live)
+                _tune(grid, plan, opts, cluster, artifacts, sink, done, live)
             stop.check()  # a signal after the last stage's step
     except SweepInterrupted as interrupt:
         if live is None or recorder is None:
@@ -146,6 +161,17 @@ def run_sweep(
         disconnect()
     summary.wall_seconds = time.time() - started
     return summary
+
+
+def _open_store(opts: SweepOptions, sweep: str) -> SweepStore:
+    """The sweep's result store, once the storage root proved writable (UsageError if not)."""
+    from nptm.results.store import SweepStore
+
+    try:
+        check_writable(opts.storage, min_free_gb=opts.min_free_gb)
+        return SweepStore(opts.storage, sweep)
+    except (OSError, ValueError, StorageError) as err:
+        raise UsageError(str(err)) from err
 
 
 def _end(recorder: Any, live: LiveTracker, summary: SweepSummary, status: str, state: Any) -> None:
@@ -227,7 +253,7 @@ def _start_info(
         dashboard_answers=bool(url) and url_answers(url),
         token_auth=cluster.token_auth,
         token_source=cluster.token_source,
-        mlflow_uri=recorder.uri,
+        mlflow_uri=redact_uri(recorder.uri),  # shown: never a password
         experiment_name=recorder.experiment_name,
         experiment_id=recorder.experiment_id,
         mlflow_degraded=recorder.degraded,
@@ -243,24 +269,35 @@ def _check_cluster(cluster: Cluster, grid: Any, plan: Any, opts: SweepOptions) -
 
 
 def _finished_stages(plan: Any, artifacts: ArtifactStore) -> dict[str, StageOutcome]:
-    """Stages with a finished stored outcome (and, for pre-training, every checkpoint children
-    need), with that outcome.
+    """Stages with a finished stored outcome that ran on what their parents hold now (and,
+    for pre-training, that keep every checkpoint children need), with that outcome.
 
+    A child stays finished while its parent is re-made (a pre-training asked for a rewind
+    checkpoint it did not keep, or whose outcome was lost): the DAG searcher runs it again
+    only if the re-made parent holds other bytes than the child read (`read_current`).
     One listing of the artifact store and its outcome index answer for every stage whose
     outcome.json is unchanged since it was indexed; only the others are read
     (nptm.trainables.stage_index says what the index may skip)."""
     outcomes, files = artifacts.stored_outcomes(plan.stages)
     done: dict[str, StageOutcome] = {}
     for sid, spec in plan.stages.items():
-        if any(p not in done for p in spec.parents):
-            continue  # an unfinished parent will recompute (and overwrite) this stage's input
         outcome = outcomes.get(sid)
         if outcome is None or not outcome.status.finished:
+            continue
+        if not all(_ran_on_current(outcome, p, outcomes.get(p)) for p in spec.parents):
             continue
         if not all(files.has(sid, checksum_name(rewind_name(e))) for e in spec.keep_epochs):
             continue
         done[sid] = outcome
     return done
+
+
+def _ran_on_current(child: StageOutcome, parent_id: str, parent: StageOutcome | None) -> bool:
+    if parent is None or not parent.status.finished:
+        # The parent runs again: a child that recorded what it read is checked then; one
+        # stored before lineage was recorded runs again, as it always did.
+        return child.consumed is not None
+    return child.read_current(parent_id, parent)
 
 
 def _persist(artifacts: ArtifactStore, store: Any) -> None:
@@ -276,7 +313,7 @@ def _tune(
     cluster: Cluster,
     artifacts: ArtifactStore,
     sink: ResultSink,
-    done: set[str],
+    done: dict[str, StageOutcome],
     live: LiveTracker,
 ) -> None:
     from ray import tune
@@ -285,7 +322,7 @@ def _tune(
     runtime = {
         "storage": opts.storage,
         "ray_storage": artifacts.layout.ray_dir,
-        "data_root": _absolute(opts.data_root if opts.data_root is not None else grid.data.root),
+        "data_root": data_root(opts.data_root, grid),  # as the preflight check saw it
         "download": grid.data.download,
         "executor": res.executor,
         "workers_per_trial": res.workers_per_trial,
@@ -311,8 +348,11 @@ def _tune(
     # must (at the end, and on Ctrl-C): a snapshot grows with the trials, and rewriting it
     # every few seconds made the driver's cost per stage grow with the sweep.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "inf")
-    searcher = DagSearcher(plan.stages, done, resolve, sink.record)
+    searcher = DagSearcher(plan.stages, set(done), resolve, sink.record, outcomes=done)
     progress = ProgressPrinter(searcher, stream=sys.stderr)
+    guard = FailureGuard()
+    watch = FailureWatch(guard, artifacts.read_error, searcher.in_flight, searcher.stop)
+    _quiet_tune_errors()  # each stage's error is stored with it, and summed up at the end
     # The plan and the runtime settings reach each trial actor once, through the object store:
     # a trial's config is its stage id only, and Tune keeps every config for the whole sweep.
     shared = SweepShared.put(plan.stages, runtime)
@@ -329,7 +369,7 @@ def _tune(
         tune.with_resources(tune.with_parameters(stage_trial, shared=shared), trial_resources),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=NewestPendingFirst(),  # see nptm.orchestrator.trial_scheduler
+            scheduler=NewestPendingFirst(searcher=searcher),  # nptm.orchestrator.trial_scheduler
             num_samples=-1,
             reuse_actors=True,
             max_concurrent_trials=_max_concurrent(cluster, res),
@@ -340,12 +380,42 @@ def _tune(
             name=f"sweep-{grid.name}",
             storage_path=runtime["ray_storage"],
             verbose=0,
-            callbacks=[progress, live],
+            callbacks=[progress, live, watch, _NoTrialPrints()],
             failure_config=tune.FailureConfig(max_failures=opts.max_retries),
         ),
     )
     tuner.fit()
     progress.final()
+    sink.summary.stopped = guard.trip
+
+
+class _NoTrialPrints(TrialProgressCallback):
+    """Stands in for the TrialProgressCallback Tune adds when none is given, which prints
+    "Trial ... completed. Last result:" whatever the verbosity for a trial stopped before it
+    reported (those a stopped sweep does not start). nptm prints its own progress."""
+
+    def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    on_trial_error = on_trial_complete = on_trial_result
+
+
+class _TuneFailureSummary(logging.Filter):
+    """Drops Tune's closing "Trials did not complete: [...]": the sweep's summary names every
+    failed stage, with its error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trials did not complete")
+
+
+def _quiet_tune_errors() -> None:
+    """Tune logs every failed attempt with its whole traceback; nptm keeps each in the
+    stage's error.txt and reports the failures once, grouped by error (and stops a sweep
+    whose stages keep failing alike: nptm.orchestrator.failure_guard)."""
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _TuneFailureSummary) for f in tune_log.filters):
+        tune_log.addFilter(_TuneFailureSummary())
 
 
 def _parallel_slots(cluster: Cluster, resources: Any) -> int:

@@ -25,7 +25,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nptm.trainables.artifacts import ArtifactStore, CorruptArtifactError
+from nptm.trainables.artifacts import MODEL, ArtifactStore, CorruptArtifactError
 from nptm.trainables.stage import StageKind, StageSpec
 
 if TYPE_CHECKING:
@@ -106,10 +106,19 @@ def stage_trial(config: dict[str, Any], shared: SweepShared) -> None:
         corrupt = _corrupt_cause(err)  # raised here, by a Ray Train rank or by a Ray task
         if corrupt is not None:
             # Not this stage's fault: the driver recomputes the producer, then retries this one.
-            store.invalidate(corrupt.stage_id)
+            # A lost rewind checkpoint is re-made alone from the producer's kept state (its
+            # outcome and model stay); a lost model re-makes the stage, and its children run
+            # again only if the bytes differ (StageOutcome.read_current).
+            if corrupt.name == MODEL:
+                store.invalidate(corrupt.stage_id)
+            else:
+                store.delete(corrupt.stage_id, corrupt.name)
             tune.report({"corrupt_parent": corrupt.stage_id, "error": str(corrupt)})
             return
-        text = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=20)}"
+        # The stored error starts with what went wrong, not with the wrapper a Ray Train
+        # worker group or a Ray task puts around it (failure_guard compares these lines).
+        root = _root_cause(err)
+        text = f"{type(root).__name__}: {root}\n{traceback.format_exc(limit=20)}"
         store.write_error(spec.id, text)
         raise
     tune.report({"finished": 1})
@@ -207,6 +216,17 @@ def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
     trainer.fit()
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The exception behind Ray's wrappers: the first failed rank's of a Ray Train worker group
+    (WorkerGroupError.worker_failures), the original of a Ray task's error (RayTaskError.cause),
+    else `err` itself."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        return _root_cause(failures[min(failures)])
+    cause = getattr(err, "cause", None)
+    return _root_cause(cause) if isinstance(cause, BaseException) else err
+
+
 def _corrupt_cause(err: BaseException) -> CorruptArtifactError | None:
     """The CorruptArtifactError behind `err`, if any: `err` itself, one a Ray Train rank
     reported (WorkerGroupError.worker_failures), or the original inside a Ray task's error
@@ -220,7 +240,9 @@ def _corrupt_cause(err: BaseException) -> CorruptArtifactError | None:
         if type(e) is CorruptArtifactError:
             return e
         todo.extend((getattr(e, "worker_failures", None) or {}).values())
-        links = (getattr(e, "cause", None), e.__cause__, e.__context__)  # cause: RayTaskError
+        # Not __context__: a CorruptArtifactError handled on the way (a stage's own damaged
+        # resume file, discarded) is not what made a later error.
+        links = (getattr(e, "cause", None), e.__cause__)  # cause: RayTaskError
         todo.extend(c for c in links if isinstance(c, BaseException))
     return None
 

@@ -16,6 +16,11 @@ for a trial that takes over another's; this order matters on a cluster, where it
 `FIFOScheduler.choose_trial_to_run` also scans every trial of the experiment at every step of
 Tune's loop (O(trials) per step, quadratic over a sweep of thousands of stages); this one
 looks at the live trials only, a few per slot.
+
+Once the DAG searcher is stopped (nptm.orchestrator.failure_guard: stages keep failing with
+the same error), no pending trial starts: Tune starts every pending trial it holds, so each
+is stopped here instead. One that never ran is first withdrawn from the searcher (its stage
+stays pending, unrecorded); one waiting for a retry ends as the failure it was.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ DEFAULT_PATIENCE_S = 30.0  # well above a trial actor's start-up on a busy node
 
 
 class NewestPendingFirst(FIFOScheduler):
-    def __init__(self, patience: float = DEFAULT_PATIENCE_S) -> None:
+    def __init__(self, patience: float = DEFAULT_PATIENCE_S, searcher: Any = None) -> None:
         super().__init__()
         self.patience = patience
+        self.searcher = searcher  # a DagSearcher: while it is stopped, nothing pending starts
         self._added: dict[str, float] = {}  # id of a live trial -> when it was added
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
@@ -46,6 +52,12 @@ class NewestPendingFirst(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         pending = [t for t in tune_controller.get_live_trials() if t.status == Trial.PENDING]
         if not pending:
+            return None
+        if self.searcher is not None and self.searcher.stopped:
+            for trial in pending:
+                if not trial.run_metadata.num_failures:
+                    self.searcher.withdraw(trial.trial_id)
+                tune_controller.stop_trial(trial)
             return None
         # A retried trial was forgotten when it failed: it counts as the oldest.
         pending.sort(key=lambda t: self._added.get(t.trial_id, float("-inf")))

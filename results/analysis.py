@@ -5,33 +5,46 @@ the others are counted. Retrain rows are completed from their ``prune`` parent (
 accuracy before/after pruning) where they lack those columns. Everything is a vectorised
 groupby, so a sweep of 100k stages is analysed in seconds.
 
-Statistics: cells are mean ± sample sd over seeds. Comparisons are paired on seed (the same
-pre-trained network) and budget; the interval is a two-sided Student-t interval over seeds, read
-by `nptm.results.stats.with_verdict`. The claims' verdicts come from their t-test (and, for claim 2,
-TOST equivalence) p-values after Holm's correction over all the claims' tests
-(`nptm.results.stats.holm_verdicts`).
+Statistics: cells are mean ± sample sd over seeds. Comparisons are paired on cell, budget and
+seed; the interval is a two-sided Student-t interval over seeds. What a seed replicates, and so
+what an interval covers, depends on the grid's `seeds` (`seed_replication` says it in words):
+with `per_trial` every seed pre-trains, prunes and retrains its own network; with `shared` the
+seeds retrain one pre-trained network and one methodical mask per target, and draw a random
+pruner's mask each (`random_masks: per_seed`, the default) or retrain one shared mask. The
+claims' verdicts come from the confirmatory family (`nptm.results.confirmatory`: one pooled
+test per claim, schedule and structure, Holm-adjusted); the per-budget and per-network
+comparisons here are exploratory (Benjamini-Hochberg q-values, no verdict).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from nptm.results.confirmatory import (
+    CLAIM_1,
+    CLAIM_2,
+    RANDOM_VS_METHODICAL,
+    paired_differences,
+    pooled_tests,
+)
 from nptm.results.schema import LINEAGE_COLUMNS, STATUSES
-from nptm.results.stats import grouped_ci, holm_verdicts, t_pvalue, tost_paired, with_verdict
+from nptm.results.stats import (
+    adjust_within,
+    benjamini_hochberg,
+    grouped_ci,
+    t_pvalue,
+    tost_pvalue,
+    with_verdict,
+)
 from nptm.trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
 from nptm.trainables.stage import StageKind
 
 GROUP = ["dataset", "model", "structure", "target"]
-# structure -> (random pruner, methodical pruners it is compared with)
-RANDOM_VS_METHODICAL = {
-    "unstructured": ("random", ("magnitude", "magnitude_layerwise")),
-    "structured": ("random_filter", ("l1_filter", "hrank", "taylor_conv_oneshot")),
-}
-LARGE_LR_SCHEDULES = ("lrw", "slr", "clr")
 # Columns a retrain row inherits from its prune parent when it lacks them.
 FROM_PRUNE = ("structured", *LINEAGE_COLUMNS)
 
@@ -89,6 +102,66 @@ def final_round_retrain(stages: pd.DataFrame) -> pd.DataFrame:
     config = [*GROUP, "pruner", "sched", "budget"]
     last = r.groupby(config, dropna=False, sort=False)["round"].transform("max")
     return r[r["round"] == last]
+
+
+def seed_replication(stages: pd.DataFrame, final: pd.DataFrame) -> str:
+    """What the seeds of the final retraining runs `final` (`final_round_retrain(stages)`)
+    replicate, read from the stages they share, and so what an interval over seeds covers."""
+    pruners = final["pruner"].astype(object)
+    runs = final[["prune_id", "seed"]].assign(
+        pretrain_id=_chain_roots(stages, final["prune_id"]),
+        random=pruners.map({p: _is_random(str(p)) for p in pruners.unique()}),
+    )
+    if runs.empty or runs["seed"].nunique() < 2:
+        return "one seed: no interval"
+    shared_net = runs.groupby("pretrain_id")["seed"].nunique().gt(1).any()
+    if not shared_net:
+        return (
+            "each seed pre-trains, prunes and retrains its own network (`seeds.pretrain: "
+            "per_trial`): an interval covers the variation of the whole pipeline"
+        )
+    masks = runs.groupby("prune_id").agg(seeds=("seed", "nunique"), random=("random", "first"))
+    shared = masks["seeds"].gt(1).groupby(masks["random"]).any()  # per kind of pruner
+    text = "every seed retrains one pre-trained network per (dataset, model) (`seeds.pretrain: "
+    text += "shared`)"
+    covers, given = ["retraining"], ["the pre-trained networks"]
+    if shared.get(False, False):
+        text += " and one mask per methodical pruner target"
+        given.append("the methodical masks")
+    elif False in shared:  # iterative rounds after the first prune per seed
+        text, covers = text + ", pruned again per seed", [*covers, "the masks"]
+    if shared.get(True, False):
+        text += ", one mask per random pruner target too (`seeds.random_masks: shared`)"
+        given.append("the random masks")
+    elif True in shared:
+        text += "; a random pruner draws its mask per seed (`seeds.random_masks: per_seed`)"
+        covers.append(
+            "the random mask's draw where a random pruner is compared with a methodical one "
+            "(claim 2; a pair of schedules on one pruner retrains the same mask of its seed)"
+        )
+    conditions = ", ".join(given[:-1]) + f" and {given[-1]}" if len(given) > 1 else given[0]
+    return f"{text}: an interval covers {' and '.join(covers)}, conditional on {conditions}"
+
+
+def _chain_roots(stages: pd.DataFrame, ids: pd.Series) -> pd.Series:
+    """The first stage of each id's chain (its pre-training, stored or not): first parents
+    followed up through prune and retrain stages (iterative rounds included)."""
+    chain = stages[stages["stage_kind"].isin([StageKind.PRUNE, StageKind.RETRAIN])]
+    chain = chain.drop_duplicates("stage_id").set_index("stage_id")["parent_ids"]
+    parent = chain.map(lambda p: p[0] if len(p) else None).dropna()
+    roots = ids.astype(object)
+    for _ in range(2 * len(stages) + 1):  # at most one step per stage of a chain
+        up = roots.map(parent)
+        if up.isna().all():
+            return roots
+        roots = up.where(up.notna(), roots)
+    return roots
+
+
+def _is_random(label: str) -> bool:
+    """Whether a pruner label ("random", "magnitude[layers=conv+linear]") draws its mask."""
+    info = PRUNERS.get(label.split("[")[0])
+    return bool(info is not None and info.random_mask)
 
 
 def _labels(values: pd.Series, fmt: Any) -> pd.Series:
@@ -164,83 +237,70 @@ def _empty_ci(keys: list[str], extra: tuple[str, ...] = ()) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=float if c in extra else object) for c in cols})
 
 
-def claim_schedules(ok: pd.DataFrame, level: float) -> pd.DataFrame:
-    """Claim 1: each large-lr schedule minus ft, same pruner, budget and seed.
-
-    Differences are averaged over pruners within a seed (pruners share the seed's pre-trained
-    network, so they are not independent replicates); the interval is over seeds.
-    """
-    plain = ok[ok["variant"] == ""]
-    keys = [*GROUP, "budget", "pruner"]
-    ft = _seed_means(plain[plain["schedule"] == "ft"], keys, "acc_ft")
-    parts = []
-    for sched in LARGE_LR_SCHEDULES:
-        s = _seed_means(plain[plain["schedule"] == sched], keys, "acc_s").merge(
-            ft, on=[*keys, "seed"]
-        )
-        s["schedule"] = sched
-        parts.append(s)
+def claim_schedules(diffs: pd.DataFrame, level: float, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Claim 1, exploratory, per (group, budget, schedule), from the paired differences
+    (`nptm.results.confirmatory.paired_differences`): each large-lr schedule minus ft, same
+    pruner, budget and seed, averaged over pruners within a seed (pruners share the seed's
+    pre-trained network, so they are not independent replicates); interval and two-sided
+    t-test over seeds, `q`: Benjamini-Hochberg over the table's tests."""
+    claim_1 = diffs[diffs["claim"] == CLAIM_1]
     out_keys = [*GROUP, "budget", "schedule"]
-    pairs = pd.concat(parts, ignore_index=True)
-    if pairs.empty:
-        return _empty_ci(out_keys, ("p",))
-    pairs["diff"] = pairs["acc_s"] - pairs["acc_ft"]
-    per_seed = pairs.groupby([*out_keys, "seed"], dropna=False)["diff"].mean().reset_index()
-    res = with_verdict(_with_p(grouped_ci(per_seed, out_keys, "diff", level)))
-    return res.sort_values(out_keys, key=sort_key, kind="stable").reset_index(drop=True)
+    per_seed = claim_1.groupby([*by, *out_keys, "seed"], dropna=False, observed=True)["diff"]
+    return _exploratory(per_seed.mean().reset_index(), [*by], out_keys, level, 0.0)
 
 
-def claim_random_clr(ok: pd.DataFrame, level: float, margin: float) -> pd.DataFrame:
-    """Claim 2: random pruner + clr minus each methodical pruner + ft (same budget and seed),
-    with ``p_tost``: the paired TOST p-value that the two are equivalent within ±`margin`
-    (accuracy, 0-1)."""
-    plain = ok[ok["variant"] == ""]
-    parts = []
-    for structure, (rnd, methods) in RANDOM_VS_METHODICAL.items():
-        here = plain[plain["structure"] == structure]
-        a = _seed_means(
-            here[(here["pruner"] == rnd) & (here["schedule"] == "clr")],
-            [*GROUP, "budget"],
-            "acc_random",
-        )
-        b = _seed_means(
-            here[here["pruner"].isin(methods) & (here["schedule"] == "ft")],
-            [*GROUP, "budget", "pruner"],
-            "acc_methodical",
-        )
-        pair = b.merge(a, on=[*GROUP, "budget", "seed"])
-        pair["random"] = rnd
-        parts.append(pair)
+def claim_random_clr(
+    diffs: pd.DataFrame, level: float, margin: float, by: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Claim 2, exploratory, per (group, budget, methodical pruner), from the paired
+    differences: the random pruner with clr minus the methodical pruner with ft (same budget
+    and seed), tested against −`margin` (non-inferiority, two-sided p), with ``p_tost``: the
+    TOST p-value that the two are equivalent within ±`margin` (accuracy, 0-1); `q`,
+    `q_tost`: Benjamini-Hochberg."""
+    random_of = {k: v[0] for k, v in RANDOM_VS_METHODICAL.items()}
+    claim_2 = diffs[diffs["claim"] == CLAIM_2]
+    claim_2 = claim_2.assign(random=claim_2["structure"].astype(object).map(random_of))
     keys = [*GROUP, "budget", "random", "pruner"]
-    pairs = pd.concat(parts, ignore_index=True)
-    if pairs.empty:
-        return _empty_ci(keys, ("p", "p_tost"))
-    pairs["diff"] = pairs["acc_random"] - pairs["acc_methodical"]
-    res = with_verdict(_with_p(grouped_ci(pairs, keys, "diff", level)))
-    tost = (
-        pairs.groupby(keys, dropna=False, sort=False)[["acc_random", "acc_methodical"]]
-        .apply(lambda g: tost_paired(g["acc_random"], g["acc_methodical"], margin))
-        .rename("p_tost")
-        .reset_index()
+    res = _exploratory(claim_2, [*by], keys, level, -margin)
+    res["p_tost"] = tost_pvalue(res["mean"], res["sd"], res["n"], margin)
+    res["q_tost"] = adjust_within(res, "p_tost", [*by], benjamini_hochberg)
+    return res
+
+
+def _exploratory(
+    per_seed: pd.DataFrame, by: list[str], keys: list[str], level: float, null: float
+) -> pd.DataFrame:
+    """Interval over seeds, two-sided p of mean = `null`, BH q within each study of `by`, and
+    the reading of q at alpha = 1 − `level` (above / below the null, or "–")."""
+    if per_seed.empty:
+        return _empty_ci([*by, *keys], ("null", "p", "q")).rename(columns={"verdict": "reading"})
+    res = grouped_ci(per_seed, [*by, *keys], "diff", level)
+    res["null"] = null
+    res["p"] = t_pvalue(res["mean"], res["sd"], res["n"], null)
+    res = res.sort_values([*by, *keys], key=sort_key, kind="stable").reset_index(drop=True)
+    res["q"] = adjust_within(res, "p", by, benjamini_hochberg)
+    significant = res["q"].to_numpy(dtype=float) < 1 - level
+    above = res["mean"].to_numpy(dtype=float) > null
+    null_text = f"{null * 100:+g}".replace("+0", "0").replace("-", "−")
+    res["reading"] = np.select(
+        [significant & above, significant & ~above],
+        [f"above {null_text}", f"below {null_text}"],
+        "–",
     )
-    res = res.merge(tost, on=keys, how="left")  # merge matches NaN keys (no budget)
-    return res.sort_values(keys, key=sort_key, kind="stable").reset_index(drop=True)
+    return res
 
 
 def claim_tables(ok: pd.DataFrame, level: float, margin: float) -> dict[str, pd.DataFrame]:
-    """Claims 1 and 2, their verdicts read from Holm-adjusted p-values: every test of both
-    claims (t-tests and claim 2's TOST) is one family at alpha = 1 - `level`."""
-    tables = {
-        "claim_schedules": claim_schedules(ok, level),
-        "claim_random_clr": claim_random_clr(ok, level, margin),
+    """The claims' tables: ``confirmatory``, the pre-declared family whose Holm-adjusted
+    verdicts answer the claims (nptm.results.confirmatory), and the exploratory per-budget and
+    per-network comparisons ``claim_schedules`` / ``claim_random_clr`` (BH q-values, no
+    verdict), all at alpha = 1 − `level`."""
+    diffs = paired_differences(ok)
+    return {
+        "confirmatory": pooled_tests(diffs, level, margin),
+        "claim_schedules": claim_schedules(diffs, level),
+        "claim_random_clr": claim_random_clr(diffs, level, margin),
     }
-    holm_verdicts(list(tables.values()), 1 - level)
-    return tables
-
-
-def _with_p(cis: pd.DataFrame) -> pd.DataFrame:
-    cis["p"] = t_pvalue(cis["mean"].to_numpy(), cis["sd"].to_numpy(), cis["n"].to_numpy())
-    return cis
 
 
 def pruning_effect(ok: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:

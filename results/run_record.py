@@ -6,14 +6,19 @@
     versions.json  nptm (package version and git commit), python, torch, ray, mlflow
     progress.json  the driver's live view: stages running now and their epochs, rewritten
                    every few seconds while the sweep runs, and its final state at the end
+    looks.json     `nptm sweep --until-conclusive` only: the group-sequential design and every
+                   look so far (nptm.results.adaptive), rewritten after each look
 
 `nptm sweep` writes them; `nptm status` reads them. Every file is written whole (an atomic
-replace), so a reader never sees half of one. Torch-free.
+replace), so a reader never sees half of one. A file that is damaged anyway (truncated, empty,
+garbled), of another shape, or another sweep's is skipped with a warning and listed in
+`RunRecord.damaged`; it is left in place, and the next `nptm sweep` writes it anew. Torch-free.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -23,7 +28,9 @@ import pyarrow.fs as pafs
 
 from nptm.trainables.layout import Layout, check_name
 from nptm.trainables.stage import StageSpec
-from nptm.trainables.storage import atomic_write_bytes
+from nptm.trainables.storage import Damaged, atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 GRID_FILE, OVERRIDES_FILE, PLAN_FILE, VERSIONS_FILE, PROGRESS_FILE = (
     "grid.yaml",
@@ -32,6 +39,7 @@ GRID_FILE, OVERRIDES_FILE, PLAN_FILE, VERSIONS_FILE, PROGRESS_FILE = (
     "versions.json",
     "progress.json",
 )
+LOOKS_FILE = "looks.json"
 FORMAT = 1  # of plan.json and progress.json
 
 
@@ -114,12 +122,19 @@ class Progress:
         return cls(**d)
 
 
+def _check_numbers(*values: Any) -> None:
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{value!r} where a number belongs")
+
+
 class RunRecord:
     """Reads and writes the files of one sweep's run record."""
 
     def __init__(self, layout: Layout, sweep: str) -> None:
         self.layout = layout
         self.sweep = sweep
+        self.damaged: list[Damaged] = []  # files the reads refused, each with why
 
     def path(self, name: str) -> str:
         return self.layout.run_file(self.sweep, name)
@@ -143,15 +158,82 @@ class RunRecord:
             return None
 
     def read_json(self, name: str) -> Any | None:
+        """The file's JSON; None when it is missing, or not JSON (then `refuse`d)."""
         data = self.read_bytes(name)
-        return None if data is None else json.loads(data)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as err:  # not UTF-8 either
+            self.refuse(name, "empty" if not data else f"not JSON ({str(err)[:120]})")
+            return None
+
+    def refuse(self, name: str, reason: str) -> None:
+        """Skip the file `name`, with a warning; the next sweep writes it anew."""
+        self.damaged.append(Damaged(self.location(name), reason))
+        log.warning("%s of sweep %s skipped: %s", name, self.sweep, reason)
 
     def write_progress(self, progress: Progress) -> None:
         self.write_json(PROGRESS_FILE, progress.to_dict())
 
     def read_progress(self) -> Progress | None:
-        d = self.read_json(PROGRESS_FILE)
-        return None if d is None else Progress.from_dict(d)
+        """progress.json as written; None when it is missing or refused (damaged, of another
+        shape or another sweep's)."""
+        d = self._read_own(PROGRESS_FILE)
+        if d is None:
+            return None
+        try:
+            progress = Progress.from_dict(d)
+            _check_numbers(
+                progress.started_at, progress.updated_at, progress.epochs_done,
+                *(v for r in progress.running.values() for v in (r.epoch, r.epochs, r.started_at)),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            self.refuse(PROGRESS_FILE, f"not a progress record ({type(err).__name__}: {err})")
+            return None
+        return progress
+
+    def read_plan(self) -> dict[str, PlannedStage] | None:
+        """plan.json's stages; None when it is missing or refused (damaged, of another shape or
+        another sweep's)."""
+        d = self._read_own(PLAN_FILE)
+        if d is None:
+            return None
+        try:
+            planned = planned_stages(d)
+            for stage in planned.values():
+                if not isinstance(stage.kind, str) or not isinstance(stage.label, str):
+                    raise TypeError(f"a stage of kind {stage.kind!r}, label {stage.label!r}")
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            self.refuse(PLAN_FILE, f"not a plan ({type(err).__name__}: {err})")
+            return None
+        return planned
+
+    def read_looks(self) -> dict[str, Any] | None:
+        """looks.json (nptm.results.adaptive.looks_record); None when the sweep added no seeds
+        adaptively, or the file is refused (damaged, of another shape or another sweep's)."""
+        d = self._read_own(LOOKS_FILE)
+        if d is None:
+            return None
+        looks = d.get("looks")
+        shaped = isinstance(d.get("design"), dict) and isinstance(looks, list)
+        if not shaped or not all(isinstance(x, dict) and "tests" in x for x in looks):
+            self.refuse(LOOKS_FILE, "not a record of looks (no design, or looks without tests)")
+            return None
+        return d
+
+    def _read_own(self, name: str) -> dict[str, Any] | None:
+        """A JSON object written for this sweep (its `sweep` is this one)."""
+        d = self.read_json(name)
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            self.refuse(name, f"not a JSON object but a {type(d).__name__}")
+            return None
+        if d.get("sweep", self.sweep) != self.sweep:
+            self.refuse(name, f"the file of sweep {d.get('sweep')!r}, not of {self.sweep!r}")
+            return None
+        return d
 
     def exists(self, name: str) -> bool:
         return self.layout.fs.get_file_info(self.path(name)).type == pafs.FileType.File

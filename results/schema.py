@@ -15,7 +15,9 @@ missing required ones, enum values, fractions outside [0, 1] and naive timestamp
 here as well; ``overrides`` may be given as a dict and timestamps as ISO-8601 strings.
 
 Version 2 renamed the table ``trials`` to ``stages`` and its key ``trial_id`` to ``stage_id``,
-and added ``attempts``; nptm.results.store still reads version 1.
+and added ``attempts``; nptm.results.store still reads version 1. Version 3 added
+``nesterov``, ``momentum_min`` and ``momentum_max``; rows of earlier versions read with them
+null.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pyarrow as pa
 from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE
 from nptm.trainables.stage import StageKind, StageStatus
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TableName = Literal["stages", "epochs"]
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -170,7 +172,34 @@ STAGES_COLUMNS: tuple[Column, ...] = (
     ),
     _c("batch_size", _I32, True, "global batch of one optimizer step", param="batch_size"),
     _c("weight_decay", _F64, True, "SGD weight decay", param="weight_decay"),
-    _c("momentum", _F64, True, "SGD momentum of the recipe (clr cycles it)", param="momentum"),
+    _c(
+        "momentum",
+        _F64,
+        True,
+        "SGD momentum of the recipe (clr cycles it: momentum_min, momentum_max)",
+        param="momentum",
+    ),
+    _c(
+        "momentum_min",
+        _F64,
+        True,
+        "lowest SGD momentum of any step (clr: 0.85; else the recipe's momentum)",
+        param="momentum_min",
+    ),
+    _c(
+        "momentum_max",
+        _F64,
+        True,
+        "highest SGD momentum of any step (clr: 0.95; else the recipe's momentum)",
+        param="momentum_max",
+    ),
+    _c(
+        "nesterov",
+        _BOOL,
+        True,
+        "SGD with Nesterov momentum (the recipe's nesterov, where momentum > 0)",
+        param="nesterov",
+    ),
     _measure(
         "achieved_sparsity",
         _F64,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +23,9 @@ from nptm.trainables.artifacts import MODEL, ArtifactStore
 from nptm.trainables.catalog import PRUNERS
 from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE
 from nptm.trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
+
+if TYPE_CHECKING:
+    from nptm.orchestrator.failure_guard import Trip
 
 # The outcome's and an epoch's fields that are columns of their own.
 _OUTCOME_COLUMNS = tuple(
@@ -49,10 +52,13 @@ class SweepSummary:
     mlflow_parent_run_id: str | None = None
     planned: int = 0  # stages in the plan
     interrupted: int | None = None  # the signal that stopped the sweep (SIGINT, SIGTERM)
+    # Set when one error kept failing stages and the sweep stopped handing them out: the
+    # error and the stages it failed (nptm.orchestrator.failure_guard.Trip).
+    stopped: Trip | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failures and self.interrupted is None
+        return not self.failures and self.interrupted is None and self.stopped is None
 
     @property
     def landed(self) -> int:
@@ -75,6 +81,7 @@ class ResultSink:
         self.artifacts = artifacts
         self.executor = executor
         self.summary = SweepSummary(store.sweep)
+        self._landed: dict[str, StageStatus] = {}  # each recorded stage's latest status
         # Set when the sweep is interrupted: trials Tune stops on the way out are not outcomes.
         self.closed = False
 
@@ -149,6 +156,10 @@ class ResultSink:
 
     def _tally(self, spec: StageSpec, status: StageStatus, error: str | None, reused: bool) -> None:
         summary = self.summary
+        earlier = self._landed.get(spec.id)
+        if earlier is not None:  # ran again (a parent was re-made): counted as it ended last
+            summary.counts[earlier.value] -= 1
+        self._landed[spec.id] = status
         summary.counts[status.value] = summary.counts.get(status.value, 0) + 1
         if status == StageStatus.FAILED:
             summary.failures.append((spec.id, spec.kind.value, (error or "").splitlines()[0]))
@@ -214,6 +225,7 @@ def recipe_columns(spec: StageSpec) -> dict[str, Any]:
     if not epochs:  # a prune, or a pre-training that loads its weights
         return {"epochs": epochs}
     recipe = spec.recipe
+    momentum_min, momentum_max = _momentum_range(spec, epochs)
     return {
         "epochs": epochs,
         "lr_peak": _peak_lr(spec, epochs),
@@ -221,6 +233,9 @@ def recipe_columns(spec: StageSpec) -> dict[str, Any]:
         "batch_size": recipe.batch_size,
         "weight_decay": recipe.weight_decay,
         "momentum": recipe.momentum,
+        "momentum_min": momentum_min,
+        "momentum_max": momentum_max,
+        "nesterov": recipe.uses_nesterov,
     }
 
 
@@ -238,6 +253,21 @@ def _peak_lr(spec: StageSpec, epochs: int) -> float:
         overrides={k: v for k, v in spec.overrides if k == "lr"},
     )
     return float(curve.max())
+
+
+def _momentum_range(spec: StageSpec, epochs: int) -> tuple[float, float]:
+    """Lowest and highest SGD momentum of the stage's steps: the recipe's, unless the schedule
+    sets it per step (clr)."""
+    curve = None
+    if spec.kind != StageKind.PRETRAIN:
+        from nptm.trainables import schedules
+
+        curve = schedules.momentum_schedule(
+            spec.schedule, budget=epochs, steps_per_epoch=100, recipe=spec.recipe
+        )
+    if curve is None:
+        return spec.recipe.momentum, spec.recipe.momentum
+    return float(curve.min()), float(curve.max())
 
 
 @cache

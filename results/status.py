@@ -10,14 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from nptm.results.run_record import (
-    PLAN_FILE,
-    DriverState,
-    PlannedStage,
-    Progress,
-    RunRecord,
-    planned_stages,
-)
+from nptm.results.run_record import DriverState, PlannedStage, Progress, RunRecord
 from nptm.results.schema import AXIS_COLUMNS, STAGE_KINDS, STATUSES
 from nptm.results.store import SweepStore
 from nptm.results.tables import text_table
@@ -47,9 +40,12 @@ def sweep_status(store: SweepStore, *, now: float | None = None) -> dict[str, An
     with the sweep's run record (nptm.results.run_record), its progress against the saved plan.
 
     Returns ``{"sweep", "stages", "counts": {kind: {status: n}}, "by_status": {status: n},
-    "failed": [{"stage_id", "stage_kind", "status", "error", ...}], "plan": ... | None}``
-    (JSON-serialisable); ``plan`` is `plan_progress`' result, None for a sweep without a
-    saved plan (written by older versions).
+    "failed": [{"stage_id", "stage_kind", "status", "error", ...}], "plan": ... | None,
+    "skipped": [{"file", "reason", "moved_to", "stage_id"}]}`` (JSON-serialisable); ``plan`` is
+    `plan_progress`' result, None for a sweep without a saved plan (written by older versions)
+    or whose plan.json was refused; ``skipped`` names every file the reads refused (a damaged
+    or foreign per-stage file, snapshot, plan.json or progress.json: nptm.trainables.storage.
+    Damaged), whose rows or figures are missing from the rest.
     """
     stages = store.read_stages()
     counts = {kind: dict.fromkeys(STATUSES, 0) for kind in STAGE_KINDS}
@@ -72,7 +68,8 @@ def sweep_status(store: SweepStore, *, now: float | None = None) -> dict[str, An
         for _, r in bad.iterrows()
     ]
     record = RunRecord(store.layout, store.sweep)
-    plan = record.read_json(PLAN_FILE)
+    planned = record.read_plan()
+    progress = None if planned is None else record.read_progress()
     return {
         "sweep": store.sweep,
         "stages": len(stages),
@@ -80,13 +77,14 @@ def sweep_status(store: SweepStore, *, now: float | None = None) -> dict[str, An
         "by_status": by_status,
         "failed": failed,
         "plan": None
-        if plan is None
+        if planned is None
         else plan_progress(
-            planned_stages(plan),
+            planned,
             dict(zip(stages["stage_id"], stages["status"], strict=True)),
-            record.read_progress(),
+            progress,
             time.time() if now is None else now,
         ),
+        "skipped": [d.to_dict() for d in (*store.skipped, *record.damaged)],
     }
 
 
@@ -170,7 +168,24 @@ def render_status(d: dict[str, Any], *, max_failures: int = 20, max_running: int
             lines.append(f"      {first[:300]}")
         if len(failed) > max_failures:
             lines.append(f"  ... and {len(failed) - max_failures} more (see --json)")
+    lines += skipped_lines(d.get("skipped", []))
     return "\n".join(lines)
+
+
+def skipped_lines(skipped: list[dict[str, Any]]) -> list[str]:
+    """One line per file a read refused (`sweep_status`' ``skipped``), and what becomes of it."""
+    if not skipped:
+        return []
+    lines = ["", f"skipped {len(skipped)} damaged or foreign file(s):"]
+    for s in skipped:
+        aside = s.get("moved_to")
+        where = f" (set aside as {aside.rsplit('/', 1)[-1]})" if aside else ""
+        lines.append(f"  skipped {s['file']}: {s['reason']}{where}")
+    lines.append(
+        "  the next `nptm sweep` of this grid records their stages again (from the outcomes, "
+        "or by running them) and writes the run record anew"
+    )
+    return lines
 
 
 def is_running(d: dict[str, Any]) -> bool:

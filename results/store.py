@@ -23,6 +23,14 @@ stores a single PUT is already atomic), and temporary names start with a dot and
 
 Sweeps written with schema version 1 (``trials/<trial_id>.parquet``, key column ``trial_id``)
 are read as if they were current; a stage written again lands in the current layout.
+
+Every file is checked as it is read; one that fails costs its stage, never the table. A
+per-stage file that does not read (truncated, empty, garbled: pages carry CRC checksums), is
+not a table of its kind, or holds another stage's or sweep's rows is skipped with a warning
+and listed in `SweepStore.skipped`; readers leave it in place, while the driver (`compact`,
+`intact_stage_ids`) sets it aside as ``_<name>.damaged-<ns>`` and records the stage again
+from its outcome (nptm.orchestrator.sweep). A snapshot that fails its checks is skipped the same
+way (its rows are read from the per-stage files) and replaced by the next compaction.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from nptm.trainables.layout import (
     Layout,
     check_name,
 )
-from nptm.trainables.storage import atomic_write_bytes, read_bytes
+from nptm.trainables.storage import Damaged, atomic_write_bytes, read_bytes, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,13 @@ class Source(NamedTuple):
 
 
 _Merged = tuple[pa.Table, dict[str, Source], bool]
+# Columns every version of a table has: a file without them is not a table of that kind.
+_CORE = {
+    STAGES_TABLE: ("sweep", "stage_kind", "status"),
+    EPOCHS_TABLE: ("sweep", "stage_kind", "epoch"),
+}
+# What reading a Parquet file already in memory raises on bytes that are not one.
+_UNREADABLE = (pa.ArrowException, OSError, ValueError, KeyError, TypeError, IndexError)
 _SOURCES_KEY = b"nptm.sources"
 COMPACT_INTERVAL_S = 300.0  # the driver's snapshots lag the per-stage files by at most this
 COMPACT_AFTER_FILES = 64  # a read that opened more per-stage files writes a snapshot
@@ -91,6 +106,8 @@ class SweepStore:
         self.sweep_dir = self.layout.sweep_dir(sweep)
         self._snapshots: dict[str, tuple[tuple[int, int], tuple[pa.Table, dict[str, Source]]]] = {}
         self._last_compact = time.monotonic()
+        self._skipped: dict[str, list[Damaged]] = {}  # by table: what its last read refused
+        self._warned: set[tuple[str, int, int]] = set()  # (file, mtime, size): warn once each
 
     def __repr__(self) -> str:
         return f"SweepStore({self.storage!r}, {self.sweep!r})"
@@ -161,7 +178,7 @@ class SweepStore:
 
     def _write_atomic(self, table: pa.Table, path: str) -> None:
         buf = pa.BufferOutputStream()
-        pq.write_table(table, buf)
+        pq.write_table(table, buf, write_page_checksum=True)  # garbled pages fail to read
         atomic_write_bytes(self.fs, path, buf.getvalue().to_pybytes())
 
     def _delete_if_exists(self, path: str) -> None:
@@ -189,8 +206,32 @@ class SweepStore:
         return dict(sorted(found.items()))
 
     def stage_ids(self) -> list[str]:
-        """Ids of the stages with a stored outcome (from file names; nothing is read)."""
+        """Ids of the stages with a stored outcome (from file names; nothing is read, so a
+        damaged file still counts: see `intact_stage_ids`)."""
         return list(self._sources(STAGES_TABLE))
+
+    def intact_stage_ids(self) -> list[str]:
+        """Ids of the stages whose rows read back whole, for the driver at start: both tables
+        are read (the snapshot plus the per-stage files newer than it), every damaged or
+        foreign per-stage file is set aside, and a stage whose stage row or epoch rows were
+        refused is left out: the driver records it again (from its outcome, or by running it).
+        """
+        ids: set[str] = set()
+        refused: set[str] = set()
+        for table in (STAGES_TABLE, EPOCHS_TABLE):
+            merged, fresh = self._merge(table, set_aside=True)
+            if fresh > COMPACT_AFTER_FILES:
+                self._write_snapshot(table, merged, best_effort=True)
+            if table == STAGES_TABLE:
+                ids = set(merged[0]["stage_id"].to_pylist())
+            refused |= {d.stage_id for d in self._skipped[table] if d.stage_id is not None}
+        return sorted(ids - refused)
+
+    @property
+    def skipped(self) -> list[Damaged]:
+        """The files the latest read of each table refused (damaged or foreign per-stage files,
+        a damaged snapshot), each with why; what `nptm status` and `nptm report` list."""
+        return [d for table in (STAGES_TABLE, EPOCHS_TABLE) for d in self._skipped.get(table, [])]
 
     def read_table(self, table: TableName) -> pa.Table:
         """The whole table as Arrow, with exactly the current schema, sorted by stage (and
@@ -200,7 +241,8 @@ class SweepStore:
         that is newer than it; the per-stage files stay the source of truth (a snapshot row
         whose file changed or vanished is not used). A read that had to open more than
         `COMPACT_AFTER_FILES` per-stage files writes a new snapshot (best effort), so the next
-        read does not open them again.
+        read does not open them again. A damaged or foreign file is skipped with a warning and
+        left in place (`skipped` lists it).
         """
         merged, fresh = self._merge(table)
         if fresh > COMPACT_AFTER_FILES:
@@ -209,9 +251,10 @@ class SweepStore:
 
     def compact(self) -> None:
         """Bring both snapshots up to date with the per-stage files (one read of each file
-        newer than the snapshot, one write of each snapshot that changed)."""
+        newer than the snapshot, one write of each snapshot that changed). Damaged or foreign
+        per-stage files are set aside (`skipped` lists them)."""
         for table in (STAGES_TABLE, EPOCHS_TABLE):
-            merged, fresh = self._merge(table)
+            merged, fresh = self._merge(table, set_aside=True)
             if fresh or merged[2]:
                 self._write_snapshot(table, merged)
         self._last_compact = time.monotonic()
@@ -228,11 +271,14 @@ class SweepStore:
             self._last_compact = time.monotonic()
             log.warning("could not compact the tables of %s: %s", self, err)
 
-    def _merge(self, table: TableName) -> tuple[_Merged, int]:
+    def _merge(self, table: TableName, set_aside: bool = False) -> tuple[_Merged, int]:
         """(table, its sources, whether the snapshot had rows to drop) and how many per-stage
-        files were read."""
+        files were read; `set_aside`: move the damaged ones out of the way (else only
+        skipped)."""
+        skipped: list[Damaged] = []
+        self._skipped[table] = skipped
         sources = self._sources(table)
-        snapshot = self._read_snapshot(table)
+        snapshot = self._read_snapshot(table, skipped)
         kept_ids: list[str] = []
         stale = False
         if snapshot is not None:
@@ -247,7 +293,11 @@ class SweepStore:
         kept = set(kept_ids)
         fresh = [src for sid, src in sources.items() if sid not in kept]
         if fresh:
-            parts.append(self._read_files(table, fresh))
+            data, refused = self._read_files(table, fresh, set_aside)
+            parts.append(data)
+            for damaged in refused:
+                skipped.append(damaged)
+                sources.pop(damaged.stage_id or "", None)  # the snapshot does not stand for it
         schema = SCHEMAS[table]
         data = pa.concat_tables(parts) if parts else schema.empty_table()
         keys = [("stage_id", "ascending")] + (
@@ -255,28 +305,53 @@ class SweepStore:
         )
         return (data.sort_by(keys), sources, stale), len(fresh)
 
-    def _read_files(self, table: TableName, sources: list[Source]) -> pa.Table:
+    def _read_files(
+        self, table: TableName, sources: list[Source], set_aside: bool
+    ) -> tuple[pa.Table, list[Damaged]]:
         """The rows of these per-stage files, concurrently (object stores answer each read in
-        milliseconds, one at a time)."""
+        milliseconds, one at a time), and the files refused."""
         schema = SCHEMAS[table]
 
-        def read(src: Source) -> pa.Table:
+        def read(src: Source) -> pa.Table | Damaged:
             data = read_bytes(self.fs, f"{self.sweep_dir}/{src.file}")
             if data is None:
                 return schema.empty_table()  # removed since the listing
-            return _current_layout(pq.read_table(pa.BufferReader(data)), schema)
+            sid = src.file.rsplit("/", 1)[-1].removesuffix(".parquet")
+            rows, problem = _checked_rows(table, data, sid, self.sweep)
+            return rows if problem is None else self._refuse(src, sid, problem, set_aside)
 
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            parts = list(pool.map(read, sources))
-        return pa.concat_tables(parts) if parts else schema.empty_table()
+            results = list(pool.map(read, sources))
+        parts = [r for r in results if isinstance(r, pa.Table)]
+        refused = [r for r in results if isinstance(r, Damaged)]
+        return (pa.concat_tables(parts) if parts else schema.empty_table()), refused
+
+    def _refuse(self, src: Source, sid: str, problem: str, set_aside_: bool) -> Damaged:
+        """Skip a per-stage file (and, for the driver, set it aside), with a warning."""
+        path = f"{self.sweep_dir}/{src.file}"
+        moved = set_aside(self.fs, path) if set_aside_ else None
+        damaged = Damaged(self._location(src.file), problem, moved, sid)
+        key = (src.file, src.mtime_ns, src.size)
+        if moved is not None or key not in self._warned:
+            self._warned.add(key)
+            then = "set aside" if moved else "skipped"
+            log.warning("%s: the stored rows of stage %s %s: %s", self, sid, then, damaged)
+        return damaged
+
+    def _location(self, relative: str) -> str:
+        """A file of the sweep directory as a user names it (a URI keeps its scheme)."""
+        return self.layout.location("sweeps", self.sweep, *relative.split("/"))
 
     def snapshot_path(self, table: TableName) -> str:
         return self.layout.snapshot_file(self.sweep, table)
 
-    def _read_snapshot(self, table: TableName) -> tuple[pa.Table, dict[str, Source]] | None:
+    def _read_snapshot(
+        self, table: TableName, skipped: list[Damaged] | None = None
+    ) -> tuple[pa.Table, dict[str, Source]] | None:
         """The snapshot's rows and the per-stage file behind each stage's rows; None when it is
-        missing, unreadable or of another schema version. Kept in memory while the file is
-        unchanged."""
+        missing, of another schema version, or fails its checks (then added to `skipped`, with
+        a warning: the rows are read from the per-stage files, and the next compaction
+        replaces it). Kept in memory while the file is unchanged."""
         path = self.snapshot_path(table)
         info = self.fs.get_file_info(path)
         if info.type != pafs.FileType.File:
@@ -285,18 +360,28 @@ class SweepStore:
         memo = self._snapshots.get(table)
         if memo is not None and memo[0] == stamp:
             return memo[1]
+        data = read_bytes(self.fs, path)
+        if data is None:
+            return None
         try:
-            data = read_bytes(self.fs, path)
-            if data is None:
-                return None
-            rows = pq.read_table(pa.BufferReader(data))
-            meta = json.loads((rows.schema.metadata or {})[_SOURCES_KEY])
-            sources = {sid: Source(*src) for sid, src in meta.items()}
-        except (OSError, pa.ArrowException, KeyError, ValueError, TypeError) as err:
-            log.debug("ignoring the snapshot %s: %s", path, err)
-            return None  # rebuilt from the per-stage files by the next compaction
-        if not rows.schema.equals(SCHEMAS[table], check_metadata=False):
-            return None  # written by another schema version
+            rows = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+            problem, sources = _snapshot_problem(table, rows, self.sweep)
+        except _UNREADABLE as err:
+            problem, sources = f"unreadable ({_first_line(err)})", {}
+        if problem == _OTHER_VERSION:
+            log.debug("ignoring the snapshot %s: written by another schema version", path)
+            return None
+        if problem is not None:
+            name = f"{table}.parquet"
+            damaged = Damaged(self._location(name), f"{problem}; its rows are read from the "
+                              f"per-stage files, and the next compaction replaces it")  # fmt: skip
+            if skipped is not None:
+                skipped.append(damaged)
+            key = (name, info.mtime_ns or 0, info.size)
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("%s: snapshot skipped: %s", self, damaged)
+            return None
         snapshot = (rows.replace_schema_metadata(SCHEMAS[table].metadata), sources)
         self._snapshots[table] = (stamp, snapshot)
         return snapshot
@@ -326,6 +411,98 @@ class SweepStore:
 
     def read_epochs(self) -> pd.DataFrame:
         return _to_pandas(self.read_table(EPOCHS_TABLE))
+
+
+_OTHER_VERSION = "written by another schema version"
+
+
+def _checked_rows(
+    table: TableName, data: bytes, stage_id: str, sweep: str
+) -> tuple[pa.Table, str | None]:
+    """The rows of one per-stage file in the current schema, or why they are not `stage_id`'s
+    rows of `table` in `sweep`."""
+    schema = SCHEMAS[table]
+    try:
+        raw = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+    except _UNREADABLE as err:
+        return schema.empty_table(), f"unreadable ({_first_line(err)})"
+    problem = _foreign_rows(table, raw, stage_id, sweep)
+    if problem is not None:
+        return schema.empty_table(), problem
+    try:
+        rows = _current_layout(raw, schema)
+    except _UNREADABLE as err:
+        return schema.empty_table(), f"not the {table} table's schema ({_first_line(err)})"
+    present = set(raw.column_names) | ({"stage_id"} if LEGACY_KEY in raw.column_names else set())
+    nulls = [
+        f.name for f in schema if not f.nullable and f.name in present and rows[f.name].null_count
+    ]
+    if nulls:
+        return schema.empty_table(), f"not the {table} table's schema (nulls in {nulls[0]})"
+    return rows, None
+
+
+def _foreign_rows(table: TableName, raw: pa.Table, stage_id: str, sweep: str) -> str | None:
+    """Why `raw` is not one stage's file of `table` (another table, stage or sweep), or None."""
+    declared = (
+        (raw.schema.metadata or {}).get(b"nptm.table", table.encode()).decode("utf-8", "replace")
+    )
+    if declared != table:
+        return f"a file of the {declared} table, not of {table}"
+    names = set(raw.column_names)
+    key = LEGACY_KEY if LEGACY_KEY in names and "stage_id" not in names else "stage_id"
+    missing = [c for c in (key, *_CORE[table]) if c not in names]
+    if missing:
+        return f"not the {table} table's schema (no column {', '.join(missing)})"
+    if table == STAGES_TABLE and raw.num_rows != 1:
+        return f"{raw.num_rows} rows where one stage has one"
+    if not raw.num_rows:
+        return "no rows"
+    ids = sorted({str(v) for v in raw[key].to_pylist()})
+    if ids != [stage_id]:
+        return f"holds the rows of stage {', '.join(ids)}, not of {stage_id}"
+    sweeps = sorted({str(v) for v in raw["sweep"].to_pylist()})
+    if sweeps != [sweep]:
+        return f"holds rows of sweep {', '.join(sweeps)}, not of {sweep}"
+    if table == EPOCHS_TABLE and len(set(raw["epoch"].to_pylist())) != raw.num_rows:
+        return "the same epoch twice"
+    return None
+
+
+def _snapshot_problem(
+    table: TableName, rows: pa.Table, sweep: str
+) -> tuple[str | None, dict[str, Source]]:
+    """The per-stage file behind each stage's rows of a snapshot, or why it is not this
+    sweep's snapshot of `table` (`_OTHER_VERSION`: a snapshot to ignore, not a damaged one)."""
+    meta = rows.schema.metadata or {}
+    schema = SCHEMAS[table]
+    declared = meta.get(b"nptm.table", table.encode()).decode("utf-8", "replace")
+    if declared != table:
+        return f"a {declared} table, not the {table} snapshot", {}
+    if _SOURCES_KEY not in meta:
+        return "not a snapshot (no record of the per-stage files behind its rows)", {}
+    version = meta.get(b"nptm.schema_version")
+    if version is not None and version != (schema.metadata or {}).get(b"nptm.schema_version"):
+        return _OTHER_VERSION, {}
+    if not rows.schema.equals(schema, check_metadata=False):
+        return f"not the schema of the {table} table", {}
+    listed = json.loads(meta[_SOURCES_KEY])
+    if not isinstance(listed, dict):
+        return "not a snapshot (its record of per-stage files is not a mapping)", {}
+    sources = {str(sid): Source(str(f), int(t), int(n)) for sid, (f, t, n) in listed.items()}
+    ids = set(pc.unique(rows["stage_id"]).to_pylist())
+    if not ids <= set(sources):
+        return "rows of stages it names no per-stage file for", {}
+    if rows.num_rows and pc.unique(rows["sweep"]).to_pylist() != [sweep]:
+        return f"rows of another sweep than {sweep}", {}
+    if table == STAGES_TABLE and len(ids) != rows.num_rows:
+        return "the same stage twice", {}
+    return None, sources
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
 
 
 def _current_layout(data: pa.Table, schema: pa.Schema) -> pa.Table:

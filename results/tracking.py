@@ -60,6 +60,7 @@ from nptm.results.mlflow_rows import (
 )
 from nptm.results.store import SweepStore
 from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, check_name
+from nptm.trainables.redact import redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +235,12 @@ class MlflowRecorder:
 
     def _degrade(self, what: str, err: BaseException) -> None:
         self._degraded = True
-        message = str(err).splitlines()[0][:500] if str(err) else repr(err)
+        # MLflow's errors name the request's URL: user-info and all.
+        message = redact_text(str(err).splitlines()[0][:500] if str(err) else repr(err))
         log.warning(
             "MLflow at %s failed in %s (%s: %s); continuing without MLflow, every result is "
             "in Parquet (fill MLflow later with `nptm sync-mlflow`)",
-            self.uri,
+            redact_uri(self.uri),
             what,
             type(err).__name__,
             message,
@@ -558,7 +560,10 @@ def sync_mlflow(store: SweepStore, uri: str) -> SyncResult:
     epochs_of = epochs_by_stage(store.read_table(EPOCHS_TABLE))
     counts = {"created": 0, "updated": 0, "unchanged": 0}
     recorder.adopt_sweep()
-    for row in store.read_table(STAGES_TABLE).to_pylist():
-        _, action = recorder.upsert_stage(row, epochs_of(row["stage_id"]))
+    stages = store.read_table(STAGES_TABLE)
+    for i, row in enumerate(stages.to_pylist()):
+        run_id, action = recorder.upsert_stage(row, epochs_of(row["stage_id"]))
         counts[action] += 1
+        if run_id and row.get("mlflow_run_id") != run_id:  # the row learns its run, as in a sweep
+            store.link_mlflow_run(stages.slice(i, 1), run_id)
     return SyncResult(**counts)

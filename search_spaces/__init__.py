@@ -17,9 +17,13 @@ refused). Every section except ``name`` and ``axes`` is optional; unknown keys a
     seeds:
       pretrain: per_trial     # per_trial: every seed pre-trains and prunes its own network;
                               # shared: one pre-trained network per (dataset, model), pruned
-                              # once per pruner target, that every seed of axes.seed retrains
-                              # (the paper's protocol); retraining keeps its train/val split
+                              # once per methodical pruner target, that every seed of
+                              # axes.seed retrains (the paper's protocol); retraining keeps
+                              # its train/val split
       shared_seed: 0          # the seed of that shared pre-training and pruning
+      random_masks: per_seed  # with shared: a random pruner (random, random_filter) draws one
+                              # mask per seed, as rerunning the authors' unseeded scripts does;
+                              # shared: one mask, drawn with shared_seed, for every seed
     pretrain:                 # overrides of each dataset's default recipe (nptm.trainables.recipe)
       from: null              #   existing weights instead of pre-training: a state_dict file,
                               #   an unpruned nptm model.pt (path or URI), or torchvision (the
@@ -83,6 +87,24 @@ of them define and exclude the others (``{model: vgg16, preset: B}``).
 
 `load_grid(path, overrides)` applies the command line's ``key.path=value`` pairs to the file's
 data first (nptm.search_spaces.overrides), so an override is checked like the same edit.
+
+Bounds: every number is one a run survives, and is checked before the first stage. Floats are
+finite everywhere. Budgets and pre-training epochs are at most 100,000
+(nptm.trainables.recipe.MAX_EPOCHS), and one run at most 50,000,000 optimizer steps (epochs x
+ceil(training samples / batch_size); scratch_b's computed length too, at planning); batch_size
+is at most 65,536, lr at most 100, weight_decay at most 1, milestones at most 100. Seeds lie in
+[0, 2**32) (a stage seeds torch with ``seed * 2**20 + epoch``). CPU and GPU shares are whole
+multiples of 0.0001, Ray's granularity (cpus_per_worker at most 1,024, gpus_per_worker 64),
+workers_per_trial at most 1,024, max_concurrent 100,000, iterative.rounds 100, max_trials
+1,000,000, and the axes multiply to at most 1,000,000 trials before any exclude rule (counted
+from the lists' lengths, so a huge product is refused at once). Canonical values: a ratio,
+min_keep and val_fraction are rounded to 6 decimals and an lr override to 6 significant digits
+(-0.0 is 0.0), and two values of one axis that round alike are refused as listed twice: the
+report never pools two stage chains as seeds. A grid file is a regular file of at most 16 MiB
+that nests at most 32 levels (aliases included); a scalar must construct as its tag says, a key
+is a scalar, ``<<`` merges mappings. ``pretrain.from`` is a regular, non-empty file of at most
+4 GiB (never a FIFO or a device), read within 300 s, from a local path or a file://, s3://,
+gs://, gcs://, hdfs://, viewfs://, abfs:// or abfss:// URI, holding a state_dict of finite tensors.
 
 Every mistake raises `GridError` whose message reads ``FILE: FIELD.PATH: problem with VALUE``,
 e.g. ``grid.yaml: axes.pruner[1].ratio: 1.5 is outside [0, 1)`` or

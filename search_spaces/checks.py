@@ -12,8 +12,8 @@ models with presets that only some of them have and exclude the rest, e.g.
 
 from __future__ import annotations
 
+import math
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from nptm.search_spaces.dry_run import dry_run
 from nptm.search_spaces.errors import GridIssue, did_you_mean, field_path, pydantic_issues, show
 from nptm.search_spaces.expand import (
     BUDGET,
@@ -37,22 +38,27 @@ from nptm.search_spaces.expand import (
     TrialKey,
 )
 from nptm.search_spaces.schema import (
+    MAX_TRIALS_LIMIT,
+    RATIO_DECIMALS,
+    SEED_LIMIT,
+    SIGNIFICANT_DIGITS,
     SWEEP_NAME_PATTERN,
     TRIAL_KEYS,
     DataSection,
     Grid,
     ResourcesSection,
     SeedsSection,
+    canonical_ratio,
+    canonical_real,
 )
 from nptm.trainables import catalog
 from nptm.trainables.plugins import PluginError, load_plugins
-from nptm.trainables.recipe import DEFAULT_RECIPES, Recipe
+from nptm.trainables.recipe import DEFAULT_RECIPES, MAX_EPOCHS, MAX_LR, MAX_STEPS, Recipe
 from nptm.trainables.registry import Registry
 from nptm.trainables.schedules import KNOWN_OVERRIDES, check_override, rewind_epoch
 from nptm.trainables.start_weights import (
     TORCHVISION,
     StartWeights,
-    StartWeightsError,
     load_state_dict,
     read_source,
     sha256,
@@ -113,6 +119,7 @@ class CheckedGrid:
 def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> CheckedGrid:
     """Validate `grid` (parsed from `raw`) beyond its shape; see the module docstring."""
     _check_name(grid.name)
+    _check_size(grid, raw)  # arithmetic, before any list or rule is walked
     _load_plugins(grid, raw)
     _check_resources(grid)
     axes = grid.axes
@@ -142,6 +149,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
             datasets.setdefault(ds)
     recipes = _recipes({k: v for k, v in grid.pretrain.items() if k != "from"}, datasets)
     _check_batch_split(grid, recipes)
+    _check_run_lengths(grid, raw, recipes)
 
     space = Space(
         [
@@ -162,6 +170,7 @@ def check_grid(grid: Grid, raw: dict[str, Any], source: str = "<grid>") -> Check
         _check_trial(grid, recipes, key, f"include[{i}]")
     if space.count() == 0 and not includes:
         raise GridIssue("exclude", "the exclude rules remove every trial of the axes")
+    dry_run(space, includes, recipes)  # plugin functions and structured pruning, run once
     return CheckedGrid(grid, source, MappingProxyType(recipes), space, tuple(includes), start)
 
 
@@ -225,7 +234,7 @@ def _start_weights(grid: Grid, raw: dict[str, Any]) -> StartWeights | None:
         from nptm.trainables.models import build_model
 
         build_model(model, dataset).load_state_dict(state, strict=True)
-    except (StartWeightsError, RuntimeError, OSError, pickle.UnpicklingError) as err:
+    except Exception as err:  # StartWeightsError, or whatever loading them raised
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise GridIssue("pretrain.from", f"{show(source)}: {detail}") from None
     return StartWeights(source, sha256(data))
@@ -239,6 +248,80 @@ def _check_name(name: str) -> None:
             "letters, digits, '_' or '-', starting with a letter or digit "
             "(it names the sweep's directory)",
         )
+
+
+def _check_size(grid: Grid, raw: dict[str, Any]) -> None:
+    """The axes' product, counted before any exclude rule from the lists' lengths alone: at
+    most MAX_TRIALS_LIMIT, the most one grid may plan (--confirm-large or not). It bounds what
+    checking and planning the grid cost, whatever its exclude rules."""
+    axes = grid.axes
+    targets = sum(len(e.ratio or e.preset or ()) for e in axes.pruner)
+    lengths = {
+        "dataset": len(axes.dataset),
+        "model": len(axes.model),
+        "pruner target": targets,
+        "schedule": len(axes.schedule),
+        "budget": len(axes.budget),
+        "seed": len(axes.seed),
+        **{f"overrides.{k}": len(v) for k, v in sorted(axes.overrides.items())},
+    }
+    size = math.prod(lengths.values()) + len(grid.include)
+    if size > MAX_TRIALS_LIMIT:
+        factors = " x ".join(f"{n:,} {name}" for name, n in lengths.items())
+        extra = f" + {len(grid.include):,} include" if grid.include else ""
+        raise GridIssue(
+            "axes",
+            f"the axes multiply to {size:,} trials before any exclude rule ({factors}{extra}), "
+            f"more than max_trials = {grid.max_trials:,} and more than the "
+            f"{MAX_TRIALS_LIMIT:,} trials one grid may plan even with --confirm-large; "
+            "split it into smaller grids",
+        )
+
+
+def run_length_problem(
+    recipe: Recipe, dataset: str, epochs: int, val_fraction: float
+) -> str | None:
+    """Why a run of `epochs` epochs of `dataset` under `recipe` is more than a run survives
+    (more than MAX_EPOCHS epochs, or MAX_STEPS optimizer steps: every per-step lr curve is an
+    array of them); None if it is not."""
+    if epochs > MAX_EPOCHS:
+        return f"{epochs:,} epochs, more than the {MAX_EPOCHS:,} one run may train"
+    n = catalog.DATASETS[dataset].train_size
+    kept = n - round(val_fraction * n)
+    steps = epochs * math.ceil(kept / recipe.batch_size) if kept > 0 else epochs
+    if steps > MAX_STEPS:
+        return (
+            f"{epochs:,} epochs of {math.ceil(kept / recipe.batch_size):,} steps "
+            f"({kept:,} training samples of dataset {dataset!r} in batches of "
+            f"{recipe.batch_size}) is {steps:,} optimizer steps, more than the {MAX_STEPS:,} "
+            "one run may take; lower it, or raise pretrain.batch_size"
+        )
+    return None
+
+
+def _check_run_lengths(grid: Grid, raw: dict[str, Any], recipes: dict[str, Recipe]) -> None:
+    """Each dataset's hold-out leaves samples on both sides, and its pre-training and its
+    longest retraining are runs a worker survives (`run_length_problem`)."""
+    fraction = grid.data.val_fraction
+    budgets = {i: b for i, b in enumerate(grid.axes.budget)}
+    for ds, recipe in recipes.items():
+        n = catalog.DATASETS[ds].train_size
+        held = round(fraction * n)
+        if fraction > 0 and not 0 < held < n:
+            raise GridIssue(
+                "data.val_fraction",
+                f"{fraction!r} of the {n:,} training samples of dataset {ds!r} holds out "
+                f"{held:,}; both the held-out and the training part need at least one sample",
+            )
+        problem = run_length_problem(recipe, ds, recipe.epochs, fraction)
+        if problem is not None:
+            own = isinstance(grid.pretrain.get(ds), dict) and "epochs" in grid.pretrain[ds]
+            path = f"pretrain.{ds}.epochs" if own else "pretrain.epochs"
+            raise GridIssue(path, f"the pre-training of dataset {ds!r}: {problem}")
+        for i, budget in budgets.items():
+            problem = run_length_problem(recipe, ds, budget, fraction)
+            if problem is not None:
+                raise GridIssue(_at(raw, "axes", "budget", i), f"{budget}: {problem}")
 
 
 def _check_resources(grid: Grid) -> None:
@@ -316,7 +399,7 @@ def _pruner_targets(grid: Grid, raw: dict[str, Any]) -> tuple[list[Target], list
                 base, f"pruner {entry.name!r} has {both} of 'ratio' and 'preset'; give exactly one"
             )
         structured = catalog.PRUNERS[entry.name].structured
-        given = {
+        given: dict[str, Any] = {
             k: getattr(entry, k) for k in ("layers", "min_keep") if getattr(entry, k) is not None
         }
         try:
@@ -325,8 +408,13 @@ def _pruner_targets(grid: Grid, raw: dict[str, Any]) -> tuple[list[Target], list
             key = next((k for k in sorted(given) if k in str(err)), "name")
             raise GridIssue(f"{base}.{key}", str(err)) from None
         if entry.ratio is not None:
+            for j, r in enumerate(entry.ratio):
+                if not 0.0 <= r < 1.0:
+                    raise GridIssue(
+                        _at(raw, "axes", "pruner", i, "ratio", j), f"{show(r)} is outside [0, 1)"
+                    )
             items = [
-                (Target(entry.name, float(r), None, opts), "ratio", j)
+                (Target(entry.name, canonical_ratio(r), None, opts), "ratio", j)
                 for j, r in enumerate(entry.ratio)
             ]
         else:
@@ -336,8 +424,13 @@ def _pruner_targets(grid: Grid, raw: dict[str, Any]) -> tuple[list[Target], list
             ]
         for target, key, j in items:
             path = _at(raw, "axes", "pruner", i, key, j)
-            if key == "ratio" and not 0.0 <= target.ratio < 1.0:  # type: ignore[operator]
-                raise GridIssue(path, f"{show(target.ratio)} is outside [0, 1)")
+            written = entry.ratio[j] if key == "ratio" and entry.ratio else None
+            if key == "ratio" and not target.ratio < 1.0:  # type: ignore[operator]
+                raise GridIssue(
+                    path,
+                    f"{show(written)} rounds to {target.ratio} at {RATIO_DECIMALS} decimals, "
+                    "outside [0, 1)",
+                )
             if key == "preset" and not structured:
                 raise GridIssue(
                     path,
@@ -345,11 +438,13 @@ def _pruner_targets(grid: Grid, raw: dict[str, Any]) -> tuple[list[Target], list
                     f"pruner {entry.name!r} is unstructured; give a 'ratio'",
                 )
             if target in seen:
+                value = show(written if key == "ratio" else target.preset)
+                if key == "ratio" and written != target.ratio:
+                    value += f" (rounded to {RATIO_DECIMALS} decimals: {target.ratio})"
                 raise GridIssue(
                     path,
-                    f"{show(target.ratio if key == 'ratio' else target.preset)}"
-                    f" for pruner {entry.name!r} is listed twice (also at "
-                    f"{seen[target]})",
+                    f"{value} for pruner {entry.name!r} is listed twice (also at "
+                    f"{seen[target]}); ratios are compared at {RATIO_DECIMALS} decimals",
                 )
             seen[target] = path
             targets.append(target)
@@ -372,7 +467,13 @@ def _override_dims(grid: Grid, raw: dict[str, Any]) -> list[Dim]:
         first: dict[Any, int] = {}
         for j, v in enumerate(values):
             if v in first:
-                raise GridIssue(_at(raw, *where, name, j), f"{show(v)} is listed twice")
+                written = grid.axes.overrides[name][j]
+                raise GridIssue(
+                    _at(raw, *where, name, j),
+                    f"{show(written)} is listed twice (also at "
+                    f"{_at(raw, *where, name, first[v])}); values are compared at "
+                    f"{SIGNIFICANT_DIGITS} significant digits, {show(v)}",
+                )
             first[v] = j
         paths = tuple(_at(raw, *where, name, j) for j in range(len(values)))
         dims.append(Dim(name, tuple(values), paths))
@@ -380,11 +481,20 @@ def _override_dims(grid: Grid, raw: dict[str, Any]) -> list[Dim]:
 
 
 def _override_value(name: str, value: Any, path: str) -> Any:
-    """Validate one override value with the schedules' own rule; ints become floats."""
+    """Validate one override value with the schedules' own rule; ints become floats, rounded
+    to SIGNIFICANT_DIGITS significant digits (values that print alike are one value)."""
     try:
-        return check_override(name, value)
+        checked = check_override(name, value)
     except ValueError as err:
         raise GridIssue(path, f"{show(value)} is not a valid {name}: {err}") from None
+    rounded = canonical_real(checked)
+    if name == "lr" and not 0 < rounded <= MAX_LR:
+        raise GridIssue(
+            path,
+            f"{show(value)} is not a valid lr: it must lie in (0, {MAX_LR:g}] at "
+            f"{SIGNIFICANT_DIGITS} significant digits",
+        )
+    return rounded
 
 
 def _recipes(pretrain: dict[str, Any], datasets: dict[str, None]) -> dict[str, Recipe]:
@@ -453,14 +563,28 @@ def _rule_keys(space: Space) -> list[str]:
     return [*TRIAL_KEYS, *space.override_names]
 
 
+def _rule_value(space: Space, key: str, value: Any) -> Any:
+    """A rule's value as the axes hold it: a ratio or an override rounded like theirs."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value):
+        return value
+    if key == "ratio":
+        return canonical_ratio(value)
+    if key in space.override_names:
+        return canonical_real(value)
+    return value
+
+
 def _compile_exclude(space: Space, rule: dict[str, Any], i: int) -> Rule:
     where = f"exclude[{i}]"
     if not rule:
         raise GridIssue(where, "{} is an empty rule; it would exclude every trial")
     allowed = _rule_keys(space)
-    for key, value in rule.items():
+    for key in rule:
         if key not in allowed:
             raise GridIssue(f"{where}.{key}", "unknown key" + did_you_mean(key, allowed))
+    rule = {key: _rule_value(space, key, value) for key, value in rule.items()}
+    for key, value in rule.items():
         if not space.matching(key, value):
             d = space.dim_index(key)
             assert d is not None  # every allowed key has a dimension
@@ -496,8 +620,8 @@ class _IncludeEntry(BaseModel):
     ratio: float | None = None
     preset: str | None = None
     schedule: str
-    budget: int = Field(gt=0)
-    seed: int = Field(ge=0)
+    budget: int = Field(gt=0, le=MAX_EPOCHS)
+    seed: int = Field(ge=0, lt=SEED_LIMIT)
 
 
 def _include_trial(entry: dict[str, Any], i: int) -> TrialKey:
@@ -527,9 +651,11 @@ def _include_trial(entry: dict[str, Any], i: int) -> TrialKey:
         raise GridIssue(
             where, f"give exactly one of 'ratio' and 'preset' for pruner {inc.pruner!r}"
         )
-    if inc.ratio is not None and not 0.0 <= inc.ratio < 1.0:
-        raise GridIssue(f"{where}.ratio", f"{show(inc.ratio)} is outside [0, 1)")
-    ratio = None if inc.ratio is None else float(inc.ratio)
+    ratio = None if inc.ratio is None else canonical_ratio(inc.ratio)
+    if inc.ratio is not None and (inc.ratio < 0 or ratio >= 1):  # type: ignore[operator]
+        raise GridIssue(
+            f"{where}.ratio", f"{show(inc.ratio)} is outside [0, 1) at {RATIO_DECIMALS} decimals"
+        )
     return TrialKey(
         inc.dataset,
         inc.model,

@@ -169,3 +169,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if RAY_TMPDIR is not None:
         shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as a 1-CPU trial has: on a shared 2-core machine, two OpenMP
+    threads stall at every barrier as soon as another process takes a core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,6 +30,7 @@ from typing import Any
 
 from nptm.orchestrator.cluster import LOCAL_RAY_TRAIN_ENV, token_file
 from tests.ports import free_port
+from tests.s3_server import S3Server
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -47,6 +48,10 @@ def use_test_ray_env() -> str | None:
     # Ray Train as nptm sets it up on a local Ray it starts itself (the nodes of the test
     # clusters inherit this environment): one machine has nothing to preempt.
     for name, value in LOCAL_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
+    # A cluster node holds its own object-store credentials (nptm forwards none to workers):
+    # the test nodes hold the dummy ones of the tests' S3 server (tests/s3_server.py).
+    for name, value in S3Server.env.items():
         os.environ.setdefault(name, value)
     if "RAY_TMPDIR" not in os.environ:
         # Short: <dir>/ray/session_<date>_<pid>/sockets/plasma_store must fit in 107 bytes.

@@ -347,7 +347,25 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
     out = tmp_path / "report"
     rep = cli_in_process(["report", "tiny", "--storage", str(storage), "--out", str(out),
                           "--latex", "--equivalence-margin", "1.5"])  # fmt: skip
-    assert rep.returncode == 0 and "LaTeX tables: status.tex, headline.tex" in rep.stdout
+    assert rep.returncode == 0 and "LaTeX tables: confirmatory.tex, status.tex, headline.tex" in rep.stdout
     assert (out / "headline.tex").read_text().startswith("\\begin{table}")
     md = (out / "report.md").read_text()
     assert "margin ±1.5 points" in md and "](figures/acc_bars__" in md  # one budget: bars
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x80\x81 {", b"[1, 2]", b'{"sweep": "other"}'])
+def test_status_names_a_damaged_run_record_instead_of_crashing(tmp_path: Path, garbage) -> None:
+    store = SweepStore(tmp_path, "dm")
+    store.write_stage(row("p0", stage_kind="pretrain", pruner=None, ratio=None, schedule=None))
+    write_record(tmp_path, "dm", PLAN, Progress("dm", 1, "h", 0.0, 1.0))
+    run = tmp_path / "sweeps" / "dm" / "run"
+    (run / "progress.json").write_bytes(garbage)
+    d = sweep_status(store, now=2.0)
+    assert d["plan"]["done"] == 1 and d["plan"]["driver"] is None
+    assert [s["file"] for s in d["skipped"]] == [str(run / "progress.json")]
+    assert f"skipped {run / 'progress.json'}: " in render_status(d)
+    (run / PLAN_FILE).write_bytes(garbage)
+    d = sweep_status(store, now=2.0)
+    assert d["plan"] is None and d["stages"] == 1  # counts of the stored stages instead
+    assert [s["file"] for s in d["skipped"]] == [str(run / PLAN_FILE)]
+    json.dumps(d)

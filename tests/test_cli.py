@@ -47,9 +47,9 @@ def test_schedules_prints_figure_1_for_a_small_budget(tmp_path: Path, capsys) ->
     assert lr["ft"] == pytest.approx([0.001] * 10)  # the last pre-training lr
     # lrw replays pre-training epochs 20..29: 20-22 at 0.01, 23-29 at 0.001
     assert lr["lrw"] == pytest.approx([0.01] * 3 + [0.001] * 7) and lr["wr"] == lr["lrw"]
-    # slr: warm-up W = round(0.1 x 230) = 23 steps from 0.001; then 207 steps with drops at
-    # 23 + round(15/30 x 207) = 127 and 23 + round(23/30 x 207) = 182; epoch e starts at 23e.
-    assert lr["slr"] == pytest.approx([0.001] + [0.1] * 5 + [0.01] * 2 + [0.001] * 2)
+    # slr: warm-up over int(0.1 x 10) = 1 epoch at 0.001, then drops int(15/30 x 0.9 x 10) = 4
+    # and int(23/30 x 0.9 x 10) = 6 epochs after it: from epochs 5 and 7.
+    assert lr["slr"] == pytest.approx([0.001] + [0.1] * 4 + [0.01] * 2 + [0.001] * 3)
     for name, curve in out["schedules"].items():  # the recipe's momentum, but clr cycles it
         if name != "clr":
             assert curve["momentum"] == pytest.approx([0.9] * 10)

@@ -10,6 +10,7 @@ from nptm.orchestrator.dag_search import DONE, FAILED, PENDING, SKIPPED, DagSear
 from nptm.orchestrator.planner import build_plan, stage_epochs
 from nptm.orchestrator.trial import stage_id_of
 from nptm.search_spaces import load_grid
+from nptm.trainables.stage import StageOutcome
 from tests.sweep_helpers import write_grid
 
 
@@ -19,7 +20,8 @@ def _searcher(tmp_path: Path, outcomes: dict[str, str], done: set[str] = frozens
 
     def resolve(spec, result, error):
         status = outcomes.get(spec.kind, "ok")
-        return status, ({"status": status} if status != "failed" else None), None
+        outcome = StageOutcome(stage_id=spec.id, kind=spec.kind, status=status)
+        return status, (outcome if status != "failed" else None), None
 
     def on_finish(spec, status, outcome, detail):
         finished.append((spec.id, status))
@@ -149,3 +151,77 @@ def test_counters_match_a_recount_at_every_step(tmp_path: Path) -> None:
         assert s.count(PENDING) == s.count(Progress.RUNNING) == 0 and s.remaining_epochs() == 0
     assert searcher.count(SKIPPED) == 12 and searcher.count(FAILED) == 4  # 2 seeds x 2 prunes
     assert searcher2.count(DONE) == len(plan2.stages)
+
+
+# -- lineage: no stage mixes two runs of its parent -------------------------------------------
+def _lineage_searcher(tmp_path: Path):
+    """A plan (1 pretrain, 2 prunes, 6 retrains) whose every stage is finished, each having
+    read its parents' payloads as `made` (stage id -> the sha its model has) says; the pretrain
+    is to run again (say its model was lost). `resolve` gives a re-run stage the sha `made`
+    holds for it when it completes."""
+    plan = build_plan(load_grid(write_grid(tmp_path / "g.yaml")))
+    pre = next(s for s, spec in plan.stages.items() if spec.kind == "pretrain")
+    made = {sid: f"sha-{sid}" for sid in plan.stages}
+
+    def outcome(sid: str) -> StageOutcome:
+        spec = plan.stages[sid]
+        consumed = {f"{p}/model": made[p] for p in spec.parents}
+        return StageOutcome(
+            stage_id=sid, kind=spec.kind, status="ok",
+            artifacts={"model": made[sid]}, consumed=consumed or None,
+        )  # fmt: skip
+
+    stored = {sid: outcome(sid) for sid in plan.stages}
+    ran: list[str] = []
+
+    def resolve(spec, result, error):
+        ran.append(spec.id)
+        return "ok", outcome(spec.id), None
+
+    done = set(plan.stages) - {pre}
+    searcher = DagSearcher(plan.stages, done, resolve, lambda *a: None, outcomes=stored)
+    return plan, pre, searcher, made, ran
+
+
+def test_a_re_made_parent_with_the_same_bytes_runs_nothing_below_it(tmp_path: Path) -> None:
+    _, pre, searcher, _, ran = _lineage_searcher(tmp_path)
+    assert _drain(searcher) == [pre] and ran == [pre]
+
+
+def test_a_re_made_parent_with_other_bytes_runs_every_stage_below_it(tmp_path: Path) -> None:
+    plan, pre, searcher, made, _ = _lineage_searcher(tmp_path)
+    made[pre] = "sha-of-another-run"  # a GPU re-made the network differently
+    # Each prune re-made from the new network holds other bytes too.
+    for sid, spec in plan.stages.items():
+        if spec.kind == "prune":
+            made[sid] += "-again"
+    order = _drain(searcher)
+    assert sorted(order) == sorted(plan.stages)  # 1 + 2 + 6: everything ran once
+    assert all(
+        order.index(p) < order.index(sid) for sid, spec in plan.stages.items() for p in spec.parents
+    )
+    # Every stage now holds what its parents hold: one run of each parent below each child.
+    for sid, spec in plan.stages.items():
+        for p in spec.parents:
+            assert searcher.outcomes[sid].read_current(p, searcher.outcomes[p])
+
+
+def test_a_child_that_read_a_replaced_payload_runs_again(tmp_path: Path) -> None:
+    plan, pre, searcher, made, _ = _lineage_searcher(tmp_path)
+    prune = next(s for s, spec in plan.stages.items() if spec.kind == "prune")
+    child = next(s for s, spec in plan.stages.items() if spec.parents[:1] == (prune,))
+    assert _drain(searcher) == [pre]
+    # The prune is re-made with other bytes while its child (finished on the old ones) is
+    # requeued for another reason and completes having read the old model.
+    searcher.outcomes[prune] = StageOutcome(
+        stage_id=prune, kind="prune", status="ok", artifacts={"model": "new"}
+    )
+    searcher._set(child, PENDING)
+    searcher.ready.append(child)
+    assert stage_id_of(searcher.suggest("x1")) == child
+    searcher.on_trial_complete("x1", {"finished": 1})  # read sha-<prune>: stale
+    assert searcher.state[child] == PENDING
+    made[prune] = "new"
+    assert stage_id_of(searcher.suggest("x2")) == child
+    searcher.on_trial_complete("x2", {"finished": 1})
+    assert searcher.state[child] == DONE

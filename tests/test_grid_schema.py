@@ -293,8 +293,10 @@ def test_shipped_grid_set() -> None:
     assert {
         "quickstart",
         "paper_cifar_pfec",
+        "paper_cifar_cd",
         "paper_cifar_unstructured",
         "paper_cifar100",
+        "paper_cifar100_filters",
         "paper_hrank_taylor",
         "paper_imagenet_resnet50",
     } <= names
@@ -303,6 +305,10 @@ def test_shipped_grid_set() -> None:
         grid = load_grid(ROOT / "search_spaces" / f"{name}.yaml")
         assert grid.resources.executor == "train"
         assert grid.resources.gpus_per_worker > 0
+        # the paper's protocol: one shared pre-training per model; no hold-out except in the
+        # appendix's validation-split grid
+        assert grid.seeds.pretrain == "shared", name
+        assert (grid.data.val_fraction > 0) == (name == "paper_cifar_valsplit"), name
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,23 @@ def test_inspect_base_only() -> None:
     assert "resnet56" in render_inspect(r)
 
 
+def test_inspect_shows_the_shortcut_and_the_subsample_variant_counts_the_same() -> None:
+    r = inspect_model("cifar10", "resnet56")
+    assert r["shortcuts"] == [
+        {"name": f"layer{s}.0.shortcut", "kind": "avgpool", "stride": 2, "zero_channels": z}
+        for s, z in ((2, 16), (3, 32))
+    ]
+    text = render_inspect(r)
+    assert "shortcut layer2.0.shortcut: AvgPool2d(2, 2) + 16 zero channels" in text
+    # parameter- and MAC-free either way: the variant's base and preset-B counts are resnet56's
+    sub = inspect_model("cifar10", "resnet56_subsample", pruner="l1_filter", preset="B")
+    b = inspect_model("cifar10", "resnet56", pruner="l1_filter", preset="B")
+    assert (sub["base"], sub["pruned"]) == (b["base"], b["pruned"])
+    assert {sc["kind"] for sc in sub["shortcuts"]} == {"subsample"}
+    assert "x[:, :, ::2, ::2] + 32 zero channels" in render_inspect(sub)
+    assert inspect_model("cifar10", "vgg16")["shortcuts"] == []
+
+
 def test_inspect_structured_preset() -> None:
     r = inspect_model("cifar10", "resnet56", pruner="l1_filter", preset="B")
     pruned = r["pruned"]

@@ -408,17 +408,30 @@ def test_shared_pretrain_plans_one_pretraining_per_model(tmp_path: Path) -> None
     assert len(plan.trials) == 72
     assert plan.count_by_kind() == {
         "pretrain": 2,  # one per (dataset, model), whatever the seeds
-        "prune": 2 * 3,  # one per pre-trained network and target: pruning is shared too
+        # magnitude: one per pre-trained network (pruning is shared too); random: one mask
+        # per network, ratio and seed (2 x 2 x 3), as rerunning the authors' scripts draws
+        "prune": 2 + 12,
         "retrain": 72,  # every seed retrains
     }
     # planned: 2 x 30 pre-training epochs + 36 retrains x 10 + 36 x 20; naive: 72 x 30 + same
     assert plan.planned_epochs() == {"pretrain": 60, "prune": 0, "retrain": 1080}
     for t in plan.trials:
         pre, prune, retrain = (plan.stages[s] for s in t.chain)
-        assert pre.seed == prune.seed == 7 and pre.split_seed is prune.split_seed is None
+        assert pre.seed == 7 and pre.split_seed is None
+        if t.pruner == "magnitude":
+            assert prune.seed == 7 and prune.split_seed is None
+        else:  # the retraining seed draws the mask, on the shared network's split
+            assert prune.seed == t.seed and prune.split_seed == 7
         assert retrain.seed == t.seed
         # a retraining seed keeps the shared network's train/validation split
         assert retrain.data_split_seed == 7 and retrain.split_seed == 7
+    one_mask = plan_of(
+        tmp_path, SHARED.replace("shared_seed: 7", "shared_seed: 7, random_masks: shared"), "c.yaml"
+    )
+    assert one_mask.count_by_kind() == {"pretrain": 2, "prune": 2 * 3, "retrain": 72}
+    for t in one_mask.trials:
+        prune = one_mask.stages[t.chain[1]]
+        assert prune.seed == 7 and prune.split_seed is None
     # per_trial (the default) pre-trains and prunes once per seed, as before
     own = plan_of(tmp_path, SHARED.replace("pretrain: shared", "pretrain: per_trial"), "b.yaml")
     assert own.count_by_kind() == {"pretrain": 2 * 3, "prune": 2 * 3 * 3, "retrain": 72}

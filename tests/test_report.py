@@ -15,7 +15,15 @@ from scipy import stats as sps
 from nptm.results.analysis import final_round_retrain
 from nptm.results.report import build_report, build_report_from_stages
 from nptm.results.schema import STAGES_SCHEMA
-from nptm.results.stats import grouped_ci, holm_verdicts, t_half_width, tost_paired, with_verdict
+from nptm.results.stats import (
+    benjamini_hochberg,
+    directional_verdict,
+    grouped_ci,
+    holm,
+    t_half_width,
+    tost_pvalue,
+    with_verdict,
+)
 from nptm.results.store import SweepStore
 
 T_975_DF2 = 4.302653  # Student t quantile, 0.975, 2 degrees of freedom (tables)
@@ -231,45 +239,61 @@ def test_status_counts(report) -> None:
 
 
 def test_claim_1_schedules_beat_ft(report) -> None:
+    """Exploratory claim 1: per budget, schedule − ft averaged over pruners within a seed;
+    p: scipy's one-sample t-test; q: Benjamini-Hochberg over the table's 4 rows."""
     c1 = report.tables["claim_schedules"]
     assert len(c1) == 2 * 2  # (lrw, clr) x budgets; slr is absent from the sweep
-    for sched in ("lrw", "clr"):
-        for budget in B:
-            # Per seed: mean over the pruners that ran both schedules (l1_filter, random_filter).
-            diffs = [
-                statistics.mean(
-                    acc(p, sched, budget, s) - acc(p, "ft", budget, s)
-                    for p in ("l1_filter", "random_filter")
-                )
-                for s in SEEDS
-            ]
-            mean, low, high = expected_ci(diffs)
-            row = c1[(c1.schedule == sched) & (c1.budget == budget)].iloc[0]
-            assert (row["mean"], row["low"], row["high"]) == pytest.approx((mean, low, high))
-            assert row["n"] == 3
-    # lrw: diffs 0.012, 0.008, 0.010 -> CI [0.00503, 0.01497]: above 0 (raw p 0.013), but
-    # not after Holm over the 12 tests of both claims (test_claims_are_one_holm_family).
-    assert (c1[c1.schedule == "lrw"]["p"] < 0.05).all()
-    assert set(c1[c1.schedule == "lrw"]["verdict"]) == {"inconclusive"}
-    # clr: diffs 0.015, 0.025, 0.010 -> CI [-0.0023, 0.0356]: contains 0.
-    assert set(c1[c1.schedule == "clr"]["verdict"]) == {"inconclusive"}
+    expected_p = []
+    for r in c1.itertuples():
+        # Per seed: mean over the pruners that ran both schedules (l1_filter, random_filter).
+        diffs = [
+            statistics.mean(
+                acc(p, r.schedule, r.budget, s) - acc(p, "ft", r.budget, s)
+                for p in ("l1_filter", "random_filter")
+            )
+            for s in SEEDS
+        ]
+        assert (r.mean, r.low, r.high) == pytest.approx(expected_ci(diffs))
+        assert r.n == 3
+        expected_p.append(sps.ttest_1samp(diffs, 0.0).pvalue)
+    assert c1["p"].tolist() == pytest.approx(expected_p, rel=1e-9)
+    assert c1["q"].tolist() == pytest.approx(bh_by_hand(expected_p), rel=1e-9)
+    # lrw: diffs 0.012, 0.008, 0.010 -> p 0.0131 at both budgets, q = 0.0131 x 4 / 2 = 0.026;
+    # clr: diffs 0.015, 0.025, 0.010 -> p 0.063, q 0.063.
+    assert set(c1[c1.schedule == "lrw"]["reading"]) == {"above 0"}
+    assert set(c1[c1.schedule == "clr"]["reading"]) == {"–"}
+    assert "verdict" not in c1  # exploratory: no verdict
     md = report.markdown_path.read_text()
     assert "[+0.50, +1.50]" in md  # lrw in percentage points
 
 
 def test_claim_2_random_clr_vs_methodical_ft(report) -> None:
+    """Exploratory claim 2: random_filter + clr − methodical + ft per budget, tested against
+    −0.5 points (non-inferiority), TOST at ±0.5 points, BH q over the table's 4 rows."""
     c2 = report.tables["claim_random_clr"]
     assert set(c2["pruner"]) == {"l1_filter", "hrank"} and set(c2["random"]) == {"random_filter"}
-    # hrank: CI below 0 (raw p 0.017) but not after Holm; l1_filter: CI contains 0.
-    for pruner, expected in (("l1_filter", "inconclusive"), ("hrank", "inconclusive")):
-        for budget in B:
-            diffs = [
-                acc("random_filter", "clr", budget, s) - acc(pruner, "ft", budget, s) for s in SEEDS
-            ]
-            mean, low, high = expected_ci(diffs)
-            row = c2[(c2.pruner == pruner) & (c2.budget == budget)].iloc[0]
-            assert (row["mean"], row["low"], row["high"]) == pytest.approx((mean, low, high))
-            assert row["verdict"] == expected
+    expected_p, expected_tost = [], []
+    for r in c2.itertuples():
+        diffs = [
+            acc("random_filter", "clr", r.budget, s) - acc(r.pruner, "ft", r.budget, s)
+            for s in SEEDS
+        ]
+        assert (r.mean, r.low, r.high) == pytest.approx(expected_ci(diffs))
+        assert r.null == -0.005
+        expected_p.append(sps.ttest_1samp(diffs, -0.005).pvalue)
+        expected_tost.append(tost_by_hand(diffs, 0.005))
+    assert c2["p"].tolist() == pytest.approx(expected_p, rel=1e-9)
+    assert c2["q"].tolist() == pytest.approx(bh_by_hand(expected_p), rel=1e-9)
+    assert c2["p_tost"].tolist() == pytest.approx(expected_tost, rel=1e-9)
+    assert c2["q_tost"].tolist() == pytest.approx(bh_by_hand(expected_tost), rel=1e-9)
+    # hrank: diffs -0.035, -0.025, -0.040: p 0.023 against -0.005, q 0.047 -> below;
+    # l1_filter: diffs -0.005, 0.005, -0.010, mean -0.0033: not separated from -0.005.
+    assert c2.set_index(["pruner", "budget"])["reading"].to_dict() == {
+        ("l1_filter", 10): "–",
+        ("l1_filter", 20): "–",
+        ("hrank", 10): "below −0.5",
+        ("hrank", 20): "below −0.5",
+    }
 
 
 def holm_by_hand(ps: list[float]) -> list[float]:
@@ -282,6 +306,17 @@ def holm_by_hand(ps: list[float]) -> list[float]:
     return adjusted
 
 
+def bh_by_hand(ps: list[float]) -> list[float]:
+    """Benjamini-Hochberg: the k-th smallest p times m / k, made monotone from the largest."""
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i], reverse=True)
+    adjusted, running = [0.0] * m, 1.0
+    for k, i in zip(range(m, 0, -1), order, strict=True):
+        running = min(running, ps[i] * m / k)
+        adjusted[i] = running
+    return adjusted
+
+
 def tost_by_hand(diffs: list[float], margin: float) -> float:
     """Two one-sided t-tests of mean(diffs) > -margin and < +margin: the larger p."""
     n, mean, sd = len(diffs), statistics.mean(diffs), statistics.stdev(diffs)
@@ -289,66 +324,96 @@ def tost_by_hand(diffs: list[float], margin: float) -> float:
     return max(sps.t.sf((mean + margin) / se, n - 1), sps.t.cdf((mean - margin) / se, n - 1))
 
 
-def test_claims_are_one_holm_family(report) -> None:
-    """p: scipy's one-sample t-test of the paired differences; p_tost: the TOST at the
-    default margin of 0.5 points; Holm over the 4 + 4 t-tests and 4 TOSTs of both claims."""
-    c1, c2 = report.tables["claim_schedules"], report.tables["claim_random_clr"]
-    expected, got = [], []
-    for r in c1.itertuples():
-        diffs = [
-            statistics.mean(
-                acc(p, r.schedule, r.budget, s) - acc(p, "ft", r.budget, s)
-                for p in ("l1_filter", "random_filter")
-            )
-            for s in SEEDS
-        ]
-        expected.append(sps.ttest_1samp(diffs, 0.0).pvalue)
-        got.append((r.p, r.p_holm))
-    for r in c2.itertuples():
-        diffs = [
-            acc("random_filter", "clr", r.budget, s) - acc(r.pruner, "ft", r.budget, s)
-            for s in SEEDS
-        ]
-        expected.append(sps.ttest_1samp(diffs, 0.0).pvalue)
-        got.append((r.p, r.p_holm))
-    for r in c2.itertuples():
-        diffs = [
-            acc("random_filter", "clr", r.budget, s) - acc(r.pruner, "ft", r.budget, s)
-            for s in SEEDS
-        ]
-        expected.append(tost_by_hand(diffs, 0.005))
-        got.append((r.p_tost, r.p_tost_holm))
-    assert len(expected) == 12
-    assert [raw for raw, _ in got] == pytest.approx(expected, rel=1e-9)
-    assert [adj for _, adj in got] == pytest.approx(holm_by_hand(expected), rel=1e-9)
-    assert min(expected) < 0.05 and min(holm_by_hand(expected)) > 0.05
+def test_confirmatory_family(report) -> None:
+    """One test per claim, schedule and structure, pooling every cell (pruner x budget)
+    within a seed; Holm over the 3 tests (lrw, clr; claim 2), by hand.
+
+    Per seed, lrw − ft over (l1_filter, random_filter) x (10, 20) = S[lrw] + E[lrw][s]:
+    0.012, 0.008, 0.010; clr: 0.015, 0.025, 0.010. Claim 2, random_filter + clr −
+    (l1_filter, hrank) + ft over both budgets = 0.015 + E[clr][s] − (0.02 + 0.05) / 2:
+    −0.020, −0.010, −0.025, tested against −0.005.
+    """
+    conf = report.tables["confirmatory"]
+    assert conf["comparison"].tolist() == [
+        "lrw − ft",
+        "clr − ft",
+        "random_filter + clr − l1_filter/hrank + ft",
+    ]
+    assert set(conf["structure"]) == {"structured"} and conf["cells"].tolist() == [4, 4, 4]
+    per_seed = {
+        "lrw − ft": [0.012, 0.008, 0.010],
+        "clr − ft": [0.015, 0.025, 0.010],
+        "random_filter + clr − l1_filter/hrank + ft": [-0.020, -0.010, -0.025],
+    }
+    nulls = [0.0, 0.0, -0.005]
+    expected_p = []
+    for r, null in zip(conf.itertuples(), nulls, strict=True):
+        diffs = per_seed[r.comparison]  # (t quantile from tables: 7 digits)
+        assert (r.mean, r.low, r.high) == pytest.approx(expected_ci(diffs), abs=1e-8)
+        assert (r.n, r.null) == (3, null)
+        expected_p.append(sps.ttest_1samp(diffs, null).pvalue)
+    assert conf["p"].tolist() == pytest.approx(expected_p, rel=1e-9)
+    holm_p = holm_by_hand(expected_p)  # 0.0131 x 3 = 0.039; 0.063 x 2, 0.094 x 1 -> 0.127
+    assert conf["p_holm"].tolist() == pytest.approx(holm_p, rel=1e-9)
+    assert holm_p[0] == pytest.approx(0.0393, abs=1e-3)
+    # Pooled, lrw is supported (the per-budget rows alone would need 2 budgets x 2 schedules
+    # + claim 2's tests in one family); clr and claim 2 are not separated from their nulls.
+    assert conf["verdict"].tolist() == ["supported", "inconclusive", "inconclusive"]
+    # Claim 2's secondary reading: TOST of the pooled differences, its own Holm family of one.
+    tost = tost_by_hand(per_seed["random_filter + clr − l1_filter/hrank + ft"], 0.005)
+    assert conf["p_tost"].iloc[2] == pytest.approx(tost, rel=1e-9)
+    assert conf["p_tost_holm"].iloc[2] == pytest.approx(tost, rel=1e-9)
+    assert conf["equivalent"].tolist() == ["", "", "not shown"]
+    # The headline and report.md read the confirmatory verdicts out first.
+    head = report.headline
+    assert head.index("confirmatory tests") < head.index("final test accuracy")
+    assert "Holm over 3 tests" in head and "supported" in head.splitlines()[5]
     md = report.markdown_path.read_text()
-    assert "All 12 tests of both claims form one family" in md and "p TOST (Holm)" in md
+    assert md.index("## The answer: confirmatory tests") < md.index("## Runs by status")
+    assert "The 3 tests of both claims are one family" in md
 
 
 def test_tost_and_holm_verdicts() -> None:
-    """statsmodels' paired TOST against two one-sided t-tests by hand; Holm's verdicts on a
-    family where some tests survive the correction."""
+    """The vectorised TOST against statsmodels' paired TOST and against two one-sided t-tests
+    by hand; Holm, BH and the directional verdicts on a family where some tests survive."""
+    from statsmodels.stats.weightstats import ttost_paired
+
     a = np.array([0.801, 0.799, 0.803, 0.800])
     b = np.array([0.800, 0.800, 0.800, 0.801])
-    assert tost_paired(a, b, 0.005) == pytest.approx(tost_by_hand(list(a - b), 0.005), rel=1e-9)
-    assert tost_paired(a, b, 0.005) < 0.05  # the mean difference, 0.0005, is well inside ±0.005
-    assert tost_paired(a, b, 0.0005) > 0.5  # ... and not inside ±0.0005
-    assert math.isnan(tost_paired(a[:1], b[:1], 0.005))
+    d = a - b
 
-    c1 = pd.DataFrame({"mean": [0.02, -0.03, 0.01, 0.01], "p": [0.001, 0.004, 0.3, np.nan]})
-    c2 = pd.DataFrame({"mean": [-0.001, -0.04], "p": [0.5, 0.002], "p_tost": [0.011, 0.9]})
-    holm_verdicts([c1, c2], alpha=0.05)
-    # Family of 7 tests (the NaN is no test): 0.001 0.002 0.004 0.011 0.3 0.5 0.9.
-    family = [0.001, 0.004, 0.3, 0.5, 0.002, 0.011, 0.9]
-    want = holm_by_hand(family)  # 0.007 0.02 0.6 0.6 0.012 0.044 0.9
-    assert c1["p_holm"].tolist()[:3] == pytest.approx(want[:3])
-    assert math.isnan(c1["p_holm"].iloc[3])
-    assert c2["p_holm"].tolist() == pytest.approx(want[3:5])
-    assert c2["p_tost_holm"].tolist() == pytest.approx(want[5:])
-    assert c1["verdict"].tolist() == ["supported", "contradicted", "inconclusive", "inconclusive"]
-    # Equivalent within the margin (Holm p 0.044); significantly worse and not equivalent.
-    assert c2["verdict"].tolist() == ["supported", "contradicted"]
+    def tost(margin: float) -> float:
+        return float(tost_pvalue(d.mean(), d.std(ddof=1), len(d), margin))
+
+    for margin in (0.005, 0.0005, 0.002):
+        want = ttost_paired(a, b, -margin, margin)[0]
+        assert tost(margin) == pytest.approx(want, rel=1e-9)
+        assert tost(margin) == pytest.approx(tost_by_hand(list(d), margin), rel=1e-9)
+    assert tost(0.005) < 0.05  # the mean difference, 0.0005, is well inside ±0.005
+    assert tost(0.0005) > 0.5  # ... and not inside ±0.0005
+    assert math.isnan(float(tost_pvalue(0.0, float("nan"), 1, 0.005)))
+
+    family = [0.001, 0.004, 0.3, np.nan, 0.002]
+    tested = [0.001, 0.004, 0.3, 0.002]  # the NaN is no test
+    want = holm_by_hand(tested)  # 0.004 0.012 0.3 0.006
+    got = holm(np.array(family))
+    assert math.isnan(got[3]) and [*got[:3], got[4]] == pytest.approx(want)
+    q = benjamini_hochberg(np.array(family))
+    assert [*q[:3], q[4]] == pytest.approx(bh_by_hand(tested))
+    verdicts = directional_verdict(
+        np.array([0.02, -0.03, 0.01, 0.01, -0.002]),
+        np.array([0.0, 0.0, 0.0, 0.0, -0.005]),
+        got,
+        alpha=0.05,
+    )
+    # Significantly above 0; below 0; not significant; no test; above the null -0.005.
+    assert verdicts.tolist() == [
+        "supported",
+        "contradicted",
+        "inconclusive",
+        "inconclusive",
+        "supported",
+    ]
 
 
 def test_random_best_schedule_vs_methodical_ft(report) -> None:
@@ -463,7 +528,12 @@ def test_single_seed_and_single_budget(tmp_path: Path) -> None:
     assert "](figures/acc_bars__digits__resnet20__unstructured__ratio-0.9.png)" in md
     assert "Accuracy vs retraining budget" not in md and "undefined (n=1)" in md
     c2 = rep.tables["claim_random_clr"].iloc[0]
-    assert c2["mean"] == pytest.approx(0.1) and c2["n"] == 1 and c2["verdict"] == "inconclusive"
+    assert c2["mean"] == pytest.approx(0.1) and c2["n"] == 1 and c2["reading"] == "–"
+    conf = rep.tables["confirmatory"]  # one seed: no test, whatever the difference
+    assert set(conf["verdict"]) == {"inconclusive"} and conf["p"].isna().all()
+    assert conf.set_index("comparison")["mean"].to_dict() == pytest.approx(
+        {"clr − ft": 0.1, "random + clr − magnitude + ft": 0.1}
+    )
     assert "70.00 (n=1)" in rep.headline
 
 
@@ -585,8 +655,8 @@ def test_latex_tables(sweep_store: SweepStore, report, tmp_path: Path) -> None:
     rep = build_report(sweep_store, tmp_path, latex=True)
     assert sorted(p.name for p in rep.latex) == sorted(
         f"{n}.tex"
-        for n in ("status", "headline", "random_vs_methodical", "claim_schedules",
-                  "claim_random_clr", "pruning", "val_selected")
+        for n in ("status", "confirmatory", "headline", "random_vs_methodical",
+                  "claim_schedules", "claim_random_clr", "pruning", "val_selected")
     )  # fmt: skip
     headline = (tmp_path / "headline.tex").read_text()
     assert headline.count("\\begin{tabular}") == 2  # one per budget, as in report.md

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -539,3 +540,55 @@ def test_the_drivers_periodic_compaction(tmp_path: Path, caplog) -> None:
     store.compact_when_due(interval_s=0)
     assert "could not compact" in caplog.text
     assert sorted(store.read_stages().stage_id) == ["t0", "t1"]
+
+
+# -- damaged files (the corpus on a real sweep: tests/test_corruption.py) ----------------------
+
+
+def test_a_damaged_or_foreign_stage_file_costs_its_stage_only(tmp_path: Path, caplog) -> None:
+    store = SweepStore(tmp_path, "s1")
+    for i in range(4):
+        store.write_stage(trial(f"t{i}", seed=i, test_acc=0.123456 * (i + 1)), epochs(2))
+    store.compact()
+    sweep = tmp_path / "sweeps/s1"
+    truncated, foreign = sweep / "stages/t1.parquet", sweep / "epochs/t2.parquet"
+    flipped = sweep / "stages/t3.parquet"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    foreign.write_bytes((sweep / "epochs/t0.parquet").read_bytes())  # another stage's epochs
+    data = bytearray(flipped.read_bytes())
+    data[data.find(struct.pack("<d", 0.123456 * 4))] ^= 0x01  # one bit of a value: CRC fails
+    flipped.write_bytes(bytes(data))
+
+    reader = SweepStore(tmp_path, "s1")
+    assert reader.read_stages()["stage_id"].tolist() == ["t0", "t2"]
+    assert sorted(set(reader.read_epochs()["stage_id"])) == ["t0", "t1", "t3"]
+    skipped = {d.stage_id: d for d in reader.skipped}
+    assert sorted(skipped) == ["t1", "t2", "t3"] and skipped["t2"].file == str(foreign)
+    assert "holds the rows of stage t0, not of t2" in skipped["t2"].reason
+    assert all(d.moved_to is None for d in reader.skipped)  # readers move nothing
+    assert str(truncated) in caplog.text
+
+    # The driver: sets them aside, keeps the one intact stage, then records the others again.
+    driver = SweepStore(tmp_path, "s1")
+    assert driver.intact_stage_ids() == ["t0"]
+    assert not truncated.exists() and len(list(sweep.glob("stages/_t1.parquet.damaged-*"))) == 1
+    # Set aside, out of pyarrow's way too (t2's row stays: only its epochs were foreign).
+    assert sorted(pd.read_parquet(sweep / "stages").stage_id) == ["t0", "t2"]
+    for i in (1, 2, 3):
+        driver.write_stage(trial(f"t{i}", seed=i), epochs(2))
+    assert SweepStore(tmp_path, "s1").intact_stage_ids() == ["t0", "t1", "t2", "t3"]
+
+
+def test_rows_of_another_sweep_or_shape_are_refused(tmp_path: Path) -> None:
+    store = SweepStore(tmp_path, "s1")
+    store.write_stage(trial("t0"), epochs(1))
+    SweepStore(tmp_path, "s2").write_stage(trial("t1"), epochs(1))
+    sweep = tmp_path / "sweeps/s1"
+    other = tmp_path / "sweeps/s2/stages/t1.parquet"
+    (sweep / "stages/t1.parquet").write_bytes(other.read_bytes())
+    pq.write_table(pa.table({"stage_id": ["t2"], "test_acc": [0.5]}), sweep / "stages/t2.parquet")
+    reader = SweepStore(tmp_path, "s1")
+    assert reader.read_stages()["stage_id"].tolist() == ["t0"]
+    reasons = {d.stage_id: d.reason for d in reader.skipped}
+    assert reasons["t1"] == "holds rows of sweep s2, not of s1"
+    assert reasons["t2"].startswith("not the stages table's schema (no column sweep")

@@ -63,7 +63,7 @@ def test_sweep_report_and_status_on_s3(s3_server, ray_node, tiny_sweep, tmp_path
             "--mlflow-uri", mlflow]  # fmt: skip
     first = cli_in_process(argv)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "executed 1, reused 2" in first.stdout, first.stdout
+    assert "executed 1, reused 2" in first.stdout, first.stdout + first.stderr[-6000:]
     keys = _keys(fs, root)
     sweep = "sweeps/ons3"
     for sid in stage_ids:

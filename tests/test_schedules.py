@@ -148,34 +148,83 @@ def test_clr_zero_length_warmup_holds_start_value() -> None:
         assert lr[i] == pytest.approx(expected, rel=1e-12)
 
 
-def test_slr_budget_40_at_10_steps_per_epoch() -> None:
-    lr = sched("slr", 40, 10)
-    # 400 steps, warm-up 10 % = 40 steps from 0.001 towards 0.1, slope 0.099 / 40 per step.
-    assert lr[0] == pytest.approx(0.001, rel=1e-12)
-    assert lr[39] == pytest.approx(0.001 + 0.099 * 39 / 40, rel=1e-12)
-    assert np.all(np.diff(lr[:41]) > 0)
-    # Remaining 360 steps = 36 epochs: drops at 50 % (step 40+180) and 75 % (step 40+270).
-    assert np.allclose(lr[40:220], 0.1, rtol=1e-12, atol=0)
-    assert lr.max() == pytest.approx(0.1, rel=1e-12)
-    assert np.allclose(lr[220:310], 0.01, rtol=1e-12, atol=0)
-    assert np.allclose(lr[310:], 0.001, rtol=1e-12, atol=0)
+def authors_slr(budget: int, peak: float) -> list[float]:
+    """The lr of every epoch of the authors' `--use_llr` retraining
+    (norm-pruning/cifar/l1-norm-pruning/main_finetune.py, lines 99-101, 188-198 and the epoch
+    loop of 292-309): torch's MultiStepLR at int(0.5 * 0.9 * t) and int(0.75 * 0.9 * t), gamma
+    0.1, wrapped in WarmupLR(init_lr=0.001, num_warmup=int(0.1 * t), warmup_strategy="cos"),
+    whose step() is transcribed from torch_warmup_lr/wrappers.py (github.com/lehduong/
+    torch-warmup-lr), lines 49-87. Stepped once before the first epoch and after every epoch."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak, momentum=0.9)
+    milestones = [int(0.5 * 0.9 * budget), int(0.75 * 0.9 * budget)]
+    multistep = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    group = opt.param_groups[0]
+    max_lr, init_lr, num_warmup = group["lr"], min(0.001, group["lr"]), int(0.1 * budget)
+    step_count = 0
+
+    def warmup_step() -> None:
+        nonlocal step_count
+        if step_count <= num_warmup:
+            cos_out = math.cos(math.pi * step_count / num_warmup) + 1
+            group["lr"] = max_lr + (init_lr - max_lr) / 2.0 * cos_out
+            step_count += 1
+        else:
+            multistep.step()
+
+    opt.step()
+    warmup_step()
+    lrs = []
+    for _ in range(budget):
+        lrs.append(group["lr"])
+        opt.step()
+        warmup_step()
+    return lrs
 
 
-def test_slr_rounds_milestones_to_nearest_step() -> None:
-    # budget 3 at 5 steps: 15 steps, warm-up round(1.5) = 2, remaining 13 steps,
-    # drops at 2 + round(6.5) = 9 (half up) and 2 + round(9.75) = 12.
-    lr = sched("slr", 3, 5)
-    assert lr[:2] == pytest.approx([0.001, 0.001 + 0.099 / 2], rel=1e-12)
-    assert np.allclose(lr[2:9], 0.1, rtol=1e-12, atol=0)
-    assert np.allclose(lr[9:12], 0.01, rtol=1e-12, atol=0)
-    assert np.allclose(lr[12:], 0.001, rtol=1e-12, atol=0)
+def test_slr_budget_56_warms_up_per_epoch_and_drops_at_30_and_42() -> None:
+    lr = epoch_lrs(sched("slr", 56, 10), 10)  # constant within every epoch
+    # W = int(0.1 x 56) = 5 epochs of cosine warm-up from 0.001 to 0.1:
+    # 0.1 - 0.099 / 2 x (cos(pi e / 5) + 1), cos(pi / 5) = (1 + sqrt 5) / 4,
+    # cos(2 pi / 5) = (sqrt 5 - 1) / 4.
+    c1, c2 = (1 + 5**0.5) / 4, (5**0.5 - 1) / 4
+    warmup = [0.001] + [0.1 - 0.0495 * (1 + c) for c in (c1, c2, -c2, -c1)]
+    assert lr[:5] == pytest.approx(warmup, rel=1e-12)
+    # MultiStepLR milestones int(0.45 x 56) = 25 and int(0.675 x 56) = 37 epochs after the
+    # warm-up: x0.1 from epoch 30 and from epoch 42.
+    assert np.allclose(lr[5:30], 0.1, rtol=1e-12, atol=0)
+    assert np.allclose(lr[30:42], 0.01, rtol=1e-12, atol=0)
+    assert np.allclose(lr[42:], 0.001, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("budget", [10, 11, 19, 40, 56, 72, 88, 104, 120, 136, 152, 160])
+@pytest.mark.parametrize("peak", [0.1, 0.37, 0.0005])
+def test_slr_matches_the_authors_warmup_lr(budget: int, peak: float) -> None:
+    ours = sched("slr", budget, 3, overrides={"lr": peak} if peak != CIFAR.lr else None)
+    np.testing.assert_allclose(epoch_lrs(ours, 3), authors_slr(budget, peak), rtol=1e-9, atol=0)
+
+
+def test_slr_without_warmup_below_ten_epochs() -> None:
+    # budget 5: int(0.5) = 0 warm-up epochs (WarmupLR would divide by zero); drops at
+    # int(0.45 x 5) = 2 and int(0.675 x 5) = 3.
+    lr = epoch_lrs(sched("slr", 5, 2), 2)
+    assert lr == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001], rel=1e-12)
+    # digits recipe (30 epochs, drops at 15 and 23), budget 10: W = 1, drops 1 + int(4.5) = 5
+    # and 1 + int(23 / 30 x 9) = 7.
+    lr = epoch_lrs(sched("slr", 10, 1, recipe=DEFAULT_RECIPES["digits"]), 1)
+    assert lr == pytest.approx([0.001] + [0.1] * 4 + [0.01] * 2 + [0.001] * 3, rel=1e-12)
 
 
 def test_slr_override_sets_peak() -> None:
-    lr = sched("slr", 40, 10, overrides={"lr": 0.05})
+    # budget 40: W = 4, drops at 4 + 18 = 22 and 4 + 27 = 31.
+    lr = epoch_lrs(sched("slr", 40, 10, overrides={"lr": 0.05}), 10)
     assert lr[0] == pytest.approx(0.001, rel=1e-12)
-    assert np.allclose(lr[40:220], 0.05, rtol=1e-12, atol=0)
-    assert np.allclose(lr[310:], 0.0005, rtol=1e-12, atol=0)
+    assert lr[2] == pytest.approx((0.05 + 0.001) / 2, rel=1e-12)  # cos(pi / 2) = 0
+    assert np.allclose(lr[4:22], 0.05, rtol=1e-12, atol=0)
+    assert np.allclose(lr[22:31], 0.005, rtol=1e-12, atol=0)
+    assert np.allclose(lr[31:], 0.0005, rtol=1e-12, atol=0)
+    # a peak below the recipe's last lr: WarmupLR starts at min(init_lr, lr), so no warm-up
+    low = epoch_lrs(sched("slr", 40, 1, overrides={"lr": 0.0002}), 1)
+    assert np.allclose(low[:22], 0.0002, rtol=1e-12, atol=0)
 
 
 def test_scratch_compresses_the_milestones() -> None:

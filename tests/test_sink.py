@@ -12,7 +12,7 @@ from nptm.results.sink import ResultSink
 from nptm.results.store import SweepStore
 from nptm.results.tracking import MlflowRecorder
 from nptm.trainables.artifacts import ArtifactStore
-from nptm.trainables.recipe import DEFAULT_RECIPES
+from nptm.trainables.recipe import DEFAULT_RECIPES, Recipe
 from nptm.trainables.stage import EpochMetrics, StageOutcome, StageSpec, StageStatus
 from tests.ports import free_port
 from tests.sweep_helpers import empty_mlflow_store
@@ -53,6 +53,12 @@ def test_outcome_to_rows_parquet_then_mlflow(tmp_path: Path) -> None:
     run = MlflowClient(uri).get_run(row["mlflow_run_id"])
     assert run.data.tags["nptm.stage_id"] == PRE.id
     assert run.data.metrics["test_acc"] == pytest.approx(0.4)
+    # the digits recipe: Nesterov SGD at a fixed momentum 0.9
+    assert row["nesterov"] and row["momentum_min"] == row["momentum_max"] == 0.9
+    params = run.data.params
+    assert (params["nesterov"], params["momentum_min"], params["momentum_max"]) == (
+        "True", "0.9", "0.9",
+    )  # fmt: skip
     assert sink.summary.counts == {"ok": 1} and sink.summary.executed == 1
 
 
@@ -86,9 +92,9 @@ def test_recipe_columns_are_what_each_schedule_runs() -> None:
 
     cifar = DEFAULT_RECIPES["cifar10"]
 
-    def retrain(schedule: str, budget: int, **kw: object) -> StageSpec:
+    def retrain(schedule: str, budget: int, recipe: Recipe = cifar, **kw: object) -> StageSpec:
         return StageSpec(
-            "retrain", "cifar10", "resnet56", 0, cifar, parents=("p",), pruner="l1_filter",
+            "retrain", "cifar10", "resnet56", 0, recipe, parents=("p",), pruner="l1_filter",
             preset="B", schedule=schedule, budget=budget, **kw,
         )  # type: ignore[arg-type]  # fmt: skip
 
@@ -108,6 +114,16 @@ def test_recipe_columns_are_what_each_schedule_runs() -> None:
         assert (cols["batch_size"], cols["weight_decay"], cols["momentum"]) == (64, 1e-4, 0.9)
     override = recipe_columns(retrain("clr", 40, overrides=(("lr", 0.05),)))
     assert override["lr_peak"] == pytest.approx(0.05)
+    # What the optimizer runs with: clr cycles the momentum 0.95 -> 0.85 -> 0.95 (OneCycleLR's
+    # defaults), every other schedule keeps the recipe's 0.9; Nesterov as the recipe says.
+    for schedule, (low, high) in {"clr": (0.85, 0.95), "ft": (0.9, 0.9), "slr": (0.9, 0.9)}.items():
+        cols = recipe_columns(retrain(schedule, 40))
+        assert (cols["momentum_min"], cols["momentum_max"]) == pytest.approx((low, high))
+        assert cols["momentum"] == 0.9 and cols["nesterov"] is True
+    plain = cifar.model_copy(update={"nesterov": False})
+    assert recipe_columns(retrain("ft", 40, recipe=plain))["nesterov"] is False
+    no_momentum = cifar.model_copy(update={"momentum": 0.0})  # torch: no Nesterov without it
+    assert recipe_columns(retrain("clr", 40, recipe=no_momentum))["nesterov"] is False
     pretrain = recipe_columns(PRE)  # the digits recipe: 30 epochs at lr 0.1, wd 5e-4
     assert (pretrain["epochs"], pretrain["lr_peak"], pretrain["weight_decay"]) == (30, 0.1, 5e-4)
     assert recipe_columns(PRUNE) == {"epochs": 0}  # pruning trains nothing

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nptm.orchestrator.planner import build_plan
-from nptm.search_spaces import load_grid
+from nptm.search_spaces import GridError, load_grid
 from nptm.trainables.models import build_model
 
 BASE = """\
@@ -72,9 +72,9 @@ def _ids_by_kind(grid: Path, *overrides: str) -> dict[str, set[str]]:
     return out
 
 
-def _changed(grid: Path, *overrides: str) -> set[str]:
-    base, changed = _ids_by_kind(grid), _ids_by_kind(grid, *overrides)
-    return {kind for kind in ALL if base[kind] != changed[kind]}
+def _changed(grid: Path, *overrides: str, base: tuple[str, ...] = ()) -> set[str]:
+    before, after = _ids_by_kind(grid, *base), _ids_by_kind(grid, *base, *overrides)
+    return {kind for kind in ALL if before[kind] != after[kind]}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,38 @@ def test_each_setting_changes_exactly_the_stages_it_determines(
 
 def test_shared_pretraining_at_another_seed_changes_every_stage(grid: Path) -> None:
     assert _changed(grid, "seeds.pretrain=shared", "seeds.shared_seed=1") == ALL
+
+
+# A shared pre-training with a random and a methodical pruner, seeds 0 and 1. A random pruner
+# draws one mask per seed by default (`seeds.random_masks: per_seed`), so in this mode a seed
+# is part of the random pruner's prune stage: (override, kinds whose ids change).
+SHARED_BASE = ("seeds.pretrain=shared", "axes.pruner[0].name=random", "axes.seed=[0, 1]")
+SHARED = [
+    ("axes.seed=[0, 2]", DOWNSTREAM_OF_PRUNE),  # seed 2 draws a mask of its own
+    ("seeds.random_masks=shared", DOWNSTREAM_OF_PRUNE),  # seed 1 retrains seed 0's mask
+    ("seeds.shared_seed=1", ALL),
+    ("axes.budget=3", {"retrain"}),
+]
+
+
+@pytest.mark.parametrize(("override", "changes"), SHARED)
+def test_shared_pretraining_draws_a_random_mask_per_seed(
+    grid: Path, override: str, changes: set[str]
+) -> None:
+    assert _changed(grid, override, base=SHARED_BASE) == changes
+
+
+def test_one_shared_random_mask_makes_the_seed_a_retraining_setting(grid: Path) -> None:
+    base = (*SHARED_BASE, "seeds.random_masks=shared")
+    assert _changed(grid, "axes.seed=[0, 2]", base=base) == {"retrain"}
+    by_kind = _ids_by_kind(grid, *base)
+    assert len(by_kind["prune"]) == 2  # one per pruner target; per_seed: 3 (random x 2 seeds)
+    assert len(_ids_by_kind(grid, *SHARED_BASE)["prune"]) == 3
+
+
+def test_a_shared_random_mask_needs_a_shared_pretraining(grid: Path) -> None:
+    with pytest.raises(GridError, match="random_masks: shared needs pretrain: shared"):
+        load_grid(grid, ["seeds.random_masks=shared"])
 
 
 @pytest.fixture(scope="module")

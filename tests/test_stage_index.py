@@ -142,3 +142,40 @@ def test_concurrent_writers_and_consolidations_lose_no_entry(tmp_path: Path, mon
     entries = ArtifactStore(str(tmp_path)).index.entries()
     assert sorted(entries) == ids
     assert all(e.outcome and e.stamp for e in entries.values())
+
+
+def test_a_foreign_outcome_is_set_aside_and_its_stage_not_done(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    a, b, c = _ids(3)
+    store = _store_outcomes(tmp_path, [a, b, c])
+    store.stored_outcomes([a, b, c])  # indexed
+    stage = tmp_path / "stages"
+    (stage / b / "outcome.json").write_bytes((stage / a / "outcome.json").read_bytes())
+    plan = {a: SimpleNamespace(kind="retrain"), b: SimpleNamespace(kind="retrain"),
+            c: SimpleNamespace(kind="prune")}  # fmt: skip
+    fresh = ArtifactStore(str(tmp_path))
+    found, _ = fresh.stored_outcomes(plan)
+    # b holds a's outcome; c is stored as a retrain but planned as a prune: neither is done.
+    assert sorted(found) == [a]
+    reasons = {d.stage_id: d.reason for d in fresh.damaged}
+    assert reasons == {b: f"the outcome of stage {a}, not of {b}",
+                       c: f"the outcome of a retrain stage; {c} is a prune"}  # fmt: skip
+    assert not (stage / b / "outcome.json").exists()
+    assert len(list((stage / b).glob("_outcome.json.damaged-*"))) == 1
+    assert ArtifactStore(str(tmp_path)).read_outcome(b) is None
+
+
+def test_a_damaged_index_file_is_set_aside(tmp_path: Path, outcome_reads) -> None:
+    ids = _ids(3)
+    _store_outcomes(tmp_path, ids).stored_outcomes(ids)
+    (part,) = (tmp_path / "stages" / "_index").glob("*.parquet")
+    part.write_bytes(part.read_bytes()[:-20])
+    outcome_reads.clear()
+    store = ArtifactStore(str(tmp_path))
+    found, _ = store.stored_outcomes(ids)
+    assert sorted(found) == ids and sorted(outcome_reads) == ids  # read from the outcomes
+    assert [d.file for d in store.damaged] == [str(part)] and not part.exists()
+    outcome_reads.clear()
+    assert ArtifactStore(str(tmp_path)).stored_outcomes(ids)[0] == found  # indexed anew
+    assert outcome_reads == []

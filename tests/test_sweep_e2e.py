@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.flaky_plugin import ERROR, flaky_data_plugin
 from tests.sweep_helpers import (
     NPTM,
     ROOT,
@@ -293,38 +294,39 @@ def test_stage_that_fits_no_node_is_refused_instead_of_hanging(tmp_path: Path, r
 def test_failure_skips_descendants_divergence_is_recorded_and_the_rest_completes(
     tiny_sweep, tmp_path: Path, ray_node
 ) -> None:
-    empty_root = tmp_path / "no-data"
-    empty_root.mkdir()
-    grid = write_grid(
-        tmp_path / "faults.yaml", name="faults", datasets="[digits, cifar10]",
-        pruners=("{name: magnitude, ratio: 0.5}",), schedules="[ft]",
-        extra="""\
-        include:
-          - {dataset: digits, model: resnet20, pruner: magnitude, ratio: 0.5, schedule: clr,
-             budget: 2, seed: 0, lr: 100000.0}
-        """,
-    )  # fmt: skip
-    storage = tmp_path / "runs"
-    # The digits pre-training is the session's (its data is scikit-learn's, not the root's).
-    seed_stages(tiny_sweep.storage, storage, grid)
-    result = sweep_on(ray_node, grid, storage, "--data-root", str(empty_root), "--max-retries", "0")
+    # A dataset whose loader fails on the workers (a missing data root is refused before
+    # the first stage: tests/test_preflight.py).
+    with flaky_data_plugin(tmp_path) as plugin:
+        grid = write_grid(
+            tmp_path / "faults.yaml", name="faults", datasets=f"[digits, {plugin.dataset}]",
+            pruners=("{name: magnitude, ratio: 0.5}",), schedules="[ft]",
+            extra=f"""\
+            plugins: [{plugin.module}]
+            include:
+              - {{dataset: digits, model: resnet20, pruner: magnitude, ratio: 0.5, schedule: clr,
+                 budget: 2, seed: 0, lr: 100000.0}}
+            """,
+        )  # fmt: skip
+        storage = tmp_path / "runs"
+        # The digits pre-training is the session's.
+        seed_stages(tiny_sweep.storage, storage, grid)
+        result = sweep_on(ray_node, grid, storage, "--max-retries", "0")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "FAILED pretrain" in result.stderr
     rows = trials(storage, "faults")
-    cifar = rows[rows.dataset == "cifar10"].set_index("stage_kind")
-    assert cifar.loc["pretrain", "status"] == "failed"
-    assert "FileNotFoundError" in cifar.loc["pretrain", "error"]
-    assert str(empty_root) in cifar.loc["pretrain", "error"]
-    assert cifar.loc["prune", "status"] == "skipped"
-    assert "failed ancestor" in cifar.loc["prune", "error"]
-    assert cifar.loc["retrain", "status"] == "skipped"
+    broken = rows[rows.dataset == plugin.dataset].set_index("stage_kind")
+    assert broken.loc["pretrain", "status"] == "failed"
+    assert f"OSError: [Errno 116] {ERROR}" in broken.loc["pretrain", "error"]
+    assert broken.loc["prune", "status"] == "skipped"
+    assert "failed ancestor" in broken.loc["prune", "error"]
+    assert broken.loc["retrain", "status"] == "skipped"
     digits = rows[rows.dataset == "digits"]
     diverged = digits[digits.lr_override == 100000.0]
     assert list(diverged.status) == ["diverged"] and "diverged" in diverged.error.iloc[0]
     assert set(digits[digits.lr_override.isna()].status) == {"ok"}
     uri = f"sqlite:///{storage}/mlflow.db"
     runs = {r.data.tags["nptm.stage_id"]: r for r in mlflow_stage_runs(uri, "faults")}
-    assert runs[cifar.loc["pretrain", "stage_id"]].info.status == "FAILED"
+    assert runs[broken.loc["pretrain", "stage_id"]].info.status == "FAILED"
     assert runs[diverged.stage_id.iloc[0]].info.status == "FAILED"
 
 

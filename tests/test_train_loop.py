@@ -37,13 +37,8 @@ def few_digits(digits: DataBundle) -> DataBundle:
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    # One thread: on a shared 2-core machine, two OpenMP threads stall at every barrier as soon
-    # as another process takes a core, which makes these tiny steps up to 50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _threads(one_thread):
+    """Every test here: tiny steps that two threads would make up to 50x slower."""
 
 
 def small_cnn(seed: int, bn: bool = True, dropout: float = 0.0) -> nn.Module:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +37,12 @@ from nptm.trainables.stage_index import (
     StageFiles,
     StageIndex,
     Stamp,
+    check_outcome,
     outcome_json,
-    parse_outcome,
     read_outcomes,
+    refuse_outcome,
 )
-from nptm.trainables.storage import atomic_write_bytes, is_local_storage, read_bytes
+from nptm.trainables.storage import Damaged, atomic_write_bytes, is_local_storage, read_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -76,11 +77,23 @@ def rewind_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
+def is_output(name: str) -> bool:
+    """Whether payload `name` is one a stage's children read (its model, a rewind checkpoint),
+    as opposed to its own training state."""
+    return name == MODEL or name.startswith("epoch-")
+
+
 class ArtifactStore:
     def __init__(self, storage: str) -> None:
         self.storage = storage
         self.layout = Layout(storage)
         self.fs = self.layout.fs
+        # SHA-256 of each payload this store object saved and loaded, by (stage id, name):
+        # a stage's lineage (StageOutcome.artifacts / consumed).
+        self.saved: dict[tuple[str, str], str] = {}
+        self.loaded: dict[tuple[str, str], str] = {}
+        # Stored files this store refused as damaged or foreign (outcomes, index files).
+        self.damaged: list[Damaged] = []
 
     def _path(self, stage_id: str, name: str) -> str:
         return self.layout.stage_file(stage_id, name)
@@ -101,6 +114,7 @@ class ArtifactStore:
         digest = hashlib.sha256(data).hexdigest()
         atomic_write_bytes(self.fs, self._path(stage_id, f"{name}.pt"), data)
         atomic_write_bytes(self.fs, self._path(stage_id, checksum_name(name)), digest.encode())
+        self.saved[stage_id, name] = digest
         return digest
 
     def load(self, stage_id: str, name: str, map_location: str | torch.device = "cpu") -> dict:
@@ -109,8 +123,10 @@ class ArtifactStore:
         expected = read_bytes(self.fs, self._path(stage_id, checksum_name(name)))
         if data is None or expected is None:
             raise CorruptArtifactError(stage_id, name, "missing")
-        if hashlib.sha256(data).hexdigest() != expected.decode().strip():
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected.decode().strip():
             raise CorruptArtifactError(stage_id, name, "checksum mismatch (truncated or altered)")
+        self.loaded[stage_id, name] = digest
         import torch
 
         try:
@@ -134,21 +150,37 @@ class ArtifactStore:
         atomic_write_bytes(self.fs, self._path(outcome.stage_id, OUTCOME_FILE), data)
 
     def read_outcome(self, stage_id: str) -> StageOutcome | None:
-        """The stored outcome; None when there is none or it cannot be read (the stage is then
-        recomputed)."""
-        return parse_outcome(read_bytes(self.fs, self._path(stage_id, OUTCOME_FILE)))
+        """The stored outcome; None when there is none or it cannot be used (the stage is then
+        recomputed): one that does not parse, or that is another stage's, is set aside as
+        ``_outcome.json.damaged-<ns>`` with a warning (`damaged` lists it)."""
+        data = read_bytes(self.fs, self._path(stage_id, OUTCOME_FILE))
+        if data is None:
+            return None
+        outcome, problem = check_outcome(data, stage_id)
+        if outcome is None:
+            refuse_outcome(self.layout, stage_id, problem or "refused", self.damaged)
+        return outcome
 
     @cached_property
     def index(self) -> StageIndex:
-        return StageIndex(self.layout)
+        return StageIndex(self.layout, self.damaged)
 
     def stored_outcomes(
-        self, stage_ids: Iterable[str]
+        self, stage_ids: Iterable[str] | Mapping[str, Any]
     ) -> tuple[dict[str, StageOutcome], StageFiles]:
         """The stored outcome of each of `stage_ids` that has one, from the index where its
         outcome.json is unchanged (else read, and indexed), and the listing of every stage's
-        files they were checked against (`StageFiles.has`)."""
-        return read_outcomes(self.layout, self.index, stage_ids)
+        files they were checked against (`StageFiles.has`). Given the plan's stages (stage id
+        -> `StageSpec`), an outcome of another kind than its planned stage is refused too;
+        refused outcomes are set aside (`damaged` lists them)."""
+        kinds = None
+        if isinstance(stage_ids, Mapping):
+            kinds = {
+                sid: kind
+                for sid, spec in stage_ids.items()
+                if (kind := getattr(spec, "kind", None)) is not None
+            }
+        return read_outcomes(self.layout, self.index, stage_ids, kinds)
 
     def index_outcome(self, outcome: StageOutcome) -> None:
         """Add an outcome the driver accepted to the index (batched; see `flush_index`)."""

@@ -86,33 +86,52 @@ class ModelInfo:
     # (model, info) -> names of the convs whose filters can be removed
     prunable_convs: str = ""
     revision: int = 1  # see PrunerInfo.revision: bumped when what the name builds changes
+    # (model) -> None: the code base's initialisation, applied to every layer at its own shape
+    # (nptm.trainables.models.reinitialize, which scratch training runs on the pruned network
+    # after each module's reset_parameters()); "" = PyTorch's defaults only.
+    init: str = ""
+    # The model this one differs from only in a parameter-free function (the same layers in the
+    # same order): its presets apply. "" = none.
+    variant_of: str = ""
 
 
 MODELS: Registry[ModelInfo] = Registry("model")
 _M = "nptm.trainables.models"
+_RESNET_INIT, _TV_INIT = f"{_M}:init_cifar_resnet", f"{_M}:init_torchvision"
 for _m in (
     # PFEC / rethinking l1-norm-pruning code base: BasicBlock ResNets, VGG with a 2-layer head.
+    # Revision 2: the downsampling shortcut is the authors' AvgPool2d(2, 2) + zero channels
+    # (revision 1 subsampled, which the `_subsample` variants keep).
     *(
         ModelInfo(f"resnet{d}", "cifar_resnet", 4, d, f"{_M}:build_cifar_resnet",
-                  f"{_M}:basic_block_convs")
+                  f"{_M}:basic_block_convs", revision=2, init=_RESNET_INIT)
         for d in (20, 32, 56, 110)
     ),
-    ModelInfo("vgg16", "cifar_vgg", 32, 16, f"{_M}:build_cifar_vgg", f"{_M}:all_convs"),
-    ModelInfo("vgg19", "cifar_vgg", 32, 19, f"{_M}:build_cifar_vgg", f"{_M}:all_convs"),
+    *(
+        ModelInfo(f"resnet{d}_subsample", "cifar_resnet", 4, d,
+                  f"{_M}:build_cifar_resnet_subsample", f"{_M}:basic_block_convs",
+                  init=_RESNET_INIT, variant_of=f"resnet{d}")
+        for d in (20, 32, 56, 110)
+    ),
+    ModelInfo("vgg16", "cifar_vgg", 32, 16, f"{_M}:build_cifar_vgg", f"{_M}:all_convs",
+              init=f"{_M}:init_cifar_vgg"),
+    ModelInfo("vgg19", "cifar_vgg", 32, 19, f"{_M}:build_cifar_vgg", f"{_M}:all_convs",
+              init=f"{_M}:init_cifar_vgg"),
     # Weight-level (unstructured) code base of the rethinking study, followed by Le & Hua's
     # weight-level experiments: Bottleneck ResNet-56, VGG-19-BN with one Linear layer.
     ModelInfo("resnet56_weightlevel", "weightlevel_resnet", 4, 56,
-              f"{_M}:build_weightlevel_resnet", f"{_M}:bottleneck_convs"),
+              f"{_M}:build_weightlevel_resnet", f"{_M}:bottleneck_convs", init=_RESNET_INIT),
     ModelInfo("vgg19_weightlevel", "weightlevel_vgg", 32, 19,
-              f"{_M}:build_weightlevel_vgg", f"{_M}:all_convs"),
+              f"{_M}:build_weightlevel_vgg", f"{_M}:all_convs",
+              init=f"{_M}:init_weightlevel_vgg"),
     # torchvision ImageNet models: 5 stride-2 stages, meaningful from 64 px up.
     *(
         ModelInfo(f"resnet{d}", "torchvision", 64, d, f"{_M}:build_torchvision",
-                  f"{_M}:torchvision_convs")
+                  f"{_M}:torchvision_convs", init=_TV_INIT)
         for d in (18, 34, 50)
     ),
     ModelInfo("mobilenet_v2", "torchvision", 64, 0, f"{_M}:build_torchvision",
-              f"{_M}:torchvision_convs"),
+              f"{_M}:torchvision_convs", init=_TV_INIT),
 ):  # fmt: skip
     MODELS.register(_m.name, _m)
 
@@ -135,6 +154,9 @@ class PrunerInfo:
     # Bumped when what the name computes changes, so stages computed under the old
     # definition are not reused (nptm.trainables.stage.StageSpec.identity).
     revision: int = 1
+    # The mask is drawn at random (from the prune stage's seed), not computed from the
+    # weights: with a shared pre-training each seed draws its own (`seeds.random_masks`).
+    random_mask: bool = False
 
 
 PRUNERS: Registry[PrunerInfo] = Registry("pruner")
@@ -142,9 +164,10 @@ _ST = "nptm.trainables.pruners.structured"
 for _p in (
     PrunerInfo("magnitude", False, False),
     PrunerInfo("magnitude_layerwise", False, False),
-    PrunerInfo("random", False, False),
+    PrunerInfo("random", False, False, random_mask=True),
     PrunerInfo("l1_filter", True, False, importance=f"{_ST}:l1_importance"),
-    PrunerInfo("random_filter", True, False, importance=f"{_ST}:random_importance"),
+    PrunerInfo("random_filter", True, False, importance=f"{_ST}:random_importance",
+               random_mask=True),
     PrunerInfo("hrank", True, True, calibration_images=640, calibration_augmented=True,
                importance=f"{_ST}:hrank_importance", revision=2),
     PrunerInfo("taylor_conv_oneshot", True, True, importance=f"{_ST}:taylor_importance"),
@@ -220,16 +243,23 @@ for _s in (
     PRESETS.register(f"{_s.model}/{_s.name}", _s)
 
 
+def preset_model(model: str) -> str:
+    """The model whose presets `model` uses: the one it is a variant of, else itself."""
+    return (MODELS[model].variant_of or model) if model in MODELS else model
+
+
 def presets_of(model: str) -> list[str]:
-    """Preset names defined for `model`, in registration order."""
-    return [p.name for p in PRESETS.values() if p.model == model]
+    """Preset names defined for `model` (or the model it is a variant of), in registration
+    order."""
+    base = preset_model(model)
+    return [p.name for p in PRESETS.values() if p.model == base]
 
 
 def find_preset(model: str, name: str) -> PresetInfo:
     known = presets_of(model)
     if name not in known:
         raise IncompatibleError(f"no preset {name!r} for model {model!r}; known: {known or 'none'}")
-    return PRESETS[f"{model}/{name}"]
+    return PRESETS[f"{preset_model(model)}/{name}"]
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -245,7 +275,10 @@ class ScheduleInfo:
     from_scratch: bool = False
     # Its length is set by the recipe (and the pruned MACs), not by the budget axis.
     full_length: bool = False
-    revision: int = 1  # see PrunerInfo.revision (clr: OneCycleLR with the paper's arguments)
+    # See PrunerInfo.revision. clr 2: OneCycleLR with the paper's arguments. slr 2: the
+    # authors' WarmupLR (per-epoch cosine warm-up, drops counted from its end). scratch*
+    # 2: the pruned network initialised at its own (narrow) widths.
+    revision: int = 1
 
 
 SCHEDULES: Registry[ScheduleInfo] = Registry("schedule")
@@ -254,12 +287,14 @@ for _c in (
     ScheduleInfo("ft", f"{_S}:ft_lr"),
     ScheduleInfo("lrw", f"{_S}:rewind_lr", rewinds=True),
     ScheduleInfo("wr", f"{_S}:rewind_lr", rewinds=True),
-    ScheduleInfo("slr", f"{_S}:slr_lr"),
+    ScheduleInfo("slr", f"{_S}:slr_lr", revision=2),
     ScheduleInfo("clr", f"{_S}:clr_lr", revision=2),
-    ScheduleInfo("scratch", f"{_S}:scratch_lr", from_scratch=True),
-    ScheduleInfo("scratch_e", f"{_S}:stretched_lr", from_scratch=True, full_length=True),
-    ScheduleInfo("scratch_b", f"{_S}:stretched_lr", from_scratch=True, full_length=True),
-):
+    ScheduleInfo("scratch", f"{_S}:scratch_lr", from_scratch=True, revision=2),
+    ScheduleInfo("scratch_e", f"{_S}:stretched_lr", from_scratch=True, full_length=True,
+                 revision=2),
+    ScheduleInfo("scratch_b", f"{_S}:stretched_lr", from_scratch=True, full_length=True,
+                 revision=2),
+):  # fmt: skip
     SCHEDULES.register(_c.name, _c)
 SCRATCH_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.from_scratch)
 FULL_LENGTH_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.full_length)

@@ -1,6 +1,9 @@
 """`nptm inspect`: params and MACs of a model before and after pruning, without any data.
 
 Counts follow nptm.trainables.macs (PFEC's convention: MACs of Conv2d/Linear, bias excluded).
+"shortcuts" lists the parameter-free (option-A) shortcuts of a CIFAR ResNet, which the layer
+list (Conv2d/Linear) does not show: how each downsamples ("avgpool", the authors' AvgPool2d,
+or "subsample") and the zero channels it appends.
 Data-driven pruners (hrank, taylor_conv_oneshot) rank filters on two seeded batches of
 random-normal images with random labels, so no dataset is needed; the result says so
 ("importance_data": "synthetic"). The architecture they produce (channel counts, params,
@@ -23,7 +26,7 @@ from torch import nn
 
 from nptm.trainables.catalog import DATASETS, PRUNERS, check_model_dataset, check_pruner_target
 from nptm.trainables.macs import count_nonzero_params, count_params_macs
-from nptm.trainables.models import build_model
+from nptm.trainables.models import ShortcutA, build_model
 from nptm.trainables.pruners import apply_plan, compute_plan
 
 SYNTHETIC_BATCHES = 2
@@ -54,6 +57,14 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def _out(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def _shortcuts(model: nn.Module) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "kind": m.kind, "stride": m.stride, "zero_channels": m.extra_channels}
+        for n, m in model.named_modules()
+        if isinstance(m, ShortcutA)
+    ]
 
 
 def _density(m: nn.Module) -> float:
@@ -91,6 +102,7 @@ def inspect_model(
         "importance_data": None,
         "base": {"params": params, "macs": macs},
         "pruned": None,
+        "shortcuts": _shortcuts(net),
     }
     base_layers = _layers(net)
     if pruner is None:

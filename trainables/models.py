@@ -6,9 +6,12 @@ pruning", cifar/l1-norm-pruning/models), which is the one PFEC's published confi
 
 - ResNet-20/32/56/110 (He et al. 2016, CIFAR variant): stem conv3x3(16)+BN+ReLU, three stages of
   n = (depth-2)/6 BasicBlocks with 16/32/64 channels, option-A (parameter-free) shortcuts,
-  global average pooling and one Linear layer. The option-A shortcut subsamples with
-  x[:, :, ::2, ::2] (He et al.) and appends zero channels (the rethinking code base appends zeros
-  after an AvgPool2d(2); both are parameter- and MAC-free, so counts are identical).
+  global average pooling and one Linear layer. Where a block downsamples, its shortcut is the
+  authors' AvgPool2d(2, 2) followed by zero channels (norm-pruning/cifar/l1-norm-pruning/
+  models/resnet.py, `downsample_basic_block`, lines 51-60). `resnet20_subsample` ...
+  `resnet110_subsample` keep He et al.'s option A instead, x[:, :, ::2, ::2] plus zero
+  channels. Both are parameter- and MAC-free, so the counts are identical; the functions are
+  not.
 - VGG-16/19 with BatchNorm, conv bias off. The code base's cfg has four 'M' entries; VGG's fifth
   max-pool is replaced by a final nn.AvgPool2d(2) on the 2x2 map of a 32 px input. We use
   nn.AdaptiveAvgPool2d(1), which is the same operation at 32 px and also fits larger inputs.
@@ -29,12 +32,14 @@ the structured-pruning surgery use for their dummy forward pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 from nptm.trainables.catalog import DATASETS, MODELS, ModelInfo, check_model_dataset
 from nptm.trainables.registry import resolve
@@ -48,21 +53,48 @@ VGG_CFGS: dict[str, list[int | str]] = {
 }  # fmt: skip
 
 
-class ShortcutA(nn.Module):
-    """Option-A shortcut: spatial subsampling plus zero channels, no parameters."""
+# How an option-A shortcut downsamples: "avgpool" (the authors' code, the default) or
+# "subsample" (He et al. 2016).
+SHORTCUT_KINDS: tuple[str, ...] = ("avgpool", "subsample")
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+
+class ShortcutA(nn.Module):
+    """Option-A shortcut: parameter-free spatial downsampling, then zero channels appended
+    after the input's channels up to the block's output width.
+
+    kind "avgpool": average pooling over stride x stride windows, AvgPool2d(2, 2) in every
+    CIFAR ResNet, as the authors' `downsample_basic_block` (norm-pruning/cifar/l1-norm-pruning/
+    models/resnet.py, lines 51-60). `ceil_mode` only matters on a map of odd size, which the
+    authors' networks never see: there the last window averages the pixels it covers, so the
+    output matches the strided conv's ceil(H / 2). (Their code also cuts the shortcut out of
+    the autograd graph, `Variable(torch.cat([x.data, zero_pads]))`; here gradients flow
+    through it.)
+    kind "subsample": every stride-th pixel, x[:, :, ::2, ::2] (He et al. 2016's option A).
+
+    Only block-internal convs are ever pruned (nptm.trainables.models.prunable_convs), so the
+    input and output widths of a shortcut never change."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, kind: str = "avgpool") -> None:
         super().__init__()
+        if kind not in SHORTCUT_KINDS:
+            raise ValueError(f"shortcut kind {kind!r} is not one of {list(SHORTCUT_KINDS)}")
         self.stride = stride
         self.extra_channels = out_planes - in_planes
+        self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
+            if self.kind == "avgpool":
+                x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+            else:
+                x = x[:, :, :: self.stride, :: self.stride]
         if self.extra_channels:
             # (W left, W right, H top, H bottom, C front, C back): zeros after the old channels.
             x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
         return x
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, stride={self.stride}, zero_channels={self.extra_channels}"
 
 
 class BasicBlock(nn.Module):
@@ -70,14 +102,14 @@ class BasicBlock(nn.Module):
     the block (they feed only bn1 and conv2), so they can be pruned without touching the
     residual channels."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str = "avgpool") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         if stride != 1 or in_planes != planes:
-            self.shortcut: nn.Module = ShortcutA(in_planes, planes, stride)
+            self.shortcut: nn.Module = ShortcutA(in_planes, planes, stride, shortcut)
         else:
             self.shortcut = nn.Identity()
 
@@ -113,12 +145,7 @@ class _CifarResNetTrunk(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # AvgPool2d(8) on the 8x8 map of a 32 px input
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # normal(0, sqrt(2 / (k * k * out_channels)))
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_cifar_resnet(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -133,11 +160,15 @@ def _depth_blocks(depth: int, what: str) -> int:
 
 
 class CifarResNet(_CifarResNetTrunk):
-    """The PFEC code base's CIFAR ResNet: depth 6n+2 names n BasicBlocks per stage."""
+    """The PFEC code base's CIFAR ResNet: depth 6n+2 names n BasicBlocks per stage, whose
+    downsampling shortcuts are of kind `shortcut` (SHORTCUT_KINDS)."""
 
-    def __init__(self, depth: int, in_channels: int, num_classes: int) -> None:
+    def __init__(
+        self, depth: int, in_channels: int, num_classes: int, shortcut: str = "avgpool"
+    ) -> None:
         n = _depth_blocks(depth, "CIFAR ResNet")
-        super().__init__(n, in_channels, num_classes, BasicBlock, 1)
+        block = functools.partial(BasicBlock, shortcut=shortcut)
+        super().__init__(n, in_channels, num_classes, block, 1)
 
 
 def _vgg_features(
@@ -171,16 +202,7 @@ class CifarVGG(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(512, num_classes),
         )
-        # Initialisation of the rethinking code base (BN2d scale 0.5 is inherited from it).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 0.5)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_cifar_vgg(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)
@@ -237,16 +259,7 @@ class WeightLevelVGG(nn.Module):
         self.features, in_channels = _vgg_features(cfg, in_channels, conv_bias=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # AvgPool2d(2) on the 2x2 map of a 32 px input
         self.classifier = nn.Linear(in_channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # normal(0, sqrt(2 / (k * k * in_channels)))
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weightlevel_vgg(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -273,7 +286,11 @@ def build_torchvision(info: ModelInfo, in_channels: int, num_classes: int) -> nn
 
 
 def build_cifar_resnet(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
-    return CifarResNet(info.depth, in_channels, num_classes)
+    return CifarResNet(info.depth, in_channels, num_classes, shortcut="avgpool")
+
+
+def build_cifar_resnet_subsample(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
+    return CifarResNet(info.depth, in_channels, num_classes, shortcut="subsample")
 
 
 def build_cifar_vgg(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
@@ -286,6 +303,102 @@ def build_weightlevel_resnet(info: ModelInfo, in_channels: int, num_classes: int
 
 def build_weightlevel_vgg(info: ModelInfo, in_channels: int, num_classes: int) -> nn.Module:
     return WeightLevelVGG(VGG_CFGS["vgg19"], in_channels, num_classes)
+
+
+# --- initialisation ---------------------------------------------------------------------------
+# A model entry's `init` (nptm.trainables.catalog.ModelInfo) is its code base's rule, applied to
+# every layer at the layer's own shape. The constructors call it; `reinitialize` calls it on a
+# pruned network, whose narrow layers then get the scale of their own width.
+
+
+def init_cifar_resnet(model: nn.Module) -> None:
+    """Both CIFAR ResNet code bases: convs from normal(0, sqrt(2 / (k * k * out_channels)))
+    (He-normal, fan-out; the authors' norm-pruning/cifar/l1-norm-pruning/models/resnet.py,
+    lines 92-98), BatchNorm (1, 0); the Linear layer keeps PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def init_cifar_vgg(model: nn.Module) -> None:
+    """The rethinking code base's VGG: He-normal convs (fan-out), BatchNorm2d (0.5, 0), Linear
+    from normal(0, 0.01) with zero bias; BatchNorm1d keeps PyTorch's default (1, 0)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 0.5)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def init_weightlevel_vgg(model: nn.Module) -> None:
+    """The weight-level code base's VGG: convs from normal(0, sqrt(2 / (k * k * in_channels)))
+    (He-normal, fan-in) with zero bias, BatchNorm (1, 0), Linear normal(0, 0.01), zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def init_torchvision(model: nn.Module) -> None:
+    """torchvision's constructors: He-normal convs (fan-out) with zero bias, BatchNorm and
+    GroupNorm (1, 0); MobileNetV2 also draws its Linear from normal(0, 0.01) with zero bias,
+    the ResNets keep PyTorch's default Linear."""
+    normal_linear = isinstance(model, _torchvision_models().MobileNetV2)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif normal_linear and isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def reinitialize(model: nn.Module, model_name: str, *, seed: int | None = None) -> nn.Module:
+    """Draw every weight of `model`, a network of entry `model_name` (pruned or not), afresh
+    at its layers' actual shapes, in place; returns `model`.
+
+    Each module's `reset_parameters()` (PyTorch's default, which the constructors start from;
+    BatchNorm's running statistics included), then the entry's `init` rule, under `seed`. A
+    pruned conv thus gets the init scale of its narrow width, as in the authors' main_B.py,
+    which builds the pruned cfg and initialises it (Liu et al. 2019's scratch training).
+    Unstructured masks stay: the weights under them are drawn afresh and the masks applied
+    again. For an unpruned model of this module's classes this draws exactly the weights
+    `build_model(model_name, dataset, seed=seed)` draws."""
+    if model_name not in MODELS:
+        raise ValueError(MODELS.unknown_reason(model_name))
+    init = MODELS[model_name].init
+    masks = {}
+    for m in model.modules():
+        if hasattr(m, "weight_orig") and hasattr(m, "weight_mask"):
+            masks[m] = m.weight_mask.detach().clone()
+            prune.remove(m, "weight")  # weight becomes a plain parameter again
+    with _seeded(seed):
+        for m in model.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        if init:
+            resolve(init)(model)
+    for m, mask in masks.items():
+        prune.custom_from_mask(m, "weight", mask)
+    return model
 
 
 @contextlib.contextmanager

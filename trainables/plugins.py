@@ -150,6 +150,8 @@ def load_entry_points() -> list[str]:
                 raise PluginError(f"{where}: {err}") from None
             except Exception as err:
                 raise PluginError(f"{where} failed: {type(err).__name__}: {err}") from err
+            except (SystemExit, KeyboardInterrupt) as err:
+                raise PluginError(f"{where} {ended_process(err)}") from None
             if ep.name not in registry:
                 raise PluginError(f"{where} registered no {registry.kind} named {ep.name!r}")
             _loaded_entry_points.add(key)
@@ -169,6 +171,17 @@ def import_plugin_modules(modules: Iterable[str]) -> None:
                 f"module {module!r} cannot be imported: {type(err).__name__}: {err}",
                 index=i,
             ) from err
+        except (SystemExit, KeyboardInterrupt) as err:
+            raise PluginError(
+                f"module {module!r} {ended_process(err)} when imported", index=i
+            ) from None
+
+
+def ended_process(err: SystemExit | KeyboardInterrupt) -> str:
+    """What a plugin that tried to end the process did, for a usage error (nptm never lets a
+    plugin end a command, least of all with exit status 0)."""
+    what = f"SystemExit({err.code!r})" if isinstance(err, SystemExit) else "KeyboardInterrupt"
+    return f"raised {what}: a plugin must not end the process"
 
 
 def load_plugins(modules: Iterable[str] = ()) -> None:

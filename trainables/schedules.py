@@ -23,13 +23,18 @@ Schedules (registered in ``nptm.trainables.catalog.SCHEDULES``, which names the 
     pre-training epoch ``rewind_epoch(recipe, budget)`` = T - t (0 = the initial weights);
     restoring them is the stage runner's job.
 ``slr``
-    Scaled learning-rate restarting: a linear warm-up over the first
-    W = round(``recipe.warmup_fraction`` * N) steps, from ``recipe.final_lr`` at step 0 towards
-    ``peak`` (step i < W gets ``final_lr + (peak - final_lr) * i / W``, so ``peak`` itself is
-    first reached at step W), then the pre-training step schedule compressed to the remaining
-    R = N - W steps: ``peak``, multiplied by ``gamma`` at step W + round(m / T * R) for every
-    pre-training milestone m (50 % and 75 % of R for the CIFAR recipe). The warm-up always
-    starts at the recipe's final lr, also when ``peak`` is overridden.
+    Scaled learning-rate restarting, as the authors run it (``--use_llr`` of
+    norm-pruning/cifar/l1-norm-pruning/main_finetune.py, lines 99-101 and 188-198, stepping
+    ``WarmupLR`` of github.com/lehduong/torch-warmup-lr, torch_warmup_lr/wrappers.py, lines
+    49-87, once per epoch around a ``MultiStepLR``), constant within an epoch. With
+    p = ``recipe.warmup_fraction``: a cosine warm-up over W = floor(p * t) epochs, epoch e < W
+    at ``peak + (start - peak) / 2 * (cos(pi * e / W) + 1)`` from start = min(``final_lr``,
+    ``peak``) (``WarmupLR``'s ``init_lr``, 0.001, capped at the lr), ``peak`` from epoch W on;
+    the ``MultiStepLR`` milestones floor(m / T * (1 - p) * t) (``int(0.5 * 0.9 * t)``,
+    ``int(0.75 * 0.9 * t)`` for the CIFAR recipe) count the epochs after the warm-up, so the
+    lr is multiplied by ``gamma`` from epoch W + floor(m / T * (1 - p) * t) on (budget 56:
+    W = 5, drops at epochs 30 and 42). Below t = 1 / p there is no warm-up (``WarmupLR``
+    would divide by zero); ``peak`` holds from epoch 0.
 ``clr``
     Cyclic learning-rate restarting (Figure 1(d) of Le & Hua): the 1-cycle policy with exactly
     the semantics of ``torch.optim.lr_scheduler.OneCycleLR(max_lr=peak, total_steps=N,
@@ -62,10 +67,11 @@ Schedules (registered in ``nptm.trainables.catalog.SCHEDULES``, which names the 
     floor(m / T * E) on for every milestone m (main_B.py: ``int(epochs * 0.5)`` and
     ``int(epochs * 0.75)``), constant within an epoch. ``budget`` is E.
 
-Milestone rounding: a compressed milestone lands on the nearest optimizer step, halves rounded
-up (``floor(x + 0.5)``), computed in exact integer arithmetic from m, T and the step count,
-so no floating-point error can move a drop by one step. The warm-up length W is rounded the
-same way (from the float ``warmup_fraction``).
+Milestone rounding (``scratch``): a compressed milestone lands on the nearest optimizer step,
+halves rounded up (``floor(x + 0.5)``), computed in exact integer arithmetic from m, T and the
+step count, so no floating-point error can move a drop by one step. ``slr`` truncates to whole
+epochs with the authors' floating-point expressions, ``int(p * t)`` and ``int(m / T * (1 - p)
+* t)``, so its epochs are theirs.
 
 Overrides (``KNOWN_OVERRIDES``): ``{"lr": x}`` sets ``peak`` = x for ``slr``, ``clr`` and
 the three ``scratch`` schedules and the constant for ``ft``; for ``lrw``/``wr`` it scales the
@@ -169,10 +175,17 @@ def scratch_lr(recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | 
 
 def slr_lr(recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | None) -> np.ndarray:
     peak = recipe.lr if peak is None else peak
-    n_steps = budget * steps_per_epoch
-    warmup = _round_half_up(recipe.warmup_fraction * n_steps)
-    ramp = recipe.final_lr + (peak - recipe.final_lr) * np.arange(warmup) / max(warmup, 1)
-    return np.concatenate([ramp, _compressed_steps(recipe, peak, n_steps - warmup)])
+    start = min(recipe.final_lr, peak)  # WarmupLR._format_param: min(init_lr, lr)
+    fraction = recipe.warmup_fraction
+    warmup = int(fraction * budget)  # main_finetune.py: int(pct_start * epochs)
+    per_epoch = np.full(budget, peak, dtype=np.float64)
+    # WarmupLR._warmup_cos at pct = e / W, the operations in its order
+    pct = np.arange(warmup, dtype=np.float64) / max(warmup, 1)
+    per_epoch[:warmup] = peak + (start - peak) / 2.0 * (np.cos(math.pi * pct) + 1)
+    for m in recipe.milestones:
+        # main_finetune.py: int(0.5 * 0.9 * epochs), MultiStepLR counting from the warm-up's end
+        per_epoch[warmup + int(m / recipe.epochs * (1 - fraction) * budget) :] *= recipe.gamma
+    return np.repeat(per_epoch, steps_per_epoch)
 
 
 def clr_lr(recipe: Recipe, budget: int, steps_per_epoch: int, peak: float | None) -> np.ndarray:
@@ -288,10 +301,6 @@ def _cos_anneal(start: float, end: float, pct: np.ndarray) -> np.ndarray:
     # Same operation order as OneCycleLR._annealing_cos, so results agree to the last bits.
     cos_out = np.cos(math.pi * pct) + 1
     return end + (start - end) / 2.0 * cos_out
-
-
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
 
 
 def _check_positive_int(field: str, value: object) -> None:

@@ -291,11 +291,31 @@ class StageOutcome:
     attempts: int | None = None  # times the stage was started, this run included
     # rewind checkpoints a finished pre-training re-made for a later grid (see stage_runner)
     rewind_epochs_remade: list[int] | None = None
+    # Lineage: the SHA-256 of each payload this stage holds for its children ({name: sha}),
+    # and of each parent payload it read ({"<parent id>/<name>": sha}). None: written before
+    # nptm recorded lineage. See `read_current`.
+    artifacts: dict[str, str] | None = None
+    consumed: dict[str, str] | None = None
     epochs: tuple[EpochMetrics, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", StageKind(self.kind))
         object.__setattr__(self, "status", StageStatus(self.status))
+
+    def read_current(self, parent_id: str, parent: StageOutcome) -> bool:
+        """Whether every payload of `parent_id` this stage read is the one `parent` holds now.
+
+        A parent re-made since (a pre-training trained again after its model was lost, on a
+        GPU whose runs differ) holds other bytes: this stage then ran on another network and
+        must run again. Payloads either side did not record count as current, so stages
+        stored before lineage was recorded are kept."""
+        held = parent.artifacts or {}
+        prefix = f"{parent_id}/"
+        return all(
+            held.get(key.removeprefix(prefix), sha) == sha
+            for key, sha in (self.consumed or {}).items()
+            if key.startswith(prefix)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: enums as their values, epochs as dicts."""

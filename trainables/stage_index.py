@@ -22,6 +22,13 @@ the stage that loads it, which has its producer recomputed (trial.py). A rewrite
 both the size and the modification time (object stores keep times to the second or
 millisecond) would go unnoticed.
 
+Damaged and foreign files cost their stage, never the start. An index file that does not read
+(truncated, empty, garbled: its pages carry CRC checksums) or is not an index file is set
+aside as ``_<name>.damaged-<ns>`` with a warning, and its stages are read from their outcomes.
+An outcome (indexed or read) is checked against the stage it is stored for: one that does not
+parse, names another stage, or is of another kind than the plan's stage is refused; a refused
+``outcome.json`` is set aside the same way, and its stage runs again.
+
 Torch-free: the driver imports it.
 """
 
@@ -31,7 +38,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,7 +48,7 @@ import pyarrow.parquet as pq
 
 from nptm.trainables.layout import STAGE_INDEX, Layout
 from nptm.trainables.stage import StageOutcome
-from nptm.trainables.storage import atomic_write_bytes, read_bytes
+from nptm.trainables.storage import Damaged, atomic_write_bytes, read_bytes, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +125,13 @@ class StageIndex:
     """Reads and adds to the index of one storage root. Entries wait in memory until `flush`
     (which `add` calls by itself every `FLUSH_ENTRIES` entries or `FLUSH_SECONDS`)."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, damaged: list[Damaged] | None = None) -> None:
+        """`damaged` collects the files refused by reads through this index: its own, and
+        the outcomes `read_outcomes` reads."""
         self.layout = layout
         self._pending: list[Entry] = []
         self._first_pending = 0.0
+        self.damaged: list[Damaged] = [] if damaged is None else damaged
 
     @property
     def fs(self) -> pafs.FileSystem:
@@ -199,7 +209,7 @@ class StageIndex:
             schema=ENTRY_SCHEMA,
         )
         buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
         name = f"{kind}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         path = f"{self.layout.stage_index_dir}/{name}"
         atomic_write_bytes(self.fs, path, buf.getvalue().to_pybytes())
@@ -210,12 +220,18 @@ class StageIndex:
             if data is None:
                 return []  # merged away by a consolidation since the listing
             try:
-                table = pq.read_table(pa.BufferReader(data))
+                table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
                 if not table.schema.equals(ENTRY_SCHEMA, check_metadata=False):
-                    raise ValueError(f"schema {table.schema}")
-            except (pa.ArrowException, ValueError) as err:
+                    raise ValueError("not a stage index file (another schema)")
+            except (pa.ArrowException, OSError, ValueError) as err:
                 # Only a cache: its stages are read from their outcomes again.
-                log.warning("ignoring unreadable stage index file %s: %s", path, err)
+                reason = f"unreadable ({_first_line(err)})"
+                moved = set_aside(self.fs, path)
+                name = path.rsplit("/", 1)[-1]
+                self.damaged.append(
+                    Damaged(self.layout.location("stages", STAGE_INDEX, name), reason, moved)
+                )
+                log.warning("stage index file %s set aside: %s", path, reason)
                 return []
             return [
                 Entry(
@@ -255,12 +271,49 @@ def parse_outcome(data: bytes | str | None) -> StageOutcome | None:
         return None
 
 
+def check_outcome(
+    data: bytes | str, stage_id: str, kind: str | None = None
+) -> tuple[StageOutcome | None, str | None]:
+    """The outcome in `data` if it is `stage_id`'s (and of `kind`, when given), else None and
+    why not: garbled (not UTF-8, not JSON, not an outcome) or foreign (another stage's)."""
+    outcome = parse_outcome(data)
+    if outcome is None:
+        return None, "garbled (not an outcome)" if data else "empty"
+    if outcome.stage_id != stage_id:
+        return None, f"the outcome of stage {outcome.stage_id}, not of {stage_id}"
+    if kind is not None and outcome.kind != kind:
+        return None, f"the outcome of a {outcome.kind.value} stage; {stage_id} is a {kind}"
+    return outcome, None
+
+
+def refuse_outcome(layout: Layout, stage_id: str, reason: str, damaged: list[Damaged]) -> None:
+    """Set aside `stage_id`'s outcome.json, refused for `reason`, with a warning: the stage
+    is then not done, and runs again."""
+    path = layout.stage_file(stage_id, OUTCOME_FILE)
+    moved = set_aside(layout.fs, path)
+    refused = Damaged(layout.location("stages", stage_id, OUTCOME_FILE), reason, moved, stage_id)
+    damaged.append(refused)
+    then = "set aside" if moved else "ignored"
+    log.warning("outcome of stage %s %s (the stage runs again): %s", stage_id, then, refused)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
 def read_outcomes(
-    layout: Layout, index: StageIndex, stage_ids: Iterable[str]
+    layout: Layout,
+    index: StageIndex,
+    stage_ids: Iterable[str],
+    kinds: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, StageOutcome], StageFiles]:
     """The stored outcome of each of `stage_ids` that has one, and the listing it was checked
     against. Indexed outcomes whose outcome.json is unchanged are taken from the index; the
-    others are read (concurrently) and added to it."""
+    others are read (concurrently) and added to it. An outcome of another stage, or of another
+    kind than `kinds` gives (stage id -> planned kind), is refused (`check_outcome`); a refused
+    outcome.json is set aside (`refuse_outcome`)."""
+    kinds = kinds or {}
     files = list_stage_files(layout)
     wanted = [sid for sid in stage_ids if sid in files.outcomes]
     indexed = index.entries() if wanted else {}
@@ -269,8 +322,10 @@ def read_outcomes(
     for sid in wanted:
         entry = indexed.get(sid)
         outcome = None
-        if entry is not None and entry.stamp == files.outcomes[sid]:
-            outcome = parse_outcome(entry.outcome)
+        if entry is not None and entry.stamp == files.outcomes[sid] and entry.outcome:
+            outcome, problem = check_outcome(entry.outcome, sid, kinds.get(sid))
+            if problem is not None:  # a damaged index: the file decides
+                log.warning("stage index entry of %s not used: %s", sid, problem)
         if outcome is None:
             to_read.append(sid)
         else:
@@ -281,9 +336,12 @@ def read_outcomes(
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         for sid, data in pool.map(read, to_read):
-            outcome = parse_outcome(data)
+            if data is None:
+                continue  # deleted since the listing
+            outcome, problem = check_outcome(data, sid, kinds.get(sid))
             if outcome is None:
-                continue  # deleted since the listing, or garbled
+                refuse_outcome(layout, sid, problem or "refused", index.damaged)
+                continue
             found[sid] = outcome
             # The listing's stamp: were the file rewritten since, the next start reads it again.
             index.add(outcome, sid, files.outcomes[sid])

@@ -25,13 +25,14 @@ from nptm.trainables.artifacts import (
     RESUME,
     ArtifactStore,
     CorruptArtifactError,
+    is_output,
     rewind_name,
 )
 from nptm.trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
 from nptm.trainables.datasets import DataBundle, load_dataset
 from nptm.trainables.loaders import Loaders, make_loaders
 from nptm.trainables.macs import count_nonzero_params, count_params_macs
-from nptm.trainables.models import build_model
+from nptm.trainables.models import build_model, reinitialize
 from nptm.trainables.plugins import load_plugins
 from nptm.trainables.pruners import PrunePlan, apply_plan, compute_plan
 from nptm.trainables.pruners.unstructured import layer_density, sparsity
@@ -87,6 +88,7 @@ def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = No
         fields |= runner(spec, env, store, report)
     except Diverged as err:
         fields |= {"status": StageStatus.DIVERGED, "error": str(err), "epochs_run": err.epoch}
+    fields |= _lineage(spec, store, fields.get("artifacts"))
     ended = time.time()
     outcome = StageOutcome(
         stage_id=spec.id,
@@ -105,6 +107,27 @@ def run_stage(spec: StageSpec, env: WorkerEnv, report: EpochReporter | None = No
         if outcome.status == StageStatus.OK:
             store.delete(spec.id, RESUME)
     return outcome
+
+
+def _lineage(spec: StageSpec, store: ArtifactStore, kept: dict[str, str] | None) -> dict:
+    """What this stage holds for its children (`kept`: payloads an earlier run of it stored)
+    and which bytes of its parents it read (StageOutcome.artifacts / consumed)."""
+    held = dict(kept or {}) | {
+        name: sha for (sid, name), sha in store.saved.items() if sid == spec.id and is_output(name)
+    }
+    consumed = {
+        f"{sid}/{name}": sha for (sid, name), sha in store.loaded.items() if sid in spec.parents
+    }
+    return {"artifacts": held or None, "consumed": consumed or None}
+
+
+def _check_read(store: ArtifactStore, parent_id: str, parent: StageOutcome | None) -> None:
+    """Refuse parent payloads other than those the parent's outcome recorded (a payload and its
+    checksum file both replaced, say by another stage's): the parent is then re-made."""
+    held = (parent.artifacts if parent is not None else None) or {}
+    for (sid, name), sha in store.loaded.items():
+        if sid == parent_id and held.get(name, sha) != sha:
+            raise CorruptArtifactError(sid, name, "not the payload its stage's outcome recorded")
 
 
 def state_name(epoch: int) -> str:
@@ -164,7 +187,7 @@ def _train(
     loaders = _loaders(spec, env)
     lr_per_step = lr_for(len(loaders.train))
     momentum_per_step = None if momentum_for is None else momentum_for(len(loaders.train))
-    resume = _load_resume(store, spec.id, env.rank)
+    resume = _load_resume(store, spec.id, env.rank, state_epochs)
     if resume is not None:
         model.load_state_dict(resume["model"])
     elif env.rank == 0 and 0 in keep_epochs:
@@ -235,21 +258,26 @@ def _loaders(spec: StageSpec, env: WorkerEnv) -> Loaders:
     )
 
 
-def _load_resume(store: ArtifactStore, stage_id: str, rank: int) -> dict | None:
-    """This stage's own resume checkpoint, or None to start from epoch 0.
+def _load_resume(
+    store: ArtifactStore, stage_id: str, rank: int, state_epochs: tuple[int, ...] = ()
+) -> dict | None:
+    """This stage's own resume checkpoint, else its latest kept training state (a pre-training
+    whose model was lost is re-made from there, not from epoch 0), or None to start at 0.
 
     A damaged checkpoint of the stage itself is discarded, not reported: reporting it as a
     corrupt parent would requeue this very stage, which would find the same file again.
     """
-    if not store.exists(stage_id, RESUME):
-        return None
-    try:
-        return store.load(stage_id, RESUME)
-    except CorruptArtifactError as err:
-        log.warning("%s; training stage %s again from epoch 0", err, stage_id)
-        if rank == 0:
-            store.delete(stage_id, RESUME)
-        return None
+    kept = [state_name(e) for e in sorted(state_epochs, reverse=True)]
+    for name in (RESUME, *kept):
+        if not store.exists(stage_id, name):
+            continue
+        try:
+            return store.load(stage_id, name)
+        except CorruptArtifactError as err:
+            log.warning("%s; training stage %s from an earlier state", err, stage_id)
+            if rank == 0:
+                store.delete(stage_id, name)
+    return None
 
 
 def _size_fields(model: nn.Module, spec: StageSpec) -> dict[str, Any]:
@@ -368,6 +396,7 @@ def _prune(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> dic
     parent_id = spec.parents[0]
     parent = store.read_outcome(parent_id)  # None only if garbled since it finished
     model, plans = load_model(store, parent_id)
+    _check_read(store, parent_id, parent)
     bundle = _bundle(spec, env)
     batches = None
     info = PRUNERS[spec.pruner]
@@ -411,19 +440,23 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
     parent_id = spec.parents[0]
     parent = store.read_outcome(parent_id)  # None only if garbled since it finished
     model, plans = load_model(store, parent_id)
+    _check_read(store, parent_id, parent)
     budget = spec.budget
     assert budget is not None and spec.schedule is not None
     if spec.schedule == "wr":
         epoch = schedules.rewind_epoch(spec.recipe, budget)
         rewound = store.load(spec.parents[1], rewind_name(epoch))
+        _check_read(store, spec.parents[1], store.read_outcome(spec.parents[1]))
         model = _architecture(spec, [], spec.seed)
         model.load_state_dict(rewound["state_dict"], strict=True)
         for plan in plans:
             model = apply_plan(model, plan)
     elif spec.schedule in SCRATCH_SCHEDULES:
         # A fresh initialisation: a seed unrelated to the pre-training's, so scratch never
-        # inherits the pre-trained network's initial weights.
-        model = _architecture(spec, plans, init_seed=int(spec.id[:8], 16))
+        # inherits the pre-trained network's initial weights; drawn at the pruned network's
+        # own widths (masks of unstructured pruning kept), as main_B.py builds it.
+        init_seed = int(spec.id[:8], 16)
+        model = reinitialize(_architecture(spec, plans, init_seed), spec.model, seed=init_seed)
     fields = _train(
         spec,
         env,

@@ -8,12 +8,19 @@ Torch-free: the driver, Tune's trial actors and the results package import it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import time
 import uuid
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from nptm.trainables.redact import redact_uri, storage_credentials_error
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MIN_FREE_GB = 1.0
 # Object stores: one PUT is atomic (and a "rename" is a copy). Elsewhere: temporary + rename.
@@ -28,11 +35,15 @@ def resolve_storage(storage: str | os.PathLike[str]) -> tuple[pafs.FileSystem, s
     """(filesystem, root path inside it, is_local) for a local path or a URI.
 
     A relative path is the caller's working directory, made absolute here: Ray runs workers
-    elsewhere.
+    elsewhere. A URI that carries credentials is refused (StorageError; see
+    nptm.trainables.redact.storage_credentials_error).
     """
     storage = os.fspath(storage)
     if "://" not in storage:
         storage = os.path.abspath(os.path.expanduser(storage))
+    refused = storage_credentials_error(storage)
+    if refused:
+        raise StorageError(refused)
     fs, root = pafs.FileSystem.from_uri(storage)
     return fs, root.rstrip("/") or root, fs.type_name == "local"
 
@@ -106,6 +117,51 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
         raise
 
 
+@dataclass(frozen=True)
+class Damaged:
+    """A stored file a reader refused: unreadable (truncated, empty, garbled), of another
+    shape, or foreign (another stage's or sweep's). `file` names it as a user would (under
+    the storage as given); `moved_to` is where it was set aside, None when it was left in place
+    for the next write to replace (a snapshot, the run record)."""
+
+    file: str
+    reason: str
+    moved_to: str | None = None
+    stage_id: str | None = None  # the stage whose data it held, when it held one stage's
+
+    def __str__(self) -> str:
+        if self.moved_to is None:
+            return f"{self.file}: {self.reason}"
+        return f"{self.file}: {self.reason} (set aside as {self.moved_to.rsplit('/', 1)[-1]})"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "file": self.file,
+            "reason": self.reason,
+            "moved_to": self.moved_to,
+            "stage_id": self.stage_id,
+        }
+
+
+DAMAGED_MARK = ".damaged-"  # _<name>.damaged-<ns>: a refused file, kept for a human to see
+
+
+def set_aside(fs: pafs.FileSystem, path: str) -> str | None:
+    """Move a damaged file out of every reader's way, to ``_<name>.damaged-<ns>`` beside it,
+    and return where; None when it could not be moved (gone already, read-only storage):
+    readers then keep skipping it. No reader of nptm opens such a name, and the leading
+    underscore keeps Parquet dataset readers (pyarrow, pandas, DuckDB's globs, Spark) from
+    taking it for part of a table."""
+    directory, name = path.rsplit("/", 1)
+    aside = f"{directory}/_{name}{DAMAGED_MARK}{time.time_ns()}"
+    try:
+        fs.move(path, aside)
+    except (OSError, pa.ArrowException) as err:
+        log.warning("could not set aside the damaged file %s: %s", path, err)
+        return None
+    return aside
+
+
 def check_writable(
     storage: str | os.PathLike[str], *, min_free_gb: float = DEFAULT_MIN_FREE_GB
 ) -> None:
@@ -114,7 +170,7 @@ def check_writable(
     Called before any training so a sweep does not discover a read-only or full disk hours in.
     """
     fs, root, local = resolve_storage(storage)
-    shown = root if local else os.fspath(storage)
+    shown = root if local else redact_uri(os.fspath(storage))
     if local:
         try:
             os.makedirs(root, exist_ok=True)

@@ -161,7 +161,7 @@ def fit(
         model.parameters(),
         lr=float(lrs[0]),
         momentum=recipe.momentum,
-        nesterov=recipe.nesterov and recipe.momentum > 0,
+        nesterov=recipe.uses_nesterov,
         weight_decay=recipe.weight_decay if weight_decay is None else weight_decay,
     )
     if resume_state is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from nptm.trainables.catalog import IncompatibleError, find_preset
+from nptm.trainables.catalog import IncompatibleError, find_preset, preset_model
 from nptm.trainables.models import prunable_convs
 
 # Last layer id of stages 0 and 1 (res56prune.py / res110prune.py).
@@ -44,7 +44,7 @@ def layer_keep(model_name: str, preset: str, out_channels: list[int]) -> dict[in
             if rate > 0
         }
     assert spec.stage_ratios is not None
-    end0, end1 = STAGE_ENDS[model_name]
+    end0, end1 = STAGE_ENDS[preset_model(model_name)]
     keep = {}
     for layer_id in range(2, len(out_channels) + 1, 2):
         if layer_id in spec.skip:
@@ -59,7 +59,7 @@ def layer_keep(model_name: str, preset: str, out_channels: list[int]) -> dict[in
 def preset_removals(model: nn.Module, model_name: str, preset: str) -> dict[str, int]:
     """Conv module name -> number of filters the preset removes from it (layers it prunes)."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    expected = EXPECTED_CONVS.get(model_name)
+    expected = EXPECTED_CONVS.get(preset_model(model_name))
     if expected is not None and len(convs) != expected:
         raise ValueError(
             f"preset {preset!r} is defined for the {model_name} of nptm.trainables.models "
