@@ -347,7 +347,8 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
     out = tmp_path / "report"
     rep = cli_in_process(["report", "tiny", "--storage", str(storage), "--out", str(out),
                           "--latex", "--equivalence-margin", "1.5"])  # fmt: skip
-    assert rep.returncode == 0 and "LaTeX tables: confirmatory.tex, status.tex, headline.tex" in rep.stdout
+    assert rep.returncode == 0
+    assert "LaTeX tables: confirmatory.tex, status.tex, headline.tex" in rep.stdout
     assert (out / "headline.tex").read_text().startswith("\\begin{table}")
     md = (out / "report.md").read_text()
     assert "margin ±1.5 points" in md and "](figures/acc_bars__" in md  # one budget: bars
