@@ -351,7 +351,7 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
     assert "LaTeX tables: confirmatory.tex, status.tex, headline.tex" in rep.stdout
     assert (out / "headline.tex").read_text().startswith("\\begin{table}")
     md = (out / "report.md").read_text()
-    assert "margin ±1.5 points" in md and "](figures/acc_bars__" in md  # one budget: bars
+    assert "the margin −1.5 points" in md and "](figures/acc_bars__" in md  # one budget: bars
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x80\x81 {", b"[1, 2]", b'{"sweep": "other"}'])

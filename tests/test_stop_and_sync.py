@@ -53,7 +53,7 @@ def test_sigterm_at_any_moment_exits_143_with_the_message(tmp_path: Path) -> Non
     grid = tmp_path / "grid.yaml"
     grid.write_text(GRID)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for delay in (0.0, 1.5, 4.0, 8.0):
+    for delay in (0.0, 4.0):  # in the imports; in Ray's start
         storage = tmp_path / f"runs-{delay}"
         proc = subprocess.Popen(
             [sys.executable, "-m", "nptm.orchestrator", "sweep", str(grid), "--storage",
