@@ -231,6 +231,9 @@ def test_a_damaged_index_file_is_set_aside_and_its_outcomes_read(
 ) -> None:
     storage = copy_outcomes(clean, tmp_path)
     index_dir = storage / "stages" / "_index"
+    # One file to damage: a sweep slower than the index's flush interval (a loaded machine)
+    # leaves several, which consolidation merges into one base file.
+    StageIndex(Layout(str(storage))).consolidate()
     (path,) = sorted(index_dir.glob("*.parquet"))
     if how == "foreign":
         # A valid index file whose entries carry other stages' outcomes (under the right
