@@ -79,17 +79,20 @@ def _mlflow_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _number_in(low: float, high: float, unit: str) -> Callable[[str], float]:
-    """An argparse type: a number strictly between `low` and `high`."""
+def _number_in(
+    low: float, high: float, unit: str, *, low_closed: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a number between `low` and `high` (exclusive; `low` itself too with
+    `low_closed`)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not low < value < high:
+        if not (low <= value if low_closed else low < value) or not value < high:
             raise argparse.ArgumentTypeError(
-                f"expected {unit} in ({low:g}, {high:g}), got {text!r}"
+                f"expected {unit} in {'[' if low_closed else '('}{low:g}, {high:g}), got {text!r}"
             )
         return value
 
@@ -109,28 +112,6 @@ def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-def _fraction(text: str) -> float:
-    """An argparse type: a pruning ratio, a finite number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1), got {text!r}")
-    return value
-
-
-def _gigabytes(text: str) -> float:
-    """An argparse type: a size in GB, finite and >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite size in GB >= 0, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"retries of a stage whose trial failed, 0 to {MAX_RETRIES} (default %(default)s)",
     )  # fmt: skip
     p.add_argument(
-        "--min-free-gb", type=_gigabytes, default=DEFAULT_MIN_FREE_GB, metavar="GB",
+        "--min-free-gb", type=_number_in(0, math.inf, "a size in GB", low_closed=True),
+        default=DEFAULT_MIN_FREE_GB, metavar="GB",
         help="refuse to start with less free space on a local storage root (default %(default)g)",
     )  # fmt: skip
     p.add_argument(
@@ -239,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model name (as in a grid's axes.model)")
     p.add_argument("--pruner", help="prune it with this pruner first")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--ratio", type=_fraction, help="the pruner's ratio, in [0, 1)")
+    target.add_argument(
+        "--ratio",
+        type=_number_in(0, 1, "a ratio", low_closed=True),
+        help="the pruner's ratio, in [0, 1)",
+    )
     target.add_argument("--preset", help="the pruner's published preset (A, B, ...)")
     p.add_argument(
         "--plugin", action="append", default=[], metavar="MODULE",

@@ -16,21 +16,11 @@ from nptm.orchestrator.cli import main
 from nptm.results.store import SweepStore
 from nptm.trainables.layout import STAGES_TABLE
 from tests.sweep_helpers import empty_mlflow_store
+from tests.test_bounds import BASE
 from tests.test_tracking import child_runs, sqlite_uri, stage
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID = """\
-name: stopped
-resources: {executor: inline, cpus_per_worker: 1}
-pretrain: {epochs: 4, milestones: [2, 3]}
-axes:
-  dataset: digits
-  model: resnet20
-  pruner: [{name: magnitude, ratio: 0.5}]
-  schedule: [ft]
-  budget: 2
-  seed: 0
-"""
+GRID = BASE.replace("name: bounds", "name: stopped")
 
 
 def _catches_sigterm(pid: int) -> bool:
