@@ -16,9 +16,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     RAY_USAGE_STATS_ENABLED=0
 
 # /data (datasets, read-only) and /storage (results) are where docker-compose.yml bind-mounts
-# the host directories NPTM_DATA_DIR and NPTM_STORAGE_DIR.
+# the host directories NPTM_DATA_DIR and NPTM_STORAGE_DIR; /ray-metrics holds the Grafana
+# dashboards the Ray head writes (its volume takes this directory's owner, `ray`).
 USER root
-RUN mkdir -p /opt/nptm /data /storage && chown -R ray /opt/nptm /storage
+RUN mkdir -p /opt/nptm /data /storage /ray-metrics && chown -R ray /opt/nptm /storage /ray-metrics
 USER ray
 WORKDIR /opt/nptm
 

@@ -1,10 +1,12 @@
-"""Screenshots of a sweep while it runs, for the README: the MLflow UI (the experiment's runs
-view, one run's metric charts) and the Ray dashboard (jobs, actors with their trial names),
-taken with headless Chromium into docs/img/.
+"""Screenshots of a sweep, for the README: the Ray dashboard while it runs (jobs, actors with
+their trial names) and the MLflow UI (the experiment's runs table, a finished retrain's
+metrics tab), taken with headless Chromium into docs/img/.
 
 Not a test. It starts `nptm sweep` on a small digits grid in the background (local Ray, the
 embedded sqlite MLflow store, everything under a temporary directory), `mlflow ui` on that
-store, waits for a stage to be running, shoots every page, then stops what it started.
+store, shoots the dashboard once a stage is running and MLflow once a retrain has finished,
+then stops what it started. tests/test_mlflow_layout.py drives Chromium with the same flags
+(`headless`).
 
     .venv/bin/python bench/screenshots.py [--out docs/img] [--grid GRID] [--keep]
 
@@ -125,30 +127,34 @@ def run(args: argparse.Namespace, chromium: str, work: Path, deadline: float) ->
             exp_id = wait_for(
                 lambda: experiment_id(ui, f"nptm/{sweep_name}"), deadline, "the experiment", sweep
             )
-            # A stage run with a few epochs logged: RUNNING if the live MLflow runs exist,
-            # else the first finished one.
-            run_id = wait_for(lambda: run_with_history(ui, exp_id), deadline, "a run", sweep)
-            print(f"MLflow UI {ui}: experiment {exp_id}, run {run_id}")
+            # The dashboard while a stage runs (it ends with the sweep's local Ray).
+            wait_for(lambda: stage_run(ui, exp_id, finished=False), deadline, "a stage", sweep)
             dashboard = wait_for(lambda: dashboard_address(work), deadline, "Ray dashboard", sweep)
             dash = f"http://{dashboard}"
             wait_for(lambda: http_ok(dash), deadline, "the Ray dashboard", sweep)
             print(f"Ray dashboard {dash}")
             pages = [
-                ("mlflow-runs.png", f"{ui}/#/experiments/{exp_id}/runs", "MLflow: runs"),
-                ("mlflow-run-chart.png", metric_page(ui, exp_id, run_id),
-                 f"MLflow: accuracy per epoch of run {run_id}"),
                 ("ray-jobs.png", f"{dash}/#/jobs", "Ray dashboard: jobs"),
                 ("ray-actors.png", f"{dash}/#/actors", "Ray dashboard: actors (trial names)"),
-            ]  # fmt: skip
+            ]
             job = driver_job(dash)
             if job:  # the sweep's driver: its tasks and actors, with their names
                 pages.append(("ray-job.png", f"{dash}/#/jobs/{job}", f"Ray dashboard: job {job}"))
-            for name, url, what in pages:
-                path = args.out / name
-                if shoot(chromium, url, path, args.size, args.render_ms):
-                    shots.append((path, what))
-                else:
-                    print(f"warning: no screenshot of {url}", file=sys.stderr)
+            shots += shoot_pages(args, chromium, work, pages)
+            # MLflow once a retrain has finished: its curves whole, its summary logged.
+            run_id = wait_for(
+                lambda: stage_run(ui, exp_id, finished=True), deadline, "a retrain", sweep
+            )
+            print(f"MLflow UI {ui}: experiment {exp_id}, run {run_id}")
+            mode = "?workflowType=machine_learning"  # the UI's "Model training" side
+            pages = [
+                ("mlflow-runs.png", f"{ui}/#/experiments/{exp_id}/runs{mode}",
+                 "MLflow: the runs table, one row per stage beside the sweep's run"),
+                ("mlflow-run-chart.png",
+                 f"{ui}/#/experiments/{exp_id}/runs/{run_id}/model-metrics{mode}",
+                 f"MLflow: metrics tab of retrain run {run_id}, curves (epoch/) first"),
+            ]  # fmt: skip
+            shots += shoot_pages(args, chromium, work, pages)
     print(f"sweep log: {sweep_log}" if args.keep else "sweep stopped")
     return shots
 
@@ -173,8 +179,22 @@ def started(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subproce
                     proc.wait(wait)
 
 
+def shoot_pages(
+    args: argparse.Namespace, chromium: str, work: Path, pages: list[tuple[str, str, str]]
+) -> list[tuple[Path, str]]:
+    """Each (file name, URL, what) shot into `args.out`; the shots taken."""
+    shots = []
+    for name, url, what in pages:
+        path = args.out / name
+        if shoot(chromium, url, path, args.size, args.render_ms, work / "chromium"):
+            shots.append((path, what))
+        else:
+            print(f"warning: no screenshot of {url}", file=sys.stderr)
+    return shots
+
+
 def wait_for(
-    probe: Callable[[], object], deadline: float, what: str, proc: subprocess.Popen | None
+    probe: Callable[[], object], deadline: float, what: str, proc: subprocess.Popen | None = None
 ) -> object:
     """Poll `probe` until it returns something truthy; fail if `proc` ends first."""
     while time.time() < deadline:
@@ -221,33 +241,19 @@ def experiment_id(ui: str, name: str) -> str | None:
         return None  # not created yet
 
 
-def run_with_history(ui: str, exp_id: str) -> str | None:
-    """A stage run (not the sweep's parent) with at least 3 test_acc points, RUNNING first."""
-    runs = api(ui, "runs/search", body={"experiment_ids": [exp_id], "max_results": 200})
-    candidates = []
-    for run in runs.get("runs", []):
-        tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
-        if "nptm.stage_id" not in tags:
-            continue
+def stage_run(ui: str, exp_id: str, *, finished: bool) -> str | None:
+    """A stage's run that is RUNNING; with `finished`, a retrain's that has ended with at least
+    3 epochs logged (whole curves, and its summary)."""
+    query = "tags.`nptm.role` = 'stage' and attributes.status = 'RUNNING'"
+    if finished:
+        query = "tags.`nptm.stage_kind` = 'retrain' and attributes.status = 'FINISHED'"
+    body = {"experiment_ids": [exp_id], "filter": query, "max_results": 50}
+    for run in api(ui, "runs/search", body=body).get("runs", []):
         run_id = run["info"]["run_id"]
-        history = api(ui, "metrics/get-history", {"run_id": run_id, "metric_key": "test_acc"})
-        if len(history.get("metrics", [])) >= 3:
-            candidates.append((run["info"]["status"] != "RUNNING", run_id))
-    return min(candidates)[1] if candidates else None
-
-
-def metric_page(ui: str, exp_id: str, run_id: str) -> str:
-    """MLflow's metric page (the route its run page links "Plot chart" to): test, validation
-    and training accuracy of one run per epoch."""
-    keys = ["test_acc", "val_acc", "train_acc"]
-    query = {
-        "runs": json.dumps([run_id]), "metric": json.dumps(keys[0]),
-        "experiments": json.dumps([exp_id]), "plot_metric_keys": json.dumps(keys),
-        "plot_layout": "{}", "x_axis": "step", "y_axis_scale": "linear",
-        "line_smoothness": "1", "show_point": "true", "deselected_curves": "[]",
-        "last_linear_y_axis_range": "[]",
-    }  # fmt: skip
-    return f"{ui}/#/metric?{urllib.parse.urlencode(query)}"
+        key = {"run_id": run_id, "metric_key": "epoch/test_acc"}
+        if not finished or len(api(ui, "metrics/get-history", key).get("metrics", [])) >= 3:
+            return run_id
+    return None
 
 
 def driver_job(dash: str) -> str | None:
@@ -270,16 +276,24 @@ def dashboard_address(work: Path) -> str | None:
     return None
 
 
-def shoot(chromium: str, url: str, path: Path, size: str, render_ms: int) -> bool:
-    """One headless Chromium screenshot of `url`. Both UIs are JS apps that fetch their data
-    after the page loads: `--virtual-time-budget` lets them run that long (in virtual time)
-    before the shot. A server slowed down by the sweep can stall a page: one retry."""
-    path.unlink(missing_ok=True)
-    cmd = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-        "--disable-dev-shm-usage", f"--window-size={size}",
-        f"--virtual-time-budget={render_ms}", f"--screenshot={path}", url,
+def headless(chromium: str, profile: Path, render_ms: int, *flags: str) -> list[str]:
+    """Headless Chromium on a JS app: `--virtual-time-budget` lets the page run that long (in
+    virtual time) to fetch and draw its data before the output; `profile` is a throwaway
+    user-data dir; nothing is fetched but the page (no sync, updates or first-run calls)."""
+    return [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+        f"--virtual-time-budget={render_ms}", *flags,
     ]  # fmt: skip
+
+
+def shoot(chromium: str, url: str, path: Path, size: str, render_ms: int, profile: Path) -> bool:
+    """One screenshot of `url` (`headless`). A server slowed down by the sweep can stall a
+    page: one retry."""
+    path.unlink(missing_ok=True)
+    flags = ("--hide-scrollbars", f"--window-size={size}", f"--screenshot={path}", url)
+    cmd = headless(chromium, profile, render_ms, *flags)
     for attempt in (1, 2):
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)

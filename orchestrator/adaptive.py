@@ -51,7 +51,10 @@ def run_until_conclusive(
     until no test is open or the design's last look. Returns the last round's
     `nptm.results.sink.SweepSummary`; a round that did not finish every stage ok (stopped,
     failed stages) ends the loop before its look: rerunning the command resumes it."""
+    from nptm.orchestrator.cluster import held_connection, plugin_packages
+    from nptm.orchestrator.lease import hold
     from nptm.orchestrator.planner import build_plan
+    from nptm.orchestrator.preflight import check_data_here, data_need
     from nptm.orchestrator.sweep import run_sweep
     from nptm.results.adaptive import arm_rows, look_lines, looks_record, open_tests, take_look
     from nptm.results.run_record import LOOKS_FILE, RunRecord
@@ -64,30 +67,35 @@ def run_until_conclusive(
     _refuse_another_design(record, design)
     looks: list[dict[str, Any]] = []
     next_seed = max(t.seed for t in plan.trials) + 1
-    while True:
-        summary = run_sweep(grid, plan, opts, on_start=on_start)
-        if not summary.ok:
-            say(f"look {len(looks) + 1} not taken: the sweep did not finish every stage ok")
-            return summary
-        ok = _final_ok(opts.storage, grid.name, plan)
-        look = take_look(ok, design, looks)
-        still = open_tests(look)
-        j = len(looks)
-        more = planned[j + 1] - planned[j] if len(still) and j + 1 < len(planned) else 0
-        keys: list[Any] = []
-        if more:
-            seeds = list(range(next_seed, next_seed + more))
-            keys = _new_trials(plan, arm_rows(ok, still), seeds)
-            runs = [_trial_record(k) for k in keys if k.seed == seeds[0]]
-            look["added"] = {"seeds": seeds, "runs": len(runs), "trials": runs}
-        looks.append(look)
-        record.write_json(LOOKS_FILE, looks_record(grid.name, design, looks))
-        say("\n".join(look_lines(look)))
-        if not keys:
-            return summary
-        next_seed += more
-        grid = dataclasses.replace(grid, includes=(*grid.includes, *keys))
-        plan = build_plan(grid, confirm_large=True)  # its size was checked up front
+    if opts.address is None:  # refused before a local Ray starts, as a plain sweep is
+        check_data_here(data_need(grid, plan, opts.data_root))
+    modules = plugin_packages(list(grid.plugins))
+    lease = hold(opts.storage, grid.name)  # one driver across the rounds: each run_sweep re-enters
+    with lease, held_connection(opts.address, num_cpus=opts.num_cpus, py_modules=modules):
+        while True:
+            summary = run_sweep(grid, plan, opts, on_start=on_start)
+            if not summary.ok:
+                say(f"look {len(looks) + 1} not taken: the sweep did not finish every stage ok")
+                return summary
+            ok = _final_ok(opts.storage, grid.name, plan)
+            look = take_look(ok, design, looks)
+            still = open_tests(look)
+            j = len(looks)
+            more = planned[j + 1] - planned[j] if len(still) and j + 1 < len(planned) else 0
+            keys: list[Any] = []
+            if more:
+                seeds = list(range(next_seed, next_seed + more))
+                keys = _new_trials(plan, arm_rows(ok, still), seeds)
+                runs = [_trial_record(k) for k in keys if k.seed == seeds[0]]
+                look["added"] = {"seeds": seeds, "runs": len(runs), "trials": runs}
+            looks.append(look)
+            record.write_json(LOOKS_FILE, looks_record(grid.name, design, looks))
+            say("\n".join(look_lines(look)))
+            if not keys:
+                return summary
+            next_seed += more
+            grid = dataclasses.replace(grid, includes=(*grid.includes, *keys))
+            plan = build_plan(grid, confirm_large=True)  # its size was checked up front
 
 
 def _design(grid: Any, plan: Any, adaptive: AdaptiveOptions) -> Design:
@@ -149,12 +157,11 @@ def _refuse_another_design(record: Any, design: Design) -> None:
 
 def _final_ok(storage: str, sweep: str, plan: Any) -> pd.DataFrame:
     """The plan's successful final-round retrain rows, as the report reads them."""
-    from nptm.results.analysis import final_round_retrain
+    from nptm.results.analysis import final_round_retrain, successful
     from nptm.results.store import SweepStore
 
     stages = SweepStore(storage, sweep).read_stages()
-    final = final_round_retrain(stages[stages["stage_id"].isin(set(plan.stages))])
-    return final[(final["status"] == "ok") & final["test_acc"].notna()]
+    return successful(final_round_retrain(stages[stages["stage_id"].isin(set(plan.stages))]))
 
 
 def _new_trials(plan: Any, rows: pd.DataFrame, seeds: list[int]) -> list[Any]:

@@ -23,6 +23,7 @@ from nptm.trainables.redact import (
 
 DEFAULT_STORAGE = "./nptm-runs"
 MAX_RETRIES = 100  # --max-retries: Tune's -1 (retry forever) is not offered
+MAX_GPUS, MAX_STAGES_PER_GPU = 100_000, 64  # nptm plan --gpus N --stages-per-gpu K
 
 DESCRIPTION = """\
 nptm runs neural-network pruning studies on a Ray cluster and reads out their answer.
@@ -137,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="expand a grid into trials, its stage DAG and GPU-hours")
     _grid_args(p)
     p.add_argument("--json", action="store_true", help="the plan's summary as JSON")
+    p.add_argument(
+        "--gpus", type=_int_in(1, MAX_GPUS, "GPUs"), metavar="N",
+        help="forecast the sweep's wall time on N GPUs: its stages on their measured seconds "
+        "per epoch, handed out as the sweep does (the longest remaining path first)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stages-per-gpu", type=_int_in(1, MAX_STAGES_PER_GPU, "stages per GPU"), metavar="K",
+        help="with --gpus: stages sharing one GPU (default: as many as the grid's "
+        "workers_per_trial x gpus_per_worker fit)",
+    )  # fmt: skip
     _plan_options(p)
     _power_options(p)
 
@@ -158,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     _plan_options(p)
     p.add_argument(
-        "--log-models", action="store_true", help="log each final model to MLflow as well"
-    )
+        "--log-models", action="store_true",
+        help="log each retrained network as an MLflow model too",
+    )  # fmt: skip
     p.add_argument(
         "--max-retries", type=_int_in(0, MAX_RETRIES, "retries"), default=2, metavar="N",
         help=f"retries of a stage whose trial failed, 0 to {MAX_RETRIES} (default %(default)s)",
@@ -201,18 +213,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="claim 2's equivalence margin (TOST), in accuracy points (default %(default)g)",
     )  # fmt: skip
 
-    p = sub.add_parser("best", help="the best runs by a metric, from MLflow")
+    p = sub.add_parser(
+        "best", help="the best cells (mean over seeds) or runs by a metric, from MLflow",
+        description="The best settings by a metric, from MLflow's runs of the final-round "
+        "retraining stages that finished ok: by default each cell's mean over seeds (the "
+        "report's headline cell: mean of --metric test_acc = its table's cell), with sd and n.",
+    )  # fmt: skip
     p.add_argument("--sweep", help="only this sweep's runs (default: every sweep in the store)")
     _storage_arg(p)
     _mlflow_arg(p)
     p.add_argument("--metric", default="test_acc", help="rank by this metric (%(default)s)")
     p.add_argument(
-        "--by", default="", metavar="PARAMS",
-        help="comma-separated params to group by: the best run of each group",
+        "--mode", choices=("min", "max"),
+        help="min: lowest first, max: highest first; default: min for a metric whose name "
+        "contains 'loss' or 'error', else max",
+    )  # fmt: skip
+    p.add_argument(
+        "--agg", choices=("mean", "none"), default="mean",
+        help="mean: rank cells (every axis but the seed) by their mean over seeds, with sd "
+        "and n; none: rank single runs (default %(default)s: one lucky seed is not a setting)",
+    )  # fmt: skip
+    p.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE",
+        help="only these runs (repeatable; one key twice: either value): sweep, dataset, "
+        "model, structure, pruner, target, ratio, preset, schedule, budget, seed",
+    )  # fmt: skip
+    p.add_argument(
+        "--by", default="", metavar="COLUMNS",
+        help="comma-separated shown columns (pruner, schedule, target, budget, dataset, model, "
+        "structure, sweep; seed with --agg none): the best rows of each group",
     )  # fmt: skip
     p.add_argument(
         "--top", type=_int_in(1, 1_000_000, "rows"), default=5,
-        help="how many rows (default %(default)s)",
+        help="how many rows, per group with --by (default %(default)s)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="the rows as JSON")
 

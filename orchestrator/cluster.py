@@ -47,12 +47,36 @@ class Cluster:
         return len(self.nodes) > 1
 
 
+_held: Cluster | None = None  # the connection `held_connection` keeps open, if any
+
+
+@contextlib.contextmanager
+def held_connection(
+    address: str | None, *, num_cpus: int | None = None, py_modules: list[str] | None = None
+) -> Iterator[Cluster]:
+    """One connection for several sweeps in this process (`nptm sweep --until-conclusive`
+    sweeps once per look): `connect` inside returns it and `disconnect` leaves it open. A
+    local Ray is started once, not at every look, and no look's Tune run starts while the
+    trial actors of the look before are still being torn down by a driver's shutdown."""
+    global _held
+    _held = connect(address, num_cpus=num_cpus, py_modules=py_modules)
+    try:
+        yield _held
+    finally:
+        _held = None
+        disconnect()
+
+
 def connect(
     address: str | None, *, num_cpus: int | None = None, py_modules: list[str] | None = None
 ) -> Cluster:
     """Start a local Ray (no address) or join the cluster at `address`. `py_modules`
-    (package directories) are shipped to every worker through Ray's runtime_env."""
+    (package directories) are shipped to every worker through Ray's runtime_env. Inside
+    `held_connection`, its connection."""
     import ray
+
+    if _held is not None:
+        return _held
 
     # Keep worker processes quiet on the terminal: nptm prints its own progress.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -201,9 +225,10 @@ def _use_token_auth() -> None:
 
 
 def disconnect() -> None:
+    """Shut this process's Ray connection down, unless `held_connection` holds it."""
     import ray
 
-    if ray.is_initialized():
+    if _held is None and ray.is_initialized():
         ray.shutdown()
 
 

@@ -43,17 +43,31 @@ def validate(args: argparse.Namespace) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
+    gpus, per_gpu = getattr(args, "gpus", None), getattr(args, "stages_per_gpu", None)
+    if per_gpu is not None and gpus is None:
+        raise UsageError(f"--stages-per-gpu {per_gpu} needs --gpus N")
     _, the_plan = _load_plan(args)
     power = _power(args, the_plan) if getattr(args, "power", False) else None  # not on sweep
+    wall = None
+    if gpus is not None:  # the DAG searcher's own order, replayed (imports Ray Tune)
+        from nptm.orchestrator.makespan import forecast
+
+        wall = forecast(the_plan, gpus, per_gpu)
     if args.json:
         summary = the_plan.summary()
         if power is not None:
             summary["power"] = power[0].to_dict(orient="records")
+        if wall is not None:
+            summary["forecast"] = wall
         print_json(summary)
     else:
         from nptm.orchestrator.render import render_plan
 
         print(render_plan(the_plan))
+        if wall is not None:
+            from nptm.orchestrator.makespan import describe_forecast
+
+            print(describe_forecast(wall))
         if power is not None:
             print(f"\n{power[1]}")
     return EXIT_OK
@@ -187,8 +201,8 @@ def _run(args: argparse.Namespace, grid, the_plan):
 
 
 def _log_report(summary, store, report_dir) -> None:
-    """The report's files and the headline metrics on the sweep's MLflow parent run."""
-    if summary.mlflow_degraded or not summary.mlflow_uri or not summary.mlflow_parent_run_id:
+    """The report's files and the headline metrics on the sweep's MLflow run."""
+    if summary.mlflow_degraded or not summary.mlflow_uri or not summary.mlflow_sweep_run_id:
         return
     from nptm.results.mlflow_rows import headline_metrics
     from nptm.results.tracking import MlflowRecorder
@@ -274,9 +288,14 @@ def _print_banner(start) -> None:
                 f"    it asks for Ray's token: `ray get-auth-token` prints it "
                 f"(read from {start.token_source})"
             )
+    if start.grafana_url:
+        lines.append(f"  Grafana: {start.grafana_url}")
     if start.mlflow_uri:
         down = " (unreachable: results go to Parquet only)" if start.mlflow_degraded else ""
-        lines.append(f"  MLflow: {start.mlflow_uri}, experiment {start.experiment_name}{down}")
+        shown = start.mlflow_uri
+        if start.mlflow_public:  # a browser's address; the driver's may be a container's name
+            shown = f"{start.mlflow_public} (nptm logs to {start.mlflow_uri})"
+        lines.append(f"  MLflow: {shown}, experiment {start.experiment_name}{down}")
         if start.mlflow_command:
             lines.append(f"    UI: {start.mlflow_command}")
         if start.runs_url:
@@ -316,13 +335,17 @@ def _print_summary(summary, storage: str) -> None:
             else "the cluster's, still up"
         )
         print(f"Ray dashboard ({state}): {summary.dashboard_url}")
+    if summary.grafana_url:
+        print(f"Grafana: {summary.grafana_url}")
     if summary.mlflow_uri:
         runs = (
             f"/#/experiments/{summary.mlflow_experiment_id}/runs"
             if summary.mlflow_experiment_id
             else ""
         )
-        if summary.mlflow_uri.startswith("sqlite"):
+        if summary.mlflow_public:
+            print(f"MLflow: {summary.mlflow_public}{runs}")
+        elif summary.mlflow_uri.startswith("sqlite"):
             print(
                 f"MLflow UI: mlflow ui --backend-store-uri {summary.mlflow_uri} --host 127.0.0.1 "
                 f"--port 5000, then http://127.0.0.1:5000{runs}"
@@ -444,20 +467,22 @@ def status(args: argparse.Namespace) -> int:
 
 
 def best(args: argparse.Namespace) -> int:
-    from nptm.results.best import best_runs, render_best
+    from nptm.results.best import best_runs, parse_where, render_best
 
     by = [c.strip() for c in args.by.split(",") if c.strip()]
     if args.sweep is not None:
         _check_sweep_name(args.sweep)
-    uri = _tracking_uri(args, existing=True)  # a query never creates an empty store
     try:
-        df = best_runs(uri, sweep=args.sweep, metric=args.metric, by=by, top=args.top)
+        where = [parse_where(text) for text in args.where]  # before opening any store
+        uri = _tracking_uri(args, existing=True)  # a query never creates an empty store
+        query = {"metric": args.metric, "mode": args.mode, "agg": args.agg}
+        df = best_runs(uri, sweep=args.sweep, by=by, where=where, top=args.top, **query)
     except ValueError as err:
         raise UsageError(str(err)) from err
     if args.json:
         print(df.to_json(orient="records", indent=2))
     else:
-        print(render_best(df))
+        print(render_best(df, args.metric, args.mode))
     return EXIT_OK
 
 

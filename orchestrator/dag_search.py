@@ -3,22 +3,31 @@
 There is no barrier between kinds: a retrain starts as soon as its own prune is done, while
 other pre-trainings still run, so the cluster stays busy while runnable work exists.
 
-Every step costs O(1) in the size of the plan (thousands of stages): a trial's config is the
-stage id only (`nptm.orchestrator.trial.stage_id_of`), and the counts of stages per state and the
-epochs still to train are kept as stages change state, never recounted.
+Of the runnable stages, the one with the longest remaining path of planned seconds (its own
+plus the costliest chain of its descendants, `nptm.orchestrator.stage_cost`) goes first, ties
+in plan order: a pre-training that two hundred retrains wait on starts before a retrain that
+ends its branch. On the shipped grids this shortens the sweep against handing stages out in
+the order they became runnable (`order="fifo"`; bench/makespan.py).
+
+Every step costs O(1) in the size of the plan (thousands of stages; O(log) for the ready
+heap), and the priorities are computed once, in O(stages): a trial's config is the
+stage id only (`nptm.orchestrator.trial.stage_id_of`), and the counts of stages per kind and
+state and the epochs still to train are kept as stages change state, never recounted.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
 from ray.tune.search import Searcher
 
 from nptm.orchestrator.planner import stage_epochs
+from nptm.orchestrator.stage_cost import longest_paths, stage_costs
 from nptm.orchestrator.trial import stage_config
 from nptm.trainables.stage import StageOutcome, StageSpec, StageStatus
 
@@ -39,6 +48,29 @@ _TO_TRAIN = (PENDING, RUNNING)  # states whose epochs are still ahead
 StageResolution = tuple[StageStatus, StageOutcome | None, str | None]
 # Told of every stage that ends or is skipped: (spec, status, outcome, error text).
 FinishHook = Callable[[StageSpec, StageStatus, StageOutcome | None, str | None], None]
+ORDERS = ("critical_path", "fifo")
+
+
+class ReadyQueue:
+    """The runnable stages, the smallest rank first (a heap); `append`, `extend` and
+    `popleft` as on the deque of `order="fifo"`."""
+
+    def __init__(self, rank: Mapping[str, tuple[float, int]] | None = None) -> None:
+        self._rank = {} if rank is None else rank
+        self._heap: list[tuple[float, int, str]] = []
+
+    def append(self, sid: str) -> None:
+        heapq.heappush(self._heap, (*self._rank[sid], sid))
+
+    def extend(self, sids: Iterable[str]) -> None:
+        for sid in sids:
+            self.append(sid)
+
+    def popleft(self) -> str:
+        return heapq.heappop(self._heap)[-1]
+
+    def __len__(self) -> int:
+        return len(self._heap)
 
 
 class DagSearcher(Searcher):
@@ -49,7 +81,12 @@ class DagSearcher(Searcher):
         resolve: Callable[[StageSpec, dict | None, bool], StageResolution],
         on_finish: FinishHook,
         outcomes: Mapping[str, StageOutcome] | None = None,
+        cost: Mapping[str, float] | None = None,
+        order: str = "critical_path",
     ) -> None:
+        """`cost`: planned seconds per stage (default: `stage_costs` of the `train` executor
+        on the shipped per-epoch figures); `order`: "critical_path", or "fifo" (the order the
+        stages became runnable)."""
         super().__init__()  # no metric: the DAG, not a score, decides what runs next
         self.stages = stages
         self._resolve = resolve
@@ -59,7 +96,9 @@ class DagSearcher(Searcher):
         self.outcomes: dict[str, StageOutcome] = dict(outcomes or {})
         # Read freely; written only through `_set`, which keeps the counters below in step.
         self.state: dict[str, Progress] = {sid: DONE if sid in done else PENDING for sid in stages}
-        self._counts: Counter[Progress] = Counter(self.state.values())
+        self._counts: Counter[tuple[str, Progress]] = Counter(
+            (stages[sid].kind.value, st) for sid, st in self.state.items()
+        )
         self._remaining_epochs = sum(
             stage_epochs(stages[sid]) for sid, st in self.state.items() if st in _TO_TRAIN
         )
@@ -68,7 +107,18 @@ class DagSearcher(Searcher):
             for parent in spec.parents:
                 if parent in self.children:
                     self.children[parent].append(sid)
-        self.ready: deque[str] = deque(
+        if order not in ORDERS:
+            raise ValueError(f"order: {order!r} is not one of {ORDERS}")
+        # Each stage's place in the order, smaller first: the longest remaining path, then
+        # plan order (none in FIFO order).
+        self._rank: dict[str, tuple[float, int]] = {}
+        if order == "fifo":
+            self.ready: deque[str] | ReadyQueue = deque()
+        else:
+            path = longest_paths(stages, stage_costs(stages).cost if cost is None else cost)
+            self._rank = {sid: (-path[sid], i) for i, sid in enumerate(stages)}
+            self.ready = ReadyQueue(self._rank)
+        self.ready.extend(
             sid for sid in stages if self.state[sid] == PENDING and self._parents_done(sid)
         )
         self.trial_stage: dict[str, str] = {}
@@ -127,6 +177,12 @@ class DagSearcher(Searcher):
         if sid is not None:
             self._set(sid, PENDING)
 
+    def rank_of(self, trial_id: str) -> tuple[float, int] | None:
+        """The place of a handed-out trial's stage in this searcher's order (smaller first);
+        None in FIFO order or for a trial not handed out."""
+        sid = self.trial_stage.get(trial_id)
+        return None if sid is None else self._rank.get(sid)
+
     def in_flight(self) -> set[str]:
         """The stages handed out now (running, or waiting for a slot or a retry)."""
         return set(self.trial_stage.values())
@@ -143,15 +199,17 @@ class DagSearcher(Searcher):
         # per-stage states and the driver-side hooks (MLflow client, Parquet writer) stay
         # behind, so that snapshot does not grow with the sweep.
         state = self.__dict__.copy()
-        for name in ("stages", "state", "children", "ready", "trial_stage"):
+        for name in ("stages", "state", "children", "ready", "trial_stage", "_rank"):
             state[name] = type(state[name])()
         state["_resolve"] = state["_on_finish"] = None
         return state
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def count(self, state: Progress) -> int:
-        """Stages in `state` now."""
-        return self._counts[state]
+    def count(self, state: Progress, kind: str | None = None) -> int:
+        """Stages in `state` now (of `kind` only, when given)."""
+        if kind is not None:
+            return self._counts[(kind, state)]
+        return sum(n for (_, st), n in self._counts.items() if st == state)  # a few kinds
 
     def remaining_epochs(self) -> int:
         """Training epochs of the stages not yet finished, failed or skipped."""
@@ -162,8 +220,9 @@ class DagSearcher(Searcher):
         if old == new:
             return
         self.state[sid] = new
-        self._counts[old] -= 1
-        self._counts[new] += 1
+        kind = self.stages[sid].kind.value
+        self._counts[(kind, old)] -= 1
+        self._counts[(kind, new)] += 1
         if (old in _TO_TRAIN) != (new in _TO_TRAIN):
             epochs = stage_epochs(self.stages[sid])
             self._remaining_epochs += epochs if new in _TO_TRAIN else -epochs

@@ -61,21 +61,31 @@ def train_samples(dataset: str, val_fraction: float) -> int:
     return n - round(val_fraction * n)
 
 
+def epoch_seconds(
+    model: str, dataset: str, val_fraction: float, figures: GpuFigures
+) -> float | None:
+    """Seconds of one training epoch of (model, dataset) with `val_fraction` held out, on the
+    figures' GPU; None without a figure. GPU-hours and the stages' planned seconds
+    (`nptm.orchestrator.stage_cost`) are both made of it."""
+    from nptm.trainables.catalog import DATASETS
+
+    per_epoch = figures.seconds_per_epoch.get((model, dataset))
+    if per_epoch is None:
+        return None
+    return per_epoch * train_samples(dataset, val_fraction) / DATASETS[dataset].train_size
+
+
 def gpu_hours(
     epochs_by_pair: dict[Pair, int], val_fraction: float, figures: GpuFigures
 ) -> dict[str, Any]:
     """Hours per (model, dataset) and in total; None where a pair has no figure."""
-    from nptm.trainables.catalog import DATASETS
-
     pairs = []
     for (model, dataset), epochs in sorted(epochs_by_pair.items()):
-        per_epoch = figures.seconds_per_epoch.get((model, dataset))
-        hours = None
-        if per_epoch is not None:
-            share = train_samples(dataset, val_fraction) / DATASETS[dataset].train_size
-            hours = epochs * per_epoch * share / 3600
+        seconds = epoch_seconds(model, dataset, val_fraction, figures)
+        hours = None if seconds is None else epochs * seconds / 3600
         pairs.append({"model": model, "dataset": dataset, "planned_epochs": epochs,
-                      "seconds_per_epoch": per_epoch, "hours": hours})  # fmt: skip
+                      "seconds_per_epoch": figures.seconds_per_epoch.get((model, dataset)),
+                      "hours": hours})  # fmt: skip
     unknown = [f"{p['model']}@{p['dataset']}" for p in pairs if p["hours"] is None]
     return {
         "gpu": figures.gpu,

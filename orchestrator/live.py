@@ -203,7 +203,7 @@ class SweepStart:
     run_record: str  # its run record (grid, plan, versions, progress)
     planned: dict[str, int]  # stages per kind
     to_run: int  # stages without a finished outcome yet
-    dashboard_url: str | None = None
+    dashboard_url: str | None = None  # where a browser opens it (NPTM_PUBLIC_DASHBOARD_URL)
     dashboard_local: bool = True  # nptm's own local Ray: gone when the sweep ends
     dashboard_answers: bool = False
     token_auth: bool = False
@@ -212,12 +212,14 @@ class SweepStart:
     experiment_name: str | None = None
     experiment_id: str | None = None
     mlflow_degraded: bool = False
+    mlflow_public: str | None = None  # the UI where a browser opens it (NPTM_PUBLIC_MLFLOW_URL)
+    grafana_url: str | None = None  # nptm's Grafana dashboard (NPTM_PUBLIC_GRAFANA_URL)
     notes: list[str] = field(default_factory=list)
 
     @property
     def mlflow_ui(self) -> str | None:
         """The MLflow UI's base URL, or None when it must be started first (`mlflow_command`)."""
-        uri = self.mlflow_uri or ""
+        uri = self.mlflow_public or self.mlflow_uri or ""
         return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
 
     @property

@@ -83,9 +83,9 @@ def check_data_on_cluster(need: DataNeed, timeout_s: float = CLUSTER_CHECK_TIMEO
         if not node.get("Alive") or node.get("Resources", {}).get("CPU", 0) <= 0:
             continue  # stages need CPU: a node without (a bare head) never runs one
         pinned = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-        ref = task.options(num_cpus=0, scheduling_strategy=pinned, max_retries=0).remote(
-            need.datasets, need.root, need.download, need.plugins
-        )
+        ref = task.options(
+            name="nptm_data_check", num_cpus=0, scheduling_strategy=pinned, max_retries=0
+        ).remote(need.datasets, need.root, need.download, need.plugins)
         refs[ref] = node["NodeManagerAddress"]
     if not refs:  # an autoscaling cluster with no worker up yet: nowhere to look
         log.warning("no node of the cluster can run a stage yet: the data root is not checked")

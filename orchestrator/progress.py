@@ -10,6 +10,14 @@ from ray.tune import Callback
 from nptm.orchestrator.dag_search import DONE, FAILED, PENDING, RUNNING, SKIPPED
 
 
+def pace(searcher: Any) -> tuple[float, float | None]:
+    """(epochs per second since the driver started, seconds left at that pace or None while
+    nothing was trained or nothing is left) of a `DagSearcher`."""
+    rate = searcher.epochs_done / max(time.time() - searcher.started_at, 1e-9)
+    remaining = searcher.remaining_epochs()
+    return rate, (remaining / rate if rate > 0 and remaining else None)
+
+
 class ProgressPrinter(Callback):
     """Prints one line every `interval` seconds: stages by state, epochs/s and an ETA.
 
@@ -47,10 +55,8 @@ class ProgressPrinter(Callback):
         s = self.searcher
         handed_out = s.count(RUNNING)
         running = handed_out if running is None else running
-        elapsed = max(time.time() - s.started_at, 1e-9)
-        rate = s.epochs_done / elapsed
-        remaining = s.remaining_epochs()
-        eta = f"{remaining / rate / 60:.1f} min" if rate > 0 and remaining else "-"
+        rate, eta_s = pace(s)
+        eta = "-" if eta_s is None else f"{eta_s / 60:.1f} min"
         return (
             f"[nptm] stages done {s.count(DONE)}  running {running}  "
             f"pending {s.count(PENDING) + handed_out - running}  failed {s.count(FAILED)}  "

@@ -24,6 +24,7 @@ from nptm.orchestrator.cluster import (
 from nptm.orchestrator.dag_search import DagSearcher, StageResolution
 from nptm.orchestrator.errors import UsageError
 from nptm.orchestrator.failure_guard import FailureGuard, FailureWatch
+from nptm.orchestrator.lease import Hold, refuse_if_held, take
 from nptm.orchestrator.live import (
     LiveTracker,
     StopSignals,
@@ -31,9 +32,12 @@ from nptm.orchestrator.live import (
     SweepStart,
     new_progress,
 )
+from nptm.orchestrator.metrics import SweepMetrics
 from nptm.orchestrator.preflight import check_data_here, check_data_on_cluster, data_need, data_root
 from nptm.orchestrator.progress import ProgressPrinter
-from nptm.orchestrator.trial import SweepShared, ray_name, stage_id_of, stage_trial
+from nptm.orchestrator.public_urls import PublicUrls
+from nptm.orchestrator.stage_cost import stage_costs
+from nptm.orchestrator.trial import SweepShared, ray_name, stage_id_of, stage_trial, trial_class
 from nptm.orchestrator.trial_scheduler import NewestPendingFirst
 from nptm.trainables.artifacts import (
     ArtifactStore,
@@ -60,7 +64,7 @@ class SweepOptions:
     address: str | None = None  # Ray cluster to join; None starts a local Ray for the sweep
     mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a store under `storage`
     data_root: str | None = None  # overrides the grid's data.root
-    log_models: bool = False  # also log each final model to MLflow
+    log_models: bool = False  # each retrained network also as an MLflow logged model
     max_retries: int = 2  # retries of a failed stage
     num_cpus: int | None = None  # local Ray only
     min_free_gb: float = DEFAULT_MIN_FREE_GB  # of a local storage root, checked at start
@@ -85,7 +89,8 @@ def run_sweep(
     Raises `nptm.orchestrator.errors.UsageError` for a storage root, cluster or data root the
     sweep cannot use (the CLI's exit code 2): the data is checked where the stages will run,
     before Ray starts (local) or on every node (cluster), with nothing written
-    (nptm.orchestrator.preflight).
+    (nptm.orchestrator.preflight); and, with nothing written, while another driver runs the
+    same sweep (one driver per sweep: nptm.orchestrator.lease).
     """
     from nptm.results.mlflow_uri import resolve_tracking_uri
     from nptm.results.run_record import DriverState, RunRecord
@@ -94,6 +99,7 @@ def run_sweep(
     from nptm.trainables.layout import Layout
 
     started = time.time()
+    public = PublicUrls.from_env()  # a setting that is no URL: refused before Ray starts
     opts = replace(opts, storage=_absolute(opts.storage))
     refused = storage_credentials_error(opts.storage)  # before Ray starts or anything is written
     if refused:
@@ -106,21 +112,25 @@ def run_sweep(
     cluster = connect(opts.address, num_cpus=opts.num_cpus, py_modules=plugin_packages(plugins))
     live: LiveTracker | None = None
     recorder: MlflowRecorder | None = None
+    lease: Hold | None = None
     try:
         with StopSignals() as stop:
             if opts.address is not None:  # on the nodes that run stages, before any write
                 check_data_on_cluster(need)
                 store = _open_store(opts, grid.name)
             _check_cluster(cluster, grid, plan, opts)
+            lease = take(opts.storage, grid.name)  # LeaseHeld: another driver runs the sweep
             artifacts = ArtifactStore(opts.storage)
             uri = resolve_tracking_uri(opts.storage, opts.mlflow_uri)
             recorder = MlflowRecorder(uri, grid.name, log_models=opts.log_models)
             recorder.start_sweep(_sweep_params(grid, plan))
             sink = ResultSink(store, recorder, artifacts, grid.resources.executor)
             summary = sink.summary
-            summary.dashboard_url = cluster.dashboard_url
+            summary.dashboard_url = public.dashboard or cluster.dashboard_url
             summary.dashboard_local = cluster.started_here
             summary.mlflow_uri = uri
+            summary.mlflow_public = public.mlflow
+            summary.grafana_url = public.grafana_dashboard(grid.name)
             summary.planned = len(plan.stages)
             record = RunRecord(Layout(opts.storage), grid.name)
             _write_run_record(record, grid, plan, recorder)
@@ -128,7 +138,7 @@ def run_sweep(
             live.write(force=True)
             done = _finished_stages(plan, artifacts)
             if on_start is not None:
-                on_start(_start_info(grid, plan, cluster, recorder, record, len(done)))
+                on_start(_start_info(grid, plan, cluster, recorder, record, len(done), public))
             # Rows that read back whole; a damaged or foreign row file is set aside, and its
             # stage recorded again below from its outcome (or run again).
             recorded = set(store.intact_stage_ids())
@@ -159,6 +169,8 @@ def run_sweep(
         _end(recorder, live, summary, "FINISHED" if summary.ok else "FAILED", DriverState.FINISHED)
     finally:
         disconnect()
+        if lease is not None:  # after the trial actors are gone
+            lease.release()
     summary.wall_seconds = time.time() - started
     return summary
 
@@ -169,6 +181,7 @@ def _open_store(opts: SweepOptions, sweep: str) -> SweepStore:
 
     try:
         check_writable(opts.storage, min_free_gb=opts.min_free_gb)
+        refuse_if_held(opts.storage, sweep)  # before a local Ray starts (`take` decides)
         return SweepStore(opts.storage, sweep)
     except (OSError, ValueError, StorageError) as err:
         raise UsageError(str(err)) from err
@@ -178,7 +191,7 @@ def _end(recorder: Any, live: LiveTracker, summary: SweepSummary, status: str, s
     """Close the sweep's MLflow runs and progress.json: how the driver ended."""
     recorder.end_open_stages(status)
     summary.mlflow_experiment_id = recorder.experiment_id
-    summary.mlflow_parent_run_id = recorder.parent_run_id
+    summary.mlflow_sweep_run_id = recorder.sweep_run_id
     metrics = {
         "stages_planned": summary.planned,
         "stages_executed": summary.executed,
@@ -192,7 +205,7 @@ def _end(recorder: Any, live: LiveTracker, summary: SweepSummary, status: str, s
 
 def _write_run_record(record: Any, grid: Any, plan: Any, recorder: Any) -> None:
     """grid.yaml, plan.json and versions.json under the sweep's run/, also as artifacts
-    (``run/``) and tags of the MLflow parent run."""
+    (``run/``) and tags of the sweep's MLflow run."""
     import json
     import tempfile
 
@@ -234,8 +247,16 @@ def _grid_text(grid: Any) -> str:
 
 
 def _start_info(
-    grid: Any, plan: Any, cluster: Cluster, recorder: Any, record: Any, done: int
+    grid: Any,
+    plan: Any,
+    cluster: Cluster,
+    recorder: Any,
+    record: Any,
+    done: int,
+    public: PublicUrls,
 ) -> SweepStart:
+    """What the banner says; the dashboard is checked where this driver reaches it, and
+    shown where a browser does (`public`)."""
     from nptm.orchestrator.live import url_answers
 
     counts: dict[str, int] = {}
@@ -248,7 +269,7 @@ def _start_info(
         run_record=record.location(),
         planned=counts,
         to_run=len(plan.stages) - done,
-        dashboard_url=url,
+        dashboard_url=public.dashboard or url,
         dashboard_local=cluster.started_here,
         dashboard_answers=bool(url) and url_answers(url),
         token_auth=cluster.token_auth,
@@ -257,6 +278,8 @@ def _start_info(
         experiment_name=recorder.experiment_name,
         experiment_id=recorder.experiment_id,
         mlflow_degraded=recorder.degraded,
+        mlflow_public=public.mlflow,
+        grafana_url=public.grafana_dashboard(grid.name),
     )
 
 
@@ -348,8 +371,11 @@ def _tune(
     # must (at the end, and on Ctrl-C): a snapshot grows with the trials, and rewriting it
     # every few seconds made the driver's cost per stage grow with the sweep.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "inf")
-    searcher = DagSearcher(plan.stages, set(done), resolve, sink.record, outcomes=done)
+    # The longest remaining path of planned seconds first (nptm.orchestrator.stage_cost).
+    cost = stage_costs(plan.stages, res).cost
+    searcher = DagSearcher(plan.stages, set(done), resolve, sink.record, outcomes=done, cost=cost)
     progress = ProgressPrinter(searcher, stream=sys.stderr)
+    metrics = SweepMetrics(grid.name, searcher, live.progress.running)  # Prometheus, Grafana
     guard = FailureGuard()
     watch = FailureWatch(guard, artifacts.read_error, searcher.in_flight, searcher.stop)
     _quiet_tune_errors()  # each stage's error is stored with it, and summed up at the end
@@ -366,7 +392,9 @@ def _tune(
     # (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS), so its end-of-run metrics scan has nothing to say.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(stage_trial, shared=shared), trial_resources),
+        trial_class(
+            tune.with_resources(tune.with_parameters(stage_trial, shared=shared), trial_resources)
+        ),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=NewestPendingFirst(searcher=searcher),  # nptm.orchestrator.trial_scheduler
@@ -380,12 +408,13 @@ def _tune(
             name=f"sweep-{grid.name}",
             storage_path=runtime["ray_storage"],
             verbose=0,
-            callbacks=[progress, live, watch, _NoTrialPrints()],
+            callbacks=[progress, live, metrics, watch, _NoTrialPrints()],
             failure_config=tune.FailureConfig(max_failures=opts.max_retries),
         ),
     )
     tuner.fit()
     progress.final()
+    metrics.publish()  # the end state: Ray exports it as the driver disconnects
     sink.summary.stopped = guard.trip
 
 

@@ -51,6 +51,22 @@ def ray_name(spec: StageSpec) -> str:
     return spec.display_name.replace("/", "_")
 
 
+TRIAL_ACTOR = "NptmStage"
+
+
+def trial_class(trainable: Any) -> type:
+    """Tune's class for the function trainable `trainable`, named `TRIAL_ACTOR`: the class of
+    every trial actor on the Ray dashboard's Actors page, and of their tasks on the Tasks page
+    (`NptmStage.train`), where Tune would name it `ImplicitFunc`. The stage is not in that
+    name: Tune reuses an actor for stage after stage, and Ray names an actor once, as it
+    starts. The stage shows as the trial's name, a prune task's and a Ray Train run's."""
+    from ray.tune.trainable import wrap_function
+
+    cls = wrap_function(trainable)  # a new class at each call: renaming it changes no other
+    cls.__name__ = cls.__qualname__ = TRIAL_ACTOR  # Ray takes the class name from __qualname__
+    return cls
+
+
 @dataclass(frozen=True)
 class SweepShared:
     """What every trial of a sweep reads besides its stage id: the plan's stages, as an object
@@ -141,6 +157,7 @@ def _run_prune_task(spec: StageSpec, runtime: dict[str, Any]) -> None:
     import ray
 
     task = ray.remote(_prune_task).options(
+        name=ray_name(spec),  # the dashboard's Tasks page, as the trial and Train runs are named
         num_cpus=float(runtime["cpus_per_worker"]),
         num_gpus=float(runtime["gpus_per_worker"]),
         scheduling_strategy="DEFAULT",  # not inside the trial's placement group (0.1 CPU)

@@ -17,6 +17,13 @@ for a trial that takes over another's; this order matters on a cluster, where it
 Tune's loop (O(trials) per step, quadratic over a sweep of thousands of stages); this one
 looks at the live trials only, a few per slot.
 
+Of the newest pending trials, those Tune took from the searcher together (within
+`SAME_BATCH_S` of the newest: their actors were asked for together, so none is further along
+than the others), the one first in the searcher's order takes the actor
+(`DagSearcher.rank_of`: the longest remaining path first). Taking the newest alone would hand
+it to the LAST of a batch, e.g. to the shortest of the retrains a prune has just released,
+while the one on the critical path waits for an actor to start.
+
 Once the DAG searcher is stopped (nptm.orchestrator.failure_guard: stages keep failing with
 the same error), no pending trial starts: Tune starts every pending trial it holds, so each
 is stopped here instead. One that never ran is first withdrawn from the searcher (its stage
@@ -25,6 +32,7 @@ stays pending, unrecorded); one waiting for a retry ends as the failure it was.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -32,6 +40,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler
 
 DEFAULT_PATIENCE_S = 30.0  # well above a trial actor's start-up on a busy node
+SAME_BATCH_S = 1.0  # trials added this close together: well under an actor's start-up
 
 
 class NewestPendingFirst(FIFOScheduler):
@@ -60,7 +69,17 @@ class NewestPendingFirst(FIFOScheduler):
                 tune_controller.stop_trial(trial)
             return None
         # A retried trial was forgotten when it failed: it counts as the oldest.
-        pending.sort(key=lambda t: self._added.get(t.trial_id, float("-inf")))
-        oldest = pending[0]
-        waited = time.monotonic() - self._added.get(oldest.trial_id, float("-inf"))
-        return oldest if waited >= self.patience else pending[-1]
+        pending.sort(key=self._added_at)
+        oldest, newest = pending[0], self._added_at(pending[-1])
+        if time.monotonic() - self._added_at(oldest) >= self.patience:
+            return oldest
+        batch = [t for t in pending if newest - self._added_at(t) <= SAME_BATCH_S]
+        return min(batch, key=lambda t: (self._rank(t), -self._added_at(t)))
+
+    def _added_at(self, trial: Trial) -> float:
+        return self._added.get(trial.trial_id, -math.inf)
+
+    def _rank(self, trial: Trial) -> tuple[float, int]:
+        """The searcher's order (smaller first); last where it gives none."""
+        rank = self.searcher.rank_of(trial.trial_id) if self.searcher is not None else None
+        return (math.inf, 0) if rank is None else rank

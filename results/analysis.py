@@ -42,7 +42,7 @@ from nptm.results.stats import (
     with_verdict,
 )
 from nptm.trainables.catalog import PRUNERS, SCHEDULES, UNSTRUCTURED_OPTIONS
-from nptm.trainables.stage import StageKind
+from nptm.trainables.stage import StageKind, StageStatus
 
 GROUP = ["dataset", "model", "structure", "target"]
 # Columns a retrain row inherits from its prune parent when it lacks them.
@@ -102,6 +102,12 @@ def final_round_retrain(stages: pd.DataFrame) -> pd.DataFrame:
     config = [*GROUP, "pruner", "sched", "budget"]
     last = r.groupby(config, dropna=False, sort=False)["round"].transform("max")
     return r[r["round"] == last]
+
+
+def successful(final: pd.DataFrame) -> pd.DataFrame:
+    """The final-round retrain rows (`final_round_retrain`) whose numbers the analysis reads:
+    status ok, with a final test accuracy."""
+    return final[(final["status"] == StageStatus.OK) & final["test_acc"].notna()]
 
 
 def seed_replication(stages: pd.DataFrame, final: pd.DataFrame) -> str:
@@ -186,12 +192,12 @@ def status_counts(final: pd.DataFrame) -> pd.DataFrame:
 
 
 CELL = [*GROUP, "budget", "pruner", "sched"]
-SIZE_COLUMNS = ("achieved_sparsity", "macs_reduction")  # x of the trade-off curves
+SIZE_COLUMNS = ("achieved_sparsity", "macs_reduction", "nonzero_params")  # trade-off x
 
 
 def cell_stats(ok: pd.DataFrame, column: str, level: float = 0.95) -> pd.DataFrame:
     """mean, sd, n and the `level` interval's half_width of `column` per (group, budget,
-    pruner, schedule), with the mean sparsity and MACs reduction the cell's runs achieved."""
+    pruner, schedule), with the mean sizes the cell's runs achieved (`SIZE_COLUMNS`)."""
     have = ok[ok[column].notna()]
     stats = grouped_ci(have, CELL, column, level)[[*CELL, "mean", "sd", "n", "half_width"]]
     sizes = have.groupby(CELL, dropna=False, sort=True)[list(SIZE_COLUMNS)].mean()

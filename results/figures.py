@@ -1,8 +1,12 @@
 """The report's figures (matplotlib's object API: no pyplot, no global state, no GUI backend):
 the paper's accuracy vs retraining budget, one panel per pruner, one line per schedule; for a
 group with one budget, a bar chart of every pruner × schedule; for several pruning ratios, the
-accuracy vs sparsity and vs MACs reduction trade-off; and the paper's Figure 1, the learning
-rate of every schedule over a budget, as the stages ran it."""
+accuracy vs sparsity and vs MACs reduction (structured) or nonzero parameters (unstructured)
+trade-off; and the paper's Figure 1, the learning rate of every schedule over a budget, as the
+stages ran it.
+
+Every figure is written twice, same stem: a PNG at `DPI` and an SVG (`FORMATS`); the
+functions return the PNG's path, one per figure."""
 
 from __future__ import annotations
 
@@ -13,8 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nptm.results.analysis import GROUP, SIZE_COLUMNS, order
+from nptm.results.analysis import GROUP, order
 from nptm.trainables.catalog import PRUNERS, SCHEDULES
+
+DPI = 150  # of the PNGs
+FORMATS = (".png", ".svg")  # every figure in each; the first is the path returned
 
 
 def plot_budget_curves(
@@ -64,9 +71,7 @@ def plot_budget_curves(
         axes[0].set_ylabel("test accuracy (%)", fontsize=8)
         _schedule_legend(fig, handles, scheds)
         fig.suptitle(" / ".join(map(str, key)) + "  (mean ± sd over seeds)", fontsize=9)
-        path = fig_dir / ("acc_vs_budget__" + _slug("__".join(map(str, key))) + ".png")
-        fig.savefig(path, dpi=80)
-        paths.append(path)
+        paths.append(_save(fig, fig_dir, "acc_vs_budget", key))
     notes = []
     if single:
         notes.append(f"{single} group(s) have a single budget: a bar chart shows them")
@@ -137,48 +142,65 @@ def bar_figure(sub: pd.DataFrame, key: tuple, level: float):
     return fig
 
 
-TRADEOFF_X = {"achieved_sparsity": "sparsity (%)", "macs_reduction": "MACs reduction (%)"}
+# x of the trade-off figures: column -> (axis label, scale of the stored value). Masks leave
+# the dense MACs unchanged, so only structured pruning gets a MACs panel; unstructured pruning
+# gets the nonzero parameters its masks leave instead.
+TRADEOFF_X = {
+    "achieved_sparsity": ("sparsity (%)", 100.0),
+    "macs_reduction": ("MACs reduction (%)", 100.0),
+    "nonzero_params": ("nonzero parameters", 1.0),
+}
+STRUCTURED_X = ("achieved_sparsity", "macs_reduction")
+UNSTRUCTURED_X = ("achieved_sparsity", "nonzero_params")
 
 
 def plot_tradeoff_curves(
     cells: pd.DataFrame, fig_dir: Path, max_figures: int, level: float = 0.95
 ) -> tuple[list[Path], str]:
-    """The pruning trade-off: accuracy vs achieved sparsity and vs MACs reduction, one panel
-    per pruner, one line per schedule (mean ± interval over seeds, x the mean of the runs'
-    stored columns), one figure per (dataset, model, structure, budget) with at least two
-    pruning targets."""
+    """The pruning trade-off: accuracy vs achieved sparsity and vs MACs reduction (structured)
+    or nonzero parameters (unstructured), one panel per pruner, one line per schedule (mean ±
+    interval over seeds, x the mean of the runs' stored columns), one figure per (dataset,
+    model, structure, budget) with at least two pruning targets."""
     keys = ["dataset", "model", "structure", "budget"]
     n_targets = cells.groupby(keys, sort=True, dropna=False)["target"].nunique()
-    chosen = list(n_targets[n_targets >= 2].index)
-    paths = []
-    for key in chosen[:max_figures]:
-        fig = tradeoff_figure(cells_of(cells, key, keys), key, level)
-        if fig is not None:
-            paths.append(_save(fig, fig_dir, "acc_vs_size", key))
+    groups = {key: cells_of(cells, key, keys) for key in n_targets[n_targets >= 2].index}
+    chosen = [key for key, sub in groups.items() if size_measures(sub, key[2])]
+    paths = [
+        _save(tradeoff_figure(groups[key], key, level), fig_dir, "acc_vs_size", key)
+        for key in chosen[:max_figures]
+    ]
     capped = len(chosen) - min(len(chosen), max_figures)
     note = f"{capped} more trade-off figure(s) not drawn (limit {max_figures})" if capped else ""
     return paths, note
 
 
-def tradeoff_figure(sub: pd.DataFrame, key: tuple, level: float):
-    """Rows: the size measures `sub` has; columns: pruners; lines: schedules."""
-    from matplotlib.figure import Figure
+def size_measures(sub: pd.DataFrame, structure: str) -> list[str]:
+    """The size axes of `structure` that the cells `sub` have values of."""
+    sizes = STRUCTURED_X if structure == "structured" else UNSTRUCTURED_X
+    return [m for m in sizes if m in sub and sub[m].notna().any()]
 
-    measures = [m for m in SIZE_COLUMNS if sub[m].notna().any()]
-    if not measures:
-        return None
+
+def tradeoff_figure(sub: pd.DataFrame, key: tuple, level: float):
+    """Rows: the size measures of the structure `key[2]` that `sub` has (`STRUCTURED_X`,
+    `UNSTRUCTURED_X`); columns: pruners; lines: schedules."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    dataset, model, structure, budget = key
+    measures = size_measures(sub, structure)
     pruners = order(sub["pruner"], tuple(PRUNERS))
     scheds = order(sub["sched"], SCHEDULES)
     colour = {s: f"C{i % 10}" for i, s in enumerate(scheds)}
-    fig = Figure(figsize=(2.6 * len(pruners) + 1.9, 2.4 * len(measures) + 0.4))
+    fig = Figure(figsize=(2.6 * len(pruners) + 1.9, 2.4 * len(measures) + 0.6))
     axes = fig.subplots(len(measures), len(pruners), sharey=True, squeeze=False)
     w, h = fig.get_figwidth(), fig.get_figheight()
     fig.subplots_adjust(
-        left=0.9 / w, right=1 - 1.1 / w, bottom=0.55 / h, top=1 - 0.55 / h, wspace=0.08,
+        left=0.9 / w, right=1 - 1.1 / w, bottom=0.55 / h, top=1 - 0.75 / h, wspace=0.08,
         hspace=0.45,
     )  # fmt: skip
     handles = {}
     for row, measure in zip(axes, measures, strict=True):
+        label, scale = TRADEOFF_X[measure]
         for ax, pruner in zip(row, pruners, strict=True):
             mine = sub[sub["pruner"] == pruner]
             for sched in scheds:
@@ -187,29 +209,37 @@ def tradeoff_figure(sub: pd.DataFrame, key: tuple, level: float):
                 if line.empty:
                     continue
                 handles[sched] = ax.errorbar(
-                    line[measure].to_numpy(dtype=float) * 100,
+                    line[measure].to_numpy(dtype=float) * scale,
                     line["mean"].to_numpy(dtype=float) * 100,
                     yerr=line["half_width"].to_numpy(dtype=float) * 100,
                     marker="o", markersize=3, capsize=2, color=colour[sched],
                 )  # fmt: skip
             ax.set_title(pruner, fontsize=9)
-            ax.set_xlabel(TRADEOFF_X[measure], fontsize=8)
+            ax.set_xlabel(label, fontsize=8)
+            if measure == "nonzero_params":  # a count: 30k, 1.2M
+                ax.xaxis.set_major_formatter(EngFormatter())
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         row[0].set_ylabel("test accuracy (%)", fontsize=8)
     _schedule_legend(fig, handles, scheds)
-    dataset, model, structure, budget = key
     where = f"{dataset} / {model} / {structure}" + (
         "" if pd.isna(budget) else f" / budget {int(budget)}"
     )
-    fig.suptitle(f"{where}: accuracy vs size (mean ± {level * 100:g}% CI over seeds)", fontsize=9)
+    versus = " and ".join(TRADEOFF_X[m][0].removesuffix(" (%)") for m in measures)
+    fig.suptitle(
+        f"{where}\naccuracy vs {versus} (mean ± {level * 100:g}% CI over seeds)", fontsize=9
+    )
     return fig
 
 
 def _save(fig, fig_dir: Path, prefix: str, key: tuple) -> Path:
-    path = fig_dir / (f"{prefix}__" + _slug("__".join(map(str, key))) + ".png")
-    fig.savefig(path, dpi=80)
-    return path
+    """`fig` as ``<prefix>__<key>`` in every format of `FORMATS`; the PNG's path."""
+    stem = f"{prefix}__" + _slug("__".join(map(str, key)))  # may hold dots: "ratio-0.5"
+    for suffix in FORMATS:
+        # No date in the SVG: the same sweep draws the same file.
+        meta = {"Date": None} if suffix == ".svg" else None
+        fig.savefig(fig_dir / f"{stem}{suffix}", dpi=DPI, metadata=meta)
+    return fig_dir / f"{stem}{FORMATS[0]}"
 
 
 def _slug(text: str) -> str:
@@ -260,9 +290,7 @@ def plot_schedules(
         ax.grid(alpha=0.3)
         ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, title="schedule")
         fig.suptitle(f"{dataset} / budget {budget}: learning rate as run", fontsize=9)
-        path = fig_dir / f"schedules__{_slug(dataset)}__b{budget}.png"
-        fig.savefig(path, dpi=80)
-        paths.append(path)
+        paths.append(_save(fig, fig_dir, "schedules", (dataset, f"b{budget}")))
     return paths
 
 

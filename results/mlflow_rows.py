@@ -1,24 +1,31 @@
 """A stage's rows as MLflow sees them (pure: no client, no I/O).
 
-One experiment per sweep, ``nptm/<sweep>``; one child run per stage, found again by its tag
-``nptm.stage_id`` (``nptm.trial_id`` on runs recorded before schema version 2). Params, metrics
-and tags come from the column declarations in nptm.results.schema.
+One experiment per sweep, ``nptm/<sweep>``, its runs all at the top level: one run per stage
+(tag ``nptm.role=stage``), found again by its tag ``nptm.stage_id`` (``nptm.trial_id`` on runs
+recorded before schema version 2), and the sweep's own run (``nptm.role=sweep``). Params,
+metrics and tags come from the column declarations in nptm.results.schema: per-epoch curves
+under ``epoch/``, a stage's one-off values under ``summary/``, numeric axes as metrics too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from nptm.results.schema import EPOCHS_COLUMNS, STAGES_COLUMNS
 from nptm.trainables.layout import check_name
-from nptm.trainables.stage import StageStatus, stage_label, target_label
+from nptm.trainables.stage import StageKind, StageStatus, stage_label, target_label
 
 EXPERIMENT_PREFIX = "nptm/"
+# MLflow's UI shows an experiment of this kind as training runs, not GenAI evaluations.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+ROLE_TAG, SWEEP_ROLE, STAGE_ROLE = "nptm.role", "sweep", "stage"  # which run records what
 STAGE_ID_TAG = "nptm.stage_id"
+MODEL_ID_TAG = "nptm.model_id"  # the MLflow logged model of a stage's final weights
 LEGACY_STAGE_ID_TAG = "nptm.trial_id"  # runs recorded before schema version 2
 RUN_STATUS = {
     StageStatus.OK: "FINISHED",
@@ -28,7 +35,8 @@ RUN_STATUS = {
 }
 # column -> MLflow name
 PARAMS = {c.name: c.param for c in STAGES_COLUMNS if c.param}
-SUMMARY_METRICS = {c.name: c.metric for c in STAGES_COLUMNS if c.metric}
+AXIS_METRICS = {c.name: c.metric for c in STAGES_COLUMNS if c.metric and c.axis}
+SUMMARY_METRICS = {c.name: c.metric for c in STAGES_COLUMNS if c.metric and not c.axis}
 EPOCH_METRICS = {c.name: c.metric for c in EPOCHS_COLUMNS if c.metric}
 TAGS = tuple(c.name for c in STAGES_COLUMNS if c.tag)
 # Tags a stage's run carries only in some outcomes: cleared when a re-record drops them.
@@ -40,6 +48,11 @@ _ERROR_TAIL = 4000  # characters of an error kept in its tag
 
 def experiment_name(sweep: str) -> str:
     return EXPERIMENT_PREFIX + check_name("sweep", sweep)
+
+
+def sweep_run_name(sweep: str) -> str:
+    """The sweep's own run, named as a stage's run is (kind first, then what it is)."""
+    return f"sweep/{sweep}"
 
 
 def stage_id_of(tags: Mapping[str, str]) -> str | None:
@@ -130,12 +143,10 @@ def _tag_value(column: str, value: Any) -> str | None:
 def stage_metrics(
     row: Mapping[str, Any], epochs: list[Mapping[str, Any]], start_ms: int
 ) -> list[tuple[str, float, int, int]]:
-    """(key, value, timestamp ms, step) for the per-epoch series and the summary metrics.
-
-    Summary metrics are logged at the last epoch's step, so where a series and a summary share
-    a key (test_acc, test_loss) the summary is the run's latest value and no step is doubled.
-    """
-    points: dict[tuple[str, int], tuple[float, int]] = {}
+    """(key, value, timestamp ms, step) for the numeric axes, the per-epoch series and the
+    summary metrics: axes at step 0 (known when the stage starts), summaries at the last
+    epoch's step (what the final model measured there)."""
+    points = {(key, step): (value, start_ms) for key, value, step in axis_points(row)}
     elapsed_s, ts = 0.0, start_ms - 1
     for e in epochs:
         elapsed_s += e["wall_s"] or 0.0
@@ -151,6 +162,11 @@ def stage_metrics(
     return [(k, v, t, step) for (k, step), (v, t) in points.items()]
 
 
+def axis_points(row: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """(key, value, step 0) of the stage's numeric grid axes (ratio, budget, seed)."""
+    return [(key, float(row[col]), 0) for col, key in AXIS_METRICS.items() if row[col] is not None]
+
+
 def epoch_points(epoch: Mapping[str, Any]) -> list[tuple[str, float, int]]:
     """(key, value, step) of one epoch's metrics as the train loop reports them live (the
     `epochs` table's column names; anything else in the report is left out)."""
@@ -163,20 +179,39 @@ def epoch_points(epoch: Mapping[str, Any]) -> list[tuple[str, float, int]]:
 
 
 def headline_metrics(stages: Any) -> dict[str, float]:
-    """The sweep's summary metrics for its parent run, from its `stages` table (pandas):
-    stage counts by status and the mean final test accuracy of each retraining cell
-    (``test_acc_mean/<pruner>/<target>/<schedule>/b<budget>``, ok stages only; the
-    target as ``ratio:0.5``)."""
+    """The sweep's summary metrics for its own run, from its `stages` table (pandas): stage
+    counts by status, the best final test accuracy, and the mean final test accuracy of each
+    cell of the report's headline table (`nptm.results.analysis.CELL`: final-round ok retrain
+    stages), ``test_acc_mean/<dataset>/<model>/<structure>/<target>/b<budget>/<pruner>/<sched>``
+    as a metric key (`metric_key`)."""
+    from nptm.results.analysis import CELL, cell_stats, final_round_retrain
+
     out: dict[str, float] = {
         f"stages_{status}": float(n) for status, n in stages["status"].value_counts().items()
     }
-    ok = stages[(stages["stage_kind"] == "retrain") & (stages["status"] == StageStatus.OK)]
-    ok = ok[ok["test_acc"].notna()]
-    if len(ok):
-        out["test_acc_max"] = float(ok["test_acc"].max())
-        cells = ok.groupby(["pruner", "target", "schedule", "budget_epochs"], dropna=False)
-        cells = cells["test_acc"]
-        for (pruner, target, schedule, budget), acc in cells.mean().items():
-            name = f"test_acc_mean/{pruner}/{target}/{schedule}/b{budget}"
-            out[name.replace("=", ":")] = float(acc)  # "=" is not allowed in a metric name
+    retrain = stages[stages["stage_kind"] == StageKind.RETRAIN]
+    acc = retrain.loc[retrain["status"] == StageStatus.OK, "test_acc"].dropna()
+    if len(acc):
+        out["test_acc_max"] = float(acc.max())
+    final = final_round_retrain(stages)
+    ok = final[(final["status"] == StageStatus.OK) & final["test_acc"].notna()]
+    for cell in cell_stats(ok, "test_acc").itertuples(index=False):
+        labels = dict(zip(CELL, cell, strict=False))  # the cell's columns come first
+        labels["budget"] = f"b{labels['budget']:g}"
+        out[metric_key("test_acc_mean", *labels.values())] = float(cell.mean)
     return out
+
+
+# What a label may hold that an MLflow key may not ("=", "+", JSON of overrides, options).
+_KEY_CHARS = str.maketrans(
+    {"=": ":", "+": "-", ",": " ", "[": " ", "/": "_"} | dict.fromkeys('{}]"')
+)
+
+
+def metric_key(*parts: Any) -> str:
+    """An MLflow metric key of `parts` joined by "/": each part with the characters MLflow
+    refuses in a key mapped or dropped (``clr {"lr":0.05}`` -> ``clr lr:0.05``)."""
+    cleaned = [
+        re.sub(r"[^\w.\- :]", "_", " ".join(str(p).translate(_KEY_CHARS).split())) for p in parts
+    ]
+    return "/".join(cleaned)[:250]

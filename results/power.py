@@ -144,11 +144,10 @@ def power_table(design: pd.DataFrame, sds: pd.Series, settings: PowerSettings) -
 def observed_sds(stages: pd.DataFrame, design: pd.DataFrame) -> pd.Series:
     """The sd over seeds of each design test's per-seed pooled difference in a finished sweep
     (points; NaN where the sweep lacks the test or has fewer than 2 seeds of it)."""
-    from nptm.results.analysis import final_round_retrain
+    from nptm.results.analysis import final_round_retrain, successful
     from nptm.results.confirmatory import TEST, paired_differences, seed_means
 
-    final = final_round_retrain(stages)
-    ok = final[(final["status"] == "ok") & final["test_acc"].notna()]
+    ok = successful(final_round_retrain(stages))
     per_seed = seed_means(paired_differences(ok))
     sd = per_seed.groupby(TEST, sort=False)["diff"].std() * 100
     return design.join(sd.rename("sd"), on=TEST)["sd"]

@@ -22,7 +22,9 @@ from nptm.results.analysis import (
     random_vs_methodical,
     seed_replication,
     status_counts,
+    successful,
 )
+from nptm.results.figures import FORMATS as FIGURE_FORMATS
 from nptm.results.figures import (
     plot_budget_bars,
     plot_budget_curves,
@@ -39,7 +41,7 @@ from nptm.trainables.catalog import PRUNERS, SCHEDULES
 class Report:
     markdown_path: Path
     headline: str  # plain-text headline tables, printed by the CLI
-    figures: list[Path] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)  # a PNG per figure, an SVG beside it
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     latex: list[Path] = field(default_factory=list)  # the tables as LaTeX (`latex=True`)
 
@@ -96,7 +98,7 @@ def build_report_from_stages(
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     final = final_round_retrain(stages)
-    ok = final[(final["status"] == "ok") & final["test_acc"].notna()]
+    ok = successful(final)
     cells = cell_stats(ok, "test_acc", level)
     tables: dict[str, pd.DataFrame] = {
         "status": status_counts(final),
@@ -436,8 +438,14 @@ def _markdown(
         return md_table(headers, rows)
 
     def images(kind: str) -> list[str]:
+        """Each figure's PNG shown, its other formats linked (same stem)."""
         paths, note = figures[kind]
-        lines = [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in paths]
+        lines = []
+        for p in paths:
+            link = p.relative_to(out).as_posix()
+            others = [f"[{s[1:].upper()}]({link.removesuffix(p.suffix)}{s})"
+                      for s in FIGURE_FORMATS[1:]]  # fmt: skip
+            lines.append(f"![{p.stem}]({link})" + (f" ({', '.join(others)})" if others else ""))
         return lines + (["", f"Note: {note}."] if note else [])
 
     md = [f"# Sweep report: {sweep}", ""]
@@ -503,10 +511,11 @@ def _markdown(
         if not drawn["budget"] and figures["budget"][1]:
             md += ["", f"Note: {figures['budget'][1]}."]
     if drawn["tradeoff"]:
-        md += ["", "## Accuracy vs sparsity and MACs reduction (the pruning trade-off)", ""]
+        md += ["", "## Accuracy vs size (the pruning trade-off)", ""]
         md.append(
-            "x: the mean sparsity or MACs reduction the runs of each pruning target achieved "
-            f"(stored columns); y: mean ± {lvl} CI over seeds."
+            "x: the mean sparsity, and the mean MACs reduction (structured pruning) or nonzero "
+            "parameters (unstructured pruning: masks leave the dense MACs unchanged), the runs "
+            f"of each pruning target achieved (stored columns); y: mean ± {lvl} CI over seeds."
         )
         md += ["", *images("tradeoff")]
     if drawn["schedules"]:

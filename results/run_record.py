@@ -8,6 +8,8 @@
                    every few seconds while the sweep runs, and its final state at the end
     looks.json     `nptm sweep --until-conclusive` only: the group-sequential design and every
                    look so far (nptm.results.adaptive), rewritten after each look
+    lease.json     while a driver runs the sweep: which one, until when (one driver per
+                   sweep: nptm.orchestrator.lease)
 
 `nptm sweep` writes them; `nptm status` reads them. Every file is written whole (an atomic
 replace), so a reader never sees half of one. A file that is damaged anyway (truncated, empty,

@@ -67,12 +67,27 @@ class Column:
 
 
 def _c(name: str, typ: pa.DataType, nullable: bool, doc: str, **kw: Any) -> Column:
+    """A column; a numeric grid axis is also the MLflow metric of its param's name (MLflow
+    compares params as text: ``metrics.ratio > 0.5`` filters, ``params.ratio > 0.5`` cannot)."""
+    numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ)
+    if kw.get("axis") and numeric and kw.get("param"):
+        kw.setdefault("metric", kw["param"])
     return Column(name, typ, nullable, doc, **kw)
 
 
+# MLflow's charts group metrics by the prefix before "/": sections of prefixes in name order,
+# then one of the metrics without (the numeric axes). So the curves lead, the summaries follow.
+EPOCH_PREFIX, SUMMARY_PREFIX = "epoch/", "summary/"
+
+
 def _measure(name: str, typ: pa.DataType, doc: str, **kw: Any) -> Column:
-    """A value the stage measured: nullable, and the MLflow metric of the same name."""
-    return Column(name, typ, True, doc, metric=name, **kw)
+    """A value measured each epoch: nullable, and the MLflow metric ``epoch/<name>``."""
+    return Column(name, typ, True, doc, metric=EPOCH_PREFIX + name, **kw)
+
+
+def _summary(name: str, typ: pa.DataType, doc: str, **kw: Any) -> Column:
+    """A value measured once per stage: nullable, and the MLflow metric ``summary/<name>``."""
+    return Column(name, typ, True, doc, metric=SUMMARY_PREFIX + name, **kw)
 
 
 # The values the stage_kind and status columns hold, in the enums' order.
@@ -200,54 +215,54 @@ STAGES_COLUMNS: tuple[Column, ...] = (
         "SGD with Nesterov momentum (the recipe's nesterov, where momentum > 0)",
         param="nesterov",
     ),
-    _measure(
+    _summary(
         "achieved_sparsity",
         _F64,
         "share of prunable weights that are zero",
         fraction=True,
         lineage=True,
     ),
-    _measure("params", _I64, "parameters of the (pruned) model", lineage=True),
-    _measure("macs", _I64, "multiply-accumulates per image", lineage=True),
-    _measure("nonzero_params", _I64, "non-zero parameters", lineage=True),
-    _measure("base_params", _I64, "parameters of the unpruned model", lineage=True),
-    _measure("base_macs", _I64, "MACs of the unpruned model", lineage=True),
-    _measure("params_reduction", _F64, "1 - params / base_params", lineage=True),
-    _measure("macs_reduction", _F64, "1 - macs / base_macs", lineage=True),
-    _measure(
+    _summary("params", _I64, "parameters of the (pruned) model", lineage=True),
+    _summary("macs", _I64, "multiply-accumulates per image", lineage=True),
+    _summary("nonzero_params", _I64, "non-zero parameters", lineage=True),
+    _summary("base_params", _I64, "parameters of the unpruned model", lineage=True),
+    _summary("base_macs", _I64, "MACs of the unpruned model", lineage=True),
+    _summary("params_reduction", _F64, "1 - params / base_params", lineage=True),
+    _summary("macs_reduction", _F64, "1 - macs / base_macs", lineage=True),
+    _summary(
         "emptied_layers",
         _I32,
         "Conv2d/Linear layers left with no weight by pruning (names in the prune outcome)",
         lineage=True,
     ),
-    _measure(
+    _summary(
         "acc_before_prune",
         _F64,
         "test accuracy of the model that was pruned",
         fraction=True,
         lineage=True,
     ),
-    _measure(
+    _summary(
         "acc_after_prune", _F64, "test accuracy right after pruning", fraction=True, lineage=True
     ),
-    _measure("test_acc", _F64, "test accuracy after the final epoch: THE headline", fraction=True),
-    _measure("test_loss", _F64, "test loss after the final epoch"),
-    _measure("best_val_epoch", _I32, "epoch with the best validation accuracy"),
-    _measure(
+    _summary("test_acc", _F64, "test accuracy after the final epoch: THE headline", fraction=True),
+    _summary("test_loss", _F64, "test loss after the final epoch"),
+    _summary("best_val_epoch", _I32, "epoch with the best validation accuracy"),
+    _summary(
         "test_acc_at_best_val",
         _F64,
         "test accuracy at best_val_epoch (model selection)",
         fraction=True,
     ),
-    _measure(
+    _summary(
         "best_test_acc_over_epochs",
         _F64,
         "max test accuracy over epochs (optimistic; never the headline)",
         fraction=True,
     ),
-    _measure("epochs_run", _I32, "epochs actually run"),
-    _measure("wall_seconds", _F64, "wall time of the stage"),
-    _measure("device_hours", _F64, "accelerator (or CPU-worker) hours used"),
+    _summary("epochs_run", _I32, "epochs actually run"),
+    _summary("wall_seconds", _F64, "wall time of the stage"),
+    _summary("device_hours", _F64, "accelerator (or CPU-worker) hours used"),
     _c("status", _STR, False, _one_of(STATUSES), values=STATUSES, tag=True),
     _c("error", _STR, True, "error text of a failed or skipped stage", tag=True),
     _c("node", _STR, True, "Ray node id that ran the stage (else host)", tag=True),
@@ -283,8 +298,8 @@ EPOCHS_COLUMNS: tuple[Column, ...] = (
     _measure("val_acc", _F64, "validation accuracy", fraction=True),
     _measure("test_loss", _F64, "test loss after the epoch"),
     _measure("test_acc", _F64, "test accuracy after the epoch", fraction=True),
-    _c("wall_s", _F64, True, "wall time of the epoch", metric="epoch_wall_s"),
-    _c("samples", _I64, True, "training samples seen in the epoch", metric="epoch_samples"),
+    _measure("wall_s", _F64, "wall time of the epoch"),
+    _measure("samples", _I64, "training samples seen in the epoch"),
 )
 
 COLUMNS: dict[str, tuple[Column, ...]] = {
@@ -448,7 +463,10 @@ def reference() -> str:
         "percentages); reductions are the fraction removed; timestamps are "
         "`timestamp[us, UTC]`. Null = yes: the column may be null; every other column is "
         "required in each row. MLflow: `param:` / `metric:` name what the column is logged as "
-        "on the stage's run; `tag` is the tag `nptm.<column>`.",
+        "on the stage's run; `tag` is the tag `nptm.<column>`. An `epoch/` metric is a curve, "
+        "one point per epoch (step = epoch); a `summary/` metric one point per stage, at its "
+        "last epoch's step; a numeric grid axis is a metric as well as a param, so MLflow can "
+        "filter on it (`metrics.ratio > 0.5`).",
     ]
     titles = {
         STAGES_TABLE: "one row per stage run per sweep",

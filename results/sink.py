@@ -9,7 +9,7 @@ import json
 import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,12 +44,14 @@ class SweepSummary:
     executed: int = 0
     reused: int = 0
     wall_seconds: float = 0.0
-    dashboard_url: str | None = None
+    dashboard_url: str | None = None  # where a browser opens it (NPTM_PUBLIC_DASHBOARD_URL)
     dashboard_local: bool = True  # nptm's own local Ray: the dashboard ends with the sweep
     mlflow_uri: str | None = None
+    mlflow_public: str | None = None  # the UI where a browser opens it (NPTM_PUBLIC_MLFLOW_URL)
+    grafana_url: str | None = None  # nptm's Grafana dashboard (NPTM_PUBLIC_GRAFANA_URL)
     mlflow_degraded: bool = False
     mlflow_experiment_id: str | None = None
-    mlflow_parent_run_id: str | None = None
+    mlflow_sweep_run_id: str | None = None
     planned: int = 0  # stages in the plan
     interrupted: int | None = None  # the signal that stopped the sweep (SIGINT, SIGTERM)
     # Set when one error kept failing stages and the sweep stopped handing them out: the
@@ -146,10 +148,10 @@ class ResultSink:
     def _record_run(self, stage_table: pa.Table, epochs: list[dict[str, Any]]) -> None:
         """MLflow run of one stored stage row; the row then learns the run's id."""
         stored = stage_table.to_pylist()[0]
-        model_path = None
+        model = None
         if stored["status"] == StageStatus.OK and stored["stage_kind"] == StageKind.RETRAIN:
-            model_path = self.artifacts.model_path(stored["stage_id"], MODEL)
-        run_id = self.recorder.record_stage(stored, epochs, model_path)
+            model = partial(final_model, self.artifacts, stored["stage_id"])
+        run_id = self.recorder.record_stage(stored, epochs, model)
         if run_id is not None:
             # Parquet first: the row learns its MLflow run only once the run exists.
             self.store.link_mlflow_run(stage_table, run_id)
@@ -165,6 +167,21 @@ class ResultSink:
             summary.failures.append((spec.id, spec.kind.value, (error or "").splitlines()[0]))
         if not reused and status != StageStatus.SKIPPED:
             summary.executed += 1
+
+
+def final_model(artifacts: ArtifactStore, stage_id: str) -> Any:
+    """A stage's final network as it computes, for MLflow: rebuilt from nptm's own file
+    (base architecture, every pruning plan, the weights), unstructured masks multiplied into
+    the weights (pruned weights are zeros of a plain nn.Module), in eval mode."""
+    from torch.nn.utils import prune
+
+    from nptm.trainables.stage_runner import load_model
+
+    model, _ = load_model(artifacts, stage_id, MODEL)
+    for module in model.modules():
+        if hasattr(module, "weight_mask"):
+            prune.remove(module, "weight")
+    return model.eval()
 
 
 def stage_rows(

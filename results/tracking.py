@@ -3,20 +3,37 @@
 Single-writer design: only the sweep driver process writes to MLflow, through one
 `MlflowRecorder` (workers never talk to MLflow; concurrent writers to an sqlite store are a
 known source of "database is locked" errors). Inside the driver the recorder is thread-safe:
-one lock serialises every MLflow call, and the client is `MlflowClient` (no global active run).
+one lock serialises every MLflow call, and the client is `MlflowClient` (no global active run;
+`mlflow.pytorch.log_model` alone goes through the process-wide tracking URI, set meanwhile).
 
-Layout in MLflow: one experiment per sweep, ``nptm/<sweep>``; one parent run for the sweep
-(tag ``nptm.role=sweep``); one child run per stage, found again by its tag ``nptm.stage_id``
-(see nptm.results.mlflow_rows for what a run holds).
+Layout in MLflow: one experiment per sweep, ``nptm/<sweep>``, and every run at its top level:
+one run per stage (tags ``nptm.role=stage``, ``nptm.sweep``, found again by ``nptm.stage_id``;
+see nptm.results.mlflow_rows for what a run holds) and one run of the sweep itself (tag
+``nptm.role=sweep``, named ``sweep/<sweep>``: the run record, the report, the headline
+metrics). The sweep's run is not the stages' parent: MLflow's runs table folds child runs
+under their parent, so a filter on the stages (``params.stage_kind = 'retrain'``) showed one
+row, the parent, and the chart view compared the parent's bars instead of the stages' curves.
+At the top level each stage is a row, filtered by its tags and metrics (``tags.nptm.role =
+'stage' and metrics.ratio > 0.5``). Stage runs an earlier version nested under the sweep's run
+are lifted to the top level when a recorder first reads the experiment.
 
 Live: a stage's run is opened RUNNING when the stage starts (`start_stage`), its epochs are
 logged as they arrive (`log_epoch`), and `record_stage` ends it with the stored outcome.
-Each child run also carries ``nptm.row_hash``, a fingerprint of the stored rows it mirrors, so
+Each stage run also carries ``nptm.row_hash``, a fingerprint of the stored rows it mirrors, so
 recording the same outcome twice changes nothing, and a different outcome of the same stage
 updates its run in place: params it lacks, tags (a user's own tags and notes are kept), the
 metric points it lacks (MLflow cannot delete points: a changed value is a newer point at the
 same step, which MLflow then reports as the latest), and its status. Runs a killed driver
 left RUNNING are ended as KILLED when the next driver of the sweep starts (`start_sweep`).
+
+With `log_models`, a retrained stage's final network is also an MLflow logged model
+(`mlflow.pytorch.log_model`): the output of its stage's run at the last epoch's step (so the
+summary metrics there are the model's), tagged ``nptm.stage_id``, named after the stage; the
+run's tag ``nptm.model_id`` names it, and a new outcome's network replaces it. It is the
+nn.Module nptm evaluated, rebuilt from nptm's own file (nptm.results.sink.final_model) and
+pickled (MLflow's ``serialization_format="pickle"``; its default, pt2, traces the network
+through torch.export, seconds per model in the driver, into a graph that cannot be put in eval
+mode): `mlflow.pytorch.load_model` returns it wherever nptm is importable.
 
 MLflow is never on the critical path: if the tracking server is unreachable or errors, the
 recorder logs one warning, marks itself degraded and turns every later call into a no-op;
@@ -25,11 +42,13 @@ recorder logs one warning, marks itself degraded and turns every later call into
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -40,12 +59,18 @@ import pyarrow.compute as pc
 
 from nptm.results import mlflow_uri
 from nptm.results.mlflow_rows import (
+    EXPERIMENT_TAGS,
     MAX_PARAM_LEN,
     MAX_TAG_LEN,
+    MODEL_ID_TAG,
     OUTCOME_TAGS,
+    ROLE_TAG,
     RUN_STATUS,
     RUNNING_STATUS_TAG,
     STAGE_ID_TAG,
+    STAGE_ROLE,
+    SWEEP_ROLE,
+    axis_points,
     clip,
     epoch_points,
     experiment_name,
@@ -57,6 +82,7 @@ from nptm.results.mlflow_rows import (
     stage_metrics,
     stage_params,
     stage_tags,
+    sweep_run_name,
 )
 from nptm.results.store import SweepStore
 from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, check_name
@@ -65,6 +91,7 @@ from nptm.trainables.redact import redact_text, redact_uri
 log = logging.getLogger(__name__)
 
 _MAX_METRICS, _MAX_PARAMS_TAGS = 1000, 100  # per log_batch
+_PARENT_TAG = "mlflow.parentRunId"  # what nested a stage's run under the sweep's, before
 
 
 @dataclass
@@ -72,6 +99,7 @@ class _RunRef:
     run_id: str
     row_hash: str | None
     status: str
+    model_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +130,7 @@ class MlflowRecorder:
         self._degraded = uri is None
         self._client: Any = None
         self._experiment_id: str | None = None
-        self._parent_run_id: str | None = None
+        self._sweep_run_id: str | None = None
         self._runs: dict[str, _RunRef] | None = None
         self._open: set[str] = set()  # stages whose run this recorder opened and not ended
         # (key, step, value) of every metric point on a run, for the runs this recorder
@@ -126,27 +154,28 @@ class MlflowRecorder:
         return self._experiment_id
 
     @property
-    def parent_run_id(self) -> str | None:
-        return self._parent_run_id
+    def sweep_run_id(self) -> str | None:
+        return self._sweep_run_id
 
     # -- public, never raising on MLflow errors ----------------------------------------------
 
     def start_sweep(self, params: Mapping[str, Any] | None = None) -> str | None:
-        """Create (or reopen, after a crash) the sweep's parent run; returns its id."""
+        """Create (or reopen, after a crash) the sweep's own run; returns its id."""
         return self._guarded("start_sweep", lambda: self._start_sweep(params or {}))
 
     def record_stage(
         self,
         stage_row: Mapping[str, Any],
         epoch_rows: Iterable[Mapping[str, Any]] = (),
-        model_path: str | os.PathLike[str] | None = None,
+        model: Callable[[], Any] | None = None,
     ) -> str | None:
-        """Mirror one stage as a child run; returns the run id (None when degraded).
+        """Mirror one stage as a run; returns the run id (None when degraded).
 
         The rows are as the store wrote them (`SweepStore.write_stage`): validated there.
+        `model` builds the stage's final network (an nn.Module), logged with `log_models` only.
         """
         epochs = sorted(epoch_rows, key=lambda e: e["epoch"])
-        result = self._guarded("record_stage", lambda: self._upsert(stage_row, epochs, model_path))
+        result = self._guarded("record_stage", lambda: self._upsert(stage_row, epochs, model))
         return result[0] if result else None
 
     def start_stage(self, stage_row: Mapping[str, Any]) -> str | None:
@@ -169,32 +198,32 @@ class MlflowRecorder:
     def end_sweep(
         self, status: str = "FINISHED", metrics: Mapping[str, float] | None = None
     ) -> None:
-        """Close the parent run, with the sweep's summary `metrics`. `status`: FINISHED,
+        """Close the sweep's run, with its summary `metrics`. `status`: FINISHED,
         FAILED, KILLED (or ok/failed/...)."""
         status = _run_status(status)
         self._guarded("end_sweep", lambda: self._end_sweep(status, metrics or {}))
 
     def log_sweep_metrics(self, metrics: Mapping[str, float]) -> None:
-        """Summary metrics on the parent run (e.g. the report's headline)."""
-        self._guarded("log_sweep_metrics", lambda: self._log_parent_metrics(metrics))
+        """Summary metrics on the sweep's run (e.g. the report's headline)."""
+        self._guarded("log_sweep_metrics", lambda: self._log_sweep_metrics(metrics))
 
     def log_sweep_artifacts(self, local_dir: str | os.PathLike[str], artifact_path: str) -> None:
-        """The files under `local_dir` as artifacts of the parent run, under `artifact_path`."""
+        """The files under `local_dir` as artifacts of the sweep's run, under `artifact_path`."""
         self._guarded(
             "log_sweep_artifacts",
             lambda: self._get_client().log_artifacts(
-                self._ensure_parent(reopen=False), os.fspath(local_dir), artifact_path
+                self._ensure_sweep_run(reopen=False), os.fspath(local_dir), artifact_path
             ),
         )
 
     def set_sweep_tags(self, tags: Mapping[str, Any]) -> None:
-        """Tags of the parent run (values that may change between runs of the sweep)."""
+        """Tags of the sweep's run (values that may change between runs of the sweep)."""
         from mlflow.entities import RunTag
 
         def set_tags() -> None:
             items = [RunTag(k, clip(v, MAX_TAG_LEN)) for k, v in tags.items() if v is not None]
             self._get_client().log_batch(
-                self._ensure_parent(reopen=False), tags=items, synchronous=True
+                self._ensure_sweep_run(reopen=False), tags=items, synchronous=True
             )
 
         self._guarded("set_sweep_tags", set_tags)
@@ -202,19 +231,19 @@ class MlflowRecorder:
     # -- public, raising on MLflow errors (sync-mlflow) ---------------------------------------
 
     def adopt_sweep(self) -> None:
-        """Find or create the sweep's experiment and parent run. A parent run created here
-        (the sweep ran with MLflow down from the start) is closed as FINISHED at once."""
+        """Find or create the sweep's experiment and its run. A sweep run created here (the
+        sweep ran with MLflow down from the start) is closed as FINISHED at once."""
         with self._lock:
             self._ensure_experiment()
-            had_parent = self._parent_run_id is not None
-            parent = self._ensure_parent(reopen=False)
-            if not had_parent:
-                self._get_client().set_terminated(parent, status="FINISHED")
+            had_run = self._sweep_run_id is not None
+            run_id = self._ensure_sweep_run(reopen=False)
+            if not had_run:
+                self._get_client().set_terminated(run_id, status="FINISHED")
 
     def upsert_stage(
         self, stage_row: Mapping[str, Any], epoch_rows: Iterable[Mapping[str, Any]] = ()
     ) -> tuple[str, str]:
-        """Create, replace or keep the stage's child run: (run_id, created|updated|unchanged)."""
+        """Create, replace or keep the stage's run: (run_id, created|updated|unchanged)."""
         epochs = sorted(epoch_rows, key=lambda e: e["epoch"])
         with self._lock:
             return self._upsert(stage_row, epochs)
@@ -265,7 +294,7 @@ class MlflowRecorder:
                 eid = client.create_experiment(
                     self.experiment_name,
                     artifact_location=self._artifact_location,
-                    tags={"nptm.sweep": self.sweep},
+                    tags={"nptm.sweep": self.sweep, **EXPERIMENT_TAGS},
                 )
             except MlflowException as err:  # created meanwhile by another process
                 exp = client.get_experiment_by_name(self.experiment_name)
@@ -276,15 +305,19 @@ class MlflowRecorder:
             eid = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(eid)
+            for key, value in EXPERIMENT_TAGS.items():  # an experiment of an earlier version
+                if key not in exp.tags:
+                    client.set_experiment_tag(eid, key, value)
         self._experiment_id = eid
         self._load_runs()
         return eid
 
     def _load_runs(self) -> None:
-        """Index the experiment's runs by stage id, deleting duplicates left by older crashes."""
+        """Index the experiment's runs by stage id, deleting duplicates left by older crashes
+        and lifting stage runs an earlier version nested under the sweep's run."""
         client = self._get_client()
         runs: dict[str, _RunRef] = {}
-        parent: str | None = None
+        sweep_run: str | None = None
         token = None
         while True:
             page = client.search_runs(
@@ -296,8 +329,8 @@ class MlflowRecorder:
             for run in page:
                 tags = run.data.tags
                 run_id = run.info.run_id
-                if tags.get("nptm.role") == "sweep":
-                    parent = parent or run_id
+                if tags.get(ROLE_TAG) == SWEEP_ROLE:
+                    sweep_run = sweep_run or run_id
                     continue
                 stage_id = stage_id_of(tags)
                 if stage_id is None:
@@ -305,30 +338,44 @@ class MlflowRecorder:
                 if stage_id in runs:  # newest first: this one is an older duplicate
                     client.delete_run(run_id)
                     continue
-                runs[stage_id] = _RunRef(run_id, tags.get("nptm.row_hash"), run.info.status)
+                if _PARENT_TAG in tags:
+                    client.delete_tag(run_id, _PARENT_TAG)
+                    client.set_tag(run_id, ROLE_TAG, STAGE_ROLE)
+                runs[stage_id] = _RunRef(
+                    run_id, tags.get("nptm.row_hash"), run.info.status, tags.get(MODEL_ID_TAG)
+                )
             token = page.token
             if not token:
                 break
         self._runs = runs
-        self._parent_run_id = self._parent_run_id or parent
+        self._sweep_run_id = self._sweep_run_id or sweep_run
 
-    def _ensure_parent(self, *, reopen: bool) -> str:
+    def _ensure_sweep_run(self, *, reopen: bool) -> str:
         eid = self._ensure_experiment()
         client = self._get_client()
-        if self._parent_run_id is None:
+        if self._sweep_run_id is None:
             run = client.create_run(
                 eid,
-                tags={"nptm.role": "sweep", "nptm.sweep": self.sweep},
-                run_name=self.sweep,
+                tags={ROLE_TAG: SWEEP_ROLE, "nptm.sweep": self.sweep},
+                run_name=sweep_run_name(self.sweep),
             )
-            self._parent_run_id = run.info.run_id
+            self._sweep_run_id = run.info.run_id
         elif reopen:
-            client.update_run(self._parent_run_id, status="RUNNING")
-        return self._parent_run_id
+            client.update_run(self._sweep_run_id, status="RUNNING")
+        return self._sweep_run_id
+
+    def _create_stage_run(self, row: Mapping[str, Any], start_ms: int | None = None) -> str:
+        run = self._get_client().create_run(
+            self._ensure_experiment(),
+            start_time=start_ms,
+            tags={STAGE_ID_TAG: row["stage_id"], ROLE_TAG: STAGE_ROLE},
+            run_name=run_name(row),
+        )
+        return run.info.run_id
 
     def _start_sweep(self, params: Mapping[str, Any]) -> str:
         self._end_leftovers()
-        run_id = self._ensure_parent(reopen=True)
+        run_id = self._ensure_sweep_run(reopen=True)
         client = self._get_client()
         existing = client.get_run(run_id).data.params
         flat = {k: v for k, v in flatten_params(params).items() if k not in existing}
@@ -348,10 +395,10 @@ class MlflowRecorder:
         for sid in left:
             client.set_terminated(self._runs[sid].run_id, status="KILLED")
             self._runs[sid].status = "KILLED"
-        parent = self._parent_run_id
-        if parent is not None and client.get_run(parent).info.status == "RUNNING":
-            client.set_terminated(parent, status="KILLED")
-            left.append(parent)
+        sweep_run = self._sweep_run_id
+        if sweep_run is not None and client.get_run(sweep_run).info.status == "RUNNING":
+            client.set_terminated(sweep_run, status="KILLED")
+            left.append(sweep_run)
         if left:
             log.warning(
                 "MLflow: ended %d run(s) an earlier driver of sweep %s left RUNNING as KILLED",
@@ -360,37 +407,32 @@ class MlflowRecorder:
             )
 
     def _end_sweep(self, status: str, metrics: Mapping[str, float]) -> None:
-        if self._parent_run_id is not None:
-            self._log_parent_metrics(metrics)
-            self._get_client().set_terminated(self._parent_run_id, status=status)
+        if self._sweep_run_id is not None:
+            self._log_sweep_metrics(metrics)
+            self._get_client().set_terminated(self._sweep_run_id, status=status)
 
-    def _log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
+    def _log_sweep_metrics(self, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
         if not metrics:
             return
-        parent, now = self._ensure_parent(reopen=False), int(time.time() * 1000)
+        run_id, now = self._ensure_sweep_run(reopen=False), int(time.time() * 1000)
         items = [Metric(k[:250], float(v), now, 0) for k, v in sorted(metrics.items())]
         for i in range(0, len(items), _MAX_METRICS):
             self._get_client().log_batch(
-                parent, metrics=items[i : i + _MAX_METRICS], synchronous=True
+                run_id, metrics=items[i : i + _MAX_METRICS], synchronous=True
             )
 
     def _start_stage(self, row: Mapping[str, Any]) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
-        parent = self._ensure_parent(reopen=False)
+        self._ensure_experiment()
         assert self._runs is not None
         client = self._get_client()
         stage_id = row["stage_id"]
         ref = self._runs.get(stage_id)
         if ref is None:
-            run = client.create_run(
-                self._experiment_id,
-                tags={"mlflow.parentRunId": parent, STAGE_ID_TAG: stage_id},
-                run_name=run_name(row),
-            )
-            run_id, have = run.info.run_id, {}
+            run_id, have = self._create_stage_run(row), {}
             self._points[run_id] = set()
         else:  # an earlier attempt's run: its points are known, so none is logged twice
             run_id = ref.run_id
@@ -403,8 +445,13 @@ class MlflowRecorder:
         ]
         tags = stage_tags(row) | {"nptm.status": RUNNING_STATUS_TAG}
         items = [RunTag(k, clip(v, MAX_TAG_LEN)) for k, v in tags.items()]
-        client.log_batch(run_id, params=params, tags=items, synchronous=True)
-        self._runs[stage_id] = _RunRef(run_id, None, "RUNNING")
+        # The numeric axes now, so that a filter on them finds the stage while it runs.
+        known, now = self._points[run_id], int(time.time() * 1000)
+        points = [(k, step, v) for k, v, step in axis_points(row) if (k, step, v) not in known]
+        metrics = [Metric(key, value, now, step) for key, step, value in points]
+        client.log_batch(run_id, metrics=metrics, params=params, tags=items, synchronous=True)
+        known.update(points)
+        self._runs[stage_id] = _RunRef(run_id, None, "RUNNING", ref.model_id if ref else None)
         self._open.add(stage_id)
         return run_id
 
@@ -448,11 +495,11 @@ class MlflowRecorder:
         self,
         row: Mapping[str, Any],
         epochs: list[Mapping[str, Any]],
-        model_path: str | os.PathLike[str] | None = None,
+        model: Callable[[], Any] | None = None,
     ) -> tuple[str, str]:
         from mlflow.entities import Metric, Param, RunTag
 
-        parent = self._ensure_parent(reopen=False)
+        self._ensure_experiment()
         assert self._runs is not None
         client = self._get_client()
         stage_id = row["stage_id"]
@@ -460,19 +507,15 @@ class MlflowRecorder:
         status = RUN_STATUS[row["status"]]
         ref = self._runs.get(stage_id)
         self._open.discard(stage_id)
-        if ref is not None and ref.row_hash == digest and ref.status == status:
+        model = model if self.log_models else None
+        same = ref is not None and ref.row_hash == digest and ref.status == status
+        if same and (model is None or ref.model_id is not None):
             return ref.run_id, "unchanged"
         start_ms = ms(row["started_at"]) or int(time.time() * 1000)
         points = stage_metrics(row, epochs, start_ms)
         if ref is None:
             action, have_params, have_tags = "created", {}, {}
-            run = client.create_run(
-                self._experiment_id,
-                start_time=start_ms,
-                tags={"mlflow.parentRunId": parent, STAGE_ID_TAG: stage_id},
-                run_name=run_name(row),
-            )
-            run_id = run.info.run_id
+            run_id = self._create_stage_run(row, start_ms)
             known: set[tuple[str, int, float]] = set()
         else:  # updated in place: what a user added to the run stays
             action, run_id = "updated", ref.run_id
@@ -499,29 +542,97 @@ class MlflowRecorder:
         )
         for i in range(first, len(metrics), _MAX_METRICS):
             client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS], synchronous=True)
-        if model_path is not None and self.log_models:
-            self._log_model(run_id, os.fspath(model_path))
+        model_id = ref.model_id if ref is not None else None
+        if model is not None and (model_id is None or not same):  # new weights: a new model
+            step = epochs[-1]["epoch"] if epochs else 0
+            measured = [Metric(k, v, ts, s) for k, v, ts, s in points if s == step]
+            model_id = self._log_model(run_id, row, model, measured)
+            if model_id is not None and ref is not None and ref.model_id is not None:
+                from mlflow.exceptions import MlflowException
+
+                with contextlib.suppress(MlflowException):  # deleted by hand already
+                    client.delete_logged_model(ref.model_id)
         # The fingerprint goes last: a run without it (crash mid-way) is updated next time.
         client.set_tag(run_id, "nptm.row_hash", digest)
         client.set_terminated(run_id, status=status, end_time=ms(row["ended_at"]))
-        self._runs[stage_id] = _RunRef(run_id, digest, status)
+        self._runs[stage_id] = _RunRef(run_id, digest, status, model_id)
         self._points.pop(run_id, None)
         return run_id, action
 
-    def _log_model(self, run_id: str, path: str) -> None:
-        client = self._get_client()
-        client.set_tag(run_id, "nptm.model_path", clip(path, MAX_TAG_LEN))
-        if "://" in path or not os.path.exists(path):
-            # Remote or missing: the tag points at it; a local-only upload is not worth failing
-            # the whole recorder for.
+    def _log_model(
+        self, run_id: str, row: Mapping[str, Any], build: Callable[[], Any], measured: list[Any]
+    ) -> str | None:
+        """The network `build()` gives as an MLflow logged model, the output of the stage's run
+        at the step of `measured`, the run's metric points the model owns; returns its id. A
+        network nptm cannot rebuild (a damaged file) is warned about once and left out: the
+        run is recorded all the same."""
+        import mlflow.pytorch
+        from mlflow.entities import LoggedModelOutput, Metric
+
+        try:
+            network = build()
+        except Exception as err:
             if not self._model_warned:
                 self._model_warned = True
-                log.warning("model %s is not a local file; recorded its path only", path)
-            return
-        if os.path.isdir(path):
-            client.log_artifacts(run_id, path, artifact_path="model")
-        else:
-            client.log_artifact(run_id, path, artifact_path="model")
+                log.warning("stage %s: no MLflow model, its network: %s", row["stage_id"], err)
+            return None
+        client = self._get_client()
+        # Created here, in the sweep's experiment: log_model alone would put it in the
+        # process's active experiment.
+        logged = client.create_logged_model(
+            self._experiment_id,
+            name=re.sub(r"[/:.%\"']", "_", run_name(row)),  # characters a model name refuses
+            source_run_id=run_id,
+            params=stage_params(row),
+            tags={STAGE_ID_TAG: row["stage_id"], "nptm.sweep": self.sweep},
+        )
+        # Pickled (see the module docstring); MLflow's warning about pickles would come once
+        # per stage.
+        with _tracking_uri(self.uri), _quiet("mlflow.pytorch"):
+            mlflow.pytorch.log_model(
+                network,
+                model_id=logged.model_id,
+                serialization_format="pickle",
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            )
+        # Linked here rather than by log_model's run_id, which gives the model every point the
+        # run has at that step: those of an earlier outcome too (MLflow cannot delete points).
+        step = measured[0].step if measured else 0
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
+        points = [Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id)
+                  for m in measured]  # fmt: skip
+        client.log_batch(run_id, metrics=points, synchronous=True)
+        client.set_tag(run_id, MODEL_ID_TAG, logged.model_id)
+        return logged.model_id
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str | None) -> Iterator[None]:
+    """MLflow's process-wide tracking URI (what log_model writes through) set to `uri`
+    meanwhile. MLflow keeps it in MLFLOW_TRACKING_URI, which the user's may be: that value
+    comes back after (resetting the URI unsets the variable)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """`logger`'s warnings left out meanwhile (its errors still shown)."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
 
 
 def _run_status(status: str) -> str:

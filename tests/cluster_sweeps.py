@@ -9,7 +9,8 @@ before the first test, from the session's environment as it is then, and that en
 copied, is what these processes get.
 
 1. `span`: a retrain whose 2 DDP workers x 0.9 CPU plus its 0.1-CPU trial actor fit no 1-CPU
-   node but fit the two; its prune runs as a Ray task. Then the dashboard's Train page data.
+   node but fit the two; its prune runs as a Ray task. Then the dashboard's Train page data,
+   and its Actors and Tasks pages' (Ray's state API).
 2. `job`: `nptm sweep` submitted as a Ray job (`ray job submit`, the documented path onto a
    cluster), MLflow over HTTP, and a node lost mid-trial: two seeds, so two pre-trainings
    run side by side, one on each 1-CPU node; once both stored an epoch checkpoint, the worker
@@ -48,6 +49,7 @@ SWEEP_TIMEOUT = 600  # "did not hang" bound on a busy 2-core machine
 MAGNITUDE = "{name: magnitude, ratio: 0.5}"
 L1 = "{name: l1_filter, ratio: 0.5}"
 TRAIN_RUNS = "/api/train/v2/runs/v1"  # what the dashboard's Train page lists
+STATE_API = "/api/v0/{}?limit=10000"  # what its Actors and Tasks pages list
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,14 @@ def _span_sweep(cluster: RayCluster, tmp: Path, tiny_storage: Path) -> SimpleNam
         capture_output=True, text=True, timeout=SWEEP_TIMEOUT, cwd=ROOT,
     )  # fmt: skip
     train_runs = cluster.dashboard_json(TRAIN_RUNS)["train_runs"]
-    return SimpleNamespace(grid=grid, storage=storage, result=result, train_runs=train_runs)
+    actors, tasks = (
+        cluster.dashboard_json(STATE_API.format(kind))["data"]["result"]["result"]
+        for kind in ("actors", "tasks")
+    )
+    return SimpleNamespace(
+        grid=grid, storage=storage, result=result, train_runs=train_runs, actors=actors,
+        tasks=tasks,
+    )  # fmt: skip
 
 
 def _job_sweep(cluster: RayCluster, tmp: Path, uri: str) -> SimpleNamespace:

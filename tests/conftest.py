@@ -154,6 +154,29 @@ def cluster_sweeps(_cluster_sweeps_started):
     return _cluster_sweeps_started.result()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _lane_started(request, tmp_path_factory):
+    """Starts the jobs of the selected tests marked with `tests.lane.lane`, one after another
+    on a thread of their own, at the session's first test; they run while other tests do."""
+    from tests.lane import Lane, lane_keys, needed_fixtures
+
+    keys = lane_keys(request.session.items)
+    if not keys:
+        yield None
+        return
+    env = dict(os.environ)  # before any test changes it
+    fixtures = {name: request.getfixturevalue(name) for name in needed_fixtures(keys)}
+    lane = Lane(keys, tmp_path_factory.mktemp, env, fixtures)
+    yield lane
+    lane.close()
+
+
+@pytest.fixture
+def lane_result(request, _lane_started):
+    """The value of the test's lane job (tests.lane), once it has run."""
+    return _lane_started.result(request.node.get_closest_marker("lane").args[0])
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`bench` and `scale` tests belong to the slow tier, and the slow tier runs last (in the
     order collected): the unit tests run while the session's tiny sweep does."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.lane import LaneJob, lane
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,15 +42,21 @@ def test_dry_run_cannot_write_figures(tmp_path: Path) -> None:
     assert "--write-figures" in out.stderr
 
 
-@pytest.mark.slow
-def test_dry_run_writes_every_section(tmp_path: Path) -> None:
+def _dry_run(job: LaneJob) -> tuple[subprocess.CompletedProcess[str], Path]:
     proc = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", str(tmp_path)],
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", str(job.tmp)],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
-        env=os.environ | {"PYTHON": sys.executable},
+        env=job.env | {"PYTHON": sys.executable},
     )  # fmt: skip
+    return proc, job.tmp
+
+
+@pytest.mark.slow
+@lane(_dry_run)
+def test_dry_run_writes_every_section(lane_result) -> None:
+    proc, out = lane_result
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    res = json.loads((tmp_path / "gpu.json").read_text())
+    res = json.loads((out / "gpu.json").read_text())
     assert res["dry_run"] is True
     for section in ("throughput", "epoch_seconds", "packing", "ddp", "compile"):
         assert "error" not in res[section] and "skipped" not in res[section], section
@@ -69,7 +76,7 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert row["seconds_per_epoch"] == pytest.approx(
         row["steps_per_epoch"] * row["batch"] / row["samples_per_s"]
     )
-    figures = json.loads((tmp_path / "gpu_figures.json").read_text())
+    figures = json.loads((out / "gpu_figures.json").read_text())
     assert figures["seconds_per_epoch"] == [
         {k: row[k] for k in ("model", "dataset", "batch", "seconds_per_epoch")}
     ]
@@ -92,6 +99,6 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert d["stage"]["status"] == "ok"
     assert d["outside_loop_s"] == pytest.approx(d["stage"]["stage_wall_s"] - d["stage"]["loop_s"])
 
-    md = (tmp_path / "gpu.md").read_text()
+    md = (out / "gpu.md").read_text()
     assert proc.stdout.rstrip().endswith(md.rstrip())  # the summary is printed last
     assert "| throughput | nptm / ref-w0 (target >= 3x) |" in md

@@ -294,3 +294,30 @@ def test_peak_overlap_by_hand() -> None:
     assert peak_overlap([(0, 2), (1, 3), (1.5, 4)]) == 3
     assert peak_overlap([(0, 1), (1, 2)]) == 1  # one ends as the other starts
     assert peak_overlap([(0, 10), (1, 2), (3, 4), (5, 6)]) == 2
+
+
+# -- makespan (simulated part only; the real run starts a Ray cluster) -----------------------
+def test_makespan_release_bound_by_hand() -> None:
+    from types import SimpleNamespace
+
+    release_bound = _load("makespan").release_bound
+    # x(10) -> y1..y4 (10 each) on 2 slots: LB = max(20, 50 / 2) = 25, but no y runs before
+    # 10, and then 40 of work is left for 2 slots: 10 + 20 = 30 (what the best schedule takes).
+    stages = {"x": SimpleNamespace(parents=())}
+    stages |= {f"y{i}": SimpleNamespace(parents=("x",)) for i in range(4)}
+    cost = dict.fromkeys(stages, 10.0)
+    assert release_bound(stages, cost, 2) == 30
+    assert release_bound(stages, cost, 1) == 50  # t = 0: all the work on one slot
+
+
+def test_makespan_simulated_rows_are_well_formed() -> None:
+    makespan = _load("makespan")
+    grid = makespan.GRIDS[0].parent / "paper_imagenet_resnet50.yaml"
+    rows = makespan.simulated(grid, (1, 8))
+    assert [r["slots"] for r in rows] == [1, 8] and all(r["timed"] for r in rows)
+    one = rows[0]  # one slot: every order takes the whole work, the lower bound
+    assert one["fifo"] == pytest.approx(1) and one["critical_path"] == pytest.approx(1)
+    for r in rows:
+        assert 1 - 1e-9 <= r["critical_path"] <= r["fifo"] + 1e-9
+        assert r["tight_over_lb"] >= 1 and r["cp_over_tight"] >= 1 - 1e-9
+        assert r["makespan_h"] == pytest.approx(r["critical_path"] * r["lower_bound_h"])

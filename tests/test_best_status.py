@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from nptm.results.best import best_runs, render_best
+from nptm.results.best import best_runs, default_mode, parse_where, render_best
 from nptm.results.run_record import (
     FORMAT,
     PLAN_FILE,
@@ -51,19 +53,36 @@ def row(stage_id: str, **kw: object) -> dict:
     return r
 
 
-# (sweep, stage_id, pruner, schedule, test_acc, extra)
+# (sweep, stage_id, pruner, schedule, seed, test_acc, test_loss, extra); budget 10 unless said
 RUNS = [
-    ("s1", "a", "l1_filter", "ft", 0.80, {}),
-    ("s1", "b", "l1_filter", "clr", 0.86, {}),
-    ("s1", "c", "random_filter", "ft", 0.78, {}),
-    ("s1", "d", "random_filter", "clr", 0.84, {}),
-    ("s1", "e", "random_filter", "lrw", 0.83, {"seed": 10}),
-    ("s1", "i", "random_filter", "slr", 0.70, {"seed": 2}),
+    ("s1", "a0", "l1_filter", "ft", 0, 0.80, 0.60, {}),
+    ("s1", "a1", "l1_filter", "ft", 1, 0.82, 0.58, {}),
+    ("s1", "a2", "l1_filter", "ft", 2, 0.84, 0.50, {}),
+    ("s1", "b0", "l1_filter", "clr", 0, 0.86, 0.30, {}),
+    ("s1", "b1", "l1_filter", "clr", 1, 0.90, 0.32, {}),
+    ("s1", "c0", "random_filter", "ft", 0, 0.78, 0.70, {}),
+    ("s1", "d0", "random_filter", "clr", 0, 0.84, 0.52, {}),
+    ("s1", "d1", "random_filter", "clr", 1, 0.85, 0.50, {}),
+    ("s1", "d2", "random_filter", "clr", 2, 0.98, 0.10, {}),  # the lucky seed
+    ("s1", "e", "random_filter", "lrw", 10, 0.83, 0.55, {"budget_epochs": 20}),
+    ("s1", "i", "random_filter", "slr", 2, 0.70, 0.90, {}),
     # Higher accuracy, but not a successful retrain stage: never "best".
-    ("s1", "f", "l1_filter", "clr", 0.99, {"status": "failed"}),
-    ("s1", "g", "l1_filter", None, 0.98, {"stage_kind": "prune", "budget_epochs": None}),
-    ("s2", "h", "l1_filter", "slr", 0.90, {}),
+    ("s1", "f", "l1_filter", "clr", 3, 0.99, 0.01, {"status": "failed"}),
+    ("s1", "g", "l1_filter", None, 0, 0.98, 0.02, {"stage_kind": "prune", "budget_epochs": None}),
+    ("s2", "h", "l1_filter", "slr", 0, 0.91, 0.40, {}),
 ]
+# The cells of s1 (pruner, schedule, budget) by hand: mean, sample sd, n of test_acc.
+CELLS = {
+    ("random_filter", "clr", 10): (0.89, math.sqrt((0.05**2 + 0.04**2 + 0.09**2) / 2), 3),
+    ("l1_filter", "clr", 10): (0.88, math.sqrt(2 * 0.02**2), 2),
+    ("random_filter", "lrw", 20): (0.83, math.nan, 1),
+    ("l1_filter", "ft", 10): (0.82, 0.02, 3),
+    ("random_filter", "ft", 10): (0.78, math.nan, 1),
+    ("random_filter", "slr", 10): (0.70, math.nan, 1),
+}  # highest mean first
+# Mean test_loss of the same cells, lowest first: 0.31, 0.3733, 0.55, 0.56, 0.70, 0.90.
+LOSS_ORDER = [("l1_filter", "clr"), ("random_filter", "clr"), ("random_filter", "lrw"),
+              ("l1_filter", "ft"), ("random_filter", "ft"), ("random_filter", "slr")]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +92,10 @@ def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     for sweep in ("s1", "s2"):
         rec = MlflowRecorder(uri, sweep)
         rec.start_sweep({"sweep": sweep})
-        for sw, tid, pruner, sched, acc, extra in RUNS:
+        for sw, sid, pruner, sched, seed, acc, loss, extra in RUNS:
             if sw == sweep:
-                stage = row(tid, sweep=sw, pruner=pruner, schedule=sched, test_acc=acc, **extra)
+                stage = row(sid, sweep=sw, pruner=pruner, schedule=sched, seed=seed,
+                            test_acc=acc, test_loss=loss, **extra)  # fmt: skip
                 assert rec.record_stage(rows_to_table("stages", [stage]).to_pylist()[0])
         rec.end_sweep()
     # An unrelated experiment in the same store is ignored.
@@ -86,51 +106,146 @@ def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
-def test_top_k_of_one_sweep(uri: str) -> None:
-    df = best_runs(uri, sweep="s1", top=3)
-    assert df["stage_id"].tolist() == ["b", "d", "e"]
-    assert df["test_acc"].tolist() == pytest.approx([0.86, 0.84, 0.83])
-    assert df["pruner"].tolist() == ["l1_filter", "random_filter", "random_filter"]
-    assert set(df["sweep"]) == {"s1"}
-    assert df.columns[:2].tolist() == ["test_acc", "dataset"]
+def cells_of(df) -> list[tuple[str, str, int]]:
+    return list(zip(df["pruner"], df["schedule"], df["budget"], strict=True))
+
+
+def test_cells_mean_sd_n_over_seeds(uri: str) -> None:
+    df = best_runs(uri, sweep="s1", top=10)  # --agg mean, --mode max for an accuracy
+    assert cells_of(df) == list(CELLS)
+    for r in df.itertuples(index=False):
+        mean, sd, n = CELLS[(r.pruner, r.schedule, r.budget)]
+        assert (r.test_acc, r.n) == (pytest.approx(mean), n)
+        assert r.sd == pytest.approx(sd, nan_ok=True)
+    assert df.columns[:5].tolist() == ["test_acc", "sd", "n", "pruner", "schedule"]
+    assert set(df["sweep"]) == {"s1"} and set(df["target"]) == {"ratio=0.5"}
+    assert set(df["structure"]) == {"structured"}
+    assert best_runs(uri, sweep="s1", top=2, mode="min")["test_acc"].tolist() == pytest.approx(
+        [0.70, 0.78]
+    )
+
+
+def test_a_loss_ranks_lowest_first(uri: str) -> None:
+    assert default_mode("test_loss") == "min" and default_mode("val_error") == "min"
+    assert default_mode("test_acc") == "max"
+    df = best_runs(uri, sweep="s1", metric="test_loss", top=10)
+    assert list(zip(df["pruner"], df["schedule"], strict=True)) == LOSS_ORDER
+    assert df["test_loss"].iloc[:2].tolist() == pytest.approx([0.31, (0.52 + 0.50 + 0.10) / 3])
+    highest = best_runs(uri, sweep="s1", metric="test_loss", mode="max", top=1)
+    assert highest["test_loss"].tolist() == pytest.approx([0.90])
+
+
+def test_single_runs(uri: str) -> None:
+    df = best_runs(uri, sweep="s1", agg="none", top=3)
+    assert df["stage_id"].tolist() == ["d2", "b1", "b0"]
+    assert df["test_acc"].tolist() == pytest.approx([0.98, 0.90, 0.86])
+    assert df["seed"].tolist() == [2, 1, 0] and "n" not in df
+    assert df["run_id"].str.fullmatch("[0-9a-f]{32}").all()
+    everywhere = best_runs(uri, agg="none", top=2)
+    assert everywhere["stage_id"].tolist() == ["d2", "h"]
+    assert everywhere["sweep"].tolist() == ["s1", "s2"]
 
 
 def test_all_nptm_experiments(uri: str) -> None:
-    df = best_runs(uri, top=2)
-    assert df["stage_id"].tolist() == ["h", "b"]
-    assert df["sweep"].tolist() == ["s2", "s1"]
+    df = best_runs(uri, top=2)  # cells of each sweep apart
+    assert df[["sweep", "pruner", "schedule"]].values.tolist() == [
+        ["s2", "l1_filter", "slr"],
+        ["s1", "random_filter", "clr"],
+    ]
+    assert df["n"].tolist() == [1, 3]
 
 
 def test_top_per_group(uri: str) -> None:
     df = best_runs(uri, sweep="s1", by=["pruner"], top=1)
-    assert df[["pruner", "stage_id"]].values.tolist() == [
-        ["l1_filter", "b"],
-        ["random_filter", "d"],
+    assert df[["pruner", "schedule"]].values.tolist() == [
+        ["l1_filter", "clr"],  # the catalog's order of pruners
+        ["random_filter", "clr"],
     ]
-    df = best_runs(uri, sweep="s1", by=["pruner", "seed"], top=5)
+    assert df.columns[:2].tolist() == ["pruner", "test_acc"]
+    df = best_runs(uri, sweep="s1", agg="none", by=["pruner", "seed"], top=1)
     assert df[["pruner", "seed", "stage_id"]].values.tolist() == [
-        ["l1_filter", "0", "b"],
-        ["l1_filter", "0", "a"],
-        ["random_filter", "0", "d"],
-        ["random_filter", "0", "c"],
-        ["random_filter", "2", "i"],  # numeric order of the param strings, not "10" < "2"
-        ["random_filter", "10", "e"],
+        ["l1_filter", 0, "b0"],
+        ["l1_filter", 1, "b1"],
+        ["l1_filter", 2, "a2"],
+        ["random_filter", 0, "d0"],
+        ["random_filter", 1, "d1"],
+        ["random_filter", 2, "d2"],
+        ["random_filter", 10, "e"],  # numbers in numeric order
     ]
-    assert df.columns[:3].tolist() == ["pruner", "seed", "test_acc"]
 
 
-def test_other_metric_and_rendering(uri: str) -> None:
-    df = best_runs(uri, sweep="s1", metric="test_acc", top=1)
+def test_where_filters_runs(uri: str) -> None:
+    clr = best_runs(uri, sweep="s1", where=[parse_where("schedule=clr")])
+    assert cells_of(clr) == [("random_filter", "clr", 10), ("l1_filter", "clr", 10)]
+    either = [parse_where("pruner=l1_filter"), parse_where("pruner=random_filter")]
+    assert len(best_runs(uri, sweep="s1", where=either, top=10)) == len(CELLS)
+    both = [parse_where("budget=20"), parse_where("ratio=0.5")]
+    assert cells_of(best_runs(uri, sweep="s1", where=both)) == [("random_filter", "lrw", 20)]
+    seed_0 = best_runs(uri, sweep="s1", where=[parse_where("seed=0")], top=10)
+    assert set(seed_0["n"]) == {1} and seed_0["test_acc"].iloc[0] == pytest.approx(0.86)
+    assert best_runs(uri, where=[parse_where("sweep=s2")])["test_acc"].tolist() == [0.91]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("budget=abc", "--where budget: expected an integer, got 'abc'"),
+        ("ratio=half", "--where ratio: expected a number, got 'half'"),
+        ("colour=red", "--where 'colour=red': unknown key 'colour'"),
+        ("pruner", "--where 'pruner': expected KEY=VALUE"),
+        ("pruner=hrank", "--where pruner=hrank: no final-round retrain run has it; recorded: "
+                         "l1_filter, random_filter"),
+    ],
+)  # fmt: skip
+def test_bad_where_is_named_and_exits_2(uri: str, where: str, message: str) -> None:
+    from tests.sweep_helpers import cli_in_process
+
+    result = cli_in_process(["best", "--mlflow-uri", uri, "--sweep", "s1", "--where", where])
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_rendering_fits_100_columns(uri: str) -> None:
+    df = best_runs(uri, sweep="s1", top=3)
     text = render_best(df)
-    assert "0.8600" in text and "l1_filter" in text and text.splitlines()[0].startswith("test_acc")
-    assert render_best(df.iloc[0:0]) == "no successful retrain runs found"
+    lines = text.splitlines()
+    assert lines[0] == "mean test_acc over seeds per cell, highest first"
+    assert lines[1] == "all rows: target=ratio=0.5, dataset=digits, model=resnet20, " + (
+        "structure=structured, sweep=s1"
+    )
+    assert lines[2].split() == ["test_acc", "sd", "n", "pruner", "schedule", "budget"]
+    assert lines[4].split() == ["0.8900", "0.0781", "3", "random_filter", "clr", "10"]
+    assert lines[6].split() == ["0.8300", "–", "1", "random_filter", "lrw", "20"]
+    runs = render_best(best_runs(uri, agg="none", top=20), "test_acc")
+    assert max(map(len, runs.splitlines())) <= 100
+    run_ids = best_runs(uri, agg="none", top=1)["run_id"]
+    assert f"  {run_ids[0][:8]}" in runs and run_ids[0] not in runs  # ids shortened
+    assert render_best(df.iloc[0:0]) == "no successful final-round retrain runs found"
+    # Every column differing, with the longest labels a grid makes: cut to 100 with "…".
+    long = {"pruner": "magnitude[layers=conv+linear,min_keep=0.05]",
+            "schedule": 'clr {"lr":0.05,"momentum_max":0.95}', "target": "preset=resnet56-B",
+            "budget": 160, "dataset": "cifar100", "model": "resnet110",
+            "structure": "unstructured", "sweep": "paper-cifar-unstructured-2"}  # fmt: skip
+    wide = pd.DataFrame([
+        {"test_acc": 0.9312 - i / 100, "sd": 0.0042, "n": 10, **long,
+         **{k: f"{v}{i}" for k, v in long.items() if isinstance(v, str)}}
+        for i in range(3)
+    ])  # fmt: skip
+    lines = render_best(wide).splitlines()
+    assert max(map(len, lines)) <= 100 and "…" in lines[-1]
+    assert lines[-1].split()[:3] == ["0.9112", "0.0042", "10"]
 
 
 def test_bad_requests_are_named(uri: str) -> None:
-    with pytest.raises(ValueError, match="metric 'accuracy' is not recorded"):
+    with pytest.raises(
+        ValueError, match=r"'accuracy' is not recorded .*\['test_acc', 'test_loss'\]"
+    ):
         best_runs(uri, sweep="s1", metric="accuracy")
+    with pytest.raises(ValueError, match="metric 'budget' is a grid axis"):
+        best_runs(uri, sweep="s1", metric="budget")
     with pytest.raises(ValueError, match="cannot group by 'colour'"):
         best_runs(uri, sweep="s1", by=["colour"])
+    with pytest.raises(ValueError, match="cannot group by 'seed'"):  # a cell spans the seeds
+        best_runs(uri, sweep="s1", by=["seed"])
     with pytest.raises(ValueError, match="no MLflow experiment 'nptm/nope'"):
         best_runs(uri, sweep="nope")
     with pytest.raises(ValueError, match="top must be at least 1"):
@@ -352,6 +467,20 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
     assert (out / "headline.tex").read_text().startswith("\\begin{table}")
     md = (out / "report.md").read_text()
     assert "the margin −1.5 points" in md and "](figures/acc_bars__" in md  # one budget: bars
+
+    # `nptm best` from the sweep's MLflow store ranks the report's headline cells.
+    best = cli_in_process(["best", "--sweep", "tiny", "--storage", str(storage), "--json",
+                           "--top", "100"])  # fmt: skip
+    assert best.returncode == 0, best.stderr
+    got = {(r["pruner"], r["schedule"], r["target"], r["budget"]): r
+           for r in json.loads(best.stdout)}  # fmt: skip
+    head = pd.read_csv(out / "headline.csv")
+    want = {(r.pruner, r.sched, r.target, r.budget): r for r in head.itertuples()}
+    assert len(want) == 6 and got.keys() == want.keys()
+    assert {k: r["test_acc"] for k, r in got.items()} == pytest.approx(
+        {k: r.mean for k, r in want.items()}
+    )
+    assert {k: r["n"] for k, r in got.items()} == {k: r.n for k, r in want.items()}
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x80\x81 {", b"[1, 2]", b'{"sweep": "other"}'])

@@ -54,7 +54,7 @@ STACKS = {
 HOST_NETWORK_FILES = {MULTI_HOST, WORKER_HOST}
 
 NPTM_SERVICES = ("ray-head", "ray-worker")  # containers where the nptm CLI runs
-DEFAULT_SERVICES = {"ray-head", "ray-worker", "mlflow", "postgres"}
+DEFAULT_SERVICES = {"ray-head", "ray-worker", "mlflow", "postgres", "prometheus", "grafana"}
 MINIO_SERVICES = {"minio", "minio-init"}
 SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET")
 PLACEHOLDER = "CHANGEME"
@@ -313,10 +313,12 @@ def test_datasets_are_read_only_bind_mounts_and_storage_is_shared(
     main = docs[COMPOSE]["services"]
     for name in NPTM_SERVICES:
         env = main[name]["environment"]
-        targets = {m["target"] for m in main[name]["volumes"]}
+        targets = {m["target"] for m in main[name]["volumes"] if isinstance(m, dict)}
         assert env["NPTM_STORAGE"] in targets and env["NPTM_DATA"] in targets, name
         assert env["NPTM_SHARED_FS"] == "1", f"{name}: nptm would refuse a node-local path"
-    assert main["ray-head"]["volumes"] == main["ray-worker"]["volumes"]
+    # The same bind mounts (the head also keeps Ray's Grafana dashboards in a volume).
+    head_binds = [m for m in main["ray-head"]["volumes"] if isinstance(m, dict)]
+    assert head_binds == main["ray-worker"]["volumes"]
 
 
 def test_every_image_is_pinned_by_tag(
@@ -494,9 +496,10 @@ def test_nptm_containers_set_exactly_what_nptm_reads(
     services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from nptm.orchestrator.cli import build_parser
+    from nptm.orchestrator.public_urls import ENV as PUBLIC_URL_VARS
 
     cli_vars = env_vars_read("orchestrator/cli.py")
-    nptm_vars = cli_vars | env_vars_read("trainables/artifacts.py")
+    nptm_vars = cli_vars | env_vars_read("trainables/artifacts.py") | set(PUBLIC_URL_VARS.values())
     assert {"NPTM_STORAGE", "MLFLOW_TRACKING_URI", "NPTM_DATA", "RAY_ADDRESS"} <= cli_vars
     assert "NPTM_SHARED_FS" in nptm_vars
     for name in NPTM_SERVICES:
@@ -559,6 +562,89 @@ def test_dashboard_port_matches_head_script(services: dict[str, Any]) -> None:
     assert f"127.0.0.1:{port}/api/gcs_healthz" in " ".join(
         services["ray-head"]["healthcheck"]["test"]
     )
+
+
+def published_url(spec: str, env: Mapping[str, str]) -> str:
+    """The http:// address on the host of one `ports:` entry "ip:host port:container port"."""
+    host_ip, host_port, _ = interpolate(spec, env).split(":")
+    return f"http://{host_ip}:{host_port}"
+
+
+def test_prometheus_and_grafana_serve_the_dashboards_charts_behind_a_login(
+    services: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    """Ray's metrics setup: the head queries Prometheus and Grafana on the compose network and
+    the browser loads Grafana's panels from its published port; Grafana asks for a login."""
+    head = services["ray-head"]["environment"]
+    grafana, prometheus = services["grafana"], services["prometheus"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    password = next(variables(env["GF_SECURITY_ADMIN_PASSWORD"]))
+    assert password[:2] == ("GRAFANA_ADMIN_PASSWORD", ":?")  # required, from .env
+    assert env["GF_SECURITY_ALLOW_EMBEDDING"] == "true"  # the Ray dashboard frames its panels
+    assert "ports" not in prometheus  # only Grafana and the head query it
+    (grafana_port,) = grafana["ports"]
+    assert head["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090"
+    assert head["RAY_GRAFANA_HOST"] == f"http://grafana:{parse_port(grafana_port, {})[1]}"
+    # What a browser reaches, as published (NPTM_BIND included): Grafana for the dashboard's
+    # frames, and every address nptm's banner prints.
+    shown = {
+        "RAY_GRAFANA_IFRAME_HOST": grafana_port,
+        "NPTM_PUBLIC_GRAFANA_URL": grafana_port,
+        "NPTM_PUBLIC_DASHBOARD_URL": services["ray-head"]["ports"][0],
+        "NPTM_PUBLIC_MLFLOW_URL": services["mlflow"]["ports"][0],
+    }
+    for bind in ({}, {"NPTM_BIND": "192.0.2.10"}):
+        values = {**env_example, **bind}
+        for name, port in shown.items():
+            assert interpolate(head[name], values) == published_url(port, values), name
+    assert services["ray-worker"]["environment"]["NPTM_PUBLIC_MLFLOW_URL"]  # the same anchor
+
+
+def test_prometheus_scrapes_every_ray_node_and_grafana_provisions_the_dashboards(
+    services: dict[str, Any],
+) -> None:
+    def mounted(service: str, target: str) -> str:
+        """The source of `service`'s short-form volume mounted at `target`."""
+        found = [v.split(":") for v in services[service]["volumes"] if isinstance(v, str)]
+        (source,) = [v[0] for v in found if v[1] == target]
+        return source
+
+    config = yaml.safe_load(
+        (ROOT / mounted("prometheus", "/etc/prometheus/prometheus.yml")).read_text()
+    )
+    (ray_job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ray"]
+    (dns,) = ray_job["dns_sd_configs"]
+    nodes = {n for n, s in services.items() if "ray-node.sh" in " ".join(s.get("command", []))}
+    assert set(dns["names"]) == nodes == {"ray-head", "ray-worker"}
+    script = (DEPLOY / "ray-node.sh").read_text()
+    assert str(dns["port"]) == re.search(r"--metrics-export-port=(\d+)", script).group(1)
+
+    # Ray's own default, read from its source (importing Ray's dashboard takes seconds).
+    ray_dir = Path(importlib.util.find_spec("ray").origin).parent
+    head_module = (ray_dir / "dashboard" / "modules" / "metrics" / "metrics_head.py").read_text()
+    (default_name,) = re.findall(r'^DEFAULT_PROMETHEUS_NAME = "([^"]+)"', head_module, re.M)
+    provisioning = ROOT / mounted("grafana", "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())[
+        "datasources"
+    ]
+    head = services["ray-head"]["environment"]
+    # Ray's dashboards and the dashboard's frames ask for the data source by this name.
+    assert source["name"] == default_name and "RAY_PROMETHEUS_NAME" not in head
+    assert source["url"] == head["RAY_PROMETHEUS_HOST"] and source["isDefault"] is True
+    providers = yaml.safe_load((provisioning / "dashboards/dashboards.yml").read_text())
+    paths = {p["name"]: p["options"]["path"] for p in providers["providers"]}
+    # The head writes its dashboards to <RAY_METRICS_OUTPUT_ROOT>/grafana/dashboards, in a
+    # volume that Grafana reads at the same path.
+    root = head["RAY_METRICS_OUTPUT_ROOT"]
+    assert paths["Ray"] == f"{root}/grafana/dashboards"
+    assert f"ray-metrics:{root}" in services["ray-head"]["volumes"]
+    assert f"ray-metrics:{root}:ro" in services["grafana"]["volumes"]
+    assert re.search(
+        rf"mkdir -p [^\n]*{root}\b[^\n]*&& chown -R ray [^\n]*{root}\b", DOCKERFILE.read_text()
+    )
+    dashboard = ROOT / mounted("grafana", f"{paths['nptm']}/nptm.json")
+    assert dashboard == DEPLOY / "grafana" / "nptm.json"
 
 
 def test_firewall_list_names_every_fixed_ray_port() -> None:
@@ -1042,6 +1128,17 @@ def test_rayjob_is_pinned_unprivileged_and_mounts_datasets_read_only(
     head_env = {e["name"]: e.get("value") for e in head["env"]}
     assert head_env["NPTM_STORAGE"] == "/storage" and head_env["NPTM_SHARED_FS"] == "1"
     assert head_env["NPTM_DATA"] == "/data"
+
+
+def test_rayjob_banner_links_to_the_ports_the_doc_forwards(rayjob: dict[str, Any]) -> None:
+    doc = (DEPLOY / "kuberay" / "README.md").read_text()
+    forwards = re.findall(r"kubectl (?:-n \S+ )?port-forward (\S+) (\d+):(\d+)", doc)
+    local = {target: port for target, port, _ in forwards}
+    (head,) = pod_specs(rayjob)["head"]["containers"]
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    dashboard = local['"svc/${CLUSTER}-head-svc"']
+    assert env["NPTM_PUBLIC_DASHBOARD_URL"] == f"http://127.0.0.1:{dashboard}"
+    assert env["NPTM_PUBLIC_MLFLOW_URL"] == f"http://127.0.0.1:{local['svc/mlflow']}"
 
 
 # ----------------------------------------------------------------------------- docker compose

@@ -25,12 +25,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 from packaging.utils import canonicalize_name
 
+from tests.lane import LaneJob, lane
 from tests.ports import free_port
 from tests.test_compose import (
     DOCKERFILE,
@@ -564,87 +566,76 @@ def port_answers(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_sbatch_dry_run_sweeps_on_a_one_node_ray_and_stops_it(tmp_path: Path) -> None:
+def _sbatch_dry_run(job: LaneJob) -> SimpleNamespace:
+    """The batch script's dry run in a session of its own (every process it starts, Ray's
+    included, is in it), then `nptm status` on its storage and what is left of its Ray."""
     ports = {name: free_port() for name in sbatch_port_defaults()}
     ports["NPTM_MIN_WORKER_PORT"], ports["NPTM_MAX_WORKER_PORT"] = free_port_range(100)
     temp_dir = tempfile.mkdtemp(prefix="nptm-dry-", dir="/tmp")  # short: Ray's socket paths
-    storage = tmp_path / "runs"
-    token_file = tmp_path / "auth_token"
+    storage = job.tmp / "runs"
+    token_file = job.tmp / "auth_token"
     token = secrets.token_hex(32)
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPTM_", "RAY_"))}
+    env = {k: v for k, v in job.env.items() if not k.startswith(("SLURM_", "NPTM_", "RAY_"))}
     env.update(
         {k: str(v) for k, v in ports.items()},
-        PATH=f"{VENV_BIN}:{os.environ['PATH']}",
+        PATH=f"{VENV_BIN}:{job.env['PATH']}",
         PYTHONPATH=str(ROOT),
-        NPTM_CACHE_DIR=os.environ.get("NPTM_CACHE_DIR", str(tmp_path / "cache")),
+        NPTM_CACHE_DIR=job.env.get("NPTM_CACHE_DIR", str(job.tmp / "cache")),
         NPTM_STORAGE=str(storage),
         NPTM_RAY_TEMP_DIR=temp_dir,
         RAY_AUTH_TOKEN_PATH=str(token_file),  # the file convention, end to end
         RAY_USAGE_STATS_ENABLED="0",
     )
-    # A session of its own: every process the script starts, Ray's included, is in it.
     proc = subprocess.Popen(
-        ["bash", str(SBATCH), "--dry-run", "--no-report"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    started = time.monotonic()
+        ["bash", str(SBATCH), "--dry-run", "--no-report"], env=env, cwd=job.tmp,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
     try:
-        output, _ = proc.communicate(timeout=240)
-        took = time.monotonic() - started
-        assert proc.returncode == 0, output[-6000:]
-        assert token not in output  # never logged
-        assert "1 of 1 Ray node(s) joined" in output and "stopping Ray" in output
-        # The sweep ran on that cluster, and every stage of the grid landed in the storage.
-        assert f"--address 127.0.0.1:{ports['NPTM_RAY_PORT']}" in output
+        output, _ = proc.communicate(timeout=480)
         status = subprocess.run(
-            [
-                str(VENV_BIN / "nptm"),
-                "status",
-                "slurm-dry-run",
-                "--storage",
-                str(storage),
-                "--json",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert status.returncode == 0, status.stderr
-        counts = json.loads(status.stdout)["counts"]
-        assert {kind: c["ok"] for kind, c in counts.items()} == {
-            "pretrain": 1,
-            "prune": 1,
-            "retrain": 1,
-        }
-        assert len(list((storage / "sweeps" / "slurm-dry-run" / "stages").glob("*.parquet"))) == 3
-        # Ray is gone: no process of the run is left, and its ports are closed.
-        deadline = time.monotonic() + 15
+            [str(VENV_BIN / "nptm"), "status", "slurm-dry-run", "--storage", str(storage),
+             "--json"], env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
         while session_processes(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = [shlex.join(p.cmdline()) for p in session_processes(proc.pid)]
-        assert not left, f"left running: {left}"
-        for name in ("NPTM_RAY_PORT", "NPTM_DASHBOARD_PORT"):
-            assert not port_answers(ports[name]), f"{name} still answers"
-        print(f"dry run: {took:.1f}s")
+        return SimpleNamespace(
+            returncode=proc.returncode, output=output, token=token, ports=ports, status=status,
+            rows=len(list((storage / "sweeps" / "slurm-dry-run" / "stages").glob("*.parquet"))),
+            left=[shlex.join(p.cmdline()) for p in session_processes(proc.pid)],
+            answering=[name for name in ("NPTM_RAY_PORT", "NPTM_DASHBOARD_PORT")
+                       if port_answers(ports[name])],
+        )  # fmt: skip
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # the script's trap stops Ray
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=60)
-        for leftover in session_processes(proc.pid):  # only what this test started
+        for leftover in session_processes(proc.pid):  # only what this job started
             with contextlib.suppress(Exception):
                 leftover.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+@lane(_sbatch_dry_run)
+def test_sbatch_dry_run_sweeps_on_a_one_node_ray_and_stops_it(lane_result) -> None:
+    run = lane_result
+    assert run.returncode == 0, run.output[-6000:]
+    assert run.token not in run.output  # never logged
+    assert "1 of 1 Ray node(s) joined" in run.output and "stopping Ray" in run.output
+    # The sweep ran on that cluster, and every stage of the grid landed in the storage.
+    assert f"--address 127.0.0.1:{run.ports['NPTM_RAY_PORT']}" in run.output
+    assert run.status.returncode == 0, run.status.stderr
+    counts = json.loads(run.status.stdout)["counts"]
+    ok = {kind: c["ok"] for kind, c in counts.items()}
+    assert ok == {"pretrain": 1, "prune": 1, "retrain": 1}
+    assert run.rows == 3
+    # Ray is gone: no process of the run is left, and its ports are closed.
+    assert not run.left, f"left running: {run.left}"
+    assert not run.answering, f"{run.answering} still answer"
 
 
 # ----------------------------------------------------------------------------- KubeRay

@@ -446,7 +446,7 @@ def test_mlflow_down_from_the_start_then_sync_restores_every_run(
         assert run.info.status == "FINISHED"
         assert run.data.tags["nptm.stage_kind"] == row.stage_kind
         if row.stage_kind != "prune":
-            assert run.data.metrics["test_acc"] == pytest.approx(row.test_acc)
+            assert run.data.metrics["summary/test_acc"] == pytest.approx(row.test_acc)
     assert _sync(capsys, "down", storage, uri) == {"created": 0, "updated": 0, "unchanged": n}
     assert len(mlflow_stage_runs(uri, "down")) == n
 
@@ -628,7 +628,7 @@ def test_eight_concurrent_stages_lose_no_rows_when_the_mlflow_server_dies(
             assert run.info.run_id == row.mlflow_run_id
         want = epochs[epochs.stage_id == row.stage_id].sort_values("epoch")
         for metric in ("train_loss", "val_acc", "lr"):
-            history = sorted(client.get_metric_history(run.info.run_id, metric),
+            history = sorted(client.get_metric_history(run.info.run_id, f"epoch/{metric}"),
                              key=lambda m: m.step)  # fmt: skip
             assert [m.step for m in history] == list(want.epoch), (row.stage_id, metric)
             assert [m.value for m in history] == pytest.approx(list(want[metric]))

@@ -60,3 +60,102 @@ def test_url_answers_counts_any_http_status_and_not_a_closed_port() -> None:
         server.shutdown()
         server.server_close()
     assert not url_answers(f"http://127.0.0.1:{server.server_port}", timeout=0.5)
+
+
+# -- the addresses a browser reaches (nptm.orchestrator.public_urls) ---------------------------
+
+PUBLIC = {
+    "NPTM_PUBLIC_DASHBOARD_URL": "http://127.0.0.1:8265",
+    "NPTM_PUBLIC_MLFLOW_URL": "http://127.0.0.1:5000/",
+    "NPTM_PUBLIC_GRAFANA_URL": "http://127.0.0.1:3000",
+}
+
+
+def _banner(monkeypatch, capsys, tmp_path) -> str:
+    """The start-up banner of a sweep driven inside a container: its dashboard and MLflow are
+    at addresses only the compose network resolves."""
+    from types import SimpleNamespace
+
+    from nptm.orchestrator import live, sweep
+    from nptm.orchestrator.cluster import Cluster
+    from nptm.orchestrator.commands import _print_banner
+    from nptm.orchestrator.public_urls import PublicUrls
+    from nptm.trainables.layout import Layout
+
+    probed: list[str] = []
+    monkeypatch.setattr(live, "url_answers", lambda url: probed.append(url) or True)
+    cluster = Cluster("ray-head:6379", False, "http://172.18.0.4:8265", nodes=[])
+    kinds = ("pretrain", "prune", "retrain")
+    plan = SimpleNamespace(
+        stages={k: SimpleNamespace(kind=SimpleNamespace(value=k)) for k in kinds}
+    )
+    recorder = SimpleNamespace(
+        uri="http://mlflow:5000", experiment_name="nptm/s", experiment_id="7", degraded=False
+    )
+    record = SimpleNamespace(layout=Layout(str(tmp_path)), location=lambda: f"{tmp_path}/run")
+    grid = SimpleNamespace(name="s")
+    _print_banner(
+        sweep._start_info(grid, plan, cluster, recorder, record, 0, PublicUrls.from_env())
+    )
+    assert probed == ["http://172.18.0.4:8265"]  # checked where the driver reaches it
+    return capsys.readouterr().out
+
+
+def test_banner_links_to_the_drivers_addresses_without_public_urls(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    for name in PUBLIC:
+        monkeypatch.delenv(name, raising=False)
+    out = _banner(monkeypatch, capsys, tmp_path)
+    assert "  Ray dashboard: http://172.18.0.4:8265 (cluster; answers)\n" in out
+    assert "  MLflow: http://mlflow:5000, experiment nptm/s\n" in out
+    assert "    runs: http://mlflow:5000/#/experiments/7/runs\n" in out
+    assert "Grafana" not in out
+
+
+def test_banner_and_summary_link_to_the_public_urls(monkeypatch, capsys, tmp_path) -> None:
+    from nptm.orchestrator.commands import _print_summary
+    from nptm.results.sink import SweepSummary
+
+    for name, value in PUBLIC.items():
+        monkeypatch.setenv(name, value)
+    out = _banner(monkeypatch, capsys, tmp_path)
+    assert "  Ray dashboard: http://127.0.0.1:8265 (cluster; answers)\n" in out
+    assert "  Grafana: http://127.0.0.1:3000/d/nptm?var-sweep=s\n" in out
+    assert (
+        "  MLflow: http://127.0.0.1:5000 (nptm logs to http://mlflow:5000), experiment nptm/s\n"
+        in out
+    )
+    assert "    runs: http://127.0.0.1:5000/#/experiments/7/runs\n" in out
+    assert "172.18.0.4" not in out
+
+    summary = SweepSummary(
+        sweep="s", dashboard_url="http://127.0.0.1:8265", dashboard_local=False,
+        mlflow_uri="http://mlflow:5000", mlflow_experiment_id="7",
+        mlflow_public="http://127.0.0.1:5000", grafana_url="http://127.0.0.1:3000/d/nptm?var-sweep=s",
+    )  # fmt: skip
+    _print_summary(summary, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "Ray dashboard (the cluster's, still up): http://127.0.0.1:8265\n" in out
+    assert "Grafana: http://127.0.0.1:3000/d/nptm?var-sweep=s\n" in out
+    assert "MLflow: http://127.0.0.1:5000/#/experiments/7/runs\n" in out
+    assert "mlflow:5000" not in out
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [("127.0.0.1:5000", "is not an http:// or https:// URL"),
+     ("http://nptm:hunter2@127.0.0.1:5000", "carries credentials")],
+)  # fmt: skip
+def test_a_public_url_that_is_no_plain_url_stops_the_sweep_before_ray(
+    value: str, said: str, tmp_path
+) -> None:
+    from tests.sweep_helpers import cli_in_process, write_grid
+
+    grid = write_grid(tmp_path / "g.yaml", name="g")
+    argv = ["sweep", str(grid), "--storage", str(tmp_path / "runs")]
+    result = cli_in_process(argv, env={"NPTM_PUBLIC_MLFLOW_URL": value})
+    assert result.returncode == 2, result.stderr
+    assert "nptm sweep: error: NPTM_PUBLIC_MLFLOW_URL" in result.stderr and said in result.stderr
+    assert "hunter2" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written, no Ray started

@@ -447,17 +447,28 @@ def test_validation_selected_table(report) -> None:
     assert "Validation-selected test accuracy" in report.markdown_path.read_text()
 
 
-def test_figure_is_a_valid_png(report) -> None:
-    import matplotlib.image
+def figure_files(png: Path) -> tuple[tuple[int, int], tuple[float, float]]:
+    """A report figure's PNG pixel size and dpi (its pHYs chunk, whole dots per metre: 150 dpi
+    is stored as 5906, read back as 150.012), after checking that the PNG and its SVG twin
+    (same stem) exist."""
+    from PIL import Image
 
+    assert png.suffix == ".png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = png.parent / (png.stem + ".svg")
+    assert b"<svg" in svg.read_bytes()[:2000]
+    with Image.open(png) as image:
+        return image.size, image.info["dpi"]
+
+
+def test_figure_is_a_png_at_150_dpi_and_an_svg(report) -> None:
     assert len(report.figures) == 1
     path = report.figures[0]
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    image = matplotlib.image.imread(path)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300
-    assert f"]({path.relative_to(report.markdown_path.parent).as_posix()})" in (
-        report.markdown_path.read_text()
-    )
+    size, dpi = figure_files(path)
+    assert dpi == pytest.approx((150, 150), abs=0.02)
+    assert size[1] > 300 and size[0] > 600
+    link = path.relative_to(report.markdown_path.parent).as_posix()
+    svg_link = link.removesuffix(".png") + ".svg"
+    assert f"]({link}) ([SVG]({svg_link}))" in report.markdown_path.read_text()
 
 
 def test_final_round_only() -> None:
@@ -524,6 +535,8 @@ def test_single_seed_and_single_budget(tmp_path: Path) -> None:
     rep = build_report(store, tmp_path / "out")
     (bars,) = rep.figures  # one budget: a bar chart instead of budget curves
     assert bars.name == "acc_bars__digits__resnet20__unstructured__ratio-0.9.png"
+    # 2 pruners x 2 schedules: figsize max(5, 1 + 0.35 * 4 + 1.6) x 3.2 inches, at 150 dpi
+    assert figure_files(bars)[0] == (5 * 150, round(3.2 * 150))
     md = rep.markdown_path.read_text()
     assert "](figures/acc_bars__digits__resnet20__unstructured__ratio-0.9.png)" in md
     assert "Accuracy vs retraining budget" not in md and "undefined (n=1)" in md
@@ -566,8 +579,8 @@ def test_bar_chart_draws_mean_and_interval_of_every_cell() -> None:
 
 
 def tradeoff_stages() -> pd.DataFrame:
-    """Two pruners at ratios 0.5 and 0.8, ft and clr, 3 seeds, one budget; the sparsity and
-    MACs reduction each run achieved vary with the seed."""
+    """Two pruners at ratios 0.5 and 0.8, ft and clr, 3 seeds, one budget; the sparsity, MACs
+    reduction and nonzero parameters each run achieved vary with the seed."""
     rows = []
     for pruner in ("magnitude", "random"):
         for ratio in (0.5, 0.8):
@@ -590,6 +603,7 @@ def tradeoff_stages() -> pd.DataFrame:
                             + seed / 1000,
                             achieved_sparsity=ratio + seed / 100,
                             macs_reduction=ratio / 2 + seed / 100,
+                            nonzero_params=round(1000 * (1 - ratio)) - 10 * seed,
                         )
                     )
     return pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names)
@@ -620,9 +634,24 @@ def test_tradeoff_curves_over_pruning_ratios(tmp_path: Path) -> None:
     ft_line, clr_line = (c.lines[0] for c in sparsity_random.containers)
     assert ft_line.get_xdata() == pytest.approx([51.0, 81.0])
     assert clr_line.get_ydata() == pytest.approx([(0.86 + 0.001) * 100, (0.83 + 0.001) * 100])
-    assert fig.axes[2].get_xlabel() == "MACs reduction (%)"  # row 2: MACs, magnitude first
+    # Unstructured: masks leave dense MACs unchanged, so row 2 is the nonzero parameters,
+    # mean over seeds 0, 1, 2 of 1000 * (1 - ratio) - 10 * seed: 190 (0.8) and 490 (0.5).
+    assert len(fig.axes) == 4 and "MACs" not in fig.get_suptitle()
+    params_random = fig.axes[3]
+    assert params_random.get_xlabel() == "nonzero parameters"
+    assert "accuracy vs sparsity and nonzero parameters" in fig.get_suptitle()
+    for container in params_random.containers:
+        assert container.lines[0].get_xdata() == pytest.approx([190.0, 490.0])
+    ft_y = [(0.9 - r / 10 + 0.001) * 100 for r in (0.8, 0.5)]
+    assert params_random.containers[0].lines[0].get_ydata() == pytest.approx(ft_y)
+    # The same cells as structured pruning: MACs reduction instead, 0.8 / 2 + 0.01 = 41 %.
+    structured = tradeoff_figure(cells, ("digits", "resnet20", "structured", 6), 0.95)
+    assert structured.axes[3].get_xlabel() == "MACs reduction (%)"
+    assert structured.axes[3].containers[0].lines[0].get_xdata() == pytest.approx([26.0, 41.0])
     md = rep.markdown_path.read_text()
     assert "](figures/acc_vs_size__digits__resnet20__unstructured__6.png)" in md
+    for path in rep.figures:
+        assert figure_files(path)[1] == pytest.approx((150, 150), abs=0.02)
 
 
 def test_quickstart_grid_gets_figures(tmp_path: Path) -> None:
@@ -811,5 +840,5 @@ def test_schedules_figure_draws_the_lr_each_schedule_ran(tmp_path: Path) -> None
     }
     (path,) = plot_schedules(final, epochs, tmp_path, max_figures=4)
     assert path.name == "schedules__digits__b3.png"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure_files(path)[0] == (round(5.2 * 150), round(2.8 * 150))
     assert plot_schedules(final, epochs.iloc[:0], tmp_path, max_figures=4) == []

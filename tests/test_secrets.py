@@ -15,13 +15,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-import os
 import secrets
 import shutil
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
@@ -34,6 +34,7 @@ from nptm.trainables.redact import (
     uri_credentials,
 )
 from nptm.trainables.storage import StorageError, resolve_storage
+from tests.lane import LaneJob, lane
 from tests.ports import free_port
 from tests.s3_server import S3Server
 from tests.sweep_helpers import NPTM, ROOT, cli_in_process, restored_environ, write_grid
@@ -257,52 +258,39 @@ class _ListenWatch(threading.Thread):
             self.done.wait(0.5)
 
 
-@pytest.mark.slow
-def test_no_secret_leaves_the_environment(mlflow_server, tmp_path: Path) -> None:
-    canaries = {
-        what: f"cnry{i}{secrets.token_hex(12)}"
-        for i, what in enumerate(
-            [
-                "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN",
-                "MLFLOW_TRACKING_PASSWORD",
-                "RAY_AUTH_TOKEN",
-                "--storage user-info",
-                "--storage ?secret_key=",
-                "--mlflow-uri user-info",
-            ]
-        )
-    }
+CANARIES = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "RAY_AUTH_TOKEN",
+    "--storage user-info",
+    "--storage ?secret_key=",
+    "--mlflow-uri user-info",
+)
+
+
+def _canary_sweep(job: LaneJob) -> SimpleNamespace:
+    """A sweep in a fresh process that starts its own local Ray, as a user runs it, with a
+    canary in every secret it is given; then every file it and its services wrote, and
+    every socket its Ray listened on."""
+    canaries = {what: f"cnry{i}{secrets.token_hex(12)}" for i, what in enumerate(CANARIES)}
     # Short: <dir>/ray/session_<date>_<pid>/sockets/plasma_store must fit in 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="nptm-s-", dir="/tmp"))
     (ray_tmp / "ray").mkdir()
     grid = write_grid(
-        tmp_path / "secrets.yaml", name="secrets", pruners=("{name: magnitude, ratio: 0.5}",),
+        job.tmp / "secrets.yaml", name="secrets", pruners=("{name: magnitude, ratio: 0.5}",),
         schedules="[ft]", budget="1", pretrain_epochs=1, milestones="[]",
     )  # fmt: skip
-    out: list[str] = []
+    mlflow_server = job.fixtures["mlflow_server"]
+    mlflow_uri = mlflow_server.wait().replace(
+        "http://", f"http://alice:{canaries['--mlflow-uri user-info']}@"
+    )
     try:
-        with S3Server(tmp_path / "moto.log") as s3:
+        with S3Server(job.tmp / "moto.log") as s3:
             bucket = s3.bucket("nptm-secrets")
             storage = s3.uri(f"{bucket}/runs")
-            mlflow_uri = mlflow_server.wait().replace(
-                "http://", f"http://alice:{canaries['--mlflow-uri user-info']}@"
-            )
-            # Credentials in the storage URI: refused (exit 2) before anything runs.
-            with_userinfo = storage.replace(
-                "s3://", f"s3://nptm-test:{canaries['--storage user-info']}@"
-            )
-            with_query = f"{storage}&secret_key={canaries['--storage ?secret_key=']}"
-            for refused in (with_userinfo, with_query):
-                argv = ["sweep", str(grid), "--storage", refused, "--mlflow-uri", mlflow_uri]
-                result = cli_in_process(argv, env=S3Server.env)
-                assert result.returncode == 2, result.stderr[-3000:]
-                assert "carries credentials" in result.stderr
-                out += [result.stdout, result.stderr]
-
-            # The sweep, in a fresh process that starts its own local Ray, as a user runs it.
             # Not the test session's loopback switch: nptm must set up its Ray alone.
-            env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", LOOPBACK_SWITCH)}
+            env = {k: v for k, v in job.env.items() if k not in ("RAY_ADDRESS", LOOPBACK_SWITCH)}
             env.update(S3Server.env)
             env.update(
                 AWS_SECRET_ACCESS_KEY=canaries["AWS_SECRET_ACCESS_KEY"],
@@ -317,7 +305,7 @@ def test_no_secret_leaves_the_environment(mlflow_server, tmp_path: Path) -> None
             argv = ["sweep", str(grid), "--storage", storage, "--mlflow-uri", mlflow_uri,
                     "--no-report"]  # fmt: skip
             proc = subprocess.Popen(
-                [*NPTM, *argv], env=env, cwd=tmp_path, text=True,
+                [*NPTM, *argv], env=env, cwd=job.tmp, text=True,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             )  # fmt: skip
             watch = _ListenWatch(proc.pid)
@@ -329,30 +317,51 @@ def test_no_secret_leaves_the_environment(mlflow_server, tmp_path: Path) -> None
                 watch.join()
                 if proc.poll() is None:
                     proc.kill()
-            out += [stdout, stderr]
-            assert proc.returncode == 0, stderr[-3000:]
-            assert "ok 3" in stdout, stdout
-            assert "MLflow: http://alice:***@127.0.0.1" in stdout, stdout
-            assert "note: --mlflow-uri http://alice:***@127.0.0.1" in stderr, stderr
-
-            files = {f"<{i}: printed>": text.encode() for i, text in enumerate(out)}
+            files = {"<sweep: stdout>": stdout.encode(), "<sweep: stderr>": stderr.encode()}
             files |= _bucket(s3, bucket)
             files |= _tree(ray_tmp)
             files |= _tree(Path(mlflow_server.db).parent)  # store, artifacts, server log
-        assert any("/_ray/" in name for name in files), "no Tune state under the storage"
-        assert any("runtime_env_agent.log" in name for name in files), "no Ray logs"
-        assert _leaks(canaries, files) == {}
-
-        # Everything nptm's local Ray served, it served on the loopback: the metrics export
-        # (0.0.0.0 by Ray's default) among them.
-        assert watch.seen, "saw no listening socket of the sweep's Ray"
-        exposed = sorted(s for s in watch.seen if not _is_loopback(s[0]))
-        assert exposed == [], exposed
         (session,) = [p for p in (ray_tmp / "ray").glob("session_2*") if p.is_dir()]
         (port_file,) = session.glob("metrics_export_port_*")
-        metrics_port = int(port_file.read_text())
-        assert metrics_port in {port for _, port, _ in watch.seen}
-        targets = (session / "prom_metrics_service_discovery.json").read_text()
-        assert f"127.0.0.1:{metrics_port}" in targets, targets
+        return SimpleNamespace(
+            canaries=canaries, grid=grid, storage=storage, mlflow_uri=mlflow_uri,
+            returncode=proc.returncode, stdout=stdout, stderr=stderr, files=files,
+            seen=watch.seen, metrics_port=int(port_file.read_text()),
+            targets=(session / "prom_metrics_service_discovery.json").read_text(),
+        )  # fmt: skip
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@lane(_canary_sweep, needs=("mlflow_server",))
+def test_no_secret_leaves_the_environment(lane_result) -> None:
+    run = lane_result
+    canaries = run.canaries
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ok 3" in run.stdout, run.stdout
+    assert "MLflow: http://alice:***@127.0.0.1" in run.stdout, run.stdout
+    assert "note: --mlflow-uri http://alice:***@127.0.0.1" in run.stderr, run.stderr
+    # Credentials in the storage URI: refused (exit 2) before anything runs.
+    files = dict(run.files)
+    with_userinfo = run.storage.replace(
+        "s3://", f"s3://nptm-test:{canaries['--storage user-info']}@"
+    )
+    with_query = f"{run.storage}&secret_key={canaries['--storage ?secret_key=']}"
+    for i, refused in enumerate((with_userinfo, with_query)):
+        argv = ["sweep", str(run.grid), "--storage", refused, "--mlflow-uri", run.mlflow_uri]
+        result = cli_in_process(argv, env=S3Server.env)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "carries credentials" in result.stderr
+        files[f"<refused {i}: printed>"] = (result.stdout + result.stderr).encode()
+    assert any("/_ray/" in name for name in files), "no Tune state under the storage"
+    assert any("runtime_env_agent.log" in name for name in files), "no Ray logs"
+    assert _leaks(canaries, files) == {}
+
+    # Everything nptm's local Ray served, it served on the loopback: the metrics export
+    # (0.0.0.0 by Ray's default) among them.
+    assert run.seen, "saw no listening socket of the sweep's Ray"
+    exposed = sorted(s for s in run.seen if not _is_loopback(s[0]))
+    assert exposed == [], exposed
+    assert run.metrics_port in {port for _, port, _ in run.seen}
+    assert f"127.0.0.1:{run.metrics_port}" in run.targets, run.targets

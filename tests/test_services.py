@@ -18,7 +18,7 @@ import pytest
 
 from nptm.orchestrator.cli import main as cli_main
 from nptm.orchestrator.planner import build_plan
-from nptm.orchestrator.trial import ray_name
+from nptm.orchestrator.trial import TRIAL_ACTOR, ray_name
 from nptm.search_spaces import load_grid
 from nptm.trainables.artifacts import ArtifactStore
 from tests.cluster_sweeps import ClusterSweeps
@@ -55,6 +55,13 @@ def test_worker_group_larger_than_any_node_runs_across_both_nodes(
     workers = [w for attempt in run["attempts"] for w in attempt["workers"]]
     assert len(workers) == 2
     assert {w["node_id"] for w in workers} == {cluster_sweeps.head, cluster_sweeps.worker}
+    # The Tasks page names the prune task after its stage; the Actors page names Tune's trial
+    # actors NptmStage (Tune's own name: ImplicitFunc).
+    (prune,) = (spec for spec in plan.stages.values() if spec.kind == "prune")
+    tasks = {t["name"] for t in span.tasks}
+    assert ray_name(prune) in tasks, sorted(tasks)
+    classes = {a["class_name"] for a in span.actors}
+    assert TRIAL_ACTOR in classes and "ImplicitFunc" not in classes, sorted(classes)
 
 
 def test_sweep_submitted_as_a_ray_job_completes(cluster_sweeps: ClusterSweeps) -> None:
@@ -106,7 +113,8 @@ def test_mlflow_server_receives_the_runs_and_best_reads_them_back(
     assert sorted(r.data.tags["nptm.stage_id"] for r in runs) == sorted(rows.stage_id)
     assert set(rows.mlflow_run_id) == {r.info.run_id for r in runs}
 
-    argv = ["best", "--mlflow-uri", job.uri, "--sweep", "svc", "--json", "--top", "50"]
+    argv = ["best", "--mlflow-uri", job.uri, "--sweep", "svc", "--agg", "none", "--json",
+            "--top", "50"]  # fmt: skip
     assert cli_main(argv) == 0
     best = pd.DataFrame(json.loads(capsys.readouterr().out))
     # Independent expectation: the Parquet table's successful retrains, best first.

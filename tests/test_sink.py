@@ -52,7 +52,7 @@ def test_outcome_to_rows_parquet_then_mlflow(tmp_path: Path) -> None:
     # The row names its MLflow run, which carries the same numbers.
     run = MlflowClient(uri).get_run(row["mlflow_run_id"])
     assert run.data.tags["nptm.stage_id"] == PRE.id
-    assert run.data.metrics["test_acc"] == pytest.approx(0.4)
+    assert run.data.metrics["summary/test_acc"] == pytest.approx(0.4)
     # the digits recipe: Nesterov SGD at a fixed momentum 0.9
     assert row["nesterov"] and row["momentum_min"] == row["momentum_max"] == 0.9
     params = run.data.params

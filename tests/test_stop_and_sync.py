@@ -15,6 +15,7 @@ import pytest
 from nptm.orchestrator.cli import main
 from nptm.results.store import SweepStore
 from nptm.trainables.layout import STAGES_TABLE
+from tests.lane import LaneJob, lane
 from tests.sweep_helpers import empty_mlflow_store
 from tests.test_bounds import BASE
 from tests.test_tracking import child_runs, sqlite_uri, stage
@@ -35,35 +36,43 @@ def _catches_sigterm(pid: int) -> bool:
     return bool(mask & (1 << (signal.SIGTERM - 1)))
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
-def test_sigterm_at_any_moment_exits_143_with_the_message(tmp_path: Path) -> None:
-    """From the moment the handler can be installed (nptm's first lines), through the imports,
-    the grid check and Ray's start (where Ray's own handler exited 15 silently), to the sweep."""
-    grid = tmp_path / "grid.yaml"
+def _sigterm_at_two_moments(job: LaneJob) -> list[tuple[float, int, str]]:
+    """(delay, exit code, stderr) of a sweep signalled `delay` s after its handler is in."""
+    grid = job.tmp / "grid.yaml"
     grid.write_text(GRID)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**job.env, "PYTHONPATH": str(ROOT)}
+    ended = []
     for delay in (0.0, 4.0):  # in the imports; in Ray's start
-        storage = tmp_path / f"runs-{delay}"
         proc = subprocess.Popen(
             [sys.executable, "-m", "nptm.orchestrator", "sweep", str(grid), "--storage",
-             str(storage), "--no-report"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+             str(job.tmp / f"runs-{delay}"), "--no-report"],
+            cwd=job.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while not _catches_sigterm(proc.pid) and proc.poll() is None:
-                assert time.monotonic() < deadline, "no SIGTERM handler within 60 s"
+                assert time.monotonic() < deadline, "no SIGTERM handler within 120 s"
                 time.sleep(0.005)
             time.sleep(delay)
             assert proc.poll() is None, f"ended before the signal: {proc.communicate()}"
             proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=120)
+            _, err = proc.communicate(timeout=240)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-        assert proc.returncode == 143, (delay, proc.returncode, err[-3000:])
+        ended.append((delay, proc.returncode, err))
+    return ended
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+@lane(_sigterm_at_two_moments)
+def test_sigterm_at_any_moment_exits_143_with_the_message(lane_result) -> None:
+    """From the moment the handler can be installed (nptm's first lines), through the imports,
+    the grid check and Ray's start (where Ray's own handler exited 15 silently), to the sweep."""
+    for delay, returncode, err in lane_result:
+        assert returncode == 143, (delay, returncode, err[-3000:])
         assert "INTERRUPTED by SIGTERM" in err, (delay, err[-3000:])
         assert "Traceback" not in err, (delay, err[-3000:])
 

@@ -124,10 +124,13 @@ def _check_banner_and_record(tiny_sweep, rows, runs, uri: str) -> None:
     files = {a.path for d in ("run", "report") for a in client.list_artifacts(parent_id, d)}
     assert {"run/grid.yaml", "run/overrides.json", "run/plan.json", "run/versions.json"} <= files
     assert "report/report.md" in files
+    assert "mlflow.parentRunId" not in runs[0].data.tags  # stage runs at the top level
     cells = retrain.groupby(["pruner", "schedule"]).test_acc.mean()
     metrics = parent.data.metrics
+    structure = {"magnitude": "unstructured", "l1_filter": "structured"}
     for (pruner, schedule), acc in cells.items():
-        assert metrics[f"test_acc_mean/{pruner}/ratio:0.5/{schedule}/b2"] == pytest.approx(acc)
+        key = f"test_acc_mean/digits/resnet20/{structure[pruner]}/ratio:0.5/b2/{pruner}/{schedule}"
+        assert metrics[key] == pytest.approx(acc)
     assert metrics["stages_ok"] == 9 and metrics["stages_planned"] == 9
     assert yaml.safe_load((run_dir / "grid.yaml").read_text())["name"] == "tiny"
 
@@ -167,7 +170,8 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
         """A retrain's run that is RUNNING with 1 of its 3 epochs logged."""
         for run in runs("RUNNING"):
             if run.data.tags.get("nptm.stage_kind") == "retrain":
-                steps = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
+                history = client.get_metric_history(run.info.run_id, "epoch/train_loss")
+                steps = {m.step for m in history}
                 if len(steps) == 1:
                     return run.info.run_id
         return None
@@ -203,7 +207,7 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
             proc = subprocess.Popen(
                 [*NPTM, "sweep", str(grid), "--storage", str(storage), "--address",
                  ray_node.address, "--mlflow-uri", uri],
-                cwd=ROOT, env={**ray_node.env, "PYTHONPATH": str(ROOT)},
+                cwd=ROOT, env={**ray_node.env, "PYTHONPATH": str(ROOT), "NPTM_LEASE_S": "2"},
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
             try:
@@ -262,9 +266,14 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
     assert json.loads(progress.read_text())["state"] == "running"
     attempts = {sid: executions(storage, sid) for sid in finished_before}
 
-    # 4. The same command resumes: nothing finished runs again, no run is left RUNNING.
+    # 4. The same command resumes: nothing finished runs again, no run is left RUNNING. It
+    # takes over the lease the killed driver left (nptm.orchestrator.lease), once expired.
+    left = json.loads((storage / "sweeps" / "live" / "run" / "lease.json").read_text())
+    while time.time() <= left["expires"]:
+        time.sleep(0.1)
     rerun = sweep_on(ray_node, grid, storage, "--mlflow-uri", uri)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "took over the lease of host" in rerun.stderr
     rows = trials(storage, "live")
     assert sorted(rows.stage_id) == sorted(stage_ids) and set(rows.status) == {"ok"}
     assert {sid: executions(storage, sid) for sid in finished_before} == attempts
@@ -276,8 +285,9 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
     final = client.get_run(live_id)
     row = rows.set_index("stage_id").loc[final.data.tags["nptm.stage_id"]]
     assert final.info.status == "FINISHED" and row.mlflow_run_id == live_id
-    steps = {m.step for m in client.get_metric_history(live_id, "train_loss")}
-    assert steps == {1, 2, 3} and final.data.metrics["test_acc"] == pytest.approx(row.test_acc)
+    steps = {m.step for m in client.get_metric_history(live_id, "epoch/train_loss")}
+    assert steps == {1, 2, 3}
+    assert final.data.metrics["summary/test_acc"] == pytest.approx(row.test_acc)
     assert json.loads(progress.read_text())["state"] == "finished"
 
 

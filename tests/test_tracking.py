@@ -1,8 +1,10 @@
-"""MLflow tracking: one child run per stage, thread safety, degradation and Parquet sync."""
+"""MLflow tracking: one top-level run per stage beside the sweep's own run, thread safety,
+degradation, Parquet sync and the headline metrics."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -100,19 +102,20 @@ def test_default_uri_is_sqlite_under_storage(tmp_path: Path) -> None:
     assert resolve_tracking_uri("s3://bucket/x", "http://h:5000") == "http://h:5000"
 
 
-def test_one_child_run_per_stage_with_params_metrics_tags(storage: Path) -> None:
+def test_one_top_level_run_per_stage_with_params_metrics_tags(storage: Path) -> None:
     uri = sqlite_uri(storage)
     rec = MlflowRecorder(uri, "s1")
-    parent = rec.start_sweep({"grid": {"seeds": [0, 1]}, "name": "s1"})
+    sweep_run = rec.start_sweep({"grid": {"seeds": [0, 1]}, "name": "s1"})
     row, eps = stage("t1", n_epochs=4, acc=0.9)
     run_id = rec.record_stage(row, eps)
+    other = rec.record_stage(*stage("t2", seed=1, n_epochs=2))
     rec.end_sweep("FINISHED")
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    assert tags["mlflow.parentRunId"] == parent
+    assert "mlflow.parentRunId" not in tags and tags["nptm.role"] == "stage"
     assert tags["nptm.stage_id"] == "t1" and tags["nptm.sweep"] == "s1"
     assert tags["nptm.stage_kind"] == "retrain" and tags["nptm.pruner"] == "l1_filter"
     assert tags["nptm.schedule"] == "clr"
@@ -120,17 +123,32 @@ def test_one_child_run_per_stage_with_params_metrics_tags(storage: Path) -> None
     assert p["dataset"] == "digits" and p["ratio"] == "0.5" and p["budget"] == "4"
     assert p["seed"] == "0" and p["override.lr"] == "0.05" and p["overrides"] == '{"lr":0.05}'
     m = run.data.metrics
-    assert m["test_acc"] == pytest.approx(0.9) and m["achieved_sparsity"] == 0.5
-    assert m["params"] == 1000 and m["wall_seconds"] == 12.5
-    history = client.get_metric_history(run_id, "train_loss")
+    # One value per stage under summary/; the numeric axes as metrics too.
+    assert m["summary/test_acc"] == pytest.approx(0.9) and m["summary/achieved_sparsity"] == 0.5
+    assert m["summary/params"] == 1000 and m["summary/wall_seconds"] == 12.5
+    assert (m["ratio"], m["budget"], m["seed"]) == (0.5, 4, 0)
+    # MLflow charts a run's metrics in sections by prefix, in name order, then those without:
+    # the curves (epoch/) lead, the one-off values (summary/) follow, then the axes.
+    assert sorted({k.split("/")[0] for k in m if "/" in k}) == ["epoch", "summary"]
+    assert sorted(k for k in m if "/" not in k) == ["budget", "ratio", "seed"]
+    history = client.get_metric_history(run_id, "epoch/train_loss")
     assert [h.step for h in sorted(history, key=lambda h: h.step)] == [0, 1, 2, 3]
     assert sorted(h.value for h in history) == pytest.approx(sorted(1 / (e + 1) for e in range(4)))
-    # test_acc: one point per epoch; the final epoch's point is the summary figure.
-    acc = sorted(client.get_metric_history(run_id, "test_acc"), key=lambda h: h.step)
+    # The test accuracy per epoch, and the final figure at the last epoch's step.
+    acc = sorted(client.get_metric_history(run_id, "epoch/test_acc"), key=lambda h: h.step)
     assert [h.value for h in acc] == pytest.approx([0.87, 0.88, 0.89, 0.9])
-    parent_run = client.get_run(parent)
-    assert parent_run.info.status == "FINISHED"
-    assert parent_run.data.params["grid.seeds"] == "[0, 1]"
+    assert [h.step for h in client.get_metric_history(run_id, "summary/test_acc")] == [3]
+    # The sweep's own run sits beside the stages', told apart by its tag and name.
+    sweep = client.get_run(sweep_run)
+    assert sweep.info.status == "FINISHED" and sweep.info.run_name == "sweep/s1"
+    assert sweep.data.tags["nptm.role"] == "sweep" and sweep.data.params["grid.seeds"] == "[0, 1]"
+    eid = run.info.experiment_id
+    # Shown by MLflow's UI as training runs, not GenAI evaluations.
+    assert client.get_experiment(eid).tags["mlflow.experimentKind"] == "custom_model_development"
+    stage_runs = client.search_runs([eid], "tags.nptm.role = 'stage' and tags.nptm.sweep = 's1'")
+    assert sorted(r.info.run_id for r in stage_runs) == sorted([run_id, other])
+    # budget 4 and 2: a numeric filter, which MLflow cannot apply to params (text).
+    assert [r.info.run_id for r in client.search_runs([eid], "metrics.budget > 3")] == [run_id]
 
 
 def test_concurrent_producers(storage: Path) -> None:
@@ -165,7 +183,7 @@ def test_concurrent_producers(storage: Path) -> None:
     for r in runs:
         assert returned[r.data.tags["nptm.stage_id"]] == r.info.run_id
         seed = int(r.data.params["seed"])
-        history = client.get_metric_history(r.info.run_id, "train_loss")
+        history = client.get_metric_history(r.info.run_id, "epoch/train_loss")
         assert sorted(h.step for h in history) == list(range(n_epochs))
         assert sorted(h.value for h in history) == pytest.approx(
             sorted(1 / (e + 1) + seed for e in range(n_epochs))
@@ -196,7 +214,7 @@ def test_rerun_with_new_outcome_updates_the_run_in_place(storage: Path) -> None:
     runs = child_runs(uri, "s1")
     assert [r.info.run_id for r in runs] == [ok]
     assert runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["test_acc"] == pytest.approx(0.95)
+    assert runs[0].data.metrics["summary/test_acc"] == pytest.approx(0.95)
     assert "nptm.error" not in runs[0].data.tags  # the failure's tag went with it
     # A run left half-written (no fingerprint, still RUNNING) is completed, not duplicated;
     # points it already has are not logged twice.
@@ -205,7 +223,7 @@ def test_rerun_with_new_outcome_updates_the_run_in_place(storage: Path) -> None:
     again = MlflowRecorder(uri, "s1").record_stage(*stage("t1", acc=0.95))
     assert again == ok and [r.info.run_id for r in child_runs(uri, "s1")] == [ok]
     assert client.get_run(ok).info.status == "FINISHED"
-    history = client.get_metric_history(ok, "train_loss")
+    history = client.get_metric_history(ok, "epoch/train_loss")
     assert sorted(h.step for h in history) == [0, 1, 2, 3]
 
 
@@ -214,25 +232,27 @@ def test_stage_run_is_live_from_start_to_end(storage: Path) -> None:
     without doubling the points logged live."""
     uri = sqlite_uri(storage)
     rec = MlflowRecorder(uri, "live")
-    parent = rec.start_sweep()
+    rec.start_sweep()
     row, eps = stage("t1", sweep="live", n_epochs=3, acc=0.9)
     run_id = rec.start_stage({**row, "status": "skipped"})  # outcome columns not known yet
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.data.tags["nptm.status"] == "running"
-    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params["budget"] == "3"
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.params["budget"] == "3"
+    assert run.data.metrics["ratio"] == 0.5  # a filter on the axes finds it while it runs
     for e in eps[:2]:
         rec.log_epoch("t1", {**e, "epoch_done": 1, "training_iteration": 7})
-    history = client.get_metric_history(run_id, "train_loss")
+    history = client.get_metric_history(run_id, "epoch/train_loss")
     assert sorted(h.step for h in history) == [0, 1]
     assert "training_iteration" not in client.get_run(run_id).data.metrics
     rec.log_epoch("t1", eps[2])
     assert rec.record_stage(row, eps) == run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["nptm.status"] == "ok"
-    for key in ("train_loss", "test_acc", "lr"):
+    for key in ("epoch/train_loss", "epoch/test_acc", "epoch/lr"):
         steps = sorted(h.step for h in client.get_metric_history(run_id, key))
         assert steps == [0, 1, 2], (key, steps)
+    assert [h.value for h in client.get_metric_history(run_id, "ratio")] == [0.5]  # not twice
     assert rec.end_open_stages("KILLED") == 0  # nothing left open
 
 
@@ -274,7 +294,7 @@ def test_a_users_tag_and_note_survive_a_re_record(mlflow_server) -> None:
     assert again == run_id and run.info.status == "FINISHED"
     assert run.data.tags["reviewed"] == "yes"
     assert run.data.tags["mlflow.note.content"] == "odd loss spike at epoch 2"
-    assert run.data.metrics["test_acc"] == pytest.approx(0.93)
+    assert run.data.metrics["summary/test_acc"] == pytest.approx(0.93)
     assert [r.info.run_id for r in child_runs(uri, "usertag")] == [run_id]
 
 
@@ -292,20 +312,63 @@ def test_long_runs_are_split_over_batches(storage: Path) -> None:
     # 300 epochs x 5 series = 1500 metric points, more than one log_batch may carry.
     uri = sqlite_uri(storage)
     run_id = MlflowRecorder(uri, "long").record_stage(*stage("t", sweep="long", n_epochs=300))
-    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train_loss")
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "epoch/train_loss")
     assert sorted(h.step for h in history) == list(range(300))
 
 
-def test_model_is_logged_when_asked(storage: Path) -> None:
+def test_final_model_is_a_logged_model_of_its_run(
+    storage: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import mlflow
+    import torch
+
     uri = sqlite_uri(storage)
-    model = storage / "model.pt"
-    model.write_bytes(b"weights")
-    run_id = MlflowRecorder(uri, "m", log_models=True).record_stage(
-        *stage("t", sweep="m"), model_path=model
-    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for MLflow's own functions, as a user has it
     client = MlflowClient(tracking_uri=uri)
-    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
+    row, eps = stage("t", sweep="m")
+    # Recorded first without log_models: the run alone, nothing built.
+    run_id = MlflowRecorder(uri, "m").record_stage(row, eps, model=lambda: 1 / 0)
+    eid = client.get_experiment_by_name("nptm/m").experiment_id
+
+    def models() -> list:
+        return mlflow.search_logged_models(experiment_ids=[eid], output_format="list")
+
+    def model_ids() -> list[str]:
+        return [m.model_id for m in models()]
+
+    assert models() == []
+    # Then with it (a resumed sweep): the same run gets its model.
+    net = torch.nn.Linear(3, 2)
+    rec = MlflowRecorder(uri, "m", log_models=True)
+    assert rec.record_stage(row, eps, model=lambda: net) == run_id
+    (logged,) = models()
+    assert logged.source_run_id == run_id and logged.tags["nptm.stage_id"] == "t"
+    assert logged.params["pruner"] == "l1_filter"
+    run = client.get_run(run_id)
+    assert run.data.tags["nptm.model_id"] == logged.model_id
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(logged.model_id, 3)]
+    # Output at the last epoch's step: the figures there are the model's (the run's, once).
+    assert {m.key: m.value for m in logged.metrics}["summary/test_acc"] == pytest.approx(0.9)
+    assert len(client.get_metric_history(run_id, "summary/test_acc")) == 1
+    x = torch.randn(5, 3)
+    assert torch.equal(mlflow.pytorch.load_model(logged.model_uri)(x), net(x))
     assert (storage / "mlartifacts").is_dir()  # next to the sqlite store, not in the cwd
+    # The same outcome again logs nothing; a new outcome replaces the model.
+    assert rec.record_stage(row, eps, model=lambda: 1 / 0) == run_id
+    assert model_ids() == [logged.model_id]
+    again = MlflowRecorder(uri, "m", log_models=True)
+    again.record_stage(*stage("t", sweep="m", acc=0.95), model=lambda: torch.nn.Linear(3, 2))
+    (newer,) = models()
+    assert newer.model_id != logged.model_id and newer.source_run_id == run_id
+    accs = [m.value for m in newer.metrics if m.key == "summary/test_acc"]
+    assert accs == [pytest.approx(0.95)]  # not the earlier outcome's
+    # A network that cannot be rebuilt: one warning, the run recorded without a model.
+    with caplog.at_level(logging.WARNING, logger="nptm.results.tracking"):
+        for i in range(2):
+            again.record_stage(*stage(f"u{i}", sweep="m"), model=lambda: 1 / 0)
+    assert "division by zero" in caplog.text and caplog.text.count("no MLflow model") == 1
+    assert model_ids() == [newer.model_id] and not again.degraded
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri  # the user's setting, as it was
 
 
 def test_dead_server_degrades_once_and_fast(
@@ -372,7 +435,7 @@ def test_sync_after_outage_restores_every_run(storage: Path) -> None:
     client = MlflowClient(tracking_uri=uri)
     for tid, run in runs.items():
         seed = int(tid[1:])
-        history = client.get_metric_history(run.info.run_id, "train_loss")
+        history = client.get_metric_history(run.info.run_id, "epoch/train_loss")
         assert sorted(h.value for h in history) == pytest.approx(
             sorted(1 / (e + 1) + seed for e in range(4))
         )
@@ -385,20 +448,38 @@ def test_sync_after_outage_restores_every_run(storage: Path) -> None:
     third = sync_mlflow(store, uri)
     assert (third.created, third.updated, third.unchanged) == (0, 1, 5)
     runs = {r.data.tags["nptm.stage_id"]: r for r in child_runs(uri, "out")}
-    assert len(runs) == 6 and runs["t3"].data.metrics["test_acc"] == pytest.approx(0.99)
+    assert len(runs) == 6 and runs["t3"].data.metrics["summary/test_acc"] == pytest.approx(0.99)
 
 
-def test_sync_into_empty_store_creates_finished_parent(storage: Path) -> None:
+def test_sync_into_empty_store_creates_finished_sweep_run(storage: Path) -> None:
     uri = sqlite_uri(storage)
     store = SweepStore(storage, "fresh")
     store.write_stage(*stage("t0", sweep="fresh"))
     assert sync_mlflow(store, uri).created == 1
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("nptm/fresh")
-    parents = client.search_runs([exp.experiment_id], "tags.\"nptm.role\" = 'sweep'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    child = child_runs(uri, "fresh")[0]
-    assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    sweeps = client.search_runs([exp.experiment_id], "tags.\"nptm.role\" = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+    assert sweeps[0].info.run_name == "sweep/fresh"
+    (run,) = child_runs(uri, "fresh")
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.tags["nptm.role"] == "stage"
+
+
+def test_runs_nested_by_an_earlier_version_are_lifted(storage: Path) -> None:
+    """Stage runs an earlier version recorded as children of the sweep's run come up to the
+    top level when a recorder next reads the experiment; nothing is recorded twice."""
+    uri = sqlite_uri(storage)
+    rec = MlflowRecorder(uri, "old")
+    sweep_run = rec.start_sweep()
+    row, eps = stage("t0", sweep="old")
+    run_id = rec.record_stage(row, eps)
+    client = MlflowClient(tracking_uri=uri)
+    client.set_tag(run_id, "mlflow.parentRunId", sweep_run)  # as recorded before
+    client.delete_tag(run_id, "nptm.role")
+    assert MlflowRecorder(uri, "old").record_stage(row, eps) == run_id
+    tags = client.get_run(run_id).data.tags
+    assert "mlflow.parentRunId" not in tags and tags["nptm.role"] == "stage"
+    assert [r.info.run_id for r in child_runs(uri, "old")] == [run_id]
 
 
 def test_epochs_are_grouped_per_stage() -> None:
@@ -440,3 +521,39 @@ def test_sync_finds_runs_recorded_under_the_old_stage_tag(storage: Path) -> None
         if r.data.tags.get("nptm.role") != "sweep"
     ]
     assert [r.info.run_id for r in stage_runs] == [run_id]  # found, not duplicated
+
+
+def test_headline_metrics_are_the_reports_cells(tmp_path: Path) -> None:
+    """One mean per cell of the report's headline table (dataset, model, structure, target,
+    budget, pruner, schedule with its overrides; final round; ok stages), under a valid key."""
+    from nptm.results.mlflow_rows import headline_metrics
+
+    store = SweepStore(tmp_path, "h")
+    # (model, schedule, overrides, round, seed, status, test_acc)
+    cells = [
+        ("resnet20", "ft", {}, 1, 0, "ok", 0.80),
+        ("resnet20", "ft", {}, 1, 1, "ok", 0.84),
+        ("resnet56", "ft", {}, 1, 0, "ok", 0.90),  # another network: a cell of its own
+        ("resnet56", "ft", {}, 1, 1, "ok", 0.94),
+        ("resnet56", "ft", {}, 1, 2, "failed", 0.99),  # not a result
+        ("resnet20", "ft", {"lr": 0.05}, 1, 0, "ok", 0.70),  # a variant of the schedule
+        ("resnet20", "clr", {}, 1, 0, "ok", 0.50),  # superseded by its second round
+        ("resnet20", "clr", {}, 2, 0, "ok", 0.60),
+    ]
+    for i, (model, schedule, overrides, rnd, seed, status, acc) in enumerate(cells):
+        row, _ = stage(f"r{i}", sweep="h", seed=seed, status=status, n_epochs=2, acc=acc)
+        store.write_stage({**row, "model": model, "schedule": schedule, "round": rnd,
+                           "overrides": overrides, "lr_override": overrides.get("lr")})  # fmt: skip
+    metrics = headline_metrics(store.read_stages())
+    cell = "test_acc_mean/digits/{}/structured/ratio:0.5/b2/l1_filter/{}"
+    assert metrics == pytest.approx({
+        "stages_ok": 7, "stages_failed": 1, "test_acc_max": 0.94,
+        cell.format("resnet20", "ft"): 0.82,
+        cell.format("resnet56", "ft"): 0.92,
+        cell.format("resnet20", "ft lr:0.05"): 0.70,
+        cell.format("resnet20", "clr"): 0.60,
+    })  # fmt: skip
+    from mlflow.utils.validation import _validate_metric_name
+
+    for key in metrics:
+        _validate_metric_name(key)  # raises on a key MLflow refuses
