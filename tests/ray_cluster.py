@@ -49,6 +49,11 @@ def use_test_ray_env() -> str | None:
     # clusters inherit this environment): one machine has nothing to preempt.
     for name, value in LOCAL_RAY_TRAIN_ENV.items():
         os.environ.setdefault(name, value)
+    # Ray starts its workers (stages, Tune's trial actors) at niceness 15, so that they yield
+    # to its own daemons: on a test machine that other work keeps busy, they would then get a
+    # few percent of a core and the session would run ten times longer. At 0 they take their
+    # share like any other process; the order of events, not the timing, is what tests assert.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # A cluster node holds its own object-store credentials (nptm forwards none to workers):
     # the test nodes hold the dummy ones of the tests' S3 server (tests/s3_server.py).
     for name, value in S3Server.env.items():

@@ -587,6 +587,7 @@ def _sbatch_dry_run(job: LaneJob) -> SimpleNamespace:
         NPTM_RAY_TEMP_DIR=temp_dir,
         RAY_AUTH_TOKEN_PATH=str(token_file),  # the file convention, end to end
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_worker_niceness="0",  # as every Ray of the session (tests/ray_cluster.py)
     )
     proc = subprocess.Popen(
         ["bash", str(SBATCH), "--dry-run", "--no-report"], env=env, cwd=job.tmp,
