@@ -155,7 +155,7 @@ def cluster_sweeps(_cluster_sweeps_started):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _lane_started(request, tmp_path_factory):
+def _lane_started(request, tmp_path_factory, _tiny_sweep_started):
     """Starts the jobs of the selected tests marked with `tests.lane.lane`, one after another
     on a thread of their own, at the session's first test; they run while other tests do."""
     from tests.lane import Lane, lane_keys, needed_fixtures
@@ -166,7 +166,8 @@ def _lane_started(request, tmp_path_factory):
         return
     env = dict(os.environ)  # before any test changes it
     fixtures = {name: request.getfixturevalue(name) for name in needed_fixtures(keys)}
-    lane = Lane(keys, tmp_path_factory.mktemp, env, fixtures)
+    after = _tiny_sweep_started.result if _tiny_sweep_started is not None else None
+    lane = Lane(keys, tmp_path_factory.mktemp, env, fixtures, after)
     yield lane
     lane.close()
 

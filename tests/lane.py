@@ -13,7 +13,10 @@ A job gets a `LaneJob`: a temporary directory of its own and the environment its
 must be given, the session's as it was before the first test (tests running meanwhile change
 os.environ, and a process started on this thread would inherit their changes), plus the
 session fixtures it names (`lane(job, needs=("mlflow_server",))`), set up before the lane
-starts. Only the jobs of selected tests run, in the session's order.
+starts. Only the jobs of selected tests run, in the session's order, once the session's
+tiny sweep has ended: the session's start (the unit tests, the tiny sweep, the cluster's
+sweeps) already fills the cores, and a Ray started then on a loaded machine can miss Ray's own
+start-up deadline.
 """
 
 from __future__ import annotations
@@ -57,10 +60,17 @@ class Lane:
     """The jobs of `keys`, submitted at once to one worker thread."""
 
     def __init__(
-        self, keys: list[str], tmp: Callable[[str], Path], env: dict[str, str], fixtures: dict
+        self,
+        keys: list[str],
+        tmp: Callable[[str], Path],
+        env: dict[str, str],
+        fixtures: dict,
+        after: Callable[[], object] | None = None,
     ) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lane")
         self._futures: dict[str, concurrent.futures.Future] = {}
+        if after is not None:  # what it raises is reported by the tests that use it
+            self._pool.submit(after)
         for key in keys:
             job, needs = _JOBS[key]
             ctx = LaneJob(tmp(key.rsplit(".", 1)[-1]), dict(env), {n: fixtures[n] for n in needs})
