@@ -43,6 +43,19 @@ def ray_node():
         yield cluster
 
 
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server (moto) for one test module, with its dummy credentials in this
+    process's environment meanwhile."""
+    from tests.s3_server import S3Server
+
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in S3Server.env.items():
+            env.setenv(key, value)
+        with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+            yield server
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """One `mlflow server` over HTTP for the tests that do not kill it; each test uses its

@@ -29,20 +29,9 @@ from nptm.orchestrator.lease import (
     take,
 )
 from nptm.trainables.storage import resolve_storage
-from tests.s3_server import S3Server
 from tests.sweep_helpers import ROOT, cli_in_process, copy_storage, plan_stage_ids, trials
 
 HERE = f"host {socket.gethostname()}, pid {os.getpid()}, since "
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """The server, with the dummy credentials in this process's environment meanwhile."""
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in S3Server.env.items():
-            env.setenv(key, value)
-        with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
-            yield server
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])

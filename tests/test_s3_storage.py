@@ -14,22 +14,11 @@ import pytest
 
 from nptm.results.store import SweepStore
 from nptm.trainables.storage import resolve_storage
-from tests.s3_server import S3Server
 from tests.sweep_helpers import cli_in_process, plan_stage_ids, seed_stages, write_grid
 
 pytestmark = pytest.mark.slow
 
 MAGNITUDE = "{name: magnitude, ratio: 0.5}"
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """The server, with the dummy credentials in this process's environment meanwhile."""
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in S3Server.env.items():
-            env.setenv(key, value)
-        with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
-            yield server
 
 
 def _keys(fs: pafs.FileSystem, root: str) -> set[str]:
