@@ -58,13 +58,16 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common
 import numpy as np
 import throughput
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from nptm.orchestrator.trial import StageRuntime
 
 TARGET_RATIO = 3.0  # nptm vs the paper's loop (2 workers), ResNet-56, GPU
 PACKED = 4  # stages sharing the GPU: gpus_per_worker 0.25
@@ -456,7 +459,7 @@ def _stage_record(storage: str, stage_id: str, started: float, ended: float) -> 
 
 
 def packing_worker(
-    index: int, runtime: dict[str, Any], parent_id: str, model_name: str, window_s: float,
+    index: int, runtime: StageRuntime, parent_id: str, model_name: str, window_s: float,
     checksums: Any, barrier: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One trial actor's share: warm up, wait for the others, run stages until the window ends."""
@@ -476,7 +479,7 @@ def packing_worker(
             spec = StageSpec.from_dict(_retrain_spec(parent_id, model_name, 1000 * index + i))
             start = time.time()
             _run_in_this_process(spec, runtime)
-            rows.append(_stage_record(runtime["storage"], spec.id, start, time.time()))
+            rows.append(_stage_record(runtime.storage, spec.id, start, time.time()))
     return rows
 
 
@@ -484,12 +487,17 @@ def packed_run(
     n: int, gpus: float, sizes: Sizes, storage: str, parent_id: str, checksums: Any,
     timeout: float,
 ) -> dict[str, Any]:  # fmt: skip
+    from nptm.orchestrator.trial import StageRuntime
+
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(n + 1)
     queue = ctx.Queue()
     cpus = max(1, (os.cpu_count() or 1) // PACKED)  # the same CPU share either way
-    runtime = {"cpus_per_worker": cpus, "gpus_per_worker": gpus, "storage": storage,
-               "data_root": str(checksums.root)}  # fmt: skip
+    runtime = StageRuntime(
+        storage=storage, ray_storage=storage, data_root=str(checksums.root), download=False,
+        executor="inline", workers_per_trial=1, cpus_per_worker=cpus, gpus_per_worker=gpus,
+        plugins=(),
+    )  # fmt: skip
     common = dict(
         runtime=runtime,
         parent_id=parent_id,

@@ -11,7 +11,7 @@ then the simulation checked against a Tune run on a Ray cluster.
    with an unmeasured (model, dataset) is costed in MAC-samples for every stage: its ratios
    stand, its hours are not given.
 2. Real: a `ray.cluster_utils.Cluster` of `--nodes` nodes declaring 8 GPUs in all (no GPU
-   needed) runs a reduced PFEC plan through Tune as `nptm.orchestrator.sweep._tune` does (the
+   needed) runs a reduced PFEC plan through Tune as `nptm.orchestrator.tuner.run_trials` does (the
    DagSearcher with the sweep's costs, the NewestPendingFirst scheduler, actor reuse, the trial
    cap, one trial bundle for every kind), its trainable swapped for one that sleeps its stage's
    planned seconds on a scaled clock (the simulated critical-path makespan = `--target-s`
@@ -121,7 +121,7 @@ def sleep_stage(config: dict[str, Any]) -> None:
 
 
 def run_tune(plan: Any, cost: dict[str, float], slots: int, order: str, storage: str) -> Any:
-    """The plan through Tune as `nptm.orchestrator.sweep._tune` runs it (DagSearcher with the
+    """The plan through Tune as `nptm.orchestrator.tuner.run_trials` runs it (DagSearcher with the
     sweep's costs, NewestPendingFirst, actor reuse, the trial cap, one trial bundle for every
     kind), its stages sleeping. Per stage: when it was handed out, and its (start, end) as its
     trainable saw them."""
@@ -131,15 +131,15 @@ def run_tune(plan: Any, cost: dict[str, float], slots: int, order: str, storage:
     from nptm.orchestrator.dag_search import DagSearcher
     from nptm.orchestrator.trial import stage_id_of
     from nptm.orchestrator.trial_scheduler import NewestPendingFirst
-    from nptm.trainables.stage import StageStatus
+    from nptm.trainables.stage import StageOutcome, StageStatus
 
     spans: dict[str, tuple[float, float]] = {}
     handed: dict[str, float] = {}
 
-    def resolve(spec: Any, result: dict | None, error: bool) -> tuple[StageStatus, None, None]:
+    def resolve(spec: Any, result: dict | None) -> StageOutcome:
         if result and "t0" in result:
             spans[spec.id] = (result["t0"], result["t1"])
-        return (StageStatus.FAILED if error else StageStatus.OK), None, None
+        return StageOutcome(spec.id, spec.kind, StageStatus.OK if result else StageStatus.FAILED)
 
     searcher = DagSearcher(plan.stages, set(), resolve, lambda *a: None, cost=cost, order=order)
     suggest = searcher.suggest
@@ -152,7 +152,7 @@ def run_tune(plan: Any, cost: dict[str, float], slots: int, order: str, storage:
 
     searcher.suggest = timed_suggest  # type: ignore[method-assign]
     bundle, _ = stage_bundles("retrain", plan.grid.resources)
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(slots + 2))  # as _tune
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(slots + 2))  # as run_trials
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "inf")
     tuner = tune.Tuner(
         tune.with_resources(sleep_stage, tune.PlacementGroupFactory([bundle])),

@@ -112,8 +112,7 @@ def populate(
             put(layout.stage_file(spec.id, checksum_name(rewind_name(e))), b"0" * 64)
         if not rows:
             return
-        row, epochs = stage_rows(sweep, spec, outcome.status, outcome, None, reused=False,
-                                 executor="inline")  # fmt: skip
+        row, epochs = stage_rows(sweep, spec, outcome, reused=False, executor="inline")
         keys = {"sweep": sweep, "stage_id": spec.id, "stage_kind": spec.kind.value}
         put(layout.table_file(sweep, EPOCHS_TABLE, spec.id),
             parquet(EPOCHS_TABLE, [{**keys, **e} for e in epochs]))  # fmt: skip

@@ -1,11 +1,11 @@
 """No-op stages through the orchestrator on a local Ray: stages/s and driver cost per stage.
 
 `nptm`: a real plan of 1,000 / 4,000 / 10,000 stages (digits, ResNet-20, 1 / 4 / 10 seeds,
-each 1 pretrain, 9 prunes, 990 retrains) through `nptm.orchestrator.sweep._tune` itself, i.e.
+each 1 pretrain, 9 prunes, 990 retrains) through `nptm.orchestrator.tuner.run_trials` itself, i.e.
 DagSearcher + the same Tuner settings (reuse_actors, num_samples=-1, the plan through the
 object store, TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1, per-trial placement group, progress
 callback, experiment snapshots only at the end), with the trainable swapped for one that only
-reports `finished`. Baselines, each in its own process and local Ray with the same CPUs:
+reports an ok outcome. Baselines, each in its own process and local Ray with the same CPUs:
 - `tune-basic`: the same Tuner settings over the same number of no-op trials without the DAG
   searcher or the progress callback (what Tune alone costs);
 - `ray-tasks`: the same number of no-op Ray tasks of 1 CPU each (Ray's own ceiling).
@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import _common
@@ -67,27 +68,16 @@ def noop_grid(n_stages: int) -> dict[str, Any]:
 
 
 def noop_trainable(config: dict[str, Any], **shared: Any) -> None:
-    """Does nothing but end the way stage_trial ends (`shared`: what `_tune` passes along)."""
+    """Does nothing but end the way stage_trial ends: an ok outcome in its last report
+    (`shared`: what `run_trials` passes along)."""
     from ray import tune
 
-    tune.report({"finished": 1})
+    from nptm.orchestrator.trial import OUTCOME, stage_id_of
+    from nptm.trainables.stage import StageKind, StageOutcome, StageStatus
+    from nptm.trainables.stage_index import outcome_json
 
-
-class _Outcomes:
-    """Stands in for the ArtifactStore: every stage finished ok."""
-
-    def __init__(self, root: str) -> None:
-        from nptm.trainables.layout import Layout
-
-        self.layout = Layout(root)
-
-    def read_outcome(self, stage_id: str) -> Any:
-        from nptm.trainables.stage import StageKind, StageOutcome, StageStatus
-
-        return StageOutcome(stage_id, StageKind.RETRAIN, StageStatus.OK)
-
-    def read_error(self, stage_id: str) -> None:
-        return None
+    ok = StageOutcome(stage_id_of(config), StageKind.RETRAIN, StageStatus.OK)
+    tune.report({OUTCOME: outcome_json(ok)})
 
 
 class _Sink:
@@ -95,7 +85,8 @@ class _Sink:
 
     def __init__(self) -> None:
         self.recorded = 0
-        self.recorder = self  # the live tracker logs epochs through sink.recorder
+        self.recorder = self  # the monitor logs epochs through sink.recorder
+        self.summary = SimpleNamespace(sweep="bench")
 
     def record(self, *args: Any, **kwargs: Any) -> None:
         self.recorded += 1
@@ -211,28 +202,36 @@ def run_variant(variant: str, n_stages: int, num_cpus: int) -> dict[str, Any]:
 
 
 def _run_nptm(n_stages: int, root: str, cluster: Any) -> int:
-    import nptm.orchestrator.sweep as sweep
-    from nptm.orchestrator.live import LiveTracker, StopSignals, new_progress
+    import nptm.orchestrator.tuner as tuner
+    from nptm.orchestrator.dag_search import DagSearcher
+    from nptm.orchestrator.monitor import SweepMonitor
     from nptm.orchestrator.planner import build_plan
+    from nptm.orchestrator.signals import StopSignals
+    from nptm.orchestrator.sweep import SweepOptions, _resolver, _runtime
     from nptm.results.run_record import RunRecord
     from nptm.search_spaces import parse_grid
+    from nptm.trainables.artifacts import ArtifactStore
     from nptm.trainables.layout import Layout
 
     grid = parse_grid(noop_grid(n_stages), "<bench>")
     plan = build_plan(grid)
     assert len(plan.stages) == n_stages, len(plan.stages)
     sink = _Sink()
-    opts = sweep.SweepOptions(storage=root)
-    original = sweep.stage_trial
-    sweep.stage_trial = noop_trainable  # _tune builds its Tuner around this name
+    artifacts = ArtifactStore(root)
+    searcher = DagSearcher(plan.stages, set(), _resolver(artifacts), sink.record)
+    runtime = _runtime(plan, SweepOptions(storage=root), artifacts)
+    original = tuner.stage_trial
+    tuner.stage_trial = noop_trainable  # run_trials builds its Tuner around this name
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the progress lines
-            # The driver's live tracker as a sweep runs it (progress.json), minus MLflow.
+            # The driver's monitor as a sweep runs it (progress.json), minus MLflow.
             record = RunRecord(Layout(root), grid.name)
-            live = LiveTracker(plan.stages, sink, record, new_progress(grid.name), StopSignals())
-            sweep._tune(grid, plan, opts, cluster, _Outcomes(root), sink, set(), live)
+            monitor = SweepMonitor(searcher, sink, record, StopSignals(), sys.stderr)
+            tuner.run_trials(
+                grid.name, searcher, monitor, runtime, grid.resources, cluster, artifacts, 2
+            )
     finally:
-        sweep.stage_trial = original
+        tuner.stage_trial = original
     return sink.recorded
 
 

@@ -73,7 +73,7 @@ def run_until_conclusive(
     lease = hold(opts.storage, grid.name)  # one driver across the rounds: each run_sweep re-enters
     with lease, held_connection(opts.address, num_cpus=opts.num_cpus, py_modules=modules):
         while True:
-            summary = run_sweep(grid, plan, opts, on_start=on_start)
+            summary = run_sweep(plan, opts, on_start=on_start)
             if not summary.ok:
                 say(f"look {len(looks) + 1} not taken: the sweep did not finish every stage ok")
                 return summary

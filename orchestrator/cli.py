@@ -12,8 +12,9 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from nptm.orchestrator import __version__
-from nptm.orchestrator.errors import EXIT_USAGE, Interrupted, RaiseOnStopSignals, UsageError
+from nptm.orchestrator.errors import EXIT_USAGE, Interrupted, UsageError
+from nptm.orchestrator.signals import RaiseOnStopSignals
+from nptm.trainables import __version__
 from nptm.trainables.redact import (
     redact_text,
     redact_uri,

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from nptm.orchestrator.errors import EXIT_FAILED, EXIT_OK, UsageError
-from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, Layout, check_name
+from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, Layout, check_sweep_name
 from nptm.trainables.redact import redact_uri
 
 __all__ = ["HANDLERS"]
@@ -119,7 +119,8 @@ def sweep(args: argparse.Namespace) -> int:
         return plan(args)
     import signal
 
-    from nptm.orchestrator.errors import Interrupted, RaiseOnStopSignals
+    from nptm.orchestrator.errors import Interrupted
+    from nptm.orchestrator.signals import RaiseOnStopSignals
 
     # Before the slow imports: SIGINT / SIGTERM at any moment end the command with 128 + N and
     # a message (inside run_sweep, its orderly stop takes over).
@@ -153,11 +154,11 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, stop, ran: list[str]) -> int:
-    from nptm.orchestrator.live import ray_sigterm_handler_off
+    from nptm.orchestrator.signals import ray_sigterm_handler_off
 
     grid, the_plan = _load_plan(args)
     # From here a signal is noted, not raised in the middle of ray.init; the sweep's orderly
-    # stop acts on it (errors.RaiseOnStopSignals.deferring).
+    # stop acts on it (signals.RaiseOnStopSignals.deferring).
     with stop.deferring(), ray_sigterm_handler_off():
         summary = _run(args, grid, the_plan)
     stop.install()  # at the OS level too (Ray's C++ core sets a handler of its own)
@@ -193,7 +194,7 @@ def _run(args: argparse.Namespace, grid, the_plan):
     if not args.until_conclusive:
         if args.max_seeds is not None or args.seeds_per_look is not None:
             raise UsageError("--max-seeds and --seeds-per-look need --until-conclusive")
-        return run_sweep(grid, the_plan, options, on_start=_print_banner)
+        return run_sweep(the_plan, options, on_start=_print_banner)
     from nptm.orchestrator.adaptive import AdaptiveOptions, run_until_conclusive
 
     adaptive = AdaptiveOptions(args.max_seeds, args.seeds_per_look or 1, args.confirm_large)
@@ -275,34 +276,9 @@ def _report_location(args: argparse.Namespace, sweep_name: str) -> str:
 
 
 def _print_banner(start) -> None:
-    """Where to watch the sweep, before its first stage (nptm.orchestrator.live.SweepStart)."""
-    kinds = ", ".join(f"{n} {kind}" for kind, n in start.planned.items())
-    lines = [f"sweep {start.sweep}: {sum(start.planned.values())} stages ({kinds}); "
-             f"{start.to_run} to run"]  # fmt: skip
-    if start.dashboard_url:
-        state = "answers" if start.dashboard_answers else "not answering yet"
-        where = "nptm's local Ray, up while the sweep runs" if start.dashboard_local else "cluster"
-        lines.append(f"  Ray dashboard: {start.dashboard_url} ({where}; {state})")
-        if start.token_auth:
-            lines.append(
-                f"    it asks for Ray's token: `ray get-auth-token` prints it "
-                f"(read from {start.token_source})"
-            )
-    if start.grafana_url:
-        lines.append(f"  Grafana: {start.grafana_url}")
-    if start.mlflow_uri:
-        down = " (unreachable: results go to Parquet only)" if start.mlflow_degraded else ""
-        shown = start.mlflow_uri
-        if start.mlflow_public:  # a browser's address; the driver's may be a container's name
-            shown = f"{start.mlflow_public} (nptm logs to {start.mlflow_uri})"
-        lines.append(f"  MLflow: {shown}, experiment {start.experiment_name}{down}")
-        if start.mlflow_command:
-            lines.append(f"    UI: {start.mlflow_command}")
-        if start.runs_url:
-            lines.append(f"    runs: {start.runs_url}")
-    lines.append(f"  results: {start.storage}")
-    lines.append(f"  run record: {start.run_record} (`nptm status {start.sweep}`)")
-    print("\n".join(lines), flush=True)
+    from nptm.orchestrator.banner import banner
+
+    print(banner(start), flush=True)
 
 
 def _print_summary(summary, storage: str) -> None:
@@ -502,7 +478,7 @@ def sync_mlflow(args: argparse.Namespace) -> int:
 
 def _check_sweep_name(name: str) -> None:
     try:
-        check_name("sweep", name)
+        check_sweep_name(name)
     except ValueError as err:
         raise UsageError(str(err)) from err
 

@@ -26,13 +26,12 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from nptm.orchestrator.planner import stage_epochs
 from nptm.orchestrator.stage_cost import longest_paths, stage_costs
 from nptm.orchestrator.trial import stage_config
 from nptm.trainables.stage import StageOutcome, StageSpec, StageStatus
 
 
-class Progress(StrEnum):
+class StageState(StrEnum):
     """Where a stage is in this run of the DAG."""
 
     PENDING = "pending"
@@ -42,12 +41,12 @@ class Progress(StrEnum):
     SKIPPED = "skipped"
 
 
-PENDING, RUNNING, DONE, FAILED, SKIPPED = Progress
+PENDING, RUNNING, DONE, FAILED, SKIPPED = StageState
 _TO_TRAIN = (PENDING, RUNNING)  # states whose epochs are still ahead
-# How a finished stage ended, as the driver learned it: (status, outcome, error text).
-StageResolution = tuple[StageStatus, StageOutcome | None, str | None]
-# Told of every stage that ends or is skipped: (spec, status, outcome, error text).
-FinishHook = Callable[[StageSpec, StageStatus, StageOutcome | None, str | None], None]
+# How a trial's stage ended, from its last result (None when it failed): ok, diverged or failed.
+Resolver = Callable[[StageSpec, dict | None], StageOutcome]
+# Told of every stage that ends or is skipped, with how it ended.
+FinishHook = Callable[[StageSpec, StageOutcome], None]
 ORDERS = ("critical_path", "fifo")
 
 
@@ -78,7 +77,7 @@ class DagSearcher(Searcher):
         self,
         stages: dict[str, StageSpec],
         done: set[str],
-        resolve: Callable[[StageSpec, dict | None, bool], StageResolution],
+        resolve: Resolver,
         on_finish: FinishHook,
         outcomes: Mapping[str, StageOutcome] | None = None,
         cost: Mapping[str, float] | None = None,
@@ -95,12 +94,14 @@ class DagSearcher(Searcher):
         # children (StageOutcome.read_current).
         self.outcomes: dict[str, StageOutcome] = dict(outcomes or {})
         # Read freely; written only through `_set`, which keeps the counters below in step.
-        self.state: dict[str, Progress] = {sid: DONE if sid in done else PENDING for sid in stages}
-        self._counts: Counter[tuple[str, Progress]] = Counter(
+        self.state: dict[str, StageState] = {
+            sid: DONE if sid in done else PENDING for sid in stages
+        }
+        self._counts: Counter[tuple[str, StageState]] = Counter(
             (stages[sid].kind.value, st) for sid, st in self.state.items()
         )
         self._remaining_epochs = sum(
-            stage_epochs(stages[sid]) for sid, st in self.state.items() if st in _TO_TRAIN
+            stages[sid].epochs for sid, st in self.state.items() if st in _TO_TRAIN
         )
         self.children: dict[str, list[str]] = {sid: [] for sid in stages}
         for sid, spec in stages.items():
@@ -151,19 +152,20 @@ class DagSearcher(Searcher):
         if result and result.get("corrupt_parent"):
             self._requeue_producer(sid, result["corrupt_parent"])
             return
-        status, outcome, detail = self._resolve(spec, result, error)
-        status = StageStatus(status)
-        if outcome is not None and status.finished:
+        outcome = self._resolve(spec, None if error else result)
+        if outcome.status.finished:
             if self._read_stale_parent(sid, outcome):
                 return
             self.outcomes[sid] = outcome
             self._rerun_stale_children(sid, outcome)
-        self._set(sid, DONE if status.finished else FAILED)
-        self._on_finish(spec, status, outcome, detail)
-        if status == StageStatus.OK:
+        self._set(sid, DONE if outcome.status.finished else FAILED)
+        self._on_finish(spec, outcome)
+        if outcome.status == StageStatus.OK:
             self.ready.extend(c for c in self.children[sid] if self._parents_done(c))
         else:
-            self._skip_descendants(sid, f"{status.value} ancestor {sid} ({spec.kind.value})")
+            self._skip_descendants(
+                sid, f"{outcome.status.value} ancestor {sid} ({spec.kind.value})"
+            )
 
     def stop(self) -> None:
         """Hand out no further stage: the sweep ends once those handed out have ended (or
@@ -205,7 +207,7 @@ class DagSearcher(Searcher):
         return state
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def count(self, state: Progress, kind: str | None = None) -> int:
+    def count(self, state: StageState, kind: str | None = None) -> int:
         """Stages in `state` now (of `kind` only, when given)."""
         if kind is not None:
             return self._counts[(kind, state)]
@@ -215,7 +217,14 @@ class DagSearcher(Searcher):
         """Training epochs of the stages not yet finished, failed or skipped."""
         return self._remaining_epochs
 
-    def _set(self, sid: str, new: Progress) -> None:
+    def pace(self) -> tuple[float, float | None]:
+        """(epochs per second since the searcher started, seconds left at that pace, or None
+        while nothing was trained or nothing is left)."""
+        rate = self.epochs_done / max(time.time() - self.started_at, 1e-9)
+        left = self._remaining_epochs
+        return rate, (left / rate if rate > 0 and left else None)
+
+    def _set(self, sid: str, new: StageState) -> None:
         old = self.state[sid]
         if old == new:
             return
@@ -224,7 +233,7 @@ class DagSearcher(Searcher):
         self._counts[(kind, old)] -= 1
         self._counts[(kind, new)] += 1
         if (old in _TO_TRAIN) != (new in _TO_TRAIN):
-            epochs = stage_epochs(self.stages[sid])
+            epochs = self.stages[sid].epochs
             self._remaining_epochs += epochs if new in _TO_TRAIN else -epochs
 
     def _parents_done(self, sid: str) -> bool:
@@ -236,7 +245,9 @@ class DagSearcher(Searcher):
             child = stack.pop()
             if self.state[child] == PENDING:
                 self._set(child, SKIPPED)
-                self._on_finish(self.stages[child], StageStatus.SKIPPED, None, f"skipped: {reason}")
+                spec = self.stages[child]
+                skipped = StageOutcome(child, spec.kind, StageStatus.SKIPPED, f"skipped: {reason}")
+                self._on_finish(spec, skipped)
                 stack.extend(self.children[child])
 
     def _read_stale_parent(self, sid: str, outcome: StageOutcome) -> bool:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ray.tune import Callback
 
 from nptm.orchestrator.trial import stage_id_of
+from nptm.results.sink import Trip
 
 STAGES_TO_STOP = 3  # distinct stages one error must fail before the sweep stops
 NO_ERROR_TEXT = "the trial ended without an error report (its process may have been killed)"
@@ -46,14 +46,6 @@ def signature(line: str) -> str:
     line = _PATH.sub("<path>", line)
     line = _HEX.sub("<id>", line)
     return _NUMBER.sub("<n>", line)
-
-
-@dataclass
-class Trip:
-    """Why the sweep stopped: `error` (as the first stage reported it) failed `stages`."""
-
-    error: str
-    stages: list[str] = field(default_factory=list)  # ids, in the order they failed
 
 
 class FailureGuard:

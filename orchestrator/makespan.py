@@ -21,7 +21,7 @@ from nptm.orchestrator.dag_search import DagSearcher
 from nptm.orchestrator.errors import UsageError
 from nptm.orchestrator.stage_cost import longest_paths, stage_costs
 from nptm.orchestrator.trial import stage_id_of
-from nptm.trainables.stage import StageSpec, StageStatus
+from nptm.trainables.stage import StageOutcome, StageSpec, StageStatus
 
 if TYPE_CHECKING:
     from nptm.orchestrator.gpu_hours import GpuFigures
@@ -78,8 +78,8 @@ def simulate(
     return Schedule(now, start, slots, math.fsum(cost.values()), max(path.values(), default=0.0))
 
 
-def _ok(spec: StageSpec, result: dict | None, error: bool) -> tuple[StageStatus, None, None]:
-    return StageStatus.OK, None, None
+def _ok(spec: StageSpec, result: dict | None) -> StageOutcome:
+    return StageOutcome(spec.id, spec.kind, StageStatus.OK)
 
 
 def _ignore(*args: Any) -> None:

@@ -14,16 +14,11 @@ gauges of a stage that ended age out on their own.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from ray.tune import Callback
-
-from nptm.orchestrator.dag_search import Progress
-from nptm.orchestrator.planner import stage_epochs
-from nptm.orchestrator.progress import pace
-from nptm.orchestrator.trial import stage_id_of
+from nptm.orchestrator.dag_search import DagSearcher, StageState
+from nptm.results.run_record import RunningStage
 
 PUBLISH_INTERVAL_S = 1.0  # within any report interval of the agent (1 s at least)
 _SWEEP = ("sweep",)
@@ -68,18 +63,14 @@ METRICS = (
 )  # fmt: skip
 
 
-class SweepMetrics(Callback):
-    """Tune callback of a sweep's driver: records the metrics above from the DAG searcher's
-    counts (`DagSearcher.count`), its pace (nptm.orchestrator.progress.pace) and the running
-    stages of progress.json (`LiveTracker.progress.running`), every `interval` seconds and at
-    `publish`. O(running stages) per record, whatever the size of the plan."""
+class SweepMetrics:
+    """The metrics above, recorded from the DAG searcher's counts (`DagSearcher.count`), its
+    pace and the running stages the driver's monitor keeps (nptm.orchestrator.monitor), which
+    calls `publish` every `interval` seconds and at the end. O(running stages) per record,
+    whatever the size of the plan."""
 
     def __init__(
-        self,
-        sweep: str,
-        searcher: Any,
-        running: dict[str, Any],
-        interval: float = PUBLISH_INTERVAL_S,
+        self, sweep: str, searcher: DagSearcher, interval: float = PUBLISH_INTERVAL_S
     ) -> None:
         from ray.util import metrics
 
@@ -88,51 +79,24 @@ class SweepMetrics(Callback):
 
         self._ray = {m: made(m) for m in METRICS}
         self.searcher = searcher
-        self.running = running  # stage id -> nptm.results.run_record.RunningStage
         self.interval = interval
         self._kinds = sorted({spec.kind.value for spec in searcher.stages.values()})
-        self._planned = sum(stage_epochs(spec) for spec in searcher.stages.values())
-        self._accuracy: dict[str, float] = {}  # stage id -> latest test accuracy
-        self._epochs = 0  # epochs seen finish
-        self._last = 0.0
+        self._planned = sum(spec.epochs for spec in searcher.stages.values())
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles callbacks into its experiment state, which nptm never restores.
-        return {"interval": self.interval}
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        if not result.get("epoch_done"):
-            return
-        self._epochs += 1
-        if "test_acc" in result:
-            self._accuracy[stage_id_of(trial.config)] = float(result["test_acc"])
-
-    def _ended(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._accuracy.pop(stage_id_of(trial.config), None)
-
-    on_trial_complete = on_trial_error = _ended
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if time.time() - self._last >= self.interval:
-            self.publish()
-
-    def publish(self) -> None:
+    def publish(self, running: dict[str, RunningStage]) -> None:
         """Record every gauge now."""
-        self._last = time.time()
         s, ray = self.searcher, self._ray
         for kind in self._kinds:
-            for state in Progress:
+            for state in StageState:
                 ray[STAGES].set(s.count(state, kind), {"kind": kind, "state": state.value})
         remaining = s.remaining_epochs()
-        rate, eta = pace(s)
-        ray[EPOCHS].set(self._epochs)
+        rate, eta = s.pace()
+        ray[EPOCHS].set(s.epochs_done)
         ray[EPOCHS_PLANNED].set(self._planned)
         ray[EPOCHS_REMAINING].set(remaining)
         ray[EPOCHS_PER_SECOND].set(rate)
         ray[ETA].set(0.0 if not remaining else eta)  # None (nothing trained yet): not set
-        for sid, stage in self.running.items():
+        for sid, stage in running.items():
             tags = {"kind": stage.kind, "stage": s.stages[sid].display_name}
             ray[STAGE_EPOCH].set(stage.epoch, tags)
-            ray[STAGE_TEST_ACCURACY].set(self._accuracy.get(sid), tags)  # None: not set
+            ray[STAGE_TEST_ACCURACY].set(stage.test_acc, tags)  # None: not set

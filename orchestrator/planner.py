@@ -51,14 +51,13 @@ from nptm.search_spaces import expand
 from nptm.search_spaces.checks import CheckedGrid, run_length_problem
 from nptm.search_spaces.errors import GridError
 from nptm.search_spaces.expand import TrialKey
-from nptm.trainables.catalog import FULL_LENGTH_SCHEDULES, PRUNERS
+from nptm.trainables.catalog import FULL_LENGTH_SCHEDULES, PRUNERS, SCHEDULES
 from nptm.trainables.recipe import Recipe
 from nptm.trainables.schedules import rewind_epoch, run_epochs
-from nptm.trainables.stage import StageSpec
+from nptm.trainables.stage import StageKind, StageSpec
 
-__all__ = ["KINDS", "Plan", "Trial", "build_plan", "cumulative_ratio", "stage_epochs"]
+__all__ = ["Plan", "Trial", "build_plan", "cumulative_ratio"]
 
-KINDS: tuple[str, ...] = ("pretrain", "prune", "retrain")
 # Digits kept of a computed cumulative ratio, so its hash cannot depend on the platform's pow().
 _RATIO_DIGITS = 12
 
@@ -124,20 +123,20 @@ class Plan:
 
     def count_by_kind(self) -> dict[str, int]:
         counts = Counter(spec.kind for spec in self.stages.values())
-        return {kind: counts.get(kind, 0) for kind in KINDS}
+        return {kind.value: counts.get(kind, 0) for kind in StageKind}
 
     def planned_epochs(self) -> dict[str, int]:
         """Training epochs per kind over the unique stages (prune: 0)."""
-        out = dict.fromkeys(KINDS, 0)
+        out = {kind.value: 0 for kind in StageKind}
         for spec in self.stages.values():
-            out[spec.kind] += stage_epochs(spec)
+            out[spec.kind] += spec.epochs
         return out
 
     def planned_epochs_by_pair(self) -> dict[tuple[str, str], int]:
         """Training epochs per (model, dataset) over the unique stages."""
         out: Counter[tuple[str, str]] = Counter()
         for spec in self.stages.values():
-            out[(spec.model, spec.dataset)] += stage_epochs(spec)
+            out[(spec.model, spec.dataset)] += spec.epochs
         return dict(out)
 
     def gpu_hours(self, figures: GpuFigures | None = None) -> dict[str, Any]:
@@ -241,7 +240,7 @@ class _Builder:
             pre = self._add(
                 ("pretrain", k.dataset, k.model, seed),
                 lambda k=k, recipe=recipe, seed=seed: StageSpec(
-                    "pretrain",
+                    StageKind.PRETRAIN,
                     k.dataset,
                     k.model,
                     seed,
@@ -266,7 +265,7 @@ class _Builder:
                 chain.append(parent.id)
                 parent = self._retrain(k, recipe, parent, pre)
                 chain.append(parent.id)
-            if k.schedule == "wr":
+            if SCHEDULES[k.schedule].rewinds_weights:
                 self.keep[pre.id].add(rewind_epoch(recipe, k.budget))
             trials.append(Trial(k, stage_id=parent.id, chain=tuple(chain)))
         for sid, epochs in self.keep.items():
@@ -283,7 +282,7 @@ class _Builder:
         return self._add(
             ("prune", parent.id, k.pruner, ratio, k.preset, k.pruner_options, seed, r),
             lambda: StageSpec(
-                "prune",
+                StageKind.PRUNE,
                 k.dataset,
                 k.model,
                 seed,
@@ -356,12 +355,12 @@ class _Builder:
         return None if seed == stage_seed else seed
 
     def _retrain(self, k: TrialKey, recipe: Recipe, parent: StageSpec, pre: StageSpec) -> StageSpec:
-        # wr also reads the pretrain stage's checkpoint at epoch T - budget.
-        parents = (parent.id, pre.id) if k.schedule == "wr" else (parent.id,)
+        # Weight rewinding (wr) also reads the pretrain stage's checkpoint at epoch T - budget.
+        parents = (parent.id, pre.id) if SCHEDULES[k.schedule].rewinds_weights else (parent.id,)
         return self._add(
             ("retrain", parents, k.schedule, k.budget, k.overrides, k.seed),
             lambda: StageSpec(
-                "retrain",
+                StageKind.RETRAIN,
                 k.dataset,
                 k.model,
                 k.seed,
@@ -380,12 +379,3 @@ class _Builder:
                 precision=parent.precision,
             ),
         )
-
-
-def stage_epochs(spec: StageSpec) -> int:
-    """Training epochs the stage runs (prune, and a pre-training that loads weights: 0)."""
-    if spec.kind == "pretrain":
-        return spec.recipe.epochs if spec.trains else 0
-    if spec.kind == "retrain":
-        return spec.budget or 0
-    return 0

@@ -7,16 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 from nptm.orchestrator.gpu_hours import describe
-from nptm.orchestrator.planner import KINDS, Plan
+from nptm.orchestrator.planner import Plan
 from nptm.results.tables import text_table
 from nptm.trainables.schedule_curves import per_epoch
+from nptm.trainables.stage import StageKind
 
 
 def render_plan(plan: Plan) -> str:
     s = plan.summary()
     planned, naive = s["epochs"]["planned_by_kind"], s["epochs"]["naive_by_kind"]
     counts = s["stages"]
-    rows = [[kind, f"{counts[kind]:,}", f"{planned[kind]:,}", f"{naive[kind]:,}"] for kind in KINDS]
+    rows = [[k.value, f"{counts[k]:,}", f"{planned[k]:,}", f"{naive[k]:,}"] for k in StageKind]
     total_p, total_n = s["epochs"]["planned"], s["epochs"]["naive"]
     rows.append(["total", f"{sum(counts.values()):,}", f"{total_p:,}", f"{total_n:,}"])
     rounds = f", {s['rounds']} pruning rounds" if s["rounds"] > 1 else ""

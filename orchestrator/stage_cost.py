@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nptm.orchestrator.gpu_hours import GpuFigures, epoch_seconds, shipped_figures, train_samples
-from nptm.orchestrator.planner import stage_epochs
 from nptm.trainables.stage import StageSpec
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ def stage_costs(
         per_epoch = {(m, d, v): macs_per_sample(m, d) * train_samples(d, v) for m, d, v in splits}
         start, workers = 0.0, 1
     cost = {
-        sid: start + stage_epochs(s) * per_epoch[(s.model, s.dataset, s.val_fraction)] / workers
+        sid: start + s.epochs * per_epoch[(s.model, s.dataset, s.val_fraction)] / workers
         for sid, s in stages.items()
     }
     return StageCosts(cost, unmeasured)

@@ -16,6 +16,10 @@ A trial's config is its stage id only (`stage_config`, `stage_id_of`): Tune keep
 trial's config for the whole sweep and copies it into each snapshot of its experiment state.
 The plan's stages and the sweep's runtime settings (`SweepShared`) reach a trial actor once,
 through Ray's object store (`tune.with_parameters`), and stay cached in that process.
+
+A stage's outcome goes back to the driver with its trial's last result (`OUTCOME`, read by
+`outcome_of`); a trial that fails reports nothing, so its error is kept in the artifact store,
+where the driver reads it.
 """
 
 from __future__ import annotations
@@ -26,13 +30,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nptm.trainables.artifacts import MODEL, ArtifactStore, CorruptArtifactError
-from nptm.trainables.stage import StageKind, StageSpec
+from nptm.trainables.stage import StageKind, StageOutcome, StageSpec
+from nptm.trainables.stage_index import check_outcome, outcome_json
 
 if TYPE_CHECKING:
     from nptm.trainables.stage_runner import EpochReporter, WorkerEnv
 
 
 _STAGE_ID = "stage_id"
+# The key of a trial's last result that holds its stage's outcome, as outcome.json's text:
+# Tune flattens nested result dicts.
+OUTCOME = "outcome_json"
 
 
 def stage_config(stage_id: str) -> dict[str, str]:
@@ -68,16 +76,36 @@ def trial_class(trainable: Any) -> type:
 
 
 @dataclass(frozen=True)
+class StageRuntime:
+    """Where and how every stage of a sweep runs, besides what its spec says."""
+
+    storage: str  # the storage root, absolute
+    ray_storage: str  # where Tune and Ray Train keep their run directories
+    data_root: str | None  # as the preflight check saw it
+    download: bool
+    executor: str  # "inline" or "train" (nptm.search_spaces.schema.Resources)
+    workers_per_trial: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    plugins: tuple[str, ...]  # imported by every worker before it builds anything
+
+    def worker_env(self, device: str, rank: int = 0, world_size: int = 1) -> WorkerEnv:
+        from nptm.trainables.stage_runner import WorkerEnv
+
+        return WorkerEnv(self.storage, self.data_root, self.download, device, rank, world_size,
+                         self.plugins)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class SweepShared:
     """What every trial of a sweep reads besides its stage id: the plan's stages, as an object
-    in Ray's object store (fetched once per process, `spec`), and the runtime settings
-    (storage, data root, executor, resources per worker, plugins)."""
+    in Ray's object store (fetched once per process, `spec`), and the runtime settings."""
 
     stages: Any  # ray.ObjectRef of {stage id: StageSpec.to_dict()}
-    runtime: dict[str, Any]
+    runtime: StageRuntime
 
     @classmethod
-    def put(cls, stages: dict[str, StageSpec], runtime: dict[str, Any]) -> SweepShared:
+    def put(cls, stages: dict[str, StageSpec], runtime: StageRuntime) -> SweepShared:
         """Put `stages` in the object store of the connected Ray (the driver keeps it alive)."""
         import ray
 
@@ -103,22 +131,22 @@ def _stage_dicts(ref: Any) -> dict[str, dict[str, Any]]:
 
 
 def stage_trial(config: dict[str, Any], shared: SweepShared) -> None:
-    """Tune function trainable (`shared` comes through `tune.with_parameters`). Its final
-    report says how the stage ended; the outcome itself is in the artifact store, where the
-    driver reads it."""
+    """Tune function trainable (`shared` comes through `tune.with_parameters`). Its last
+    report holds the stage's outcome (`OUTCOME`)."""
     from ray import tune
 
     spec = shared.spec(stage_id_of(config))
     runtime = shared.runtime
-    store = ArtifactStore(runtime["storage"])
     try:
-        if runtime["executor"] == "inline":
-            _run_inline(spec, runtime)
+        if runtime.executor == "inline":
+            outcome = _run_inline(spec, runtime)
         elif spec.kind == StageKind.PRUNE:
-            _run_prune_task(spec, runtime)
+            outcome = _run_prune_task(spec, runtime)
         else:
-            _run_torch_trainer(spec, runtime)
+            _run_torch_trainer(spec, runtime)  # its ranks report the outcome (`_train_worker`)
+            return
     except BaseException as err:
+        store = ArtifactStore(runtime.storage)
         corrupt = _corrupt_cause(err)  # raised here, by a Ray Train rank or by a Ray task
         if corrupt is not None:
             # Not this stage's fault: the driver recomputes the producer, then retries this one.
@@ -137,17 +165,26 @@ def stage_trial(config: dict[str, Any], shared: SweepShared) -> None:
         text = f"{type(root).__name__}: {root}\n{traceback.format_exc(limit=20)}"
         store.write_error(spec.id, text)
         raise
-    tune.report({"finished": 1})
+    tune.report({OUTCOME: outcome})
 
 
-def _run_inline(spec: StageSpec, runtime: dict[str, Any]) -> None:
+def outcome_of(spec: StageSpec, result: dict[str, Any] | None) -> StageOutcome | None:
+    """The outcome a trial of `spec` reported last; None if it reported none."""
+    text = (result or {}).get(OUTCOME)
+    return check_outcome(text, spec.id)[0] if text else None
+
+
+def _run_inline(spec: StageSpec, runtime: StageRuntime) -> str:
     """The stage in this (reused) trial actor, which holds one worker's resources."""
     from ray import tune
 
-    _run_in_this_process(spec, runtime, report=lambda m: tune.report({"epoch_done": 1, **m}))
+    def report(metrics: dict[str, Any]) -> None:
+        tune.report({"epoch_done": 1, **metrics})
+
+    return _run_in_this_process(spec, runtime, report)
 
 
-def _run_prune_task(spec: StageSpec, runtime: dict[str, Any]) -> None:
+def _run_prune_task(spec: StageSpec, runtime: StageRuntime) -> str:
     """A prune stage of a `train` sweep, as a Ray task that holds one worker's resources.
 
     Every trial of a `train` sweep then asks Tune for the same small trial actor, so Tune
@@ -158,38 +195,30 @@ def _run_prune_task(spec: StageSpec, runtime: dict[str, Any]) -> None:
 
     task = ray.remote(_prune_task).options(
         name=ray_name(spec),  # the dashboard's Tasks page, as the trial and Train runs are named
-        num_cpus=float(runtime["cpus_per_worker"]),
-        num_gpus=float(runtime["gpus_per_worker"]),
+        num_cpus=runtime.cpus_per_worker,
+        num_gpus=runtime.gpus_per_worker,
         scheduling_strategy="DEFAULT",  # not inside the trial's placement group (0.1 CPU)
         max_retries=0,  # Tune retries the trial
     )
-    ray.get(task.remote(spec.to_dict(), runtime))
+    return ray.get(task.remote(spec.to_dict(), runtime))
 
 
-def _prune_task(stage: dict[str, Any], runtime: dict[str, Any]) -> None:
-    _run_in_this_process(StageSpec.from_dict(stage), runtime)
+def _prune_task(stage: dict[str, Any], runtime: StageRuntime) -> str:
+    return _run_in_this_process(StageSpec.from_dict(stage), runtime)
 
 
 def _run_in_this_process(
-    spec: StageSpec, runtime: dict[str, Any], report: EpochReporter | None = None
-) -> None:
-    """One worker's share of the machine, on its device: an inline stage or a prune task."""
+    spec: StageSpec, runtime: StageRuntime, report: EpochReporter | None = None
+) -> str:
+    """One worker's share of the machine, on its device: an inline stage or a prune task;
+    returns the outcome's text."""
+    import torch
+
     from nptm.trainables.stage_runner import run_stage
 
-    _limit_threads(runtime["cpus_per_worker"])
-    run_stage(spec, _env(runtime, device=_inline_device(runtime)), report=report)
-
-
-def _env(runtime: dict[str, Any], **kw: Any) -> WorkerEnv:
-    from nptm.trainables.stage_runner import WorkerEnv
-
-    return WorkerEnv(
-        storage=runtime["storage"],
-        data_root=runtime.get("data_root"),
-        download=runtime.get("download", False),
-        plugins=tuple(runtime.get("plugins", ())),
-        **kw,
-    )
+    _limit_threads(runtime.cpus_per_worker)
+    gpu = runtime.gpus_per_worker > 0 and torch.cuda.is_available()
+    return outcome_json(run_stage(spec, runtime.worker_env("cuda" if gpu else "cpu"), report))
 
 
 def _limit_threads(cpus: float) -> None:
@@ -200,13 +229,7 @@ def _limit_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def _inline_device(runtime: dict[str, Any]) -> str:
-    import torch
-
-    return "cuda" if runtime["gpus_per_worker"] > 0 and torch.cuda.is_available() else "cpu"
-
-
-def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
+def _run_torch_trainer(spec: StageSpec, runtime: StageRuntime) -> None:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -214,20 +237,20 @@ def _run_torch_trainer(spec: StageSpec, runtime: dict[str, Any]) -> None:
     # The dashboard's Train page lists only the runs Ray Train tracks (off by default); this
     # process reads the switch when the trainer starts. Off where the user turned it off.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    gpus = float(runtime["gpus_per_worker"])
+    gpus = runtime.gpus_per_worker
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"stage": spec.to_dict(), "runtime": runtime},
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=int(runtime["workers_per_trial"]),
+            num_workers=runtime.workers_per_trial,
             use_gpu=gpus > 0,
-            resources_per_worker={"CPU": float(runtime["cpus_per_worker"]), "GPU": gpus},
+            resources_per_worker={"CPU": runtime.cpus_per_worker, "GPU": gpus},
         ),
         run_config=ray.train.RunConfig(
             name=ray_name(spec),  # the dashboard's Train runs and the run's directory
-            storage_path=runtime["ray_storage"],
-            callbacks=[TuneReportCallback()],
+            storage_path=runtime.ray_storage,
+            callbacks=[TuneReportCallback()],  # each rank-0 report becomes the trial's
         ),
     )
     trainer.fit()
@@ -272,13 +295,13 @@ def _train_worker(config: dict[str, Any]) -> None:
     from nptm.trainables.stage_runner import run_stage
 
     ctx = ray.train.get_context()
-    _limit_threads(config["runtime"]["cpus_per_worker"])
+    runtime: StageRuntime = config["runtime"]
+    _limit_threads(runtime.cpus_per_worker)
     spec = StageSpec.from_dict(config["stage"])
-    env = _env(
-        config["runtime"],
-        device=str(ray.train.torch.get_device()),
-        rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(),
+    env = runtime.worker_env(
+        str(ray.train.torch.get_device()), ctx.get_world_rank(), ctx.get_world_size()
     )
-    # ray.train.report is a barrier: every rank reports every epoch.
-    run_stage(spec, env, report=lambda m: ray.train.report({"epoch_done": 1, **m}))
+    # ray.train.report is a barrier: every rank reports every epoch, and the outcome at the
+    # end (rank 0's is the one the trial reports).
+    outcome = run_stage(spec, env, report=lambda m: ray.train.report({"epoch_done": 1, **m}))
+    ray.train.report({OUTCOME: outcome_json(outcome)})

@@ -10,7 +10,7 @@ the work. Handing the freed actor to the NEWEST pending trial instead lets the o
 actor finish starting; once every slot has a live actor, no placement group of a pending
 trial can be placed and no process is started at all. `patience` bounds how long a stage may
 wait behind newer ones (the DAG may be waiting on it). On a local Ray, Tune holds no more
-trials than can run at once (`nptm.orchestrator.sweep._max_concurrent`), so no actor is started
+trials than can run at once (`nptm.orchestrator.tuner._max_concurrent`), so no actor is started
 for a trial that takes over another's; this order matters on a cluster, where it may.
 
 `FIFOScheduler.choose_trial_to_run` also scans every trial of the experiment at every step of

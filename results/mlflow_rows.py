@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from nptm.results.schema import EPOCHS_COLUMNS, STAGES_COLUMNS
-from nptm.trainables.layout import check_name
+from nptm.trainables.layout import check_sweep_name
 from nptm.trainables.stage import StageKind, StageStatus, stage_label, target_label
 
 EXPERIMENT_PREFIX = "nptm/"
@@ -47,7 +47,7 @@ _ERROR_TAIL = 4000  # characters of an error kept in its tag
 
 
 def experiment_name(sweep: str) -> str:
-    return EXPERIMENT_PREFIX + check_name("sweep", sweep)
+    return EXPERIMENT_PREFIX + check_sweep_name(sweep)
 
 
 def sweep_run_name(sweep: str) -> str:

@@ -92,10 +92,11 @@ def plan_stages(plan) -> pd.DataFrame:
     the rows nptm.results.sink writes, in the stored columns."""
     from nptm.results.schema import STAGES_SCHEMA
     from nptm.results.sink import stage_rows
+    from nptm.trainables.stage import StageOutcome, StageStatus
 
     rows = [
-        stage_rows(plan.name, spec, "ok", None, None, reused=False)[0]
-        for spec in plan.stages.values()
+        stage_rows(plan.name, spec, StageOutcome(sid, spec.kind, StageStatus.OK), reused=False)[0]
+        for sid, spec in plan.stages.items()
     ]
     return pd.DataFrame(rows).reindex(columns=STAGES_SCHEMA.names)
 

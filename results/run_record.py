@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from nptm.trainables.layout import Layout, check_name
+from nptm.trainables.layout import Layout, check_sweep_name
 from nptm.trainables.stage import StageSpec
 from nptm.trainables.storage import Damaged, atomic_write_bytes
 
@@ -62,10 +62,10 @@ class PlannedStage:
     epochs: int  # training epochs planned (prune: 0)
 
 
-def plan_record(sweep: str, stages: dict[str, StageSpec], epochs_of: Any) -> dict[str, Any]:
-    """plan.json's content; `epochs_of(spec)` is the planner's count of a stage's epochs."""
+def plan_record(sweep: str, stages: dict[str, StageSpec]) -> dict[str, Any]:
+    """plan.json's content."""
     planned = {
-        sid: PlannedStage(spec.kind.value, spec.label, tuple(spec.parents), int(epochs_of(spec)))
+        sid: PlannedStage(spec.kind.value, spec.label, tuple(spec.parents), spec.epochs)
         for sid, spec in stages.items()
     }
     counts: dict[str, int] = {}
@@ -95,6 +95,7 @@ class RunningStage:
     epochs: int  # planned
     epoch: int = 0  # epochs finished so far
     started_at: float = field(default_factory=time.time)
+    test_acc: float | None = None  # after the latest epoch
 
 
 @dataclass
@@ -144,7 +145,7 @@ class RunRecord:
     def location(self, *names: str) -> str:
         """The run record's directory, or a file in it, as a user names it (a URI keeps its
         scheme and its query at the end: `Layout.location`)."""
-        return self.layout.location("sweeps", check_name("sweep", self.sweep), "run", *names)
+        return self.layout.location("sweeps", check_sweep_name(self.sweep), "run", *names)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         atomic_write_bytes(self.layout.fs, self.path(name), data)

@@ -168,7 +168,7 @@ STAGES_COLUMNS: tuple[Column, ...] = (
         "epochs",
         _I32,
         True,
-        "training epochs the stage runs (planner.stage_epochs)",
+        "training epochs the stage runs (StageSpec.epochs)",
         param="epochs",
     ),
     _c(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,9 +24,6 @@ from nptm.trainables.catalog import PRUNERS
 from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE
 from nptm.trainables.stage import EpochMetrics, StageKind, StageOutcome, StageSpec, StageStatus
 
-if TYPE_CHECKING:
-    from nptm.orchestrator.failure_guard import Trip
-
 # The outcome's and an epoch's fields that are columns of their own.
 _OUTCOME_COLUMNS = tuple(
     f.name for f in dataclasses.fields(StageOutcome) if f.name in STAGES_SCHEMA.names
@@ -34,6 +31,15 @@ _OUTCOME_COLUMNS = tuple(
 _EPOCH_COLUMNS = tuple(
     f.name for f in dataclasses.fields(EpochMetrics) if f.name in EPOCHS_SCHEMA.names
 )
+
+
+@dataclass
+class Trip:
+    """Why the sweep stopped (nptm.orchestrator.failure_guard): `error` (as the first stage
+    reported it) failed `stages`."""
+
+    error: str
+    stages: list[str] = field(default_factory=list)  # ids, in the order they failed
 
 
 @dataclass
@@ -91,38 +97,29 @@ class ResultSink:
         """Open the stage's MLflow run as RUNNING, with the params and tags of its row."""
         if self.closed:
             return
-        row, _ = stage_rows(
-            self.store.sweep, spec, StageStatus.SKIPPED, None, None, reused=False,
-            executor=self._executor(spec),
-        )  # fmt: skip
+        not_yet = StageOutcome(spec.id, spec.kind, StageStatus.SKIPPED)  # no measurement yet
+        row, _ = stage_rows(self.store.sweep, spec, not_yet, reused=False,
+                            executor=self._executor(spec))  # fmt: skip
         row["attempts"] = self.artifacts.attempts(spec.id)
         # Normalised as the store will write it: MLflow params cannot change value later.
         (stored,) = rows_to_table(STAGES_TABLE, [row]).to_pylist()
         self.recorder.start_stage(stored)
 
-    def record(
-        self,
-        spec: StageSpec,
-        status: StageStatus,
-        outcome: StageOutcome | None,
-        error: str | None,
-        *,
-        reused: bool = False,
-    ) -> None:
+    def record(self, spec: StageSpec, outcome: StageOutcome, *, reused: bool = False) -> None:
+        """Land how `spec` ended: its rows in Parquet, then its MLflow run; `reused`: the
+        outcome of an earlier run, found in storage."""
         if self.closed:
             return
-        status = StageStatus(status)
-        executor = self._executor(spec)
-        attempts = outcome.attempts if outcome else self.artifacts.attempts(spec.id)
         row, epochs = stage_rows(
-            self.store.sweep, spec, status, outcome, error, reused=reused, executor=executor
+            self.store.sweep, spec, outcome, reused=reused, executor=self._executor(spec)
         )
-        row["attempts"] = attempts
+        ran = outcome.status.finished  # a failed or skipped stage's outcome is the driver's
+        row["attempts"] = outcome.attempts if ran else self.artifacts.attempts(spec.id)
         stage_table, epoch_table = self.store.write_stage(row, epochs)  # validated here, once
-        if outcome is not None and not reused:  # reused ones came from the index
+        if ran and not reused:  # reused ones came from the index
             self.artifacts.index_outcome(outcome)
         self._record_run(stage_table, epoch_table.to_pylist())
-        self._tally(spec, status, error, reused)
+        self._tally(spec, outcome, reused)
         self.store.compact_when_due()
 
     def _executor(self, spec: StageSpec) -> str:
@@ -156,15 +153,16 @@ class ResultSink:
             # Parquet first: the row learns its MLflow run only once the run exists.
             self.store.link_mlflow_run(stage_table, run_id)
 
-    def _tally(self, spec: StageSpec, status: StageStatus, error: str | None, reused: bool) -> None:
-        summary = self.summary
+    def _tally(self, spec: StageSpec, outcome: StageOutcome, reused: bool) -> None:
+        summary, status = self.summary, outcome.status
         earlier = self._landed.get(spec.id)
         if earlier is not None:  # ran again (a parent was re-made): counted as it ended last
             summary.counts[earlier.value] -= 1
         self._landed[spec.id] = status
         summary.counts[status.value] = summary.counts.get(status.value, 0) + 1
         if status == StageStatus.FAILED:
-            summary.failures.append((spec.id, spec.kind.value, (error or "").splitlines()[0]))
+            first_line = (outcome.error or "").splitlines()[0]
+            summary.failures.append((spec.id, spec.kind.value, first_line))
         if not reused and status != StageStatus.SKIPPED:
             summary.executed += 1
 
@@ -187,16 +185,14 @@ def final_model(artifacts: ArtifactStore, stage_id: str) -> Any:
 def stage_rows(
     sweep: str,
     spec: StageSpec,
-    status: StageStatus,
-    outcome: StageOutcome | None,
-    error: str | None,
+    outcome: StageOutcome,
     *,
     reused: bool,
     executor: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The `stages` row and the `epochs` rows of one stage (not yet validated)."""
     overrides = spec.override_dict
-    measured = {k: getattr(outcome, k) for k in _OUTCOME_COLUMNS} if outcome else {}
+    measured = {k: getattr(outcome, k) for k in _OUTCOME_COLUMNS}
     row: dict[str, Any] = {
         **measured,
         "sweep": sweep,
@@ -222,23 +218,20 @@ def stage_rows(
         "seed": spec.seed,
         "target": spec.target,
         **recipe_columns(spec),
-        "status": StageStatus(status).value,
-        "error": error,
+        "status": outcome.status.value,
         "reused": reused,
         "executor": executor,
         "started_at": _timestamp(measured.get("started_at")),
         "ended_at": _timestamp(measured.get("ended_at")),
         **versions(),
     }
-    epochs = [{k: getattr(e, k) for k in _EPOCH_COLUMNS} for e in outcome.epochs] if outcome else []
+    epochs = [{k: getattr(e, k) for k in _EPOCH_COLUMNS} for e in outcome.epochs]
     return row, epochs
 
 
 def recipe_columns(spec: StageSpec) -> dict[str, Any]:
     """The recipe a stage trains with, as its schedule resolves it (nptm.results.schema)."""
-    from nptm.orchestrator.planner import stage_epochs
-
-    epochs = stage_epochs(spec)
+    epochs = spec.epochs
     if not epochs:  # a prune, or a pre-training that loads its weights
         return {"epochs": epochs}
     recipe = spec.recipe
@@ -311,7 +304,7 @@ def code_versions() -> dict[str, Any]:
     import ray
     import torch
 
-    from nptm.orchestrator import __version__
+    from nptm.trainables import __version__
 
     commit, dirty = _git_state(Path(__file__).resolve().parents[1])
     return {

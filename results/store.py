@@ -58,6 +58,7 @@ from nptm.trainables.layout import (
     STAGES_TABLE,
     Layout,
     check_name,
+    check_sweep_name,
 )
 from nptm.trainables.storage import Damaged, atomic_write_bytes, read_bytes, set_aside
 
@@ -100,7 +101,7 @@ class SweepStore:
     ) -> None:
         """`filesystem` replaces the one resolved from `storage` (tests, custom credentials)."""
         self.layout = Layout(storage, filesystem=filesystem)
-        self.sweep = check_name("sweep", sweep)
+        self.sweep = check_sweep_name(sweep)
         self.storage = self.layout.storage
         self.fs, self.root, self.local = self.layout.fs, self.layout.root, self.layout.local
         self.sweep_dir = self.layout.sweep_dir(sweep)

@@ -85,7 +85,7 @@ from nptm.results.mlflow_rows import (
     sweep_run_name,
 )
 from nptm.results.store import SweepStore
-from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, check_name
+from nptm.trainables.layout import EPOCHS_TABLE, STAGES_TABLE, check_sweep_name
 from nptm.trainables.redact import redact_text, redact_uri
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class MlflowRecorder:
     ) -> None:
         """`uri=None` gives a recorder that records nothing (MLflow switched off)."""
         self.uri = uri
-        self.sweep = check_name("sweep", sweep)
+        self.sweep = check_sweep_name(sweep)
         self.experiment_name = experiment_name(sweep)
         self.log_models = log_models
         self._artifact_location = artifact_location or (uri and mlflow_uri.artifact_location(uri))

@@ -42,7 +42,6 @@ from nptm.search_spaces.schema import (
     RATIO_DECIMALS,
     SEED_LIMIT,
     SIGNIFICANT_DIGITS,
-    SWEEP_NAME_PATTERN,
     TRIAL_KEYS,
     DataSection,
     Grid,
@@ -52,6 +51,7 @@ from nptm.search_spaces.schema import (
     canonical_real,
 )
 from nptm.trainables import catalog
+from nptm.trainables.layout import SWEEP_NAME_RE, SWEEP_NAME_RULE
 from nptm.trainables.plugins import PluginError, load_plugins
 from nptm.trainables.recipe import DEFAULT_RECIPES, MAX_EPOCHS, MAX_LR, MAX_STEPS, Recipe
 from nptm.trainables.registry import Registry
@@ -219,15 +219,18 @@ def _start_weights(grid: Grid, raw: dict[str, Any]) -> StartWeights | None:
     if source == TORCHVISION and catalog.MODELS[model].family != "torchvision":
         raise GridIssue("pretrain.from", f"model {model!r} is not a torchvision model")
     for i, schedule in enumerate(axes.schedule):
-        if schedule == "wr":
+        if catalog.SCHEDULES[schedule].rewinds_weights:
             raise GridIssue(
                 _at(raw, "axes", "schedule", i),
-                "'wr' rewinds to the pre-training's weights of epoch T - budget, which "
-                "weights loaded with pretrain.from do not come with; use lrw, ft or clr",
+                f"{show(schedule)} rewinds to the pre-training's weights of epoch T - budget, "
+                "which weights loaded with pretrain.from do not come with; use lrw, ft or clr",
             )
     for i, entry in enumerate(grid.include):
-        if isinstance(entry, dict) and entry.get("schedule") == "wr":
-            raise GridIssue(f"include[{i}].schedule", "'wr' cannot rewind loaded weights")
+        schedule = entry.get("schedule") if isinstance(entry, dict) else None
+        if schedule in catalog.SCHEDULES and catalog.SCHEDULES[schedule].rewinds_weights:
+            raise GridIssue(
+                f"include[{i}].schedule", f"{show(schedule)} cannot rewind loaded weights"
+            )
     try:
         data = read_source(source, model)
         state = load_state_dict(data)
@@ -241,11 +244,10 @@ def _start_weights(grid: Grid, raw: dict[str, Any]) -> StartWeights | None:
 
 
 def _check_name(name: str) -> None:
-    if not re.fullmatch(SWEEP_NAME_PATTERN, name):
+    if not SWEEP_NAME_RE.fullmatch(name):
         raise GridIssue(
             "name",
-            f"{show(name)} is not a valid sweep name: use 1-64 lowercase "
-            "letters, digits, '_' or '-', starting with a letter or digit "
+            f"{show(name)} is not a valid sweep name: use {SWEEP_NAME_RULE} "
             "(it names the sweep's directory)",
         )
 

@@ -14,7 +14,6 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from nptm.trainables.recipe import MAX_EPOCHS
 
-SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 DEFAULT_MAX_TRIALS = 5000
 
 # --- bounds: every number a grid gives is one a run survives ---------------------------------

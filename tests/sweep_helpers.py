@@ -439,10 +439,10 @@ def watched_concurrency():
     yields `{"handed_out": n, "tune_running": m}`, filled in as the sweep runs: the most
     stages handed out to Tune at once, and the most trials Tune had RUNNING at once."""
     from nptm.orchestrator.dag_search import RUNNING, DagSearcher
-    from nptm.orchestrator.progress import ProgressPrinter
+    from nptm.orchestrator.monitor import SweepMonitor
 
     peaks = {"handed_out": 0, "tune_running": 0}
-    suggest, step_end = DagSearcher.suggest, ProgressPrinter.on_step_end
+    suggest, step_end = DagSearcher.suggest, SweepMonitor.on_step_end
 
     def watched_suggest(self, trial_id):
         config = suggest(self, trial_id)
@@ -455,8 +455,8 @@ def watched_concurrency():
         return step_end(self, iteration, trials, **info)
 
     DagSearcher.suggest = watched_suggest
-    ProgressPrinter.on_step_end = watched_step_end
+    SweepMonitor.on_step_end = watched_step_end
     try:
         yield peaks
     finally:
-        DagSearcher.suggest, ProgressPrinter.on_step_end = suggest, step_end
+        DagSearcher.suggest, SweepMonitor.on_step_end = suggest, step_end

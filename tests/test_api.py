@@ -135,7 +135,7 @@ def test_run_then_load_in_a_notebook(tmp_path: Path, ray_node) -> None:
     plan = build_plan(grid)
     # run_sweep sets process-wide Ray/Tune defaults; a notebook session would keep them.
     with restored_environ():
-        summary = run_sweep(grid, plan, SweepOptions(str(tmp_path / "runs"), ray_node.address))
+        summary = run_sweep(plan, SweepOptions(str(tmp_path / "runs"), ray_node.address))
     assert summary.ok
     sweep = load_sweep(tmp_path / "runs", "notebook")
     assert set(sweep.stages["stage_id"]) == set(plan.stages)

@@ -419,7 +419,7 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
     """`nptm status` on a real sweep's storage: today's counts without a run record; with the
     plan of its grid, done/planned; `--watch` refreshes until the driver says it finished."""
     from nptm.orchestrator.cli import build_parser
-    from nptm.orchestrator.planner import build_plan, stage_epochs
+    from nptm.orchestrator.planner import build_plan
     from nptm.search_spaces import load_grid
     from tests.sweep_helpers import cli_in_process, copy_storage
 
@@ -431,7 +431,7 @@ def test_status_cli_on_a_finished_sweep_then_watching_a_running_one(
     assert old.returncode == 0 and "9 stages stored" in old.stdout
 
     stages = build_plan(load_grid(tiny_sweep.grid)).stages
-    record.write_json(PLAN_FILE, plan_record("tiny", stages, stage_epochs))
+    record.write_json(PLAN_FILE, plan_record("tiny", stages))
     now = time.time()
     record.write_progress(Progress("tiny", 1, "h", now - 8, now, epochs_done=16))
     finish = threading.Timer(

@@ -9,7 +9,7 @@ import pytest
 
 from nptm.orchestrator.cluster import Cluster, check_fit, stage_bundles
 from nptm.orchestrator.errors import UsageError
-from nptm.orchestrator.sweep import _max_concurrent
+from nptm.orchestrator.tuner import _max_concurrent
 from nptm.search_spaces.schema import ResourcesSection
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ray.tune.search import Searcher
 
-from nptm.orchestrator.dag_search import DONE, FAILED, PENDING, SKIPPED, DagSearcher, Progress
-from nptm.orchestrator.planner import build_plan, stage_epochs
+from nptm.orchestrator.dag_search import DONE, FAILED, PENDING, SKIPPED, DagSearcher, StageState
+from nptm.orchestrator.planner import build_plan
 from nptm.orchestrator.trial import stage_id_of
 from nptm.search_spaces import load_grid
 from nptm.trainables.stage import StageOutcome
@@ -18,13 +18,11 @@ def _searcher(tmp_path: Path, outcomes: dict[str, str], done: set[str] = frozens
     plan = build_plan(load_grid(write_grid(tmp_path / "g.yaml", seeds="[0, 1]")))
     finished: list[tuple[str, str]] = []
 
-    def resolve(spec, result, error):
-        status = outcomes.get(spec.kind, "ok")
-        outcome = StageOutcome(stage_id=spec.id, kind=spec.kind, status=status)
-        return status, (outcome if status != "failed" else None), None
+    def resolve(spec, result):
+        return StageOutcome(stage_id=spec.id, kind=spec.kind, status=outcomes.get(spec.kind, "ok"))
 
-    def on_finish(spec, status, outcome, detail):
-        finished.append((spec.id, status))
+    def on_finish(spec, outcome):
+        finished.append((spec.id, outcome.status))
 
     return plan, DagSearcher(plan.stages, set(done), resolve, on_finish), finished
 
@@ -100,13 +98,13 @@ def test_corrupt_parent_is_recomputed_before_the_child(tmp_path: Path) -> None:
     assert order.index(prune) < order.index(child)
 
 
-def _recount(searcher: DagSearcher) -> tuple[dict[Progress, int], int]:
+def _recount(searcher: DagSearcher) -> tuple[dict[StageState, int], int]:
     """Brute force: stages per state and epochs left, from the per-stage states."""
-    counts = {p: sum(1 for s in searcher.state.values() if s == p) for p in Progress}
+    counts = {p: sum(1 for s in searcher.state.values() if s == p) for p in StageState}
     left = sum(
-        stage_epochs(searcher.stages[sid])
+        searcher.stages[sid].epochs
         for sid, st in searcher.state.items()
-        if st in (PENDING, Progress.RUNNING)
+        if st in (PENDING, StageState.RUNNING)
     )
     return counts, left
 
@@ -117,11 +115,11 @@ def test_counters_match_a_recount_at_every_step(tmp_path: Path) -> None:
     recount of the per-stage states."""
     plan, searcher, _ = _searcher(tmp_path, {"prune": "failed"})
     plan2, searcher2, _ = _searcher(tmp_path, {})
-    assert sum(stage_epochs(s) for s in plan.stages.values()) > 0
+    assert sum(s.epochs for s in plan.stages.values()) > 0
 
     def check(s: DagSearcher) -> None:
         counts, left = _recount(s)
-        assert {p: s.count(p) for p in Progress} == counts
+        assert {p: s.count(p) for p in StageState} == counts
         assert s.remaining_epochs() == left
 
     # Two trials in flight at a time, so RUNNING is non-trivial.
@@ -148,7 +146,7 @@ def test_counters_match_a_recount_at_every_step(tmp_path: Path) -> None:
             else:
                 s.on_trial_complete(trial, result={"finished": 1})
             check(s)
-        assert s.count(PENDING) == s.count(Progress.RUNNING) == 0 and s.remaining_epochs() == 0
+        assert s.count(PENDING) == s.count(StageState.RUNNING) == 0 and s.remaining_epochs() == 0
     assert searcher.count(SKIPPED) == 12 and searcher.count(FAILED) == 4  # 2 seeds x 2 prunes
     assert searcher2.count(DONE) == len(plan2.stages)
 
@@ -174,9 +172,9 @@ def _lineage_searcher(tmp_path: Path):
     stored = {sid: outcome(sid) for sid in plan.stages}
     ran: list[str] = []
 
-    def resolve(spec, result, error):
+    def resolve(spec, result):
         ran.append(spec.id)
-        return "ok", outcome(spec.id), None
+        return outcome(spec.id)
 
     done = set(plan.stages) - {pre}
     searcher = DagSearcher(plan.stages, done, resolve, lambda *a: None, outcomes=stored)

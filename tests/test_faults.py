@@ -238,12 +238,8 @@ def _searcher(grid: Path):
     searcher = DagSearcher(
         stages,
         done,
-        resolve=lambda spec, result, error: (
-            "ok",
-            StageOutcome(stage_id=spec.id, kind=spec.kind, status="ok"),
-            None,
-        ),
-        on_finish=lambda spec, status, outcome, error: finished.append(spec.id),
+        resolve=lambda spec, result: StageOutcome(stage_id=spec.id, kind=spec.kind, status="ok"),
+        on_finish=lambda spec, outcome: finished.append(spec.id),
     )
     children = [s for s, spec in stages.items() if prune in spec.parents]
     return searcher, prune, children, finished

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nptm.trainables.layout import Layout, check_name
+from nptm.search_spaces import GridError, parse_grid
+from nptm.trainables.layout import Layout, check_sweep_name
 
 
 def test_local_layout(tmp_path: Path) -> None:
@@ -41,10 +42,41 @@ def test_uri_layout_needs_no_connection() -> None:
 def test_one_name_rule_for_sweeps_stages_and_artifacts(tmp_path: Path, name: str) -> None:
     layout = Layout(tmp_path)
     for call in (
-        lambda: check_name("sweep", name),
+        lambda: check_sweep_name(name),
         lambda: layout.sweep_dir(name),
         lambda: layout.stage_dir(name),
         lambda: layout.stage_file("abc123", name),
     ):
         with pytest.raises(ValueError, match="name"):
             call()
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("a", True),
+        ("0quick-start_2", True),
+        ("x" * 64, True),
+        ("x" * 65, False),
+        ("Quickstart", False),
+        ("a.b", False),
+        ("-a", False),
+        ("../a", False),
+    ],
+)
+def test_a_sweep_name_is_what_a_grid_accepts(tmp_path: Path, name: str, valid: bool) -> None:
+    """1-64 lowercase letters, digits, '_' or '-', from a letter or digit: for a grid's `name`
+    and for every path, experiment and run a sweep's name becomes."""
+    layout = Layout(tmp_path)
+    if valid:
+        assert check_sweep_name(name) == name
+        assert layout.sweep_dir(name) == f"{tmp_path}/sweeps/{name}"
+        return
+    for call in (lambda: check_sweep_name(name), lambda: layout.sweep_location(name)):
+        with pytest.raises(ValueError, match="sweep name"):
+            call()
+    axes = {"dataset": "digits", "model": "resnet20", "schedule": "ft", "budget": 1, "seed": 0}
+    axes["pruner"] = {"name": "magnitude", "ratio": 0.5}
+    with pytest.raises(GridError) as err:
+        parse_grid({"name": name, "axes": axes})
+    assert err.value.field == "name"

@@ -232,10 +232,10 @@ def test_a_holder_that_cannot_renew_before_its_lease_expires_is_told(tmp_path: P
 
 def test_a_driver_that_lost_its_lease_stops_as_on_sigterm(monkeypatch) -> None:
     from nptm.orchestrator.lease import _stop_the_driver
-    from nptm.orchestrator.live import StopSignals
+    from nptm.orchestrator.signals import StopSignals
 
     monkeypatch.setenv("TUNE_DISABLE_SIGINT_HANDLER", "1")  # StopSignals sets it: put back after
-    with StopSignals() as stop:  # a sweep's orderly stop (nptm.orchestrator.live)
+    with StopSignals() as stop:  # a sweep's orderly stop
         _stop_the_driver("sweep 's': another driver took the lease over")
         _until(lambda: stop.signum is not None)
     assert stop.signum == signal.SIGTERM

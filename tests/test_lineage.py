@@ -49,9 +49,8 @@ def _rerun(plan, storage: str) -> list[str]:
     store = ArtifactStore(storage)
     done = _finished_stages(plan, store)
 
-    def resolve(spec, result, error):
-        outcome = store.read_outcome(spec.id)
-        return outcome.status, outcome, None
+    def resolve(spec, result):
+        return store.read_outcome(spec.id)
 
     searcher = DagSearcher(plan.stages, set(done), resolve, lambda *a: None, outcomes=done)
     executed = []

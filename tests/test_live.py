@@ -1,4 +1,4 @@
-"""nptm.orchestrator.live below Ray: stop signals, the banner's links, the dashboard check."""
+"""Below Ray: the sweep's stop signals, the banner's links, the dashboard check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from nptm.orchestrator.live import StopSignals, SweepInterrupted, SweepStart, url_answers
+from nptm.orchestrator.banner import SweepStart, url_answers
+from nptm.orchestrator.signals import StopSignals, SweepInterrupted
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -71,42 +72,36 @@ PUBLIC = {
 }
 
 
-def _banner(monkeypatch, capsys, tmp_path) -> str:
+def _banner(monkeypatch, tmp_path) -> str:
     """The start-up banner of a sweep driven inside a container: its dashboard and MLflow are
     at addresses only the compose network resolves."""
     from types import SimpleNamespace
 
-    from nptm.orchestrator import live, sweep
+    from nptm.orchestrator import banner
     from nptm.orchestrator.cluster import Cluster
-    from nptm.orchestrator.commands import _print_banner
     from nptm.orchestrator.public_urls import PublicUrls
     from nptm.trainables.layout import Layout
 
     probed: list[str] = []
-    monkeypatch.setattr(live, "url_answers", lambda url: probed.append(url) or True)
+    monkeypatch.setattr(banner, "url_answers", lambda url: probed.append(url) or True)
     cluster = Cluster("ray-head:6379", False, "http://172.18.0.4:8265", nodes=[])
     kinds = ("pretrain", "prune", "retrain")
     plan = SimpleNamespace(
-        stages={k: SimpleNamespace(kind=SimpleNamespace(value=k)) for k in kinds}
+        name="s", stages={k: SimpleNamespace(kind=SimpleNamespace(value=k)) for k in kinds}
     )
     recorder = SimpleNamespace(
         uri="http://mlflow:5000", experiment_name="nptm/s", experiment_id="7", degraded=False
     )
     record = SimpleNamespace(layout=Layout(str(tmp_path)), location=lambda: f"{tmp_path}/run")
-    grid = SimpleNamespace(name="s")
-    _print_banner(
-        sweep._start_info(grid, plan, cluster, recorder, record, 0, PublicUrls.from_env())
-    )
+    start = banner.sweep_start(plan, cluster, recorder, record, 0, PublicUrls.from_env())
     assert probed == ["http://172.18.0.4:8265"]  # checked where the driver reaches it
-    return capsys.readouterr().out
+    return banner.banner(start) + "\n"
 
 
-def test_banner_links_to_the_drivers_addresses_without_public_urls(
-    monkeypatch, capsys, tmp_path
-) -> None:
+def test_banner_links_to_the_drivers_addresses_without_public_urls(monkeypatch, tmp_path) -> None:
     for name in PUBLIC:
         monkeypatch.delenv(name, raising=False)
-    out = _banner(monkeypatch, capsys, tmp_path)
+    out = _banner(monkeypatch, tmp_path)
     assert "  Ray dashboard: http://172.18.0.4:8265 (cluster; answers)\n" in out
     assert "  MLflow: http://mlflow:5000, experiment nptm/s\n" in out
     assert "    runs: http://mlflow:5000/#/experiments/7/runs\n" in out
@@ -119,7 +114,7 @@ def test_banner_and_summary_link_to_the_public_urls(monkeypatch, capsys, tmp_pat
 
     for name, value in PUBLIC.items():
         monkeypatch.setenv(name, value)
-    out = _banner(monkeypatch, capsys, tmp_path)
+    out = _banner(monkeypatch, tmp_path)
     assert "  Ray dashboard: http://127.0.0.1:8265 (cluster; answers)\n" in out
     assert "  Grafana: http://127.0.0.1:3000/d/nptm?var-sweep=s\n" in out
     assert (
@@ -159,3 +154,63 @@ def test_a_public_url_that_is_no_plain_url_stops_the_sweep_before_ray(
     assert "nptm sweep: error: NPTM_PUBLIC_MLFLOW_URL" in result.stderr and said in result.stderr
     assert "hunter2" not in result.stderr
     assert not (tmp_path / "runs").exists()  # nothing written, no Ray started
+
+
+# -- the driver's one monitor (nptm.orchestrator.monitor) -------------------------------------
+
+
+def test_the_monitor_reads_the_searchers_counts_into_progress_json_and_the_line(
+    tmp_path,
+) -> None:
+    """A stage's trial starts, reports an epoch and ends: progress.json lists it running with
+    that epoch while it runs, and the terminal line counts stages by the searcher's states."""
+    import io
+    from types import SimpleNamespace
+
+    from nptm.orchestrator.dag_search import DagSearcher
+    from nptm.orchestrator.monitor import SweepMonitor, progress_line
+    from nptm.orchestrator.planner import build_plan
+    from nptm.results.run_record import DriverState, RunRecord
+    from nptm.search_spaces import load_grid
+    from nptm.trainables.layout import Layout
+    from nptm.trainables.stage import StageOutcome
+    from tests.sweep_helpers import write_grid
+
+    plan = build_plan(load_grid(write_grid(tmp_path / "g.yaml")))  # 1 pretrain, 2 prunes, 6
+    n = len(plan.stages)
+    searcher = DagSearcher(
+        plan.stages, set(), lambda spec, result: StageOutcome(spec.id, spec.kind, "ok"),
+        lambda spec, outcome: None,
+    )  # fmt: skip
+    started, epochs = [], []
+    sink = SimpleNamespace(
+        summary=SimpleNamespace(sweep="tiny"),
+        start_stage=started.append,
+        recorder=SimpleNamespace(log_epoch=lambda sid, result: epochs.append(sid)),
+    )
+    record = RunRecord(Layout(str(tmp_path)), "tiny")
+    line = io.StringIO()
+    monitor = SweepMonitor(searcher, sink, record, StopSignals(), line)
+    config = searcher.suggest("t1")
+    trial = SimpleNamespace(config=config, trial_id="t1")
+    pre = plan.stages[config["stage_id"]]
+
+    monitor.on_trial_start(0, [], trial)
+    result = {"epoch_done": 1, "epoch": 1, "test_acc": 0.25}
+    searcher.on_trial_result("t1", result)
+    monitor.on_trial_result(0, [], trial, result)
+    monitor.write_progress(force=True)
+    running = record.read_progress().running[pre.id]
+    assert (running.epoch, running.epochs, running.test_acc) == (1, pre.epochs, 0.25)
+    assert record.read_progress().epochs_done == 1 and started == [pre] and epochs == [pre.id]
+    assert progress_line(searcher, 1).startswith(
+        f"[nptm] stages done 0  running 1  pending {n - 1}  failed 0  skipped 0  |"
+    )
+
+    searcher.on_trial_complete("t1", result={})
+    monitor.on_trial_complete(0, [], trial)
+    monitor.finish(DriverState.FINISHED)
+    progress = record.read_progress()
+    assert progress.state == DriverState.FINISHED and progress.running == {}
+    # The pretrain is done; its two prunes are runnable, none handed out.
+    assert line.getvalue().startswith(f"[nptm] stages done 1  running 0  pending {n - 1}  ")

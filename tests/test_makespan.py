@@ -19,18 +19,21 @@ from nptm.orchestrator.stage_cost import START_SECONDS, longest_paths, stage_cos
 from nptm.orchestrator.trial import stage_id_of
 from nptm.orchestrator.trial_scheduler import NewestPendingFirst
 from nptm.search_spaces import load_grid
-from nptm.trainables.stage import StageKind
+from nptm.trainables.stage import StageKind, StageOutcome
 from tests.sweep_helpers import ROOT, write_grid
 
 # a(10) -> b(1) -> d(5);  a -> c(2) -> e(20);  f(3) -> g(4);  h(8).  Plan order a..h.
 EDGES = {"a": (), "b": ("a",), "c": ("a",), "d": ("b",), "e": ("c",), "f": (), "g": ("f",),
          "h": ()}  # fmt: skip
 COST = {"a": 10.0, "b": 1.0, "c": 2.0, "d": 5.0, "e": 20.0, "f": 3.0, "g": 4.0, "h": 8.0}
-STAGES = {sid: SimpleNamespace(parents=p, kind=StageKind.PRUNE) for sid, p in EDGES.items()}
+STAGES = {
+    sid: SimpleNamespace(id=sid, parents=p, kind=StageKind.PRUNE, epochs=0)
+    for sid, p in EDGES.items()
+}
 
 
 def _searcher(order: str = "critical_path", cost: dict[str, float] = COST) -> DagSearcher:
-    ok = lambda spec, result, error: ("ok", None, None)  # noqa: E731
+    ok = lambda spec, result: StageOutcome(spec.id, spec.kind, "ok")  # noqa: E731
     return DagSearcher(STAGES, set(), ok, lambda *a: None, cost=cost, order=order)
 
 

@@ -192,6 +192,8 @@ def test_a_plugin_cannot_take_a_builtin_name(isolated_plugins):
     assert catalog.MODELS["resnet20"] is resnet
     with pytest.raises(plugins.PluginError, match="reserved for the built-in"):
         plugins.register_schedule(catalog.ScheduleInfo("my_rewind", "m:lr", rewinds=True))
+    with pytest.raises(plugins.PluginError, match="reserved for the built-in"):
+        plugins.register_schedule(catalog.ScheduleInfo("my_wr", "m:lr", rewinds_weights=True))
 
 
 # --- a grid's plugins: key ---------------------------------------------------------------------

@@ -42,7 +42,7 @@ def _sink(storage: Path, uri: str | None, executor: str = "inline") -> ResultSin
 def test_outcome_to_rows_parquet_then_mlflow(tmp_path: Path) -> None:
     uri = empty_mlflow_store(tmp_path)
     sink = _sink(tmp_path, uri, executor="train")
-    sink.record(PRE, StageStatus.OK, _outcome(PRE, test_acc=0.4, attempts=2, epochs=EPOCHS), None)
+    sink.record(PRE, _outcome(PRE, test_acc=0.4, attempts=2, epochs=EPOCHS))
     row = SweepStore(tmp_path, "s1").read_stages().iloc[0]
     assert row["stage_id"] == PRE.id and row["stage_kind"] == "pretrain" and row["status"] == "ok"
     assert row["test_acc"] == pytest.approx(0.4) and row["attempts"] == 2
@@ -66,8 +66,9 @@ def test_failed_and_skipped_stages(tmp_path: Path) -> None:
     sink = _sink(tmp_path, empty_mlflow_store(tmp_path), executor="train")
     ArtifactStore(str(tmp_path)).start_attempt(PRE.id)
     ArtifactStore(str(tmp_path)).start_attempt(PRE.id)
-    sink.record(PRE, StageStatus.FAILED, None, "RuntimeError: boom\ntraceback")
-    sink.record(PRUNE, StageStatus.SKIPPED, None, f"skipped: failed ancestor {PRE.id}")
+    sink.record(PRE, StageOutcome(PRE.id, PRE.kind, "failed", "RuntimeError: boom\ntraceback"))
+    skipped = f"skipped: failed ancestor {PRE.id}"
+    sink.record(PRUNE, StageOutcome(PRUNE.id, PRUNE.kind, "skipped", skipped))
     rows = SweepStore(tmp_path, "s1").read_stages().set_index("stage_id")
     assert rows.loc[PRE.id, "attempts"] == 2  # counted by the artifact store: no outcome
     assert rows.loc[PRUNE.id, "executor"] == "task"  # a prune stage of a train sweep
@@ -79,7 +80,7 @@ def test_failed_and_skipped_stages(tmp_path: Path) -> None:
 
 def test_parquet_is_written_when_mlflow_is_down(tmp_path: Path) -> None:
     sink = _sink(tmp_path, f"http://127.0.0.1:{free_port()}")
-    sink.record(PRE, StageStatus.OK, _outcome(PRE, test_acc=0.4), None, reused=True)
+    sink.record(PRE, _outcome(PRE, test_acc=0.4), reused=True)
     row = SweepStore(tmp_path, "s1").read_stages().iloc[0]
     assert row["reused"] and pd.isna(row["mlflow_run_id"]) and row["test_acc"] == 0.4
     assert sink.recorder.degraded and sink.summary.executed == 0

@@ -102,8 +102,13 @@ def test_stop_signals_raise_at_once_or_are_noted_while_deferring(capsys) -> None
     """The handler `nptm sweep` sets first: outside `deferring` a signal raises at once (the
     grid check, the plan: nothing to finish); inside, the first is noted, for the sweep's own
     orderly stop to take (ray.init is never cut in half), and raised at the block's end."""
-    from nptm.orchestrator.errors import Interrupted, RaiseOnStopSignals, _exit_on_signal
-    from nptm.orchestrator.live import StopSignals, SweepInterrupted
+    from nptm.orchestrator.errors import Interrupted
+    from nptm.orchestrator.signals import (
+        RaiseOnStopSignals,
+        StopSignals,
+        SweepInterrupted,
+        _exit_on_signal,
+    )
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

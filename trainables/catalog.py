@@ -270,7 +270,9 @@ class ScheduleInfo:
     name: str
     # (recipe, budget, steps_per_epoch, peak or None) -> lr per optimizer step
     lr: str
-    rewinds: bool = False  # replays part of the pre-training run and needs its checkpoints
+    rewinds: bool = False  # replays part of the pre-training run: budget <= its epochs
+    # Starts from the pre-training's weights of epoch T - budget (wr), not the pruned ones.
+    rewinds_weights: bool = False
     # Trains the pruned architecture from a fresh initialisation (Liu et al. 2019).
     from_scratch: bool = False
     # Its length is set by the recipe (and the pruned MACs), not by the budget axis.
@@ -286,7 +288,7 @@ _S = "nptm.trainables.schedules"
 for _c in (
     ScheduleInfo("ft", f"{_S}:ft_lr"),
     ScheduleInfo("lrw", f"{_S}:rewind_lr", rewinds=True),
-    ScheduleInfo("wr", f"{_S}:rewind_lr", rewinds=True),
+    ScheduleInfo("wr", f"{_S}:rewind_lr", rewinds=True, rewinds_weights=True),
     ScheduleInfo("slr", f"{_S}:slr_lr", revision=2),
     ScheduleInfo("clr", f"{_S}:clr_lr", revision=2),
     ScheduleInfo("scratch", f"{_S}:scratch_lr", from_scratch=True, revision=2),
@@ -296,10 +298,7 @@ for _c in (
                  revision=2),
 ):  # fmt: skip
     SCHEDULES.register(_c.name, _c)
-SCRATCH_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.from_scratch)
 FULL_LENGTH_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.full_length)
-# Schedules that replay part of the pre-training run and so need its checkpoints.
-REWINDING_SCHEDULES: frozenset[str] = frozenset(n for n, s in SCHEDULES.items() if s.rewinds)
 
 
 # --- combinations ----------------------------------------------------------------------------

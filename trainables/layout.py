@@ -50,10 +50,13 @@ LEGACY_STAGES_TABLE = "trials"  # schema version 1
 LEGACY_READ_CACHE = ".nptm-cache"  # the hidden read cache the snapshots replaced
 STAGE_INDEX = "_index"  # under stages/; never a stage id (those start with a letter or digit)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A sweep's name names its directory, MLflow experiment and Ray run (a grid's `name`).
+SWEEP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+SWEEP_NAME_RULE = "1-64 lowercase letters, digits, '_' or '-', starting with a letter or digit"
 
 
 def check_name(kind: str, name: str) -> str:
-    """`name` if it is safe as one path component (sweep, stage id, artifact), else ValueError.
+    """`name` if it is safe as one path component (stage id, artifact), else ValueError.
 
     Letters, digits, '.', '_' and '-', starting with a letter or digit, no '..': nothing that
     could escape the storage root or hide from a directory listing.
@@ -72,6 +75,14 @@ def check_name(kind: str, name: str) -> str:
             "and must start with a letter or digit"
         )
     return name
+
+
+def check_sweep_name(name: str) -> str:
+    """`name` if it is a sweep name (`SWEEP_NAME_RE`), else ValueError saying why not."""
+    if isinstance(name, str) and SWEEP_NAME_RE.fullmatch(name):
+        return name
+    check_name("sweep", name)  # an unsafe path component: say what makes it unsafe
+    raise ValueError(f"sweep name {name!r} is not valid: use {SWEEP_NAME_RULE}")
 
 
 class Layout:
@@ -123,12 +134,12 @@ class Layout:
 
     # -- sweeps ----------------------------------------------------------------------------
     def sweep_dir(self, sweep: str) -> str:
-        return f"{self.root}/sweeps/{check_name('sweep', sweep)}"
+        return f"{self.root}/sweeps/{check_sweep_name(sweep)}"
 
     def sweep_location(self, sweep: str) -> str:
         """The sweep directory as a user names it: under the storage as given, so a URI keeps
         its scheme and options and nothing is resolved."""
-        return self.location("sweeps", check_name("sweep", sweep))
+        return self.location("sweeps", check_sweep_name(sweep))
 
     def location(self, *parts: str) -> str:
         """`parts` under the storage as given (a URI's query stays at the end)."""
@@ -158,7 +169,7 @@ class Layout:
 
     def report_location(self, sweep: str) -> str:
         """`report_dir` as a user names it (see `sweep_location`)."""
-        return self.location("sweeps", check_name("sweep", sweep), "report")
+        return self.location("sweeps", check_sweep_name(sweep), "report")
 
     # -- services --------------------------------------------------------------------------
     @property

@@ -115,10 +115,10 @@ def register_schedule(info: ScheduleInfo) -> ScheduleInfo:
     """Register a retraining schedule: `info.lr` names a function (recipe, budget,
     steps_per_epoch, peak or None) -> the lr of each optimizer step. Rewinding, from-scratch
     and full-length schedules need the built-ins' special handling and are refused."""
-    if info.rewinds or info.from_scratch or info.full_length:
+    if info.rewinds or info.rewinds_weights or info.from_scratch or info.full_length:
         raise PluginError(
-            f"schedule {info.name!r}: rewinds, from_scratch and full_length are reserved for "
-            "the built-in schedules"
+            f"schedule {info.name!r}: rewinds, rewinds_weights, from_scratch and full_length "
+            "are reserved for the built-in schedules"
         )
     _register(SCHEDULES, info.name, info)
     return info

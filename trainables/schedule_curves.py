@@ -44,7 +44,7 @@ def schedule_curves(dataset: str, budget: int) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     for name in BUDGET_SCHEDULES:
         try:
-            if name in ("lrw", "wr"):
+            if SCHEDULES[name].rewinds:
                 rewind_epoch(recipe, budget)
         except ValueError as err:
             skipped[name] = str(err)

@@ -117,6 +117,15 @@ class StageSpec:
         return self.start_sha256 is None
 
     @property
+    def epochs(self) -> int:
+        """Training epochs the stage runs (prune, and a pre-training that loads weights: 0)."""
+        if self.kind == StageKind.PRETRAIN:
+            return self.recipe.epochs if self.trains else 0
+        if self.kind == StageKind.RETRAIN:
+            return self.budget or 0
+        return 0
+
+    @property
     def data_split_seed(self) -> int:
         """Seed of the train/validation split this stage trains (or calibrates) on."""
         return self.seed if self.split_seed is None else self.split_seed

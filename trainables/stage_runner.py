@@ -28,7 +28,7 @@ from nptm.trainables.artifacts import (
     is_output,
     rewind_name,
 )
-from nptm.trainables.catalog import PRUNERS, SCRATCH_SCHEDULES
+from nptm.trainables.catalog import PRUNERS, SCHEDULES
 from nptm.trainables.datasets import DataBundle, load_dataset
 from nptm.trainables.loaders import Loaders, make_loaders
 from nptm.trainables.macs import count_nonzero_params, count_params_macs
@@ -443,7 +443,8 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
     _check_read(store, parent_id, parent)
     budget = spec.budget
     assert budget is not None and spec.schedule is not None
-    if spec.schedule == "wr":
+    info = SCHEDULES[spec.schedule]
+    if info.rewinds_weights:
         epoch = schedules.rewind_epoch(spec.recipe, budget)
         rewound = store.load(spec.parents[1], rewind_name(epoch))
         _check_read(store, spec.parents[1], store.read_outcome(spec.parents[1]))
@@ -451,7 +452,7 @@ def _retrain(spec: StageSpec, env: WorkerEnv, store: ArtifactStore, report) -> d
         model.load_state_dict(rewound["state_dict"], strict=True)
         for plan in plans:
             model = apply_plan(model, plan)
-    elif spec.schedule in SCRATCH_SCHEDULES:
+    elif info.from_scratch:
         # A fresh initialisation: a seed unrelated to the pre-training's, so scratch never
         # inherits the pre-trained network's initial weights; drawn at the pruned network's
         # own widths (masks of unstructured pruning kept), as main_B.py builds it.
