@@ -129,7 +129,7 @@ class StopSignals:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            # a signal noted while Ray started (nptm.orchestrator.errors.RaiseOnStopSignals)
+            # a signal noted while Ray started (`RaiseOnStopSignals.deferring`)
             self.signum = take_pending()
         return self
 
@@ -160,7 +160,7 @@ def ray_sigterm_handler_off() -> Iterator[None]:
     """Inside, ray.init leaves SIGTERM to nptm: it would install a handler that calls
     sys.exit(15) wherever the driver is, in the middle of ray.init itself too (a silent exit
     15, and a half-started Ray that can abort the process as it exits). nptm's own handlers
-    (StopSignals, nptm.orchestrator.errors.RaiseOnStopSignals) stop a sweep instead."""
+    (`StopSignals`, `RaiseOnStopSignals`) stop a sweep instead."""
     import ray._private.utils as ray_utils
 
     original = getattr(ray_utils, "set_sigterm_handler", None)
