@@ -21,6 +21,37 @@ if TYPE_CHECKING:
     from nptm.results.tracking import MlflowRecorder
 
 
+@dataclass(frozen=True)
+class MlflowLinks:
+    """Where a browser finds a sweep's MLflow runs: `uri` is where nptm logs them (redacted),
+    `public` the UI's address a browser opens (NPTM_PUBLIC_MLFLOW_URL)."""
+
+    uri: str | None
+    public: str | None = None
+    experiment_id: str | None = None
+
+    @property
+    def ui(self) -> str | None:
+        """The MLflow UI's base URL, or None when it must be started first (`command`)."""
+        uri = self.public or self.uri or ""
+        return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+    @property
+    def command(self) -> str | None:
+        """The command that serves the UI of a store without a server (sqlite, files)."""
+        if not self.uri or self.ui:
+            return None
+        return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1 --port 5000"
+
+    @property
+    def runs_url(self) -> str | None:
+        """The experiment's runs table: MLflow 3's UI otherwise opens an experiment on its
+        GenAI overview ("Traces: 0")."""
+        if self.experiment_id is None or not self.uri:
+            return None
+        return f"{self.ui or 'http://127.0.0.1:5000'}/#/experiments/{self.experiment_id}/runs"
+
+
 @dataclass
 class SweepStart:
     """Where a user watches the sweep that is starting (printed before its first stage)."""
@@ -44,26 +75,8 @@ class SweepStart:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def mlflow_ui(self) -> str | None:
-        """The MLflow UI's base URL, or None when it must be started first (`mlflow_command`)."""
-        uri = self.mlflow_public or self.mlflow_uri or ""
-        return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
-
-    @property
-    def mlflow_command(self) -> str | None:
-        """The command that serves the UI of a store without a server (sqlite, files)."""
-        if not self.mlflow_uri or self.mlflow_ui:
-            return None
-        return f"mlflow ui --backend-store-uri {self.mlflow_uri} --host 127.0.0.1 --port 5000"
-
-    @property
-    def runs_url(self) -> str | None:
-        """The experiment's runs table: MLflow 3's UI otherwise opens an experiment on its
-        GenAI overview ("Traces: 0")."""
-        if self.experiment_id is None or not self.mlflow_uri:
-            return None
-        base = self.mlflow_ui or "http://127.0.0.1:5000"
-        return f"{base}/#/experiments/{self.experiment_id}/runs"
+    def mlflow(self) -> MlflowLinks:
+        return MlflowLinks(self.mlflow_uri, self.mlflow_public, self.experiment_id)
 
 
 def url_answers(url: str, timeout: float = 10.0) -> bool:
@@ -135,10 +148,10 @@ def banner(start: SweepStart) -> str:
         if start.mlflow_public:  # a browser's address; the driver's may be a container's name
             shown = f"{start.mlflow_public} (nptm logs to {start.mlflow_uri})"
         lines.append(f"  MLflow: {shown}, experiment {start.experiment_name}{down}")
-        if start.mlflow_command:
-            lines.append(f"    UI: {start.mlflow_command}")
-        if start.runs_url:
-            lines.append(f"    runs: {start.runs_url}")
+        if start.mlflow.command:
+            lines.append(f"    UI: {start.mlflow.command}")
+        if start.mlflow.runs_url:
+            lines.append(f"    runs: {start.mlflow.runs_url}")
     lines.append(f"  results: {start.storage}")
     lines.append(f"  run record: {start.run_record} (`nptm status {start.sweep}`)")
     return "\n".join(lines)

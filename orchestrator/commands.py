@@ -314,20 +314,14 @@ def _print_summary(summary, storage: str) -> None:
     if summary.grafana_url:
         print(f"Grafana: {summary.grafana_url}")
     if summary.mlflow_uri:
-        runs = (
-            f"/#/experiments/{summary.mlflow_experiment_id}/runs"
-            if summary.mlflow_experiment_id
-            else ""
-        )
-        if summary.mlflow_public:
-            print(f"MLflow: {summary.mlflow_public}{runs}")
-        elif summary.mlflow_uri.startswith("sqlite"):
-            print(
-                f"MLflow UI: mlflow ui --backend-store-uri {summary.mlflow_uri} --host 127.0.0.1 "
-                f"--port 5000, then http://127.0.0.1:5000{runs}"
-            )
+        from nptm.orchestrator.banner import MlflowLinks
+
+        uri = redact_uri(summary.mlflow_uri)  # shown: never a password
+        mlflow = MlflowLinks(uri, summary.mlflow_public, summary.mlflow_experiment_id)
+        if mlflow.command:
+            print(f"MLflow UI: {mlflow.command}, then {mlflow.runs_url or 'http://127.0.0.1:5000'}")
         else:
-            print(f"MLflow: {redact_uri(summary.mlflow_uri).rstrip('/')}{runs}")
+            print(f"MLflow: {mlflow.runs_url or mlflow.ui}")
     if summary.mlflow_degraded:
         print(
             "warning: MLflow was unreachable; everything is in Parquet. Fill MLflow later with "

@@ -34,14 +34,15 @@ def test_a_stop_signal_is_noted_then_raised_at_the_next_check(sig, capsys, monke
 def test_mlflow_links_go_to_the_experiments_runs_table() -> None:
     base = {"sweep": "s", "storage": "/r/sweeps/s", "run_record": "/r", "planned": {}, "to_run": 0}
     served = SweepStart(**base, mlflow_uri="http://127.0.0.1:5000/", experiment_id="7")
-    assert served.runs_url == "http://127.0.0.1:5000/#/experiments/7/runs"
-    assert served.mlflow_command is None
+    assert served.mlflow.runs_url == "http://127.0.0.1:5000/#/experiments/7/runs"
+    assert served.mlflow.command is None
     embedded = SweepStart(**base, mlflow_uri="sqlite:////r/mlflow.db", experiment_id="3")
-    assert embedded.mlflow_command == (
+    assert embedded.mlflow.command == (
         "mlflow ui --backend-store-uri sqlite:////r/mlflow.db --host 127.0.0.1 --port 5000"
     )
-    assert embedded.runs_url == "http://127.0.0.1:5000/#/experiments/3/runs"
-    assert SweepStart(**base, mlflow_uri="sqlite:////r/mlflow.db").runs_url is None  # degraded
+    assert embedded.mlflow.runs_url == "http://127.0.0.1:5000/#/experiments/3/runs"
+    degraded = SweepStart(**base, mlflow_uri="sqlite:////r/mlflow.db")
+    assert degraded.mlflow.runs_url is None
 
 
 def test_url_answers_counts_any_http_status_and_not_a_closed_port() -> None:
