@@ -19,14 +19,9 @@ from nptm.orchestrator.errors import Interrupted
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _ABSL_ALARM_S = 3.0  # absl::FailureSignalHandlerOptions.alarm_on_failure_secs, the default
-# A stop signal noted while a deferring `RaiseOnStopSignals` was in charge, for the orderly stop
-# to take (`take_pending`): at most one.
+# The stop signal noted and not yet acted on (at most one): noted while Ray started, inside a
+# deferring `RaiseOnStopSignals`, it is the orderly stop's (`StopSignals`) to act on.
 _pending: list[int] = []
-
-
-def take_pending() -> int | None:
-    """The stop signal noted but not acted on yet (and forget it), or None."""
-    return _pending.pop() if _pending else None
 
 
 class RaiseOnStopSignals:
@@ -37,13 +32,18 @@ class RaiseOnStopSignals:
 
     Inside `deferring()` (Ray starting, a sweep running) the first signal is only noted: raising
     in the middle of ray.init leaves a half-made Ray that can abort the process as it exits.
-    The orderly stop (`StopSignals`) takes a noted signal as its own when
-    it starts; one still noted when the block ends is raised then. A second signal raises at
-    once. `install()` takes the handlers back from whatever replaced them. Outside the main
-    thread signals cannot be caught: the context does nothing there."""
+    The orderly stop (`StopSignals`) acts on a noted signal as its own; one still noted when
+    the block ends is raised then. A second signal raises at once. `install()` takes the
+    handlers back from whatever replaced them. Outside the main thread signals cannot be
+    caught: the context does nothing there."""
+
+    _raised: type[Interrupted] = Interrupted
+    # Left with SIGTERM's default, the interpreter's exit (Ray's and MLflow's atexit work,
+    # seconds) would end silently, killed by the signal: it says so and exits 143 instead.
+    _loud_exit = True
 
     def __init__(self) -> None:
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
         self._deferring = False
 
     def __enter__(self) -> RaiseOnStopSignals:
@@ -59,11 +59,9 @@ class RaiseOnStopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            if sig == signal.SIGTERM and handler == signal.SIG_DFL:
-                # What is left is the interpreter's exit (Ray's and MLflow's atexit work,
-                # seconds): the default would end it silently, killed by the signal.
+            if self._loud_exit and sig == signal.SIGTERM and handler == signal.SIG_DFL:
                 handler = _exit_on_signal
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, handler)
         self._previous.clear()
 
     @contextlib.contextmanager
@@ -78,11 +76,10 @@ class RaiseOnStopSignals:
             raise
         finally:
             self._deferring = False
-        signum = take_pending()
-        if signum is not None:
-            raise Interrupted(signum)
+        if _pending:
+            raise Interrupted(_pending.pop())
 
-    def _handle(self, signum: int, frame: object) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Ray's C++ core (in this process once ray.init made it) catches SIGTERM first with
         # absl's failure handler, which hands the signal on to this one but sets a 3 s alarm
         # that aborts the process: the stop is orderly, so that alarm goes (a longer timer is
@@ -90,7 +87,7 @@ class RaiseOnStopSignals:
         if 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= _ABSL_ALARM_S:
             signal.setitimer(signal.ITIMER_REAL, 0)
         if not self._deferring or _pending:
-            raise Interrupted(signum)
+            raise self._raised(signum)
         _pending.append(signum)
         print(
             f"\n[nptm] {signal.Signals(signum).name} received: stopping the sweep (send it "
@@ -112,47 +109,38 @@ class SweepInterrupted(Interrupted):
     pass through Tune's and nptm's `except Exception` handlers on its way out."""
 
 
-class StopSignals:
-    """While inside, SIGINT and SIGTERM ask the sweep to stop: the Tune loop raises
-    `SweepInterrupted` at its next step (a tenth of a second), never in the middle of a
-    stage's Parquet or MLflow write; a second signal raises it at once. Tune's own SIGINT
-    handler (which would end the run as if complete and print a `Tuner.restore` hint: nptm
-    resumes by rerunning its command) is switched off, as is Ray's SIGTERM handler (exit 15).
-    Outside the main thread signals cannot be caught: the context does nothing there."""
+class StopSignals(RaiseOnStopSignals):
+    """While inside, SIGINT and SIGTERM ask the sweep to stop: the first (or one noted while
+    Ray started) is noted, and the Tune loop raises `SweepInterrupted` at its next step
+    (`check`, a tenth of a second), never in the middle of a stage's Parquet or MLflow write;
+    a second signal raises it at once. Tune's own SIGINT handler (which would end the run as if
+    complete and print a `Tuner.restore` hint: nptm resumes by rerunning its command) is
+    switched off, as is Ray's SIGTERM handler (exit 15)."""
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+    _raised = SweepInterrupted
+    _loud_exit = False  # a notebook's SIGTERM stays as it was
+    _noted: int | None = None  # the signal the sweep ended on, once outside
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            # a signal noted while Ray started (`RaiseOnStopSignals.deferring`)
-            self.signum = take_pending()
+        self.install()
+        self._deferring = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        super().__exit__(*exc)
+        self._noted = self.signum
+        _pending.clear()  # acted on: the sweep ended, interrupted
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        first = self.signum is None
-        self.signum = signum
-        if not first:
-            raise SweepInterrupted(signum)
-        name = signal.Signals(signum).name
-        print(
-            f"\n[nptm] {name} received: stopping the sweep (send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+    @property
+    def signum(self) -> int | None:
+        """The stop signal noted (and, once outside, the one the sweep ended on), or None."""
+        return _pending[-1] if _pending else self._noted
 
     def check(self) -> None:
-        if self.signum is not None:
-            raise SweepInterrupted(self.signum)
+        if _pending:
+            raise SweepInterrupted(_pending[-1])
 
 
 @contextlib.contextmanager
