@@ -6,7 +6,9 @@ session's other tests fill the cores meanwhile. The tests then assert on what th
 Everything they start is a process of its own (a sweep's driver, `ray job submit`): the test
 process's own Ray driver belongs to the sweeps the tests run in it. The cluster is started
 before the first test, from the session's environment as it is then, and that environment,
-copied, is what these processes get.
+copied, is what these processes get. Once the sweeps have ended and what the tests read from
+the cluster (its dashboard's pages, the job's status) is taken, the cluster is stopped: its
+idle daemons would otherwise share the session's cores until its end.
 
 1. `span`: a retrain whose 2 DDP workers x 0.9 CPU plus its 0.1-CPU trial actor fit no 1-CPU
    node but fit the two; its prune runs as a Ray task. Then the dashboard's Train page data,
@@ -54,7 +56,6 @@ STATE_API = "/api/v0/{}?limit=10000"  # what its Actors and Tasks pages list
 
 @dataclass(frozen=True)
 class ClusterSweeps:
-    cluster: RayCluster
     head: str  # node ids, taken while both nodes were alive
     worker: str
     span: SimpleNamespace
@@ -67,17 +68,20 @@ def start_cluster_sweeps(
     mlflow_server: MlflowServer,
     tiny_storage: Callable[[], Path],
 ) -> Background[ClusterSweeps]:
-    """Starts the cluster (here, stopped when `stack` closes), then the sweeps on a thread.
-    `tiny_storage()` waits for the session's tiny sweep and returns its storage: `span` reuses
-    its pre-training."""
+    """Starts the cluster here, then the sweeps on a thread, which stops the cluster once they
+    have ended (else `stack`, closing, does). `tiny_storage()` waits for the session's tiny
+    sweep and returns its storage: `span` reuses its pre-training."""
     cluster = stack.enter_context(ray_cluster(cpus=(1, 1), dashboard=True))
     (head,) = [r.node_id for r in cluster.raylets() if r.head]
     (worker,) = [r.node_id for r in cluster.raylets() if not r.head]
 
     def sweeps() -> ClusterSweeps:
-        span = _span_sweep(cluster, tmp / "span", tiny_storage())
-        job = _job_sweep(cluster, tmp / "svc", mlflow_server.wait())
-        return ClusterSweeps(cluster, head, worker, span, job)
+        try:
+            span = _span_sweep(cluster, tmp / "span", tiny_storage())
+            job = _job_sweep(cluster, tmp / "svc", mlflow_server.wait())
+        finally:
+            cluster.stop()
+        return ClusterSweeps(head, worker, span, job)
 
     lane = Background("cluster-sweeps", sweeps)
     lane.start()
@@ -151,6 +155,11 @@ def _job_sweep(cluster: RayCluster, tmp: Path, uri: str) -> SimpleNamespace:
         submit_job, lambda done: done.stdout + done.stderr, fault=kill_worker_node,
         ready=lambda: all(c.exists() for c in checkpoints), timeout=SWEEP_TIMEOUT,
     )  # fmt: skip
+    status = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "status", "--address", cluster.dashboard_url, job_id],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     return SimpleNamespace(
-        grid=grid, storage=storage, uri=uri, job_id=job_id, submit=submit, pretrains=pretrains
-    )
+        grid=grid, storage=storage, uri=uri, job_id=job_id, submit=submit, status=status,
+        pretrains=pretrains,
+    )  # fmt: skip

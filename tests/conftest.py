@@ -10,6 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+# Before torch loads its OpenMP runtime, for this process and every process it starts: a
+# waiting OpenMP thread sleeps instead of spinning. The session's own sweeps keep both cores
+# busy, and spinning threads then burned several times the CPU their work needs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

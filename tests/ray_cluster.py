@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nptm.orchestrator.cluster import LOCAL_RAY_TRAIN_ENV, token_file
-from tests.ports import free_port
+from tests.ports import free_ports
 from tests.s3_server import S3Server
 
 VENV_BIN = Path(sys.executable).parent
@@ -118,17 +118,28 @@ class RayCluster:
         (worker,) = self.cluster.worker_nodes
         worker.kill_raylet()
 
+    def stop(self) -> None:
+        """Stop every node now, before `ray_cluster` ends (which then has none left to stop).
+        Node by node: `Cluster.shutdown` also resets this process's Ray client state, which
+        the sweep a test runs in this process, on another cluster, may be using meanwhile."""
+        for node in [*self.cluster.worker_nodes, self.cluster.head_node]:
+            if node is not None:
+                self.cluster.remove_node(node)
 
-def _node_ports() -> dict[str, int]:
+
+def _node_ports(ports: Iterator[int]) -> dict[str, int]:
     """Free ports for a node's agents instead of Ray's fixed defaults, which another cluster
     on this machine may hold (then the dashboard agent, which Ray Jobs go through, never
     comes up)."""
-    return {
-        "dashboard_agent_listen_port": free_port(),
-        "metrics_agent_port": free_port(),
-        "metrics_export_port": free_port(),
-        "runtime_env_agent_port": free_port(),
-    }
+    names = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port",
+             "runtime_env_agent_port")  # fmt: skip
+    return {name: next(ports) for name in names}
+
+
+# No log monitor on a node: it forwards workers' output to drivers, and every driver of the
+# tests connects without it (nptm.orchestrator.cluster.connect: log_to_driver=False). Its
+# polling of the log files would cost a few percent of a core for the whole session.
+_QUIET = {"include_log_monitor": False}
 
 
 @contextmanager
@@ -139,7 +150,8 @@ def ray_cluster(cpus: tuple[int, ...] = (1, 1), *, dashboard: bool = False) -> I
     from ray.cluster_utils import Cluster
 
     use_test_ray_env()
-    dashboard_port = free_port()
+    ports = iter(free_ports(2 + 4 * len(cpus)))  # distinct: Ray refuses a port given twice
+    dashboard_port = next(ports)
     # A temp dir of its own, where the cluster's address is written as `ray start` writes it:
     # a Ray job's driver is pointed at the address found in its head's temp dir (else at any
     # GCS running on this machine, of which a test session has several).
@@ -148,13 +160,14 @@ def ray_cluster(cpus: tuple[int, ...] = (1, 1), *, dashboard: bool = False) -> I
         "temp_dir": temp_dir,
         "num_cpus": cpus[0],
         "node_ip_address": "127.0.0.1",
-        "gcs_server_port": free_port(),
-        "ray_client_server_port": free_port(),
+        "gcs_server_port": next(ports),
         "include_dashboard": dashboard,
+        "no_monitor": True,  # the autoscaler's: a fixed cluster has nothing to scale
         "dashboard_host": "127.0.0.1",
         "dashboard_port": dashboard_port,
         "object_store_memory": 200 * 1024**2,
-        **_node_ports(),
+        **_node_ports(ports),
+        **_QUIET,
     }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
@@ -164,7 +177,8 @@ def ray_cluster(cpus: tuple[int, ...] = (1, 1), *, dashboard: bool = False) -> I
                 num_cpus=n,
                 node_ip_address="127.0.0.1",
                 object_store_memory=200 * 1024**2,
-                **_node_ports(),
+                **_node_ports(ports),
+                **_QUIET,
             )
         cluster.wait_for_nodes()
         url = f"http://127.0.0.1:{dashboard_port}" if dashboard else None

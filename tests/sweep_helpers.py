@@ -392,6 +392,8 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> MlflowServer:
+        if not self.db.exists():  # a store MLflow made: the server runs no schema migration
+            shutil.copy(_migrated_empty_mlflow_db(), self.db)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(

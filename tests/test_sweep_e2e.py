@@ -142,10 +142,10 @@ def test_interrupted_and_killed_drivers_then_rerun_completes_without_repeats(
     while a retrain's run is RUNNING with part of its epochs in MLflow, the second SIGTERM
     (what `ray job stop` sends), the third SIGKILL; then a fourth completes the sweep. The
     first two run in this process (their signal handlers are the subject), the killed one in
-    a process of its own."""
+    a process of its own. One stage at a time: each driver then starts one trial actor."""
     grid = write_grid(
         tmp_path / "live.yaml", name="live", pruners=("{name: magnitude, ratio: 0.5}",),
-        schedules="[ft, clr]", budget="3",
+        schedules="[ft, clr]", budget="3", max_concurrent=1,
     )  # fmt: skip
     storage = tmp_path / "runs"
     seed_stages(tiny_sweep.storage, storage, grid)  # a prune and 2 retrains left to run
