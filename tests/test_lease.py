@@ -270,9 +270,11 @@ def test_a_bucket_that_does_not_exist_is_a_usage_error(s3_server) -> None:
 
 # -- two drivers of one sweep, end to end ----------------------------------------------------
 
+# SIGINT ends it (KeyboardInterrupt) whatever disposition the process inherits.
 HOLDER = """\
-import sys, time
+import signal, sys, time
 from nptm.orchestrator.lease import hold
+signal.signal(signal.SIGINT, signal.default_int_handler)
 try:
     with hold(sys.argv[1], sys.argv[2]):
         print("held", flush=True)
