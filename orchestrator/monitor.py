@@ -65,7 +65,7 @@ class SweepMonitor(Callback):
         self.record = record
         self.stop = stop
         self.stream = stream
-        self.metrics = metrics  # set once Ray is connected
+        self.metrics = metrics  # None: no Prometheus gauges (a driver without Ray metrics)
         self.progress = new_progress(sink.summary.sweep)
         self.running = self.progress.running  # the stages whose trials Ray is executing
         self._last = {"progress": 0.0, "line": 0.0, "metrics": 0.0}
